@@ -1,0 +1,347 @@
+"""Front doors: ``check``, ``numerical_grad`` and ``assert_grads_close``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import compare, policy, report as report_mod, stencils
+from .errors import GradCheckError
+from .problem import Problem, leaf_info, to_elements
+from .report import STATUS_NAMES, LeafReport, Report
+
+MODES = ("full", "sampled", "directional", "auto")
+
+
+# -- the analytic side -----------------------------------------------------------
+def analytic_gradient(problem: Problem, grad) -> list:
+    """Return the analytic gradient of every perturbed leaf, as NumPy arrays."""
+    api, split = problem.api, problem.split
+    if grad is None:
+        g = jax.jit(jax.grad(problem.full_cost))(problem.dyn, problem.argarr)
+        return [np.asarray(x) for x in g]
+    if callable(grad):
+        try:
+            tree = grad(split.combine(problem.dyn), *problem.rebuild_args(problem.argarr))
+        except Exception as e:
+            e.add_note(f"{api}: raised while calling grad(params, *args).")
+            raise
+        what = "grad(params, *args)"
+    else:
+        tree, what = grad, "grad"
+    try:
+        per_leaf = split.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        got = jax.tree_util.tree_structure(tree)
+        raise ValueError(
+            f"{api}: {what} must have the tree structure of params.\n  params: "
+            f"{split.treedef}\n  {what}: {got}\nReturn a pytree shaped like params "
+            "(e.g. the same dict keys, list lengths and NamedTuple fields)."
+        ) from e
+    out = []
+    for k, pos in enumerate(split.dynamic_index):
+        path, x = problem.paths[k], problem.dyn[k]
+        g = per_leaf[pos]
+        if not isinstance(g, (np.ndarray, np.generic, jax.Array)):
+            raise TypeError(
+                f"{api}: {what} has {type(g).__name__} at leaf {path}, where params has a "
+                f"{problem.orig_dtypes[k].name}{list(x.shape)} array; return an array of that shape."
+            )
+        if tuple(g.shape) != tuple(x.shape):
+            raise ValueError(
+                f"{api}: {what} at leaf {path} has shape {tuple(g.shape)}, but the parameter "
+                f"has shape {tuple(x.shape)}. A gradient has the shape of its parameter "
+                "(check for a transpose or a missing sum over the batch)."
+            )
+        gd = np.dtype(g.dtype)
+        if gd not in (problem.orig_dtypes[k], problem.eval_dtypes[k]):
+            raise TypeError(
+                f"{api}: {what} at leaf {path} has dtype {gd.name}, but the parameter is "
+                f"{problem.orig_dtypes[k].name}"
+                + (f" (evaluated as {problem.eval_dtypes[k].name})" if problem.widen else "")
+                + ". Return gradients in the parameter's dtype."
+            )
+        out.append(np.asarray(g))
+    return out
+
+
+# -- per-leaf comparison ---------------------------------------------------------
+def _judge(problem: Problem, k: int, coords: np.ndarray, a_elems: np.ndarray, stencil: str,
+           h_rel: float, step: float | None, rtol: float | None, atol: float | None, g_ref: float):
+    """Estimate, compare and refine one leaf. Returns per-element arrays."""
+    x = problem.dyn[k]
+    m, is_c = x.size, bool(jnp.iscomplexobj(x))
+    est = problem.estimate(k, coords, stencil, h_rel)
+    elems = np.unique(coords % m)
+    # Coordinates → elements. With complex leaves the caller passes both halves.
+    num = to_elements(est.value, elems.size, is_c)
+    err_c = compare.method_error(est.err_round, est.err_trunc, problem.sigma)
+    err = err_c[: elems.size] + (err_c[elems.size :] if is_c else 0.0)
+    finite = est.finite[: elems.size] & (est.finite[elems.size :] if is_c else True)
+    a = a_elems
+    adtype = problem.orig_dtypes[k] if a.dtype == problem.orig_dtypes[k] else a.dtype
+    rt = policy.default_rtol(adtype) if rtol is None else rtol
+    at = policy.default_atol_factor(adtype) * g_ref if atol is None else atol
+    tol = compare.tolerance(a, num, rt, at)
+    floor = 1e-3 * g_ref
+    codes = compare.classify(a, num, err, tol, finite, floor=floor)
+    onesided = None
+    # Refine only what failed the cheap pass: Richardson over h, 2h, 4h for an error
+    # estimate with truncation, plus one-sided differences for the kink test.
+    cand = np.nonzero(codes == report_mod.MISMATCH)[0]
+    cand = cand[np.isfinite(a[cand])]
+    if cand.size and stencil != "richardson":
+        sel = elems[cand]
+        rc = np.concatenate([sel, sel + m]) if is_c else sel
+        rich = problem.estimate(k, rc, "richardson", problem.relative_step("richardson", step))
+        n2 = to_elements(rich.value, sel.size, is_c)
+        e2c = compare.method_error(rich.err_round, rich.err_trunc, problem.sigma)
+        e2 = e2c[: sel.size] + (e2c[sel.size :] if is_c else 0.0)
+        f2 = rich.finite[: sel.size] & (rich.finite[sel.size :] if is_c else True)
+        t2 = compare.tolerance(a[cand], n2, rt, at)
+        kink = None
+        if not is_c:
+            noise = problem.sigma * rich.err_round / 1.65
+            kink = stencils.kink(rich.onesided, noise, a[cand], t2)
+            onesided = (cand, rich.onesided)
+        codes[cand] = compare.classify(a[cand], n2, e2, t2, f2, kink=kink, floor=floor)
+        num[cand], err[cand], tol[cand] = n2, e2, t2
+    return elems, num, err, tol, codes, onesided
+
+
+def _leaf_report(problem, k, elems, a, num, err, tol, codes, onesided, h_rel, g_ref) -> LeafReport:
+    x = problem.dyn[k]
+    info = leaf_info(problem, k)
+    d = np.abs(a - num)
+    bound = tol + err
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bound > 0, d / bound, np.where(d > 0, np.inf, 0.0))
+        ratio = np.where(np.isnan(ratio), np.inf, ratio)
+        mag = np.maximum(np.abs(a), np.abs(num))
+        sig = mag >= 1e-3 * g_ref
+        rel = np.where(sig & (mag > 0), d / mag, 0.0)
+        det = np.where(np.abs(a) > 0, bound / np.abs(a), np.inf)
+    w = int(np.argmax(np.where(codes == report_mod.MISMATCH, np.inf, ratio))) if d.size else 0
+    if d.size and codes.max() >= report_mod.MISMATCH:
+        w = int(np.flatnonzero(codes == report_mod.MISMATCH)[np.argmax(ratio[codes == report_mod.MISMATCH])])
+    counts = {name: int(np.sum(codes == i)) for i, name in enumerate(STATUS_NAMES)}
+    status = STATUS_NAMES[int(codes.max())] if codes.size else "ok"
+    nrm = float(np.linalg.norm(a + num))
+    normwise = float(np.linalg.norm(a - num)) / nrm if nrm > 0 else (0.0 if not np.any(d) else math.inf)
+
+    def scalar(v):
+        return complex(v) if np.iscomplexobj(v) else float(v)
+
+    finite_d = d[np.isfinite(d)]
+    return LeafReport(
+        path=info["path"], shape=info["shape"], dtype=info["dtype"], size=int(x.size),
+        checked=int(elems.size), status=status, counts=counts,
+        max_abs_err=float(finite_d.max()) if finite_d.size else (math.nan if d.size else 0.0),
+        max_rel_err=float(np.max(rel[np.isfinite(rel)], initial=0.0)),
+        worst_index=tuple(int(i) for i in np.unravel_index(int(elems[w]), x.shape)) if d.size else (),
+        worst_analytic=scalar(a[w]) if d.size else math.nan,
+        worst_numeric=scalar(num[w]) if d.size else math.nan,
+        worst_bound=float(bound[w]) if d.size else math.nan,
+        normwise=normwise,
+        detectable_rel=float(np.min(det, initial=np.inf)),
+        step=float(np.median(h_rel * problem.scales[k][elems])) if elems.size else math.nan,
+        indices=elems, analytic=a, numeric=num, bound=bound, codes=codes, onesided=onesided,
+    )
+
+
+def _validate(stencil, mode, rtol, atol, strict):
+    if stencil not in policy.STENCILS:
+        raise ValueError(f"jgc.check: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
+    if mode not in MODES:
+        raise ValueError(f"jgc.check: mode must be one of {MODES}, got {mode!r}.")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise ValueError(f"jgc.check: {name} must be a non-negative number or None, got {v!r}.")
+
+
+def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
+          precision: str = "auto", rtol: float | None = None, atol: float | None = None,
+          step: float | None = None, strict: bool = False, mode: str = "full",
+          chunk_size: int | None = None, **mode_options) -> Report:
+    """Check the gradient of a scalar cost against finite differences, element by element.
+
+    Every inexact array leaf of ``params`` is perturbed, one coordinate at a time, by
+    ±h (the lecture's two-sided difference (J(θ+h) − J(θ−h)) / 2h), vectorised with
+    ``jax.vmap`` and compiled once per leaf. The result is compared with the analytic
+    gradient: element i agrees when
+
+        |a_i − n_i| ≤ atol + rtol·max(|a_i|, |n_i|) + (error the method can explain)
+
+    where the last term is 8·σ/h from the measured noise σ of J plus, for elements that
+    fail the cheap pass, a Richardson truncation estimate from steps h, 2h and 4h.
+
+    Args:
+      fn: the cost, ``fn(params, *args) -> scalar``. ``args`` are data and are never
+        perturbed.
+      params: any pytree. Floating and complex array leaves are checked; integer and
+        bool arrays, Python scalars, callables and None are carried through untouched
+        and listed as skipped.
+      *args: extra arguments passed to ``fn`` (and to ``grad`` when callable).
+      grad: None to use ``jax.grad(fn)`` (w.r.t. the checked leaves only); a callable
+        ``grad(params, *args)`` returning a pytree like params (hand-written backprop);
+        or a pytree of already computed gradients.
+      stencil: "central" (default, O(h²)), "forward" (O(h)), "central4" (O(h⁴)),
+        "richardson" (O(h⁶) from h, 2h, 4h) or "complex" (complex step; needs a
+        complex-safe cost).
+      precision: "auto" (default) evaluates float32/16 parameters in float64 inside a
+        scoped ``jax.enable_x64`` where the backend has float64; "float64" forces it;
+        "native" keeps the parameters' own dtype (steps and tolerances follow it).
+      rtol, atol: tolerance on the analytic side; default per dtype
+        (``jgc`` policy: float64 1e-7, float32 1e-4; atol = 32·u·max|g| of the leaf).
+      step: relative step h/s (s = max(|θ_i|, rms of the leaf)); default from the
+        measured precision of J, e.g. ≈ 6.9e-6 for central differences in float64.
+      strict: also fail on inconclusive and non-finite elements.
+      mode: "full" checks every coordinate. "sampled", "directional" and "auto"
+        (see ``jgc.check`` modes in the README) take ``key``, ``samples``, ``budget``.
+      chunk_size: coordinates per vmapped batch (default from a memory budget).
+
+    Returns:
+      A :class:`jgc.Report`; ``report.ok`` is False when any element is a mismatch.
+
+    Raises:
+      TypeError, ValueError: for bad input (the message names the argument or leaf).
+
+    Example:
+      >>> import jax.numpy as jnp, jgc
+      >>> report = jgc.check(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.arange(3.0)})
+      >>> report.ok
+      True
+    """
+    _validate(stencil, mode, rtol, atol, strict)
+    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size) as problem:
+        a_leaves = analytic_gradient(problem, grad)
+        if mode != "full":
+            from .modes import run_mode
+
+            return run_mode(problem, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
+                            atol=atol, step=step, strict=strict, **mode_options)
+        if mode_options:
+            raise TypeError(f"jgc.check: unexpected options {sorted(mode_options)} for mode='full'.")
+        coords = [np.arange(problem.coordinates(k)) for k in range(len(problem.dyn))]
+        return judge_coordinates(problem, a_leaves, coords, stencil=stencil, rtol=rtol, atol=atol,
+                                 step=step, strict=strict, mode="full")
+
+
+def judge_coordinates(problem: Problem, a_leaves: list, coords: list, *, stencil, rtol, atol,
+                      step, strict, mode, notes=()) -> Report:
+    """Check the given real coordinates of every leaf and build the report."""
+    g_all = max((float(np.max(np.abs(a), initial=0.0)) for a in a_leaves), default=0.0)
+    g_all = g_all if np.isfinite(g_all) else 0.0
+    leaves, steps = [], []
+    for k, c in enumerate(coords):
+        a_full = a_leaves[k].ravel()
+        h_rel = problem.leaf_step(k, stencil, step, a_full)
+        steps.append(h_rel)
+        g_leaf = float(np.max(np.abs(a_full[np.isfinite(a_full)]), initial=0.0))
+        g_ref = g_leaf if g_leaf > 0 else g_all
+        m = problem.dyn[k].size
+        if c.size == 0:
+            elems = np.zeros(0, dtype=np.int64)
+            e = np.zeros(0)
+            leaves.append(_leaf_report(problem, k, elems, e, e, e, e, e.astype(np.int8), None, h_rel, g_ref))
+            continue
+        elems = np.unique(c % m)
+        if np.iscomplexobj(problem.dyn[k]):
+            c = np.concatenate([elems, elems + m])  # both parts of each chosen element
+        else:
+            c = elems
+        a = a_full[elems]
+        if np.iscomplexobj(a) is False and np.iscomplexobj(problem.dyn[k]):
+            a = a.astype(np.complex128)
+        out = _judge(problem, k, c, a, stencil, h_rel, step, rtol, atol, g_ref)
+        leaves.append(_leaf_report(problem, k, *out[:1], a, *out[1:], h_rel, g_ref))
+    return make_report(problem, leaves, stencil=stencil, h_rel=float(np.median(steps)), strict=strict,
+                       mode=mode, notes=notes)
+
+
+def make_report(problem: Problem, leaves: list, *, stencil, h_rel, strict, mode, notes=()) -> Report:
+    bad = {"mismatch"} | ({"inconclusive", "non-finite"} if strict else set())
+    ok = not any(lf.counts.get(s, 0) for lf in leaves for s in bad)
+    a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
+    n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
+    keep = np.isfinite(a) & np.isfinite(n)
+    den = float(np.linalg.norm(a[keep] + n[keep]))
+    num = float(np.linalg.norm(a[keep] - n[keep]))
+    normwise = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+    return Report(
+        ok=ok, leaves=tuple(leaves), skipped=problem.split.skipped, normwise=normwise,
+        evaluations=problem.counter.evaluations, seconds=problem.elapsed(),
+        precision=problem.precision, stencil=stencil, step=h_rel, noise=problem.sigma,
+        cost=problem.j0, mode=mode, strict=strict, notes=tuple(problem.notes) + tuple(notes),
+        function=_name(problem.fn),
+    )
+
+
+def _name(fn) -> str:
+    mod = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{mod}.{name}" if mod and mod not in ("__main__",) else name
+
+
+def numerical_grad(fn: Callable, params: Any, *args, stencil: str = "central",
+                   precision: str = "auto", step: float | None = None,
+                   chunk_size: int | None = None) -> Any:
+    """Return the finite-difference gradient of ``fn`` at ``params`` (the lecture's gradApprox).
+
+    Each element is (J(θ + h·e_i) − J(θ − h·e_i)) / 2h with the representable step,
+    computed as in :func:`check` (same stencils, steps and precision rules).
+
+    Returns:
+      A pytree shaped like ``params``: every checked leaf holds its numerical gradient
+      in that leaf's dtype; skipped (non-floating) leaves are None.
+
+    Example:
+      >>> import jax.numpy as jnp, jgc
+      >>> g = jgc.numerical_grad(lambda p: jnp.sum(p ** 3), jnp.array([1.0, 2.0]))
+      >>> [round(float(v), 4) for v in g]
+      [3.0, 12.0]
+    """
+    if stencil not in policy.STENCILS:
+        raise ValueError(f"jgc.numerical_grad: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
+    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size,
+                 api="jgc.numerical_grad") as problem:
+        out = []
+        for k, x in enumerate(problem.dyn):
+            h_rel = problem.leaf_step(k, stencil, step)
+            est = problem.estimate(k, np.arange(problem.coordinates(k)), stencil, h_rel)
+            v = to_elements(est.value, x.size, bool(jnp.iscomplexobj(x)))
+            out.append(jnp.asarray(v.reshape(x.shape)).astype(problem.orig_dtypes[k]))
+        leaves = [None] * len(problem.split.leaves)
+        for pos, v in zip(problem.split.dynamic_index, out):
+            leaves[pos] = v
+        return jax.tree_util.tree_unflatten(problem.split.treedef, leaves)
+
+
+def assert_grads_close(fn: Callable, params: Any, *args, grad=None, custom_message: str | None = None,
+                       **options) -> Report:
+    """Like :func:`check`, but raise :class:`jgc.GradCheckError` when the check fails.
+
+    Returns the report when it passes. The error message starts with
+    ``"jgc.assert_grads_close: gradients disagree"`` and holds the full report, failing
+    leaves first; ``err.report`` is the :class:`jgc.Report`.
+    """
+    rep = check(fn, params, *args, grad=grad, **options)
+    if not rep.ok:
+        raise GradCheckError(failure_message("jgc.assert_grads_close", rep, custom_message), rep)
+    return rep
+
+
+def failure_message(api: str, rep: Report, custom_message: str | None = None) -> str:
+    worst = rep.failing()[0] if rep.failing() else None
+    where = ""
+    if worst is not None:
+        where = (f" at {worst.path}{list(worst.worst_index)}: analytic {worst.worst_analytic:.6g} "
+                 f"vs numerical {worst.worst_numeric:.6g}")
+    head = f"{api}: gradients disagree{where}."
+    if custom_message:
+        head += f" {custom_message}"
+    return f"{head}\n{rep}"

@@ -1,0 +1,56 @@
+"""Comparison policy: when does an analytic derivative disagree with a numerical one?
+
+Element i passes when
+
+    |a_i − n_i| ≤ atol + rtol·max(|a_i|, |n_i|) + 8·σ·gain_i + 2·trunc_i
+
+where σ is the noise of J (measured, never below u·|J|), gain_i the stencil's noise
+gain at that element's step (≈ 1/h for central differences) and trunc_i the
+truncation estimate from two step sizes (zero on the cheap first pass). The first two
+terms are the user's tolerance for the analytic side; the last two are what the
+numerical method itself can explain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import policy
+from .report import INCONCLUSIVE, MISMATCH, NON_FINITE, NON_SMOOTH, OK
+
+
+def method_error(gain: np.ndarray, trunc: np.ndarray, sigma: float) -> np.ndarray:
+    """The part of a difference that the finite-difference method can explain."""
+    return policy.ROUNDOFF_SAFETY * sigma * gain + policy.TRUNCATION_SAFETY * trunc
+
+
+def tolerance(a: np.ndarray, n: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+    return atol + rtol * np.maximum(np.abs(a), np.abs(n))
+
+
+def classify(a, n, err, tol, finite, kink=None, floor=0.0) -> np.ndarray:
+    """Return a status code per element.
+
+    Args:
+      a, n: analytic and numerical derivatives.
+      err: method error (``method_error``); tol: user tolerance (``tolerance``).
+      finite: whether every J value behind n was finite.
+      kink: optional boolean mask of elements flagged non-smooth.
+      floor: derivatives below this size are judged against it when deciding whether
+        an error bar is too wide to say anything (inconclusive).
+    """
+    d = np.abs(a - n)
+    codes = np.full(d.shape, OK, dtype=np.int8)
+    a_finite = np.isfinite(a)
+    passed = d <= tol + err
+    # Passing only because the error bar is wider than half the derivative itself:
+    # the check could not have told a gross error from a right answer there.
+    wide = (err > 0.5 * np.maximum(np.maximum(np.abs(a), np.abs(n)), floor)) & (d > tol)
+    codes[passed & wide] = INCONCLUSIVE
+    codes[~passed] = MISMATCH
+    if kink is not None:
+        codes[~passed & kink] = NON_SMOOTH
+    codes[~finite] = NON_FINITE
+    # A non-finite analytic value where J is finite around θ is a bug, not noise.
+    codes[~a_finite & finite] = MISMATCH
+    return codes

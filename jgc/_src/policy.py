@@ -1,0 +1,107 @@
+"""Numerical policy: unit round-off, default steps and default tolerances.
+
+Every number here has its reason beside it. They are pure functions of dtypes so
+that the engine, the comparison and the report agree on one source of truth.
+
+Notation: ``u`` is the unit round-off of a dtype (half the machine epsilon), ``h`` a
+finite-difference step, ``s`` the scale of a parameter (see :func:`coordinate_scale`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Stencils the engine knows. "central" is the lecture's two-sided difference.
+STENCILS = ("central", "forward", "central4", "richardson", "complex")
+
+
+def unit_roundoff(dtype) -> float:
+    """Return u = eps/2 for a floating or complex dtype (the real part's precision)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        dtype = np.finfo(dtype).dtype  # complex64 -> float32, complex128 -> float64
+    return float(np.finfo(dtype).eps) / 2.0
+
+
+def relative_step(stencil: str, u: float) -> float:
+    """Return the step h/s that balances truncation against round-off for a stencil.
+
+    With a cost J whose k-th derivative is of the order |J| / s^k (s the scale of the
+    parameter), the error of each stencil is
+
+    * forward  (J(θ+h) − J(θ))/h:        h|J''|/2 + 2u|J|/h      → h = 2·u^(1/2)·s
+    * central  (J(θ+h) − J(θ−h))/2h:     h²|J'''|/6 + u|J|/h     → h = (3u)^(1/3)·s
+    * central4 (five-point, O(h⁴)):      h⁴|J⁽⁵⁾|/30 + 1.5u|J|/h → h = (11.25u)^(1/5)·s
+    * richardson: extrapolates central steps h and 2h to O(h⁴); it uses the central4
+      step, because its error has the same form.
+    * complex  Im J(θ+ih)/h: no subtractive cancellation, so h can be tiny; 1e-20·s
+      keeps h² far below u while staying a normal number (for float64 and float32).
+
+    For float64 the central step is ≈ 6.9e-6·s, not the lecture's fixed 1e-4: a fixed
+    1e-4 gives truncation errors near 1e-9 relative and is far too small in float32.
+    """
+    if stencil == "forward":
+        return 2.0 * u**0.5
+    if stencil == "central":
+        return (3.0 * u) ** (1.0 / 3.0)
+    if stencil in ("central4", "richardson"):
+        return (11.25 * u) ** 0.2
+    if stencil == "complex":
+        return 1e-20
+    raise ValueError(f"Unknown stencil {stencil!r}; expected one of {STENCILS}.")
+
+
+def coordinate_scale(leaf_abs: np.ndarray, fallback: float) -> np.ndarray:
+    """Return the scale s_i used to size the step of every element of one leaf.
+
+    s_i = max(|θ_i|, rms(leaf)), so a step is relative to the parameter and to the
+    typical size of its neighbours. A leaf that is all zeros (the zero-initialised
+    biases of Flax, Haiku and NNX) takes ``fallback``: the RMS of all parameters, or 1
+    when every parameter is zero. This floor keeps the step non-zero at θ_i = 0.
+    """
+    rms = float(np.sqrt(np.mean(np.square(leaf_abs, dtype=np.float64)))) if leaf_abs.size else 0.0
+    if not np.isfinite(rms) or rms == 0.0:
+        rms = fallback
+    return np.maximum(leaf_abs.astype(np.float64), rms)
+
+
+def default_rtol(dtype) -> float:
+    """Return the default relative tolerance for an analytic gradient of this dtype.
+
+    The tolerance covers the rounding error of the *analytic* side (backprop sums many
+    products, each with relative error ~u, and conditioning amplifies it); the error of
+    the numerical side is handled separately by the per-element error estimate.
+
+    * float64: 1e-7 ≈ 1e9·u. Covers backprop through moderately ill-conditioned chains
+      while a single element wrong by a relative 1e-6 is still 10× over it.
+    * float32: 1e-4 ≈ 1700·u. Covers float32 backprop through softmax / layer norm; a 1%
+      error in one element is 100× over it.
+    * bfloat16 / float16: 3e-2 ≈ 8·u of bfloat16; such gradients carry 2–3 digits.
+    """
+    u = unit_roundoff(dtype)
+    if u < 1e-12:
+        return 1e-7
+    if u < 1e-6:
+        return 1e-4
+    return 3e-2
+
+
+def default_atol_factor(dtype) -> float:
+    """Return k such that atol = k·max|g| over the leaf for an analytic dtype.
+
+    Backprop rounds each element with an absolute error of about u times the magnitudes
+    of the terms it sums, which are of the order of the leaf's largest gradient; 32·u
+    of that is the absolute noise of an element that should be exactly zero.
+    """
+    return 32.0 * unit_roundoff(dtype)
+
+
+# Safety factor on the round-off part of the error estimate. The noise σ of J is
+# measured (or taken as u|J|); the central difference then carries at most ≈ σ/h,
+# but σ is a standard deviation, not a bound: 8σ covers the tail of many thousands of
+# elements without a false alarm (P(|z| > 8) ≈ 1e-15 for Gaussian rounding noise).
+ROUNDOFF_SAFETY = 8.0
+
+# Safety factor on the truncation estimate |D_h − D_2h|/3 (Richardson), which is a
+# direct estimate of the leading error term rather than a noise level.
+TRUNCATION_SAFETY = 2.0

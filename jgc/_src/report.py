@@ -1,0 +1,271 @@
+"""The result of a check: an immutable record, a text table and a JSON-ready dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+# Per-element status codes, in increasing order of severity.
+OK, INCONCLUSIVE, NON_SMOOTH, NON_FINITE, MISMATCH = 0, 1, 2, 3, 4
+STATUS_NAMES = ("ok", "inconclusive", "non-smooth", "non-finite", "mismatch")
+
+# What each status means and what would settle it, for the text report.
+STATUS_HELP = {
+    "inconclusive": (
+        "the finite-difference error bar is larger than half the derivative itself, so "
+        "even a gross error there would pass. Settle it by (a) checking in float64 "
+        "(precision='float64'), (b) a larger step, or (c) a point where these "
+        "derivatives are not tiny."
+    ),
+    "non-smooth": (
+        "one-sided differences disagree far beyond their error bars (a kink: relu, abs, "
+        "max, sort at a switch point) and the analytic value is one of the one-sided "
+        "slopes. Not a bug; move the point off the kink to check it."
+    ),
+    "non-finite": (
+        "J was NaN or Inf at a perturbed point (log/sqrt/division near the edge of the "
+        "domain); the numerical derivative is undefined there."
+    ),
+    "mismatch": (
+        "analytic and numerical derivatives disagree beyond every error the method can "
+        "explain. Likely causes: (a) a wrong term or factor in a hand-written gradient or "
+        "custom rule, (b) a transposed or mis-indexed array, (c) a stop_gradient or "
+        "non-differentiable op on the path."
+    ),
+}
+
+
+def _f(x) -> float | None:
+    return None if x is None else float(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    """The verdict for one perturbed leaf.
+
+    Attributes:
+      path: ``jax.tree_util.keystr`` of the leaf.
+      shape, dtype: of the leaf as the caller passed it.
+      size: elements in the leaf; checked: elements whose derivative was checked.
+      status: the worst element status in the leaf ("ok" < "inconclusive" <
+        "non-smooth" < "non-finite" < "mismatch").
+      counts: number of checked elements per status.
+      max_abs_err: max |analytic − numeric| over checked elements.
+      max_rel_err: max |analytic − numeric| / max(|analytic|, |numeric|) over checked
+        elements whose derivative is above the leaf's error floor.
+      worst_index: multi-dimensional index of the element that most exceeds its allowed
+        error (the one to look at first); worst_analytic / worst_numeric / worst_bound
+        are the values and the allowed difference there.
+      normwise: the lecture's ‖a − n‖ / ‖a + n‖ over the checked elements.
+      detectable_rel: the smallest relative error in one element that this check would
+        have caught (min over elements of allowed difference / |analytic|).
+      step: median step h actually taken (absolute).
+    """
+
+    path: str
+    shape: tuple
+    dtype: str
+    size: int
+    checked: int
+    status: str
+    counts: dict
+    max_abs_err: float
+    max_rel_err: float
+    worst_index: tuple
+    worst_analytic: complex | float
+    worst_numeric: complex | float
+    worst_bound: float
+    normwise: float
+    detectable_rel: float
+    step: float
+    # Per checked element (flat indices into the leaf), for plots and localisation.
+    indices: np.ndarray = dataclasses.field(repr=False, compare=False)
+    analytic: np.ndarray = dataclasses.field(repr=False, compare=False)
+    numeric: np.ndarray = dataclasses.field(repr=False, compare=False)
+    bound: np.ndarray = dataclasses.field(repr=False, compare=False)
+    codes: np.ndarray = dataclasses.field(repr=False, compare=False)
+    onesided: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "mismatch"
+
+    def elements(self, status: str = "mismatch") -> list[tuple]:
+        """Return the multi-dimensional indices of the checked elements with ``status``."""
+        code = STATUS_NAMES.index(status)
+        flat = self.indices[self.codes == code]
+        return [tuple(int(i) for i in np.unravel_index(k, self.shape)) for k in flat]
+
+    def to_dict(self) -> dict:
+        def num(x):
+            if isinstance(x, complex) or np.iscomplexobj(x):
+                return {"real": float(np.real(x)), "imag": float(np.imag(x))}
+            return _f(x)
+
+        return {
+            "path": self.path,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "size": self.size,
+            "checked": self.checked,
+            "status": self.status,
+            "counts": dict(self.counts),
+            "max_abs_err": _f(self.max_abs_err),
+            "max_rel_err": _f(self.max_rel_err),
+            "worst_index": list(self.worst_index),
+            "worst_analytic": num(self.worst_analytic),
+            "worst_numeric": num(self.worst_numeric),
+            "worst_bound": _f(self.worst_bound),
+            "normwise": _f(self.normwise),
+            "detectable_rel": _f(self.detectable_rel),
+            "step": _f(self.step),
+            "mismatched_indices": [list(i) for i in self.elements("mismatch")[:100]],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The result of :func:`jgc.check`.
+
+    ``ok`` is True when no checked element is a confirmed mismatch (with
+    ``strict=True``, also no inconclusive or non-finite element). ``str(report)`` is a
+    table with failing leaves first; ``to_dict()`` is JSON-ready; ``plot(path)`` draws
+    analytic against numerical derivatives (needs matplotlib).
+    """
+
+    ok: bool
+    leaves: tuple  # of LeafReport, in tree order
+    skipped: tuple  # of (path, description) for leaves that were not perturbed
+    normwise: float
+    evaluations: int
+    seconds: float
+    precision: str
+    stencil: str
+    step: float  # relative step h/s
+    noise: float  # measured σ of J (absolute)
+    cost: float  # J(θ)
+    mode: str = "full"
+    strict: bool = False
+    notes: tuple = ()
+    function: str = ""
+
+    # ---- summaries -------------------------------------------------------------
+    @property
+    def checked(self) -> int:
+        return sum(leaf.checked for leaf in self.leaves)
+
+    @property
+    def size(self) -> int:
+        return sum(leaf.size for leaf in self.leaves)
+
+    def counts(self) -> dict:
+        total = {name: 0 for name in STATUS_NAMES}
+        for leaf in self.leaves:
+            for k, v in leaf.counts.items():
+                total[k] += v
+        return total
+
+    def failing(self) -> tuple:
+        """Leaves whose status makes the check fail, worst first."""
+        bad = {"mismatch"} | ({"inconclusive", "non-finite"} if self.strict else set())
+        leaves = [leaf for leaf in self.leaves if leaf.status in bad]
+        return tuple(sorted(leaves, key=lambda lf: -STATUS_NAMES.index(lf.status)))
+
+    def leaf(self, path: str) -> LeafReport:
+        for leaf in self.leaves:
+            if leaf.path == path:
+                return leaf
+        raise KeyError(f"No checked leaf at path {path!r}; paths: {[lf.path for lf in self.leaves]}")
+
+    # ---- output ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "function": self.function,
+            "mode": self.mode,
+            "strict": self.strict,
+            "normwise": _f(self.normwise),
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "precision": self.precision,
+            "stencil": self.stencil,
+            "step": _f(self.step),
+            "noise": _f(self.noise),
+            "cost": _f(self.cost),
+            "checked": self.checked,
+            "size": self.size,
+            "counts": self.counts(),
+            "leaves": [leaf.to_dict() for leaf in self.leaves],
+            "skipped": [{"path": p, "leaf": d} for p, d in self.skipped],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def plot(self, path, **kwargs):
+        """Draw analytic vs numerical derivatives per leaf and the step-size curve."""
+        from .plot import plot_report
+
+        return plot_report(self, path, **kwargs)
+
+
+def _g(x, width=9) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-".rjust(width)
+    if isinstance(x, complex) or np.iscomplexobj(x):
+        return f"{complex(x):.3g}"
+    return f"{float(x):.{3}g}".rjust(width)
+
+
+def format_report(r: Report) -> str:
+    verdict = "PASS" if r.ok else "FAIL"
+    counts = r.counts()
+    parts = [f"{v} {k}" for k, v in counts.items() if v and k != "ok"]
+    head = (
+        f"jgc.check {verdict}{': ' + r.function if r.function else ''} — "
+        f"{r.checked}/{r.size} elements checked, {counts['ok']} ok"
+        + (", " + ", ".join(parts) if parts else "")
+    )
+    lines = [head]
+    lines.append(
+        f"  mode={r.mode} stencil={r.stencil} precision={r.precision} step={r.step:.2g}·s "
+        f"noise σ={r.noise:.2g} evaluations={r.evaluations} time={r.seconds:.2f}s "
+        f"normwise ‖a−n‖/‖a+n‖={r.normwise:.2e}"
+    )
+    failing = r.failing()
+    order = list(failing) + [lf for lf in r.leaves if lf not in failing]
+    w = max([len("leaf")] + [len(lf.path) for lf in order])
+    lines.append(
+        f"  {'leaf':<{w}}  {'status':<12} {'checked':>9} {'max abs':>9} {'max rel':>9} "
+        f"{'detect':>9}  worst element (analytic vs numeric)"
+    )
+    for lf in order:
+        shape = "x".join(map(str, lf.shape)) or "scalar"
+        worst = ""
+        if lf.checked:
+            worst = (
+                f"{list(lf.worst_index)}: {_g(lf.worst_analytic, 0)} vs "
+                f"{_g(lf.worst_numeric, 0)} (allowed ±{_g(lf.worst_bound, 0)})"
+            )
+        lines.append(
+            f"  {lf.path:<{w}}  {lf.status:<12} {lf.checked:>4}/{lf.size:<4} "
+            f"{_g(lf.max_abs_err)} {_g(lf.max_rel_err)} {_g(lf.detectable_rel)}  "
+            f"{worst}  [{shape} {lf.dtype}]"
+        )
+    for p, d in r.skipped:
+        lines.append(f"  {p:<{w}}  {'skipped':<12} (not a floating array: {d})")
+    seen = {lf.status for lf in r.leaves if lf.status != "ok"}
+    for status in ("mismatch", "non-finite", "non-smooth", "inconclusive"):
+        if status in seen:
+            lines.append(f"  {status}: {STATUS_HELP[status]}")
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

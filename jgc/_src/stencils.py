@@ -1,0 +1,121 @@
+"""Finite-difference stencils with an error estimate for every derivative.
+
+Each function takes the J values the engine returned and the representable steps, and
+returns a :class:`Estimate`: the derivative, a round-off bound (noise σ of J divided by
+the step, times the stencil's noise gain) and, where the stencil gives one, a
+truncation estimate from comparing two step sizes (Richardson).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Estimate:
+    value: np.ndarray  # derivative estimate per coordinate
+    err_round: np.ndarray  # round-off part, per unit noise σ (multiply by σ)
+    err_trunc: np.ndarray  # truncation estimate (0 where the stencil gives none)
+    finite: np.ndarray  # all J values used were finite
+    # one-sided differences at h and 2h (filled by ``refined``; used for kinks)
+    onesided: np.ndarray | None = None
+
+
+def offsets(stencil: str) -> np.ndarray:
+    """Multiples of h at which a stencil evaluates J (0 = J(θ), known already)."""
+    return {
+        "central": np.array([1.0, -1.0]),
+        "forward": np.array([1.0]),
+        "central4": np.array([1.0, -1.0, 2.0, -2.0]),
+        "richardson": np.array([1.0, -1.0, 2.0, -2.0, 4.0, -4.0]),
+        "complex": np.array([1.0]),
+    }[stencil]
+
+
+def _central(jp, jm, hp, hm):
+    return (jp - jm) / (hp + hm), 2.0 / (hp + hm)
+
+
+def _extrapolate(d_small, d_big, h_small, h_big, order):
+    """Richardson: cancel the h^order term of two estimates at steps h_small < h_big."""
+    r = (h_big / h_small) ** order
+    return (r * d_small - d_big) / (r - 1.0)
+
+
+def estimate(stencil: str, j0: float, jv: np.ndarray, hv: np.ndarray) -> Estimate:
+    """Combine J values at the stencil's offsets into derivatives with error estimates.
+
+    Args:
+      stencil: one of ``offsets``' keys (except "complex", see ``complex_step``).
+      j0: J(θ).
+      jv: (n, p) J values at the offsets ``offsets(stencil)``.
+      hv: (n, p) representable signed offsets actually taken.
+    """
+    jv = np.asarray(jv, np.float64)
+    hv = np.abs(np.asarray(hv, np.float64))
+    finite = np.all(np.isfinite(jv), axis=1) & np.isfinite(j0)
+    zeros = np.zeros(jv.shape[0])
+    if stencil == "forward":
+        # O(h) truncation; noise gain 2/h (two independent values).
+        value = (jv[:, 0] - j0) / hv[:, 0]
+        return Estimate(value, 2.0 / hv[:, 0], zeros, finite)
+    d1, g1 = _central(jv[:, 0], jv[:, 1], hv[:, 0], hv[:, 1])
+    if stencil == "central":
+        return Estimate(d1, g1, zeros, finite)
+    d2, _ = _central(jv[:, 2], jv[:, 3], hv[:, 2], hv[:, 3])
+    h1 = (hv[:, 0] + hv[:, 1]) / 2
+    h2 = (hv[:, 2] + hv[:, 3]) / 2
+    r1 = _extrapolate(d1, d2, h1, h2, 2)  # the five-point O(h⁴) formula
+    if stencil == "central4":
+        # |D_h − D_2h|/3 estimates D_h's h² error, a safe upper bound on r1's error.
+        # Noise gain of (4·D_h − D_2h)/3 with D's gains 1/h and 1/2h: 1.5/h.
+        return Estimate(r1, 1.5 * g1, np.abs(r1 - d1), finite)
+    d4, _ = _central(jv[:, 4], jv[:, 5], hv[:, 4], hv[:, 5])
+    h4 = (hv[:, 4] + hv[:, 5]) / 2
+    r1b = _extrapolate(d2, d4, h2, h4, 2)
+    r2 = _extrapolate(r1, r1b, h1, h2, 4)  # O(h⁶)
+    # The difference of the last two table entries bounds the error of the better
+    # one; the noise gain of the O(h⁶) combination is ≈ 1.6/h.
+    est = Estimate(r2, 1.65 * g1, np.abs(r2 - r1), finite)
+    fwd1 = (jv[:, 0] - j0) / hv[:, 0]
+    bwd1 = (j0 - jv[:, 1]) / hv[:, 1]
+    fwd2 = (jv[:, 2] - j0) / hv[:, 2]
+    bwd2 = (j0 - jv[:, 3]) / hv[:, 3]
+    est.onesided = np.stack([fwd1, bwd1, fwd2, bwd2], axis=1)
+    return est
+
+
+def complex_step(jv: np.ndarray, h: np.ndarray, u: float) -> Estimate:
+    """Complex-step derivative Im J(θ + ih)/h: no subtraction, so no cancellation.
+
+    Its truncation error is h²·|J'''|/6 with h ≈ 1e-20·s, far below round-off, and
+    its round-off is a few u·|J'| rather than σ/h: we return a zero noise gain and put
+    16·u·|J'| (rounding through a chain of complex operations) in the second term.
+    """
+    jv = np.asarray(jv).reshape(-1)
+    finite = np.isfinite(jv.real) & np.isfinite(jv.imag)
+    value = jv.imag / np.asarray(h, np.float64).reshape(-1)
+    zeros = np.zeros_like(value)
+    return Estimate(value, zeros, 16.0 * u * np.abs(value), finite)
+
+
+def kink(onesided: np.ndarray, noise: np.ndarray, analytic: np.ndarray, tol: np.ndarray):
+    """Flag non-smooth points from one-sided differences at steps h and 2h.
+
+    At a smooth point forward − backward ≈ h·J'', so doubling h doubles the gap; at a
+    kink the gap is the jump in slope, the same for both steps. We call a point
+    non-smooth when the gap at h is far above noise (40× the noise of a one-sided gap)
+    and grows by less than 1.5× when h doubles (smooth: 2×), and the analytic value lies
+    within the span of the one-sided slopes (a valid one-sided derivative, as JAX
+    returns for relu/abs/max at the switch point).
+    """
+    gap1 = onesided[:, 0] - onesided[:, 1]
+    gap2 = onesided[:, 2] - onesided[:, 3]
+    lo = onesided.min(axis=1) - tol - noise
+    hi = onesided.max(axis=1) + tol + noise
+    big = np.abs(gap1) > 40.0 * noise
+    flat = np.abs(gap2) < 1.5 * np.abs(gap1)
+    inside = (analytic >= lo) & (analytic <= hi)
+    return big & flat & inside

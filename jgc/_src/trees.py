@@ -1,0 +1,109 @@
+"""Pytree plumbing: which leaves are perturbed, and how to put a tree back together.
+
+Only inexact (floating or complex) array leaves are perturbed. Every other leaf —
+integer and bool arrays, Python numbers, callables, strings, None — is carried through
+untouched and listed as skipped. Nothing the caller passed is modified: array leaves
+are copied into fresh JAX arrays (NumPy arrays are mutable, JAX arrays are not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A params pytree split into the perturbed leaves and everything else."""
+
+    treedef: Any
+    leaves: tuple  # every leaf of the tree, perturbed ones replaced by None
+    dynamic_index: tuple  # positions (in ``leaves``) of the perturbed leaves
+    paths: tuple  # keystr paths of every leaf
+    skipped: tuple  # (path, description) of the leaves that are not perturbed
+
+    def combine(self, dynamic) -> Any:
+        """Rebuild the full pytree from a sequence of perturbed leaves."""
+        leaves = list(self.leaves)
+        for pos, value in zip(self.dynamic_index, dynamic):
+            leaves[pos] = value
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    @property
+    def dynamic_paths(self) -> tuple:
+        return tuple(self.paths[i] for i in self.dynamic_index)
+
+
+def _describe(leaf) -> str:
+    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+        return f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+    if callable(leaf):
+        return f"callable {getattr(leaf, '__name__', type(leaf).__name__)}"
+    return type(leaf).__name__
+
+
+def is_inexact_array(leaf) -> bool:
+    """True for NumPy / JAX arrays (and NumPy scalars) of a floating or complex dtype."""
+    if not isinstance(leaf, (np.ndarray, np.generic, jax.Array)):
+        return False
+    return bool(jnp.issubdtype(leaf.dtype, jnp.inexact))
+
+
+def split_params(params, *, what: str = "params") -> tuple[Split, list]:
+    """Split ``params`` into a :class:`Split` and a list of perturbed leaves (copies).
+
+    Raises:
+      ValueError: if there is no floating leaf, or a floating leaf holds NaN or Inf.
+    """
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths, leaves, dyn_index, dyn, skipped = [], [], [], [], []
+    for i, (path, leaf) in enumerate(path_leaves):
+        p = jax.tree_util.keystr(path) or "<root>"
+        paths.append(p)
+        if is_inexact_array(leaf):
+            # jnp.array copies: the caller's NumPy buffer is never aliased or written.
+            arr = jnp.array(leaf, copy=True)
+            if not bool(jnp.all(jnp.isfinite(arr))):
+                bad = np.argwhere(~np.isfinite(np.asarray(arr)))
+                where = tuple(int(x) for x in bad[0]) if arr.ndim else ()
+                raise ValueError(
+                    f"{what} leaf {p} holds non-finite values (NaN or Inf), first at index "
+                    f"{where}; a gradient check needs a finite point. Check the "
+                    "initialisation or pass the parameters where the cost is defined."
+                )
+            dyn_index.append(i)
+            dyn.append(arr)
+            leaves.append(None)
+        else:
+            leaves.append(leaf)
+            skipped.append((p, _describe(leaf)))
+    if not dyn:
+        raise ValueError(
+            f"{what} has no floating-point array leaves, so there is nothing to perturb "
+            f"(leaves seen: {[d for _, d in skipped] or 'none'}). Pass the parameters as "
+            "float arrays, e.g. jnp.asarray(x, jnp.float32), not Python numbers or ints."
+        )
+    split = Split(treedef, tuple(leaves), tuple(dyn_index), tuple(paths), tuple(skipped))
+    return split, dyn
+
+
+def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
+    """Separate array leaves of ``args`` (traced under jit) from static ones.
+
+    Python numbers, strings and other objects stay static (closed over), so code that
+    branches on them in Python keeps working under our jit.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
+    arrays = [jnp.array(x, copy=True) for x, a in zip(leaves, is_arr) if a]
+
+    def rebuild(dynamic) -> tuple:
+        it = iter(dynamic)
+        full = [next(it) if a else x for x, a in zip(leaves, is_arr)]
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    return rebuild, arrays

@@ -1,0 +1,36 @@
+"""The public surface is pinned: other code and tests depend on these names."""
+
+import inspect
+
+import jgc
+
+
+# The contract of DESIGN.md plus the documented additions, exactly.
+PUBLIC = {
+    "check", "numerical_grad", "assert_grads_close", "GradCheckError", "Report",
+    "LeafReport",
+}
+
+
+def test_public_names_are_pinned():
+    public = {n for n in dir(jgc) if not n.startswith("_")} - {"examples"}
+    assert public == PUBLIC
+    assert set(jgc.__all__) == PUBLIC
+
+
+def test_version_is_a_literal_string():
+    assert isinstance(jgc.__version__, str) and jgc.__version__.count(".") == 2
+
+
+def test_grad_check_error_is_an_assertion_error_with_report():
+    assert issubclass(jgc.GradCheckError, AssertionError)
+    err = jgc.GradCheckError("msg", report="R")
+    assert err.report == "R" and str(err) == "msg"
+
+
+def test_check_signature():
+    sig = inspect.signature(jgc.check)
+    names = list(sig.parameters)
+    assert names[:3] == ["fn", "params", "args"]
+    assert sig.parameters["grad"].default is None
+    assert sig.parameters["grad"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -1,0 +1,87 @@
+"""Numerical behaviour of the engine and the stencils: exactness and convergence order."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+def test_quadratic_is_exact_up_to_roundoff(dtype):
+    # Central differences of a quadratic have no truncation error at all.
+    with jax.enable_x64(dtype == jnp.float64):
+        A = jnp.asarray([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 4.0]], dtype)
+        b = jnp.asarray([1.0, -2.0, 0.5], dtype)
+        x = jnp.asarray([0.3, -1.2, 2.0], dtype)
+
+        def f(x):
+            return 0.5 * x @ A @ x - b @ x
+
+        exact = np.asarray(A @ x - b, np.float64)
+    g = jgc.numerical_grad(f, x)
+    assert g.dtype == dtype
+    # Evaluated in float64 (precision="auto"); the only error is round-off ≈ u|J|/h.
+    np.testing.assert_allclose(np.asarray(g, np.float64), exact, rtol=2e-6 if dtype == jnp.float32 else 1e-9)
+
+
+def _errors_at_steps(stencil, steps):
+    with jax.enable_x64(True):
+        x = jnp.asarray([0.7], jnp.float64)
+        f = lambda x: jnp.sum(jnp.exp(jnp.sin(3 * x)))  # noqa: E731
+        exact = float(jax.grad(f)(x)[0])
+    errs = []
+    for h in steps:
+        g = jgc.numerical_grad(f, x, stencil=stencil, step=h)
+        errs.append(abs(float(g[0]) - exact))
+    return np.array(errs)
+
+
+@pytest.mark.parametrize("stencil,order", [("central", 2), ("forward", 1), ("central4", 4)])
+def test_convergence_order(stencil, order):
+    # Steps large enough that truncation dominates round-off in float64.
+    steps = np.array([4e-2, 2e-2, 1e-2]) if order < 4 else np.array([1.6e-1, 8e-2, 4e-2])
+    errs = _errors_at_steps(stencil, steps)
+    observed = np.log(errs[:-1] / errs[1:]) / np.log(2.0)
+    assert np.all(np.abs(observed - order) < 0.25), observed
+
+
+def test_complex_step_matches_grad_to_roundoff():
+    with jax.enable_x64(True):
+        x = jnp.asarray([0.7, -0.2, 1.5])
+        f = lambda x: jnp.sum(jnp.exp(x) * jnp.sin(x) ** 2)  # noqa: E731
+        exact = np.asarray(jax.grad(f)(x))
+    g = jgc.numerical_grad(f, x, stencil="complex")
+    np.testing.assert_allclose(np.asarray(g, np.float64), exact, rtol=1e-6)  # float32 output
+
+
+def test_step_taken_is_representable_difference():
+    from jgc._src.engine import actual_steps
+
+    x0 = np.array([1.0, 1e8], np.float32)
+    deltas = np.array([[1e-3, -1e-3], [1.0, -1.0]], np.float32)
+    taken = actual_steps(x0, np.array([0, 1]), deltas)
+    # 1e8 + 1 is not representable in float32: the step actually taken is 0 or 8.
+    assert taken[1, 0] in (0.0, 8.0)
+    assert taken[0, 0] == (np.float32(1.0) + np.float32(1e-3)) - np.float32(1.0)
+
+
+def test_zero_parameter_gets_nonzero_step():
+    g = jgc.numerical_grad(lambda p: jnp.sum(jnp.cos(p) + 2 * p), jnp.zeros(3))
+    np.testing.assert_allclose(np.asarray(g), 2.0, rtol=1e-6)
+
+
+def test_noise_estimate_sees_lower_internal_precision():
+    # Float64 parameters, but the cost rounds to float32 inside: the measured noise must
+    # reflect float32, and a correct gradient must not be called a mismatch.
+    with jax.enable_x64(True):
+        w = jnp.asarray(np.random.default_rng(0).normal(size=50))
+
+        def f(w):
+            y = jnp.tanh(w.astype(jnp.float32) * 1.3)
+            return jnp.sum(y**2).astype(jnp.float64)
+
+    rep = jgc.check(f, w)
+    assert rep.ok, rep
+    assert rep.noise > 1e3 * np.finfo(np.float64).eps * abs(rep.cost)
