@@ -21,4 +21,8 @@ __all__ = [
     "numerical_grad",
 ]
 
+# -- Jacobians, JVP/VJP, custom rules, second order, check_grads drop-in (issue 5) --
+
+# -- integrations: optax helper (issue 6) --
+
 __version__ = "0.1.0"

@@ -4,11 +4,10 @@ The engine works one leaf at a time. Perturbing a single leaf lets ``jax.vmap`` 
 only the part of the computation downstream of that leaf, instead of copying and
 batching every parameter for every perturbation as a ravel-everything reference does.
 
-For a leaf with m elements, a *chunk* of c coordinates and a stencil of p offsets,
-one call of the compiled evaluator runs c·p cost evaluations in one vmapped batch.
-Chunks are dispatched in a Python loop over a fixed-shape compiled function, so there
-is one compilation per (leaf, stencil width) and memory is bounded by the chunk, not
-by the number of parameters.
+Requests are rows (element index, offset). One call of the compiled evaluator runs
+a chunk of rows in one vmapped batch; chunks are dispatched in a Python loop over a
+fixed-shape compiled function, so there is one compilation per leaf and memory is
+bounded by the chunk, not by the number of parameters.
 """
 
 from __future__ import annotations
@@ -35,20 +34,27 @@ class Counter:
     evaluations: int = 0
 
 
-def choose_chunk(leaf_size: int, width: int, chunk_size: int | None) -> int:
-    """Return the number of coordinates per vmapped batch for one leaf."""
+def choose_chunk(leaf_size: int, chunk_size: int | None) -> int:
+    """Return the number of cost evaluations per vmapped batch for one leaf.
+
+    Every evaluation holds its own perturbed copy of the leaf, so the batch is capped
+    by a memory budget as well as by ``DEFAULT_BATCH_EVALS``; a small leaf gets a batch
+    no larger than its first pass (2 evaluations per element) needs.
+    """
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    by_evals = max(1, DEFAULT_BATCH_EVALS // width)
-    by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, leaf_size * width))
-    return max(1, min(by_evals, by_memory))
+    by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, leaf_size))
+    need = 1 << max(0, (2 * leaf_size - 1).bit_length())  # next power of two ≥ 2m
+    return max(1, min(DEFAULT_BATCH_EVALS, by_memory, need))
 
 
 class LeafEvaluator:
     """Evaluates ``cost(x)`` at ``x0`` with single elements offset, for one leaf.
 
-    ``cost`` maps the flattened leaf (shape ``(m,)``) to a scalar; all other
-    parameters and data are bound as jit arguments by the caller through ``operands``.
+    ``cost`` maps the flattened leaf (shape ``(m,)``) and ``operands`` (the other
+    parameters and the data, passed as jit arguments) to a scalar. Every request is a
+    list of rows (element index, offset); rows of every stencil go through the same
+    compiled batch function, so a leaf compiles once however many passes it needs.
     """
 
     def __init__(self, cost: Callable, x0: jax.Array, operands, *, chunk_size=None,
@@ -56,42 +62,40 @@ class LeafEvaluator:
         self.x0 = x0
         self.operands = operands
         self.m = x0.size
-        self.chunk_size = chunk_size
+        self.rows = choose_chunk(self.m, chunk_size)
         self.counter = counter if counter is not None else Counter()
-        self.complex_step = complex_step
-        self._compiled = {}
 
         def one(x, i, d, ops):
             if complex_step:
                 x = x.astype(jnp.result_type(x.dtype, jnp.complex64))
-            y = x.at[i].set(x[i] + d)
-            return cost(y, ops)
+            return cost(x.at[i].set(x[i] + d), ops)
 
-        def batch(x, idx, deltas, ops):
-            # idx: (c,), deltas: (c, p) -> (c, p)
-            inner = jax.vmap(one, in_axes=(None, None, 0, None))
-            return jax.vmap(inner, in_axes=(None, 0, 0, None))(x, idx, deltas, ops)
-
-        self._batch = jax.jit(batch)
+        self._batch = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
 
     def __call__(self, idx: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-        """Return J at x0 + deltas[k, j]·e_{idx[k]}, shape ``deltas.shape``."""
+        """Return the cost at x0 + deltas[k, j]·e_{idx[k]}.
+
+        The result has shape ``deltas.shape + out_shape``: ``(n, p)`` for a scalar cost,
+        ``(n, p, *shape)`` for a cost returning an array (Jacobian columns).
+        """
         n, p = deltas.shape
         if n == 0:
             return np.zeros((0, p))
-        c = min(choose_chunk(self.m, p, self.chunk_size), n)
-        nchunks = math.ceil(n / c)
-        pad = nchunks * c - n
-        idx_p = np.concatenate([idx, np.repeat(idx[-1:], pad)]).astype(np.int32)
-        del_p = np.concatenate([deltas, np.repeat(deltas[-1:], pad, axis=0)])
-        outs = []
+        rows_i = np.repeat(np.asarray(idx, np.int32), p)
+        rows_d = deltas.reshape(-1)
+        total, c = rows_i.size, self.rows
+        nchunks = math.ceil(total / c)
+        pad = nchunks * c - total
+        rows_i = np.concatenate([rows_i, np.repeat(rows_i[-1:], pad)])
+        rows_d = np.concatenate([rows_d, np.repeat(rows_d[-1:], pad)])
         # Dispatch is asynchronous: the loop queues every chunk before we block.
-        for k in range(nchunks):
-            sl = slice(k * c, (k + 1) * c)
-            outs.append(self._batch(self.x0, idx_p[sl], del_p[sl], self.operands))
-        self.counter.evaluations += n * p
-        values = np.concatenate([np.asarray(o) for o in outs])[:n]
-        return values
+        outs = [
+            self._batch(self.x0, rows_i[k * c:(k + 1) * c], rows_d[k * c:(k + 1) * c], self.operands)
+            for k in range(nchunks)
+        ]
+        self.counter.evaluations += total
+        values = np.concatenate([np.asarray(o) for o in outs])[:total]
+        return values.reshape((n, p) + values.shape[1:])
 
 
 def actual_steps(x0: np.ndarray, idx: np.ndarray, deltas: np.ndarray) -> np.ndarray:

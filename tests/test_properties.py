@@ -1,0 +1,72 @@
+"""Property test: jgc never reports a mismatch for a correct jax.grad.
+
+Random compositions of jax.numpy functions (smooth ones and kinks), random shapes,
+float32 and float64, random points: the check must come back ok. A failure here is a
+false alarm, the thing users of a gradient checker hate most.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jgc
+
+UNARY = {
+    "sin": jnp.sin,
+    "cos": jnp.cos,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "exp_clip": lambda x: jnp.exp(jnp.clip(x, -5.0, 5.0)),
+    "log1p_sq": lambda x: jnp.log1p(x * x),
+    "sqrt_1p": lambda x: jnp.sqrt(1.0 + x * x),
+    "square": jnp.square,
+    "cube": lambda x: x**3,
+    "arctan": jnp.arctan,
+    "erf": jax.scipy.special.erf,
+    "abs": jnp.abs,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+}
+REDUCE = {
+    "sum": jnp.sum,
+    "mean": jnp.mean,
+    "logsumexp": jax.scipy.special.logsumexp,
+    "norm": lambda x: jnp.sqrt(jnp.sum(x * x) + 1e-3),
+    "max": jnp.max,
+}
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 12))
+    ops = draw(st.lists(st.sampled_from(sorted(UNARY)), min_size=1, max_size=4))
+    red = draw(st.sampled_from(sorted(REDUCE)))
+    mix = draw(st.booleans())
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    seed = draw(st.integers(0, 2**16))
+    return n, tuple(ops), red, mix, dtype, seed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_correct_gradients_never_fail(problem):
+    n, ops, red, mix, dtype, seed = problem
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-2, 2, size=n).astype(dtype)
+    a = rng.normal(size=(n, n)).astype(dtype) / np.sqrt(n)
+
+    def f(params, a):
+        x = params["w"]
+        if mix:
+            x = a @ x + params["c"]
+        for name in ops:
+            x = UNARY[name](x)
+        return REDUCE[red](x)
+
+    params = {"w": w, "c": rng.normal(size=n).astype(dtype)}
+    with jax.enable_x64(dtype == "float64"):
+        rep = jgc.check(f, params, a)
+    assert rep.ok, f"{ops} {red} mix={mix} {dtype}\n{rep}"
