@@ -69,6 +69,16 @@ def analytic_gradient(problem: Problem, grad) -> list:
     return out
 
 
+def set_gradient_scale(problem: Problem, a_leaves: list) -> None:
+    """Tell the problem how much J moves per relative unit change of a coordinate."""
+    scale = 0.0
+    for a, s in zip(a_leaves, problem.scales):
+        v = np.abs(np.asarray(a)).ravel() * s
+        v = v[np.isfinite(v)]
+        scale = max(scale, float(v.max(initial=0.0)))
+    problem.grad_scale = scale
+
+
 # -- per-leaf comparison ---------------------------------------------------------
 def _judge(problem: Problem, k: int, coords: np.ndarray, a_elems: np.ndarray, stencil: str,
            h_rel: float, step: float | None, rtol: float | None, atol: float | None, g_ref: float):
@@ -106,7 +116,7 @@ def _judge(problem: Problem, k: int, coords: np.ndarray, a_elems: np.ndarray, st
         kink = None
         if not is_c:
             noise = problem.sigma * rich.err_round / 1.65
-            kink = stencils.kink(rich.onesided, noise, a[cand], t2)
+            kink = stencils.kink(rich.onesided, rich.table, noise, a[cand], t2)
             onesided = (cand, rich.onesided)
         codes[cand] = compare.classify(a[cand], n2, e2, t2, f2, kink=kink, floor=floor)
         num[cand], err[cand], tol[cand] = n2, e2, t2
@@ -234,6 +244,7 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
 def judge_coordinates(problem: Problem, a_leaves: list, coords: list, *, stencil, rtol, atol,
                       step, strict, mode, notes=()) -> Report:
     """Check the given real coordinates of every leaf and build the report."""
+    set_gradient_scale(problem, a_leaves)
     g_all = max((float(np.max(np.abs(a), initial=0.0)) for a in a_leaves), default=0.0)
     g_all = g_all if np.isfinite(g_all) else 0.0
     leaves, steps = [], []

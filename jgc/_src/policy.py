@@ -9,6 +9,7 @@ finite-difference step, ``s`` the scale of a parameter (see :func:`coordinate_sc
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 # Stencils the engine knows. "central" is the lecture's two-sided difference.
@@ -20,7 +21,8 @@ def unit_roundoff(dtype) -> float:
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.complexfloating):
         dtype = np.finfo(dtype).dtype  # complex64 -> float32, complex128 -> float64
-    return float(np.finfo(dtype).eps) / 2.0
+    # ml_dtypes.finfo knows bfloat16 and the float8 types as well as NumPy's floats.
+    return float(ml_dtypes.finfo(dtype).eps) / 2.0
 
 
 def relative_step(stencil: str, u: float) -> float:

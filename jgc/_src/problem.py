@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import engine, policy, stencils, trees
+from . import engine, noise, policy, stencils, trees
 
 PRECISIONS = ("auto", "float64", "native")
+# Models up to this many elements use one raveled evaluator (see _merged_evaluator).
+MERGE_LIMIT = 4096
 
 
 def _is_tracer(x) -> bool:
@@ -93,8 +95,17 @@ class Problem:
     # -- preparation -----------------------------------------------------------
     def _prepare(self):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
+        # Casts run on the host (NumPy), not as one compiled XLA program per shape.
         if self.widen:
-            dyn = [x.astype(_wide_dtype(x.dtype)) for x in dyn]
+            dyn = [jnp.asarray(np.asarray(x).astype(_wide_dtype(x.dtype))) for x in dyn]
+        elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
+            # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
+            # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
+            # reference is therefore always evaluated in float32 at least.
+            dyn = [jnp.asarray(np.asarray(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
+                   else x for x in dyn]
+            self.notes.append("bfloat16/float16 parameters were evaluated in float32 (the "
+                              "narrowest precision in which finite differences resolve).")
         self.dyn = dyn
         self.eval_dtypes = [np.dtype(x.dtype) for x in dyn]
         self.precision = (
@@ -110,9 +121,6 @@ class Problem:
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
-        self._jit_cost = jax.jit(full_cost)
-        self.j0 = float(self._jit_cost(self.dyn, self.argarr))
-        self.counter.evaluations += 1
         abs_all = np.concatenate([np.abs(np.asarray(x)).ravel() for x in self.dyn])
         rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
         self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
@@ -163,25 +171,28 @@ class Problem:
         return value
 
     def _measure_noise(self) -> float:
-        """σ of J's rounding noise along one random direction (see engine.noise_level)."""
+        """σ of J's rounding noise, the median over a few random lines (see noise.py)."""
         rng = np.random.default_rng(0)
-        direction = [
-            jnp.asarray((rng.choice([-1.0, 1.0], size=s.size) * s).reshape(x.shape), dtype=x.dtype)
+        directions = [
+            jnp.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
+                        .reshape((noise.LINES,) + x.shape), dtype=x.dtype)
             for x, s in zip(self.dyn, self.scales)
         ]
-        # Spacing u^(1/4): the smooth part of a 6th difference is then ~u^1.5·|J|, far
-        # below the noise ~u·|J| that we want to see.
-        spacing = self.u**0.25
-        t = np.arange(16, dtype=np.float64) * spacing
         wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
-        def along(ti, dyn, argarr):
-            moved = [x + (ti * d).astype(x.dtype) for x, d in zip(dyn, direction)]
+        def at(ti, dirs, dyn, argarr):
+            moved = [x + (ti * d).astype(x.dtype) for x, d in zip(dyn, dirs)]
             return self.full_cost(moved, argarr)
 
-        f = jax.jit(jax.vmap(along, in_axes=(0, None, None)))
-        sigma, _ = engine.noise_level(lambda tt: f(jnp.asarray(tt, wide), self.dyn, self.argarr), t)
-        self.counter.evaluations += t.size
+        over_t = jax.vmap(at, in_axes=(0, None, None, None))
+        lines = jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None)))
+        sigma, values = noise.measure(
+            lambda t: lines(jnp.asarray(t, wide), directions, self.dyn, self.argarr), self.u)
+        self.counter.evaluations += noise.LINES * noise.POINTS
+        if np.isfinite(values[0, 0]):
+            # J(θ) as compiled code computes it (the engine's values are compiled too);
+            # it may differ from the eager value in the last bits.
+            self.j0 = float(values[0, 0])
         floor = self.u * abs(self.j0)
         if not math.isfinite(sigma):
             self.notes.append("J was not finite along the noise probe; noise taken as u·|J|.")
@@ -189,16 +200,30 @@ class Problem:
         if sigma > 64 * floor and floor > 0:
             self.notes.append(
                 f"J is noisier than its dtype: σ ≈ {sigma / abs(self.j0):.1e}·|J| against "
-                f"u = {self.u:.1e} (the cost computes in lower precision somewhere); steps "
-                "and error bars were sized for the measured noise."
+                f"u = {self.u:.1e} (the cost computes in lower precision somewhere, or J is "
+                "a small difference of large terms); steps and error bars were sized for "
+                "the measured noise."
             )
         return max(sigma, floor)
 
     # -- steps and evaluators ----------------------------------------------------
+    # Largest |g_i|·s_i: how much J moves for a relative change of 1 in one
+    # coordinate. Set by the front doors once the analytic gradient is known.
+    grad_scale = 0.0
+
     @property
     def u_eff(self) -> float:
-        """Effective unit round-off of J: the dtype's, or the measured σ/|J| if larger."""
-        return max(self.u, self.sigma / abs(self.j0)) if self.j0 != 0 else self.u
+        """Effective unit round-off of J: the dtype's, or the measured noise if larger.
+
+        The noise is taken relative to max(|J|, grad_scale): when J is a small
+        difference of large terms (a confident cross-entropy), |J| alone would make the
+        relative noise look huge and the steps absurdly large. Capped at 1e-3, i.e.
+        central steps of at most (3e-3)^(1/3) ≈ 0.14·s.
+        """
+        scale = max(abs(self.j0), self.grad_scale)
+        if scale == 0:
+            return self.u
+        return min(max(self.u, self.sigma / scale), 1e-3)
 
     def relative_step(self, stencil: str, step: float | None) -> float:
         """h/s for a stencil: given, or chosen from the effective precision of J."""
@@ -218,7 +243,7 @@ class Problem:
         five-point step, ≈ 1.4e-3·s in float64); |D_H − D_2H| / 3H² estimates
         c = |J⁽³⁾|/6, and the step minimising σ/h + c·h² is h* = (σ / 2c)^(1/3). We keep
         the smallest h* over the pilots (conservative for truncation), clamped between
-        the default step and H. Cost: 16 evaluations per leaf. Elements whose
+        the step balancing the dtype's round-off and H. Cost: 16 evaluations per leaf. Elements whose
         truncation error is larger than the pilots' are still caught by the Richardson
         refinement of the comparison.
         """
@@ -243,7 +268,10 @@ class Problem:
         h = float(np.min(h_star)) if h_star.size else base
         if not np.isfinite(h):
             return base
-        return float(np.clip(h, base, big))
+        # Lower guard: the step that balances the dtype's own round-off (not the
+        # measured noise relative to |J|, which is large when J is a small difference
+        # of large terms, e.g. a confident cross-entropy).
+        return float(np.clip(h, policy.relative_step(stencil, self.u), big))
 
     def leaf_cost(self, k: int):
         shape = self.dyn[k].shape
@@ -256,8 +284,40 @@ class Problem:
 
         return cost
 
+    def _merged_evaluator(self):
+        """One evaluator over all leaves raveled together, for small models.
+
+        Per-leaf evaluators compile once per leaf; for a small model that compilation
+        (~0.1–0.5 s a leaf on a CPU) costs more than the whole check. Raveling batches
+        every operation of the cost, which only matters for large models, so models of
+        at most MERGE_LIMIT elements in one real dtype share a single evaluator.
+        """
+        if "_merged" not in self.__dict__:
+            merged = None
+            dtypes = {x.dtype for x in self.dyn}
+            total = sum(x.size for x in self.dyn)
+            if (len(self.dyn) > 1 and len(dtypes) == 1 and total <= MERGE_LIMIT
+                    and not jnp.iscomplexobj(self.dyn[0])):
+                sizes = [x.size for x in self.dyn]
+                offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+                shapes = [x.shape for x in self.dyn]
+
+                def cost(flat, argarr):
+                    dyn = [flat[a:b].reshape(sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
+                    return self.full_cost(dyn, argarr)
+
+                x0 = jnp.concatenate([x.ravel() for x in self.dyn])
+                ev = engine.LeafEvaluator(cost, x0, self.argarr, chunk_size=self.chunk_size,
+                                          counter=self.counter)
+                merged = (ev, offsets)
+            self._merged = merged
+        return self._merged
+
     def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
         cache = self.__dict__.setdefault("_evaluators", {})
+        if not complex_step and self._merged_evaluator() is not None:
+            ev, offsets = self._merged
+            return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
         if (k, complex_step) not in cache:
             cache[k, complex_step] = engine.LeafEvaluator(
                 self.leaf_cost(k), self.dyn[k].ravel(), (self.dyn, self.argarr),
@@ -285,7 +345,21 @@ class Problem:
                     f"{self.paths[k]} is complex. Use stencil='central'."
                 )
             deltas = (1j * h)[:, None].astype(np.result_type(x0.dtype, np.complex64))
-            jv = self.evaluator(k, complex_step=True)(elem, deltas)
+            try:
+                jv = self.evaluator(k, complex_step=True)(elem, deltas)
+            except Exception as e:
+                raise ValueError(
+                    f"{self.api}: stencil='complex' evaluates fn at complex parameters, and "
+                    f"{_fname(self.fn)} failed there ({type(e).__name__}: {e}). The cost is not "
+                    "complex-safe (comparisons, abs, real-only ops); use stencil='central'."
+                ) from e
+            if not np.iscomplexobj(jv):
+                raise ValueError(
+                    f"{self.api}: stencil='complex' needs a complex-safe cost, but "
+                    f"{_fname(self.fn)} returned a real value for complex parameters at leaf "
+                    f"{self.paths[k]} (abs, jnp.real, astype or a comparison dropped the "
+                    "imaginary part), so Im J(θ+ih)/h would be 0. Use stencil='central'."
+                )
             return stencils.complex_step(jv, h, self.u)
         offs = stencils.offsets(stencil)
         deltas = (offs[None, :] * h[:, None] * unit[:, None]).astype(x0.dtype)

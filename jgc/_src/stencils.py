@@ -19,8 +19,10 @@ class Estimate:
     err_round: np.ndarray  # round-off part, per unit noise σ (multiply by σ)
     err_trunc: np.ndarray  # truncation estimate (0 where the stencil gives none)
     finite: np.ndarray  # all J values used were finite
-    # one-sided differences at h and 2h (filled by ``refined``; used for kinks)
+    # one-sided differences at h, 2h and 4h (richardson only; used for kinks)
     onesided: np.ndarray | None = None
+    # central differences at h, 2h, 4h (richardson only; used for kinks)
+    table: np.ndarray | None = None
 
 
 def offsets(stencil: str) -> np.ndarray:
@@ -83,7 +85,10 @@ def estimate(stencil: str, j0: float, jv: np.ndarray, hv: np.ndarray) -> Estimat
     bwd1 = (j0 - jv[:, 1]) / hv[:, 1]
     fwd2 = (jv[:, 2] - j0) / hv[:, 2]
     bwd2 = (j0 - jv[:, 3]) / hv[:, 3]
-    est.onesided = np.stack([fwd1, bwd1, fwd2, bwd2], axis=1)
+    fwd4 = (jv[:, 4] - j0) / hv[:, 4]
+    bwd4 = (j0 - jv[:, 5]) / hv[:, 5]
+    est.onesided = np.stack([fwd1, bwd1, fwd2, bwd2, fwd4, bwd4], axis=1)
+    est.table = np.stack([d1, d2, d4], axis=1)
     return est
 
 
@@ -101,21 +106,55 @@ def complex_step(jv: np.ndarray, h: np.ndarray, u: float) -> Estimate:
     return Estimate(value, zeros, 16.0 * u * np.abs(value), finite)
 
 
-def kink(onesided: np.ndarray, noise: np.ndarray, analytic: np.ndarray, tol: np.ndarray):
-    """Flag non-smooth points from one-sided differences at steps h and 2h.
+def kink(onesided: np.ndarray, table: np.ndarray, noise: np.ndarray, analytic: np.ndarray,
+         tol: np.ndarray):
+    """Flag non-smooth points from one-sided and central differences at h, 2h, 4h.
 
-    At a smooth point forward − backward ≈ h·J'', so doubling h doubles the gap; at a
-    kink the gap is the jump in slope, the same for both steps. We call a point
-    non-smooth when the gap at h is far above noise (40× the noise of a one-sided gap)
-    and grows by less than 1.5× when h doubles (smooth: 2×), and the analytic value lies
-    within the span of the one-sided slopes (a valid one-sided derivative, as JAX
-    returns for relu/abs/max at the switch point).
+    Three signatures of a kink, each far above the noise of the quantity tested:
+
+    * at the point itself: forward − backward ≈ h·J'' at a smooth point, so doubling h
+      doubles the gap; at a kink the gap is the jump in slope, the same for both steps.
+      We require the gap at h to be 40× its noise and to grow by less than 1.5× (smooth:
+      2×).
+    * within the stencil: at a smooth point the central differences follow
+      D(h) − D(2h) ≈ −3ch² and D(2h) − D(4h) ≈ −12ch², a ratio of 4. A kink crossed by
+      the stencil breaks that law; we require the larger difference to be 40× its noise
+      and the ratio to fall outside [2, 8].
+
+    * on one side: the extrapolated forward and backward slopes split apart (below).
+
+    In every case the point counts as non-smooth only when the analytic value lies within
+    the span of the one-sided slopes (plus tolerance): a valid one-sided derivative, as
+    JAX returns for relu/abs/max at or near the switch point. A wrong derivative next to
+    a kink still lies outside that span and stays a mismatch.
     """
     gap1 = onesided[:, 0] - onesided[:, 1]
     gap2 = onesided[:, 2] - onesided[:, 3]
-    lo = onesided.min(axis=1) - tol - noise
-    hi = onesided.max(axis=1) + tol + noise
-    big = np.abs(gap1) > 40.0 * noise
-    flat = np.abs(gap2) < 1.5 * np.abs(gap1)
-    inside = (analytic >= lo) & (analytic <= hi)
-    return big & flat & inside
+    at_point = (np.abs(gap1) > 40.0 * noise) & (np.abs(gap2) < 1.5 * np.abs(gap1))
+    e12 = table[:, 0] - table[:, 1]
+    e24 = table[:, 1] - table[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.abs(e24) / np.abs(e12)
+    resolved = np.maximum(np.abs(e12), np.abs(e24)) > 40.0 * noise
+    in_stencil = resolved & ~((ratio >= 2.0) & (ratio <= 8.0))
+    # One-sided slopes carry an O(h·J'') bias from the smooth part of J; extrapolate
+    # them (2·S(h) − S(2h), and the O(h²) version from h, 2h, 4h) so that a one-sided
+    # derivative next to a kink is not missed by that bias. The spread of the two
+    # extrapolations is their own uncertainty; 40·noise covers the noise of
+    # 2·S(h) − S(2h) (gain 5σ/h) with the usual safety factor 8.
+    fwd, bwd = onesided[:, 0::2], onesided[:, 1::2]
+    ext = []
+    for side in (fwd, bwd):
+        first = 2.0 * side[:, 0] - side[:, 1]
+        second = (8.0 * side[:, 0] - 6.0 * side[:, 1] + side[:, 2]) / 3.0
+        ext += [first, second]
+    ext = np.stack(ext, axis=1)
+    spread = np.maximum(np.abs(ext[:, 0] - ext[:, 1]), np.abs(ext[:, 2] - ext[:, 3]))
+    slopes = np.concatenate([onesided, ext], axis=1)
+    margin = tol + 40.0 * noise + spread
+    inside = (analytic >= slopes.min(axis=1) - margin) & (analytic <= slopes.max(axis=1) + margin)
+    # Third signature: for a smooth J the extrapolated forward and backward slopes
+    # agree to O(h³) (both equal J' − h²·J⁽³⁾/3), while |D(h) − D(2h)| = h²·|J⁽³⁾|/2. A
+    # split between them far beyond that and the noise means a kink on one side.
+    split = np.abs(ext[:, 0] - ext[:, 2]) > 40.0 * noise + np.abs(e12) + np.abs(e24) / 4.0
+    return (at_point | in_stencil | split) & inside

@@ -65,10 +65,12 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
         p = jax.tree_util.keystr(path) or "<root>"
         paths.append(p)
         if is_inexact_array(leaf):
-            # jnp.array copies: the caller's NumPy buffer is never aliased or written.
-            arr = jnp.array(leaf, copy=True)
-            if not bool(jnp.all(jnp.isfinite(arr))):
-                bad = np.argwhere(~np.isfinite(np.asarray(arr)))
+            # A host copy: the caller's NumPy buffer is never aliased or written. Checks
+            # and copies run in NumPy, so no tiny XLA program is compiled per leaf shape.
+            host = np.array(leaf, copy=True)
+            arr = jnp.asarray(host)
+            if not np.all(np.isfinite(host)):
+                bad = np.argwhere(~np.isfinite(host))
                 where = tuple(int(x) for x in bad[0]) if arr.ndim else ()
                 raise ValueError(
                     f"{what} leaf {p} holds non-finite values (NaN or Inf), first at index "
@@ -99,7 +101,7 @@ def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
-    arrays = [jnp.array(x, copy=True) for x, a in zip(leaves, is_arr) if a]
+    arrays = [jnp.asarray(np.array(x, copy=True)) for x, a in zip(leaves, is_arr) if a]
 
     def rebuild(dynamic) -> tuple:
         it = iter(dynamic)
