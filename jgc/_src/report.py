@@ -89,6 +89,18 @@ class LeafReport:
     bound: np.ndarray = dataclasses.field(repr=False, compare=False)
     codes: np.ndarray = dataclasses.field(repr=False, compare=False)
     onesided: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Jacobian / JVP / VJP checks (jgc.check_jacobian and friends): the output leaf of
+    # this block and how the worst index splits into output and input parts. Empty for
+    # jgc.check, whose "output" is the scalar cost.
+    output_path: str = ""
+    output_index: tuple = ()
+    input_index: tuple = ()
+    label: str = ""  # row name in the text table; defaults to ``path``
+
+    @property
+    def name(self) -> str:
+        """The row name in the text report: ``label`` if set, else ``path``."""
+        return self.label or self.path
 
     @property
     def ok(self) -> bool:
@@ -124,6 +136,9 @@ class LeafReport:
             "detectable_rel": _f(self.detectable_rel),
             "step": _f(self.step),
             "mismatched_indices": [list(i) for i in self.elements("mismatch")[:100]],
+            **({"output_path": self.output_path, "output_index": list(self.output_index),
+                "input_index": list(self.input_index), "label": self.name}
+               if self.output_path else {}),
         }
 
 
@@ -152,6 +167,7 @@ class Report:
     strict: bool = False
     notes: tuple = ()
     function: str = ""
+    api: str = "jgc.check"  # the front door that made the report (text header)
 
     # ---- summaries -------------------------------------------------------------
     @property
@@ -202,6 +218,7 @@ class Report:
             "leaves": [leaf.to_dict() for leaf in self.leaves],
             "skipped": [{"path": p, "leaf": d} for p, d in self.skipped],
             "notes": list(self.notes),
+            "api": self.api,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -217,6 +234,22 @@ class Report:
         return plot_report(self, path, **kwargs)
 
 
+def verdict(leaves, strict: bool) -> tuple[bool, float]:
+    """Return (ok, normwise ‖a − n‖ / ‖a + n‖) over the checked elements of ``leaves``.
+
+    ok is False when any element is a mismatch (with ``strict``, also inconclusive or
+    non-finite). Non-finite pairs are left out of the norm.
+    """
+    bad = {"mismatch"} | ({"inconclusive", "non-finite"} if strict else set())
+    ok = not any(lf.counts.get(s, 0) for lf in leaves for s in bad)
+    a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
+    n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
+    keep = np.isfinite(a) & np.isfinite(n)
+    den = float(np.linalg.norm(a[keep] + n[keep]))
+    num = float(np.linalg.norm(a[keep] - n[keep]))
+    return ok, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
+
+
 def _g(x, width=9) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-".rjust(width)
@@ -230,7 +263,7 @@ def format_report(r: Report) -> str:
     counts = r.counts()
     parts = [f"{v} {k}" for k, v in counts.items() if v and k != "ok"]
     head = (
-        f"jgc.check {verdict}{': ' + r.function if r.function else ''} — "
+        f"{r.api} {verdict}{': ' + r.function if r.function else ''} — "
         f"{r.checked}/{r.size} elements checked, {counts['ok']} ok"
         + (", " + ", ".join(parts) if parts else "")
     )
@@ -242,7 +275,7 @@ def format_report(r: Report) -> str:
     )
     failing = r.failing()
     order = list(failing) + [lf for lf in r.leaves if lf not in failing]
-    w = max([len("leaf")] + [len(lf.path) for lf in order])
+    w = max([len("leaf")] + [len(lf.name) for lf in order])
     lines.append(
         f"  {'leaf':<{w}}  {'status':<12} {'checked':>9} {'max abs':>9} {'max rel':>9} "
         f"{'detect':>9}  worst element (analytic vs numeric)"
@@ -256,13 +289,13 @@ def format_report(r: Report) -> str:
                 f"{_g(lf.worst_numeric, 0)} (allowed ±{_g(lf.worst_bound, 0)})"
             )
         lines.append(
-            f"  {lf.path:<{w}}  {lf.status:<12} {lf.checked:>4}/{lf.size:<4} "
+            f"  {lf.name:<{w}}  {lf.status:<12} {lf.checked:>4}/{lf.size:<4} "
             f"{_g(lf.max_abs_err)} {_g(lf.max_rel_err)} {_g(lf.detectable_rel)}  "
             f"{worst}  [{shape} {lf.dtype}]"
         )
     for p, d in r.skipped:
         lines.append(f"  {p:<{w}}  {'skipped':<12} (not a floating array: {d})")
-    seen = {lf.status for lf in r.leaves if lf.status != "ok"}
+    seen = {k for k, v in counts.items() if v and k != "ok"}
     for status in ("mismatch", "non-finite", "non-smooth", "inconclusive"):
         if status in seen:
             lines.append(f"  {status}: {STATUS_HELP[status]}")

@@ -1,0 +1,630 @@
+"""Preparation of a vector-valued check: f(*primals) -> any pytree of outputs.
+
+:class:`VectorProblem` plays the role that :class:`jgc._src.problem.Problem` plays for
+scalar costs: it validates the inputs, scopes x64, splits the checked primals into
+perturbed leaves, lays every floating output leaf out in one real vector
+
+    y = vec(f(*primals))   (complex leaves contribute (Re, Im) pairs, interleaved)
+
+and measures the rounding noise of every element of y. The Jacobian, JVP, VJP and
+second-order checks (``jacobian.py``) all work on this real view, which is also how
+JAX's convention for complex derivatives is honoured: a complex number is a point of
+R², tangents are R-linear, and ``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i)
+is c_r − i·c_i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import engine, policy, stencils, trees
+from .problem import precision_scope
+
+PRECISIONS = ("auto", "float64", "native")
+
+# Points on the noise probe line; 16 points give 10 sixth differences per output
+# element (engine.noise_level explains the method).
+NOISE_POINTS = 16
+
+
+class NoForwardRule(TypeError):
+    """f has no JVP (a ``jax.custom_vjp`` function): only reverse mode can be checked."""
+
+
+class NoReverseRule(ValueError):
+    """f has no VJP (e.g. ``lax.while_loop`` with a dynamic trip count)."""
+
+
+def fname(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name or type(fn).__name__
+
+
+def normalize_argnums(argnums, n: int, api: str) -> tuple[int, ...]:
+    """Return argnums as a sorted tuple of non-negative ints (None: every primal)."""
+    if argnums is None:
+        return tuple(range(n))
+    single = isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool)
+    nums = (argnums,) if single else argnums
+    if not isinstance(nums, (tuple, list)) or not all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums
+    ):
+        raise TypeError(
+            f"{api}: argnums must be None (every primal), an int or a tuple of ints, got "
+            f"{argnums!r}. Example: argnums=(0, 2) checks the first and third arguments."
+        )
+    out = []
+    for i in nums:
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise ValueError(
+                f"{api}: argnums={argnums!r} refers to argument {int(i)}, but f was given "
+                f"{n} primal(s). Pass an index below {n}."
+            )
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{api}: argnums={argnums!r} repeats an argument; list each once.")
+    return tuple(sorted(out))
+
+
+def as_array_primal(x):
+    """Python float/complex scalars become arrays of JAX's default dtype, so they can be checked."""
+    if isinstance(x, (float, complex)) and not isinstance(x, bool):
+        return np.asarray(x, dtype=jnp.result_type(x))
+    return x
+
+
+def _wide(dtype) -> np.dtype:
+    return np.dtype(np.complex128 if np.issubdtype(dtype, np.complexfloating) else np.float64)
+
+
+def _zero_tangent(x):
+    """A zero tangent for a primal leaf (float0 for integer/bool leaves, as JAX wants)."""
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros(x.shape, x.dtype)
+        return np.zeros(x.shape, dtype=jax.dtypes.float0)
+    if isinstance(x, (float, complex)):
+        return type(x)(0)
+    if isinstance(x, (int, bool)):
+        return np.zeros((), dtype=jax.dtypes.float0)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class OutLeaf:
+    """One floating output leaf and its slice of the real output vector y."""
+
+    pos: int  # position among the output tree's leaves
+    path: str
+    shape: tuple
+    dtype: np.dtype  # as evaluated
+    is_complex: bool
+    start: int
+    stop: int
+
+    @property
+    def block_shape(self) -> tuple:
+        """Shape of this leaf in y's real view: complex leaves gain a trailing (Re, Im) axis."""
+        return self.shape + ((2,) if self.is_complex else ())
+
+
+class VectorProblem:
+    """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
+
+    def __init__(self, f: Callable, primals: tuple, *, argnums, has_aux: bool = False,
+                 precision: str = "auto", api: str, chunk_size: int | None = None,
+                 in_label: Callable[[int], str] | None = None, out_name: str = "out"):
+        if not callable(f):
+            raise TypeError(f"{api}: f must be callable as f(*primals), got {type(f).__name__}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
+        if not isinstance(has_aux, bool):
+            raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ValueError(f"{api}: chunk_size must be a positive int or None, got {chunk_size!r}.")
+        if not primals:
+            raise TypeError(f"{api}: pass the point to check at, f(*primals); no primals were given.")
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(primals)):
+            raise TypeError(
+                f"{api} got traced values (it was called inside jit, vmap or grad). A "
+                "derivative check needs concrete numbers: call it outside transformations."
+            )
+        self.f, self.api, self.has_aux = f, api, has_aux
+        self.argnums = normalize_argnums(argnums, len(primals), api)
+        self.primals = tuple(as_array_primal(p) if i in self.argnums else p for i, p in enumerate(primals))
+        self.chunk_size = chunk_size
+        self.in_label = in_label or (lambda i: f"args[{i}]")
+        self.out_name = out_name
+        self.counter = engine.Counter()
+        self.t0 = time.perf_counter()
+        self.notes: list[str] = []
+        checked = tuple(self.primals[i] for i in self.argnums)
+        orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
+        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
+        self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
+
+    def __enter__(self):
+        self._scope.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        return self._scope.__exit__(*exc)
+
+    # -- preparation -------------------------------------------------------------
+    def _relabel(self, p: str) -> str:
+        # split_params paths start with the index into the tuple of checked primals.
+        j, rest = p[1:].split("]", 1)
+        return self.in_label(self.argnums[int(j)]) + rest
+
+    def _prepare(self):
+        nums = self.argnums
+        checked = tuple(self.primals[i] for i in nums)
+        self.split, dyn = trees.split_params(checked, what=f"{self.api}: the primals at argnums {nums}")
+        if self.widen:
+            dyn = [x.astype(_wide(x.dtype)) for x in dyn]
+        elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
+            # bfloat16/float16 steps round to 0 or to coarse multiples of θ; float32 is the
+            # narrowest precision in which differences resolve (as in Problem).
+            dyn = [x.astype(jnp.float32) if policy.unit_roundoff(x.dtype) > 1e-6 else x for x in dyn]
+            self.notes.append("bfloat16/float16 primals were evaluated in float32.")
+        self.dyn = dyn
+        self.eval_dtypes = [np.dtype(x.dtype) for x in dyn]
+        self.paths = [self._relabel(p) for p in self.split.dynamic_paths]
+        self.skipped = tuple((self._relabel(p), d) for p, d in self.split.skipped)
+        others = tuple(None if i in nums else p for i, p in enumerate(self.primals))
+        self.rebuild_args, self.argarr = trees.split_args(others)
+        # Shapes only (a trace, no compile): the first value comes from the compiled noise
+        # probe at t = 0, so checking a function costs no op-by-op eager run.
+        out = self._first_output()
+        self._layout(out)
+        self.y0 = None
+        u = max(policy.unit_roundoff(d) for d in self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
+        self.u = u
+        abs_all = np.concatenate([np.abs(np.asarray(x)).ravel() for x in self.dyn])
+        rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
+        self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
+        self.scales = [
+            policy.coordinate_scale(np.abs(np.asarray(x)).ravel(), self.global_scale) for x in self.dyn
+        ]
+        self.F = lambda d, a: self.vec(self.call(d, a))
+        self.sigma = None  # set by measure_noise (needs the direction bank)
+
+    def call(self, dyn, argarr):
+        """f at the given perturbed leaves, aux dropped."""
+        prims = self.primals_from(dyn, argarr)
+        out = self.f(*prims)
+        return out[0] if self.has_aux else out
+
+    def primals_from(self, dyn, argarr) -> list:
+        prims = list(self.rebuild_args(argarr))
+        tree = self.split.combine(dyn)
+        for j, i in enumerate(self.argnums):
+            prims[i] = tree[j]
+        return prims
+
+    def tangents_from(self, tdyn) -> tuple:
+        """Full tangent tuple for ``jax.jvp``-style user rules: zeros off the checked leaves."""
+        prims = self.primals_from(self.dyn, self.argarr)
+        tang = [jax.tree_util.tree_map(_zero_tangent, p) for p in prims]
+        leaves = [_zero_tangent(x) for x in self.split.leaves]
+        for pos, t in zip(self.split.dynamic_index, tdyn):
+            leaves[pos] = t
+        tree = jax.tree_util.tree_unflatten(self.split.treedef, leaves)
+        for j, i in enumerate(self.argnums):
+            tang[i] = tree[j]
+        return tuple(tang)
+
+    def _first_output(self):
+        seen = {}
+
+        def main_output(d, a):
+            raw = self.f(*self.primals_from(d, a))
+            if self.has_aux:
+                if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
+                    seen["bad"] = type(raw).__name__
+                    return None
+                raw = raw[0]  # aux may hold anything (strings, objects): never traced out
+            return raw
+
+        try:
+            out = jax.eval_shape(main_output, self.dyn, self.argarr)
+        except Exception as e:  # re-raised with context, same type
+            e.add_note(f"{self.api}: raised while evaluating {fname(self.f)}(*primals) at the given point.")
+            raise
+        if "bad" in seen:
+            raise TypeError(
+                f"{self.api}: has_aux=True expects f to return a pair (output, aux), but "
+                f"{fname(self.f)} returned {seen['bad']}. Return (output, aux) or pass has_aux=False."
+            )
+        return out
+
+    def _layout(self, out):
+        wp, _ = jax.tree_util.tree_flatten_with_path(out)
+        self.out_leaves, self.out_skipped, start = [], [], 0
+        for pos, (path, leaf) in enumerate(wp):
+            p = self.out_name + jax.tree_util.keystr(path)
+            arr = leaf if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)) else None
+            if arr is None or not jnp.issubdtype(arr.dtype, jnp.inexact):
+                desc = f"{np.dtype(arr.dtype).name}{list(arr.shape)}" if arr is not None else type(leaf).__name__
+                self.out_skipped.append((p, desc))
+                continue
+            is_c = bool(jnp.issubdtype(arr.dtype, jnp.complexfloating))
+            n = int(np.prod(arr.shape, dtype=np.int64)) * (2 if is_c else 1)
+            self.out_leaves.append(OutLeaf(pos, p, tuple(arr.shape), np.dtype(arr.dtype), is_c, start, start + n))
+            start += n
+        if not self.out_leaves:
+            raise ValueError(
+                f"{self.api}: {fname(self.f)} returned no floating-point output (outputs seen: "
+                f"{[d for _, d in self.out_skipped] or 'none'}), so there is no derivative to "
+                "check. Return float or complex arrays."
+            )
+        self.n_out = start
+        reals = [np.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype for ol in self.out_leaves]
+        self.out_dtype = np.result_type(*reals)
+
+    def vec(self, out):
+        """The real output vector y of an output pytree (linear in the output)."""
+        leaves = jax.tree_util.tree_leaves(out)
+        parts = []
+        for ol in self.out_leaves:
+            x = jnp.asarray(leaves[ol.pos])
+            if ol.is_complex:
+                x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+            parts.append(x.ravel().astype(self.out_dtype))
+        return jnp.concatenate(parts)
+
+    def unvec_cotangent(self, c, out):
+        """The output cotangent whose pairing with a tangent gives c·vec(tangent).
+
+        JAX pairs cotangents bilinearly: for a (Re, Im) pair the cotangent is c_r − i·c_i
+        (the transpose of vec, as jax.vjp computes it). Integer outputs get float0 zeros.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        cts = [_zero_tangent(x) for x in leaves]
+        for ol in self.out_leaves:
+            seg = c[ol.start:ol.stop]
+            if ol.is_complex:
+                seg = seg.reshape(-1, 2)
+                v = (seg[:, 0] - 1j * seg[:, 1]).astype(ol.dtype)
+            else:
+                v = seg.astype(ol.dtype)
+            cts[ol.pos] = v.reshape(ol.shape)
+        return jax.tree_util.tree_unflatten(treedef, cts)
+
+    def _check_first(self):
+        y = self.y0
+        bad = ~np.isfinite(y)
+        if bad.any():
+            j = int(np.argmax(bad))
+            ol, idx = self.locate_output(j)
+            raise ValueError(
+                f"{self.api}: {fname(self.f)} returned a non-finite value at output {ol.path}"
+                f"{list(idx)} at the given point; a derivative check needs finite outputs. Check "
+                "for log(0), division by zero or overflow there."
+            )
+
+    def check_primal(self, again, user: str | None = None):
+        """Compare f(x) from another trace (the JVP's or VJP's primal output) with y0.
+
+        The compiled probe and the analytic batch are separate traces: Python-level
+        randomness (np.random, a fresh key per call) makes them differ. With a user rule,
+        a difference means its primal output is not f's.
+        """
+        y = self.y0
+        again = np.asarray(again, np.float64)
+        scale = float(np.max(np.abs(y), initial=0.0))
+        # 1e3·u·max|y|: two compilations of the same f may fuse and round differently by
+        # a few u; Python-level randomness differs by O(|y|).
+        bad = np.abs(again - y) > 1e3 * self.u * max(scale, 1e-30)
+        if user is not None and np.any(bad):
+            j = int(np.argmax(bad))
+            ol, idx = self.locate_output(j)
+            raise ValueError(
+                f"{self.api}: the primal output of {user} differs from f at output {ol.path}"
+                f"{list(idx)}: {again[j]!r} against f's {y[j]!r}. A rule must return f(*primals) "
+                "as its primal output (check the forward function of the custom rule)."
+            )
+        if np.any(bad):
+            raise ValueError(
+                f"{self.api}: f is not deterministic: two evaluations at the same point gave "
+                "different outputs. A derivative check needs f to be a function of its inputs; "
+                "if it uses randomness, pass a fixed PRNG key as an argument."
+            )
+
+    def locate_output(self, j: int) -> tuple[OutLeaf, tuple]:
+        for ol in self.out_leaves:
+            if ol.start <= j < ol.stop:
+                return ol, tuple(int(i) for i in np.unravel_index(j - ol.start, ol.block_shape))
+        raise IndexError(j)
+
+    # -- coordinates -------------------------------------------------------------
+    def is_complex(self, k: int) -> bool:
+        return bool(jnp.iscomplexobj(self.dyn[k]))
+
+    def coordinates(self, k: int) -> int:
+        """Real coordinates of leaf k: Re parts first, then Im parts for complex leaves."""
+        return self.dyn[k].size * (2 if self.is_complex(k) else 1)
+
+    def block_columns(self, k: int) -> np.ndarray:
+        """Permutation taking the (Re…, Im…) coordinate order to the (elem, Re/Im) layout."""
+        m, n = self.dyn[k].size, self.coordinates(k)
+        if n == m:
+            return np.arange(m)
+        t = np.arange(n)
+        return (t % 2) * m + t // 2
+
+    def in_block_shape(self, k: int) -> tuple:
+        return tuple(self.dyn[k].shape) + ((2,) if self.is_complex(k) else ())
+
+    def to_coords(self, k: int, w: np.ndarray) -> np.ndarray:
+        """Cotangent of leaf k (batch, *shape) → real coordinates (JAX: ∂/∂x − i∂/∂y)."""
+        w = np.asarray(w).reshape(w.shape[0], -1)
+        if self.is_complex(k):
+            return np.concatenate([w.real, -w.imag], axis=1)
+        return w.real if np.iscomplexobj(w) else w
+
+    def tangent_coords(self, k: int, t: np.ndarray) -> np.ndarray:
+        """Tangent of leaf k (batch, *shape) → real coordinates (Re…, Im…)."""
+        t = np.asarray(t).reshape(t.shape[0], -1)
+        return np.concatenate([t.real, t.imag], axis=1) if self.is_complex(k) else t
+
+    # -- noise and steps ----------------------------------------------------------
+    def random_tangents(self, rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+        """n random tangents of leaf k, scaled by each element's scale s_i: shape (n, *leaf)."""
+        x = self.dyn[k]
+        shape = (n,) + tuple(x.shape)
+        z = rng.standard_normal(shape)
+        if self.is_complex(k):
+            z = (z + 1j * rng.standard_normal(shape)) / np.sqrt(2)
+        return (z * self.scales[k].reshape(x.shape)).astype(x.dtype)
+
+    def set_bank(self, tangents: list[np.ndarray] | None):
+        """Fix the direction bank: row 0 is the noise probe, row 1 + k·nd + d is tangent d of leaf k.
+
+        ``tangents`` holds per leaf k an array (nd, *shape_k) (the same nd for every leaf).
+        Rows are decoded inside the compiled function, so the bank costs nd copies of the
+        parameters, not nd·K (a direction of leaf k is zero on the other leaves). One
+        compiled, vmapped function evaluates f at x + s·bank[b] for rows (s, b): the noise
+        probe, the first pass and the Richardson refinement share one compile.
+        """
+        rng = np.random.default_rng(0)
+        probe = []
+        for k, x in enumerate(self.dyn):
+            sign = rng.choice([-1.0, 1.0], size=x.size)
+            if self.is_complex(k):
+                sign = sign * np.where(rng.random(x.size) < 0.5, 1.0, 1j)
+            probe.append(jnp.asarray((sign * self.scales[k]).reshape(x.shape).astype(x.dtype)))
+        if tangents:
+            nd = int(np.asarray(tangents[0]).shape[0])
+            tang = [jnp.asarray(np.asarray(t, x.dtype).reshape((nd,) + tuple(x.shape)))
+                    for t, x in zip(tangents, self.dyn)]
+        else:
+            nd, tang = 1, [jnp.zeros((1,) + tuple(x.shape), x.dtype) for x in self.dyn]
+        self.bank = (probe, tang)
+        total = sum(x.size for x in self.dyn)
+        self.rows = self.chunk_size or max(1, min(engine.DEFAULT_BATCH_EVALS, engine.BATCH_ELEMENT_BUDGET // max(1, total)))
+
+        def tangent_of(b, bank):
+            probe, tang = bank
+            r = jnp.maximum(b - 1, 0)
+            k, d = r // nd, r % nd
+            return [jnp.where(b == 0, p, jnp.where(k == j, t[d], jnp.zeros_like(p)))
+                    for j, (p, t) in enumerate(zip(probe, tang))]
+
+        def one(s, b, bank, dyn, argarr):
+            moved = [x + (s * t).astype(x.dtype) for x, t in zip(dyn, tangent_of(b, bank))]
+            return self.F(moved, argarr)
+
+        self.tangent_of = tangent_of
+        self._dir_batch = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+
+    def _chunked(self, fn, rows: np.ndarray, *operands):
+        """Run a vmapped fn over bank rows in fixed-size chunks (one compile, bounded memory)."""
+        c = self.rows
+        n = rows.size
+        nch = max(1, math.ceil(n / c))
+        rows = np.concatenate([rows, np.repeat(rows[-1:], nch * c - n)]).astype(np.int32)
+        outs = [fn(rows[i * c:(i + 1) * c], *operands) for i in range(nch)]
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n], *outs)
+
+    def eval_rows(self, s: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """y at x + s_r·bank[b_r] for every row r: shape (rows, n_out)."""
+        total, c = s.size, self.rows
+        if total == 0:
+            return np.zeros((0, self.n_out))
+        nch = math.ceil(total / c)
+        pad = nch * c - total
+        s = np.concatenate([s, np.repeat(s[-1:], pad)]).astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+        b = np.concatenate([b, np.repeat(b[-1:], pad)]).astype(np.int32)
+        outs = [self._dir_batch(s[i * c:(i + 1) * c], b[i * c:(i + 1) * c], self.bank, self.dyn, self.argarr)
+                for i in range(nch)]
+        self.counter.evaluations += total
+        return np.concatenate([np.asarray(o, np.float64) for o in outs])[:total]
+
+    def measure_noise(self):
+        """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
+
+        Per element: sixth differences of 16 equally spaced values (see
+        engine.noise_level), floored at u·|y_j| — the rounding of y_j itself, which the
+        probe cannot go below. With 10 differences per element the estimate is good to
+        ~25%; the comparison's 8σ safety factor covers that spread.
+        """
+        t = np.arange(NOISE_POINTS, dtype=np.float64) * self.u**0.25
+        vals = self.eval_rows(t, np.zeros(t.size, np.int64))
+        self.y0 = vals[0].copy()  # t = 0: f at the point itself
+        self._check_first()
+        floor = self.u * np.abs(self.y0)
+        if not np.all(np.isfinite(vals)):
+            self.notes.append("f was not finite along the noise probe; noise taken as u·|y|.")
+            self.sigma = floor
+        else:
+            d = np.diff(vals, n=6, axis=0)
+            gamma = math.factorial(6) ** 2 / math.factorial(12)
+            self.sigma = np.maximum(np.sqrt(gamma * np.mean(d * d, axis=0)), floor)
+        ref = np.maximum(np.abs(self.y0), 1e-3 * float(np.max(np.abs(self.y0), initial=0.0)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(ref > 0, self.sigma / ref, 0.0)
+        # The step serves every output at once: size it for the noisier outputs (90th
+        # percentile of σ_j/|y_j|), never below the dtype's u.
+        self.u_eff = max(self.u, float(np.quantile(rel, 0.9)) if rel.size else 0.0)
+        if self.u_eff > 64 * self.u:
+            self.notes.append(
+                f"f is noisier than its dtype (σ/|y| ≈ {self.u_eff:.1e} against u = {self.u:.1e}); "
+                "steps and error bars were sized for the measured noise."
+            )
+
+    def relative_step(self, stencil: str, step: float | None) -> float:
+        if step is not None:
+            if not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0 and math.isfinite(step)):
+                raise ValueError(f"{self.api}: step must be a positive relative step h/s, got {step!r}.")
+            return float(step)
+        return policy.relative_step(stencil, self.u_eff)
+
+    # -- finite differences --------------------------------------------------------
+    def directional(self, dirs: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
+        """Central-type estimate of J·bank[d] for every d in dirs; rows (len(dirs)·n_out)."""
+        offs = stencils.offsets(stencil)
+        p, nd = offs.size, dirs.size
+        s = np.tile(offs * h_rel, nd)
+        b = np.repeat(dirs, p)
+        jv = self.eval_rows(s, b).reshape(nd, p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
+        hv = np.broadcast_to(np.abs(offs * h_rel), jv.shape)
+        return stencils.estimate(stencil, np.tile(self.y0, nd), jv, hv)
+
+    def coordinate(self, k: int, coords: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
+        """Estimate of Jacobian columns for real coordinates of leaf k; rows (len(coords)·n_out)."""
+        cache = self.__dict__.setdefault("_evaluators", {})
+        x = self.dyn[k]
+        if k not in cache:
+            shape = x.shape
+
+            def cost(xf, ops):
+                dyn, argarr = ops
+                dyn = list(dyn)
+                dyn[k] = xf.reshape(shape)
+                return self.F(dyn, argarr)
+
+            cache[k] = engine.LeafEvaluator(cost, x.ravel(), (self.dyn, self.argarr),
+                                            chunk_size=self.chunk_size, counter=self.counter)
+        m = x.size
+        x0 = np.asarray(x).ravel()
+        elem = coords % m
+        unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
+        h = h_rel * self.scales[k][elem]
+        offs = stencils.offsets(stencil)
+        deltas = (offs[None, :] * h[:, None] * unit[:, None]).astype(x0.dtype)
+        jv = np.asarray(cache[k](elem, deltas), np.float64)  # (n, p, n_out)
+        taken = np.abs(engine.actual_steps(x0, elem, deltas))  # (n, p)
+        n, p = deltas.shape
+        jv = jv.transpose(0, 2, 1).reshape(-1, p)
+        hv = np.repeat(taken, self.n_out, axis=0)
+        return stencils.estimate(stencil, np.tile(self.y0, n), jv, hv)
+
+    def sigma_rows(self, n: int) -> np.ndarray:
+        return np.tile(self.sigma, n)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def precision(self) -> str:
+        if all(policy.unit_roundoff(d) < 1e-12 for d in self.eval_dtypes):
+            return "float64"
+        return "native (" + ", ".join(sorted({d.name for d in self.eval_dtypes})) + ")"
+
+    # -- analytic side ---------------------------------------------------------------
+    def jvp_batch(self, user_jvp: Callable | None, from_bank: bool = False):
+        """Return g(T) = (J·t for each tangent t in the batch T), as (B, n_out) arrays.
+
+        T is a list of per-leaf tangent batches, or (``from_bank``) an array of bank rows
+        (see :meth:`set_bank`), evaluated in chunks. ``user_jvp(primals, tangents) ->
+        (primals_out, tangents_out)`` follows ``jax.jvp``'s convention.
+        """
+        if user_jvp is None:
+            def one_t(t, dyn, argarr):
+                return jax.jvp(lambda d: self.F(d, argarr), (dyn,), (t,))
+        else:
+            def one_t(t, dyn, argarr):
+                res = user_jvp(tuple(self.primals_from(dyn, argarr)), self.tangents_from(t))
+                if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                    raise TypeError(
+                        f"{self.api}: jvp(primals, tangents) must return a pair (primals_out, "
+                        f"tangents_out) like jax.jvp, got {type(res).__name__}."
+                    )
+                return self.vec(res[0]), self.vec(res[1])
+        if from_bank:
+            def one(b, bank, dyn, argarr):
+                return one_t(self.tangent_of(b, bank), dyn, argarr)
+            vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
+
+            def fn(rows, dyn, argarr):
+                return self._chunked(vfn, np.asarray(rows), self.bank, dyn, argarr)
+        else:
+            fn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
+
+        def run(T):
+            try:
+                prim, tout = fn(T, self.dyn, self.argarr)
+                self.check_primal(np.asarray(prim)[0], None if user_jvp is None else "jvp")
+                return np.asarray(tout, np.float64)
+            except TypeError as e:
+                if user_jvp is None and "custom_vjp" in str(e):
+                    raise NoForwardRule(str(e)) from e
+                e.add_note(f"{self.api}: raised while computing JVPs of {fname(self.f)}.")
+                raise
+        return run
+
+    def vjp_batch(self, user_vjp: Callable | None):
+        """Return g(C) = per-leaf cotangents (B, *leaf) for a batch C (B, n_out) of real cotangents.
+
+        ``user_vjp(*primals) -> (primals_out, vjp_fn)`` follows ``jax.vjp``'s convention;
+        vjp_fn returns one cotangent per primal.
+        """
+        if user_vjp is None:
+            def one(c, dyn, argarr):
+                out, fn = jax.vjp(lambda d: self.F(d, argarr), dyn)
+                return out, fn(c)[0]
+        else:
+            def one(c, dyn, argarr):
+                res = user_vjp(*self.primals_from(dyn, argarr))
+                if not (isinstance(res, (tuple, list)) and len(res) == 2 and callable(res[1])):
+                    raise TypeError(
+                        f"{self.api}: vjp(*primals) must return a pair (primals_out, vjp_fn) like "
+                        f"jax.vjp, got {type(res).__name__}."
+                    )
+                out, fn = res
+                w = fn(self.unvec_cotangent(c, out))
+                w = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+                if len(w) != len(self.primals):
+                    raise ValueError(
+                        f"{self.api}: vjp_fn returned {len(w)} cotangent(s) for {len(self.primals)} "
+                        "primals; return one per primal, as jax.vjp does."
+                    )
+                per = self.split.treedef.flatten_up_to(tuple(w[i] for i in self.argnums))
+                return self.vec(out), [per[pos] for pos in self.split.dynamic_index]
+        fn = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+
+        def run(C):
+            try:
+                prim, W = fn(jnp.asarray(C, self.out_dtype), self.dyn, self.argarr)
+                self.check_primal(np.asarray(prim)[0], None if user_vjp is None else "vjp")
+                return [np.asarray(w) for w in W]
+            except ValueError as e:
+                if user_vjp is None and "Reverse-mode differentiation does not work" in str(e):
+                    raise NoReverseRule(str(e)) from e
+                e.add_note(f"{self.api}: raised while computing VJPs of {fname(self.f)}.")
+                raise
+        return run

@@ -1,0 +1,224 @@
+"""jgc.check_grads as a drop-in for jax.test_util.check_grads.
+
+An op suite written the way JAX's own op tests call ``check_grads`` (elementwise,
+reductions, linear algebra, control flow; float32 and float64) must pass with no false
+alarm, and wrong rules planted into ops must raise ``jgc.GradCheckError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.special as jss
+import numpy as np
+import pytest
+from jax.test_util import check_grads as jax_check_grads
+
+import jgc
+
+RNG = np.random.default_rng(0)
+
+
+def _spd(n):
+    m = RNG.standard_normal((n, n))
+    return m @ m.T + n * np.eye(n)
+
+
+def _while_pow(x):
+    # A while_loop with a trip count that depends on nothing differentiable (JVP only
+    # is defined for while_loop; reverse mode is not).
+    def body(c):
+        i, y = c
+        return i + 1, y * jnp.cos(x) + x
+
+    return jax.lax.while_loop(lambda c: c[0] < 4, body, (0, x))[1]
+
+
+def _scan_rnn(h0, w):
+    def step(h, xs):
+        h = jnp.tanh(w @ h + xs)
+        return h, h
+
+    xs = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    hT, hs = jax.lax.scan(step, h0, xs)
+    return hT + 0.1 * hs.sum(0)
+
+
+def _cond(x, y):
+    return jax.lax.cond(jnp.sum(x) > 0, lambda a, b: jnp.sin(a) * b, lambda a, b: a**2 - b, x, y)
+
+
+# (name, f, args builder, order): the args are away from kinks and branch switches.
+OPS = [
+    ("sin", jnp.sin, lambda: (RNG.uniform(-2, 2, (3, 2)),), 2),
+    ("exp_log1p", lambda x: jnp.exp(x) * jnp.log1p(x**2), lambda: (RNG.uniform(-1, 1, 4),), 1),
+    ("tanh_logistic", lambda x: jnp.tanh(x) + jax.nn.sigmoid(2 * x), lambda: (RNG.uniform(-2, 2, 5),), 1),
+    ("sqrt_pow", lambda x, y: jnp.sqrt(x) ** y, lambda: (RNG.uniform(0.5, 2, 3), RNG.uniform(0.5, 2, 3)), 1),
+    ("arctan2", jnp.arctan2, lambda: (RNG.uniform(0.5, 2, 3), RNG.uniform(-2, 2, 3)), 1),
+    ("erf_lgamma", lambda x: jss.erf(x) + jss.gammaln(x + 3), lambda: (RNG.uniform(-1, 1, 4),), 1),
+    ("softplus_relu_offkink", lambda x: jax.nn.softplus(x) + jax.nn.relu(x), lambda: (np.array([-1.2, 0.7, 2.1]),), 1),
+    ("sum_prod", lambda x: jnp.array([jnp.sum(x**2), jnp.prod(x)]), lambda: (RNG.uniform(0.5, 1.5, 4),), 1),
+    ("logsumexp", lambda x: jss.logsumexp(x, axis=1), lambda: (RNG.standard_normal((2, 4)),), 1),
+    ("max_cumsum", lambda x: jnp.max(x) + jnp.cumsum(x), lambda: (np.array([0.3, 1.7, -0.4, 0.9]),), 1),
+    ("mean_var_norm", lambda x: jnp.var(x, axis=0) + jnp.linalg.norm(x), lambda: (RNG.standard_normal((3, 2)),), 1),
+    ("softmax", lambda x: jax.nn.softmax(x, axis=-1), lambda: (RNG.standard_normal((2, 3)),), 1),
+    ("matmul", lambda a, b: jnp.tanh(a @ b), lambda: (RNG.standard_normal((2, 3)), RNG.standard_normal((3, 2))), 2),
+    ("solve", jnp.linalg.solve, lambda: (_spd(3), RNG.standard_normal(3)), 1),
+    ("inv_det", lambda a: jnp.linalg.inv(a).sum(0) * jnp.linalg.det(a), lambda: (_spd(3),), 1),
+    ("slogdet", lambda a: jnp.linalg.slogdet(a)[1], lambda: (_spd(3),), 1),
+    ("cholesky", jnp.linalg.cholesky, lambda: (_spd(3),), 1),
+    ("eigvalsh", lambda a: jnp.linalg.eigvalsh(a + a.T), lambda: (np.diag([1.0, 2.5, 4.0]) + 0.1 * RNG.standard_normal((3, 3)),), 1),
+    ("svd_values", lambda a: jnp.linalg.svd(a, compute_uv=False), lambda: (np.diag([3.0, 2.0, 1.0]) + 0.1 * RNG.standard_normal((3, 3)),), 1),
+    ("cond", _cond, lambda: (np.array([0.5, 0.2]), np.array([1.3, -0.7])), 2),
+    ("while_loop_fwd_only", _while_pow, lambda: (np.array([0.4, -0.9]),), 1),
+    ("scan_rnn", _scan_rnn, lambda: (RNG.standard_normal(3) * 0.5, RNG.standard_normal((3, 3)) * 0.5), 1),
+    ("fori_loop_static", lambda x: jax.lax.fori_loop(0, 3, lambda i, y: jnp.sin(y) * x, x), lambda: (RNG.uniform(-1, 1, 3),), 1),
+]
+ARGS = {name: build() for name, _, build, _ in OPS}
+# float32 runs on a cross-section of the suite (one or two ops per family) to keep the
+# file near a minute on 2 cores; float64 runs every op.
+F32 = {"sin", "tanh_logistic", "arctan2", "logsumexp", "max_cumsum", "softmax", "matmul", "solve",
+       "cond", "while_loop_fwd_only", "scan_rnn"}
+CASES = [(n, f, o, d) for n, f, _, o in OPS for d in ("float64", "float32") if d == "float64" or n in F32]
+
+
+@pytest.mark.parametrize("name,f,order,dtype", CASES, ids=[f"{c[0]}-{'f64' if c[3] == 'float64' else 'f32'}"
+                                                          for c in CASES])
+def test_op_suite_passes_with_no_false_alarm(name, f, order, dtype):
+    # float32 is checked in its own precision (precision="native"): the hard case for
+    # false alarms. The default would evaluate it in float64, like float64 inputs.
+    args = tuple(np.asarray(a, dtype) for a in ARGS[name])
+    if dtype == "float64":
+        with jax.enable_x64(True):
+            rep = jgc.check_grads(f, args, order)
+    else:
+        rep = jgc.check_grads(f, args, min(order, 1), precision="native")
+    assert rep.ok and rep.counts()["mismatch"] == 0
+    assert rep.api == "jgc.check_grads"
+
+
+def test_jax_tolerance_arguments_are_accepted_as_in_jax_tests():
+    x = np.array([0.3, -1.1, 0.8], np.float32)
+    # The call shapes JAX's own tests use: positional modes, dict tolerances, eps.
+    jax_check_grads(jnp.sin, (x,), 2, ["fwd", "rev"], atol=1e-2, rtol=1e-2, eps=1e-3)
+    jgc.check_grads(jnp.sin, (x,), 1, ["fwd", "rev"], atol=1e-2, rtol=1e-2, eps=1e-3)
+    jgc.check_grads(jnp.sin, (x,), 1, modes=("rev",), atol={np.float32: 1e-3}, rtol={np.float32: 1e-3})
+    jgc.check_grads(jnp.sin, (0.5,), 1)  # Python scalars, as JAX allows
+    assert list(inspect.signature(jgc.check_grads).parameters)[:7] == list(
+        inspect.signature(jax_check_grads).parameters)
+
+
+def test_custom_vjp_does_not_raise_type_error_unlike_jax():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (c * g,))
+    x = np.array([0.2, 1.0])
+    with pytest.raises(TypeError):
+        jax_check_grads(f, (x,), 1)
+    rep = jgc.check_grads(f, (x,), 2)
+    assert rep.ok and any("replaced by 'rev'" in n for n in rep.notes)
+
+
+def test_tolerance_is_not_multiplied_by_array_size():
+    # JAX scales atol/rtol by the array size: on 10⁴ elements a 1% error passes its
+    # check_grads with rtol=1e-5. Ours compares every element at the given tolerance.
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), jnp.cos(p[0]) * t[0] * 1.01))
+    x = np.linspace(0.1, 1.0, 10_000)
+    with jax.enable_x64(True):
+        jax_check_grads(f, (x,), 1, modes=("fwd",), atol=1e-5, rtol=1e-5)  # passes: the gap
+        with pytest.raises(jgc.GradCheckError):
+            jgc.check_grads(f, (x,), 1, modes=("fwd",), atol=1e-5, rtol=1e-5)
+
+
+# -- planted wrong rules in ops ---------------------------------------------------------------
+def _bad_cumsum():
+    @jax.custom_vjp
+    def cumsum(x):
+        return jnp.cumsum(x)
+
+    # Transpose of cumsum is a reversed cumsum; the bug uses cumsum itself.
+    cumsum.defvjp(lambda x: (jnp.cumsum(x), None), lambda _, g: (jnp.cumsum(g),))
+    return cumsum, (np.array([0.3, 1.7, -0.4, 0.9]),)
+
+
+def _bad_solve():
+    @jax.custom_vjp
+    def solve(a, b):
+        return jnp.linalg.solve(a, b)
+
+    def bwd(res, g):
+        a, x = res
+        w = jnp.linalg.solve(a, g)  # bug: needs aᵀ (a is not symmetric here)
+        return -jnp.outer(w, x), w
+
+    solve.defvjp(lambda a, b: (jnp.linalg.solve(a, b), (a, jnp.linalg.solve(a, b))), bwd)
+    return solve, (np.array([[3.0, 1.0, 0.0], [0.5, 2.0, 1.0], [0.0, -1.0, 4.0]]), np.array([1.0, 2.0, 3.0]))
+
+
+def _bad_logsumexp():
+    @jax.custom_jvp
+    def lse(x):
+        return jss.logsumexp(x)
+
+    # Bug: the unnormalised weights exp(x) instead of softmax(x).
+    lse.defjvp(lambda p, t: (lse(p[0]), jnp.sum(jnp.exp(p[0]) * t[0])))
+    return lse, (np.array([0.5, -1.0, 2.0]),)
+
+
+def _bad_second_order():
+    # First derivative right, second wrong: the rule's tangent uses a stop_gradient.
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x) * x
+
+    f.defjvp(lambda p, t: (f(p[0]), jax.lax.stop_gradient(jnp.cos(p[0]) * p[0] + jnp.sin(p[0])) * t[0]))
+    return f, (np.array([0.4, 1.3]),)
+
+
+def _bad_scan_body():
+    @jax.custom_jvp
+    def act(h):
+        return jnp.tanh(h)
+
+    act.defjvp(lambda p, t: (jnp.tanh(p[0]), (1.0 - jnp.tanh(p[0])) * t[0]))  # bug: not squared
+
+    def rnn(h0, w):
+        return jax.lax.scan(lambda h, _: (act(w @ h), None), h0, None, length=3)[0]
+
+    return rnn, (np.array([0.3, -0.2]), np.array([[0.5, 0.1], [-0.3, 0.8]]))
+
+
+PLANTED = [("cumsum custom_vjp: no reversal", _bad_cumsum, 1),
+           ("solve custom_vjp: missing transpose", _bad_solve, 1),
+           ("logsumexp custom_jvp: unnormalised", _bad_logsumexp, 1),
+           ("sin·x custom_jvp: wrong only at order 2", _bad_second_order, 2),
+           ("tanh custom_jvp in scan body", _bad_scan_body, 1)]
+
+
+@pytest.mark.parametrize("name,make,order", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_wrong_rules_are_caught(name, make, order):
+    f, args = make()
+    with jax.enable_x64(True), pytest.raises(jgc.GradCheckError) as info:
+        jgc.check_grads(f, args, order)
+    rep = info.value.report
+    assert not rep.ok and rep.failing()
+    assert "derivatives disagree in " in str(info.value).splitlines()[0]
+    if order == 2:  # the first-order checks pass; only the second-order ones fail
+        assert all(" of " in lf.name.split(":")[0] for lf in rep.failing())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="order must be a positive int"):
+        jgc.check_grads(jnp.sin, (np.ones(2),), 0)
+    with pytest.raises(ValueError, match="modes must be"):
+        jgc.check_grads(jnp.sin, (np.ones(2),), 1, modes=("forward",))
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        jgc.check_grads(jnp.sin, np.ones(2) if False else 3.0, 1)
