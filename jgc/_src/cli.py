@@ -1,15 +1,29 @@
 """Command line: ``jgc demo`` and ``jgc check module:fn --params module:factory``.
 
 Exit codes: 0 the derivatives agree, 1 a mismatch was found, 2 usage or input error.
+
+``jgc check`` imports ``fn`` from ``module:fn`` (``module`` is a dotted module name,
+importable from the current directory or PYTHONPATH, or a path to a ``.py`` file),
+calls the factories named by ``--params`` (and ``--args``) with no arguments, and runs
+``jgc.check(fn, params, *args)``. Every input error is reported in one sentence that
+names the thing and the fix, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+
+
+class InputError(Exception):
+    """Bad input to ``jgc check``: printed as ``jgc check: <message>``, exit code 2."""
 
 
 def load_example(name: str):
@@ -33,12 +47,199 @@ def _demo(ns) -> int:
     return 0 if (good.ok and not bad.ok) else 1
 
 
+# -- jgc check: resolving module:name ------------------------------------------------
+def _split_spec(spec: str, option: str) -> tuple[str, str]:
+    module, sep, attr = spec.rpartition(":")
+    # A Windows drive letter ("C:\\x.py") is not a separator.
+    if not sep or not module or not attr or (len(module) == 1 and attr.startswith(("\\", "/"))):
+        example = "mypkg.losses:loss" if option == "FN" else "mypkg.losses:make_params"
+        raise InputError(
+            f"{option} must be written module:name (a module and a name in it, joined by a "
+            f"colon), e.g. {example}; got {spec!r}."
+        )
+    return module, attr
+
+
+def _import_module(module: str, option: str, spec: str):
+    if module.endswith(".py"):
+        path = Path(module)
+        if not path.is_file():
+            raise InputError(
+                f"{option} {spec}: there is no file {str(path)!r} (looked in {os.getcwd()}). "
+                "Check the path, or use a dotted module name importable from PYTHONPATH."
+            )
+        name = f"_jgc_cli_{path.stem}"
+        if name in sys.modules:
+            return sys.modules[name]
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = mod
+        try:
+            loader_spec.loader.exec_module(mod)
+        except Exception as e:
+            del sys.modules[name]
+            raise InputError(
+                f"{option} {spec}: importing {str(path)!r} raised {type(e).__name__}: {e}. "
+                "Fix the error in that file (run python on it to see the traceback)."
+            ) from e
+        return mod
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.split(".")[: len(e.name.split("."))] == e.name.split("."):
+            raise InputError(
+                f"{option} {spec}: cannot import module {module!r} ({e}). Check the spelling, "
+                "run jgc from the directory that holds it, or add that directory to "
+                "PYTHONPATH (e.g. PYTHONPATH=src jgc check ...)."
+            ) from e
+        raise InputError(
+            f"{option} {spec}: module {module!r} was found, but importing it failed: {e}. "
+            f"Install the missing package {e.name!r} or fix the import in {module}."
+        ) from e
+    except Exception as e:
+        raise InputError(
+            f"{option} {spec}: importing module {module!r} raised {type(e).__name__}: {e}. "
+            f"Fix the error in {module} (python -c 'import {module}' shows the traceback)."
+        ) from e
+
+
+def resolve(spec: str, option: str):
+    """Return the object named by ``module:name`` (dots in name walk attributes)."""
+    module, attr = _split_spec(spec, option)
+    obj = _import_module(module, option, spec)
+    where = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" Did you mean {close[0]}?" if close else (
+                f" It defines: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}."
+                if names else "")
+            raise InputError(
+                f"{option} {spec}: {where!r} has no attribute {part!r}.{hint} Fix the name "
+                "after the colon."
+            )
+        obj = getattr(obj, part)
+        where = f"{where}.{part}"
+    return obj
+
+
+def _a(obj) -> str:
+    name = type(obj).__name__
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def _call_factory(spec: str, option: str):
+    factory = resolve(spec, option)
+    if not callable(factory):
+        raise InputError(
+            f"{option} {spec} is {_a(factory)}, not a factory. {option} names a "
+            "function that takes no arguments and returns the value, e.g. "
+            "def make_params(): return {'w': jnp.ones(3)}."
+        )
+    try:
+        return factory()
+    except TypeError as e:
+        raise InputError(
+            f"{option} {spec}: calling it with no arguments raised TypeError: {e}. A factory "
+            "takes no arguments; wrap yours, e.g. def make_params(): return init(key, shape)."
+        ) from e
+    except Exception as e:
+        raise InputError(f"{option} {spec}: the factory raised {type(e).__name__}: {e}.") from e
+
+
+def _check(ns) -> int:
+    # Like `python -m`, import from the working directory first.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = resolve(ns.fn, "FN")
+        if not callable(fn):
+            raise InputError(
+                f"FN {ns.fn} is {_a(fn)}, not a function. Name the cost "
+                "fn(params, *args) -> scalar."
+            )
+        grad = None
+        if ns.grad is not None:
+            grad = resolve(ns.grad, "--grad")
+            if not callable(grad):
+                raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
+                                 "grad(params, *args) returning a pytree like params.")
+        params = _call_factory(ns.params, "--params")
+        args = ()
+        if ns.args is not None:
+            args = _call_factory(ns.args, "--args")
+            # A tuple is the argument list; anything else is the one extra argument.
+            args = args if isinstance(args, tuple) else (args,)
+        options = {k: getattr(ns, k) for k in ("stencil", "precision", "rtol", "atol", "step")
+                   if getattr(ns, k) is not None}
+        for k in ("samples", "budget", "directions"):
+            if getattr(ns, k) is not None:
+                options[k] = getattr(ns, k)
+        if ns.seed is not None:
+            options["key"] = ns.seed
+        import jgc
+
+        try:
+            report = jgc.check(fn, params, *args, grad=grad, mode=ns.mode, strict=ns.strict, **options)
+        except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+            notes = " ".join(getattr(e, "__notes__", ()))
+            raise InputError(
+                f"checking {ns.fn} with {len(args)} extra argument(s) raised "
+                f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}"
+            ) from e
+        if ns.plot is not None:
+            try:
+                report.plot(ns.plot, fn=fn, params=params, args=args)
+            except ImportError as e:
+                raise InputError(f"--plot {ns.plot}: {e}") from e
+            except OSError as e:
+                raise InputError(
+                    f"--plot {ns.plot}: cannot write the picture ({e}). Choose a writable path "
+                    "ending in .png, .pdf or .svg."
+                ) from e
+    except InputError as e:
+        print(f"jgc check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.to_json(indent=2) if ns.json else report)
+    return EXIT_OK if report.ok else EXIT_MISMATCH
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jgc", description="Gradient checking for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the lecture's network: a correct and a buggy backprop")
     demo.add_argument("--steps", type=int, default=300, help="gradient-descent steps to show")
     demo.set_defaults(run=_demo)
+
+    chk = sub.add_parser(
+        "check", help="check the gradient of fn(params, *args) against finite differences",
+        description="Check jax.grad of FN (or --grad) against finite differences. Exit code 0: "
+        "the derivatives agree; 1: a mismatch; 2: usage or input error.",
+        epilog="example: jgc check mymodel:loss --params mymodel:init_params --args mymodel:batch",
+    )
+    chk.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
+    chk.add_argument("--params", required=True, metavar="MODULE:FACTORY",
+                     help="a function of no arguments returning the params pytree")
+    chk.add_argument("--args", metavar="MODULE:FACTORY",
+                     help="a function of no arguments returning the tuple of extra arguments "
+                          "(anything but a tuple is passed as the one extra argument)")
+    chk.add_argument("--grad", metavar="MODULE:FUNCTION",
+                     help="a hand-written gradient grad(params, *args) to check instead of jax.grad")
+    chk.add_argument("--mode", default="full", choices=("full", "sampled", "directional", "auto"))
+    chk.add_argument("--samples", type=int, help="elements per leaf (mode sampled / auto)")
+    chk.add_argument("--budget", type=int, help="evaluation budget (mode auto / sampled)")
+    chk.add_argument("--directions", type=int, help="random directions per leaf (mode directional)")
+    chk.add_argument("--seed", type=int, help="seed of the sampled / random directions")
+    chk.add_argument("--stencil", choices=("central", "forward", "central4", "richardson", "complex"))
+    chk.add_argument("--precision", choices=("auto", "float64", "native"))
+    chk.add_argument("--rtol", type=float)
+    chk.add_argument("--atol", type=float)
+    chk.add_argument("--step", type=float, help="relative step h/s")
+    chk.add_argument("--strict", action="store_true", help="also fail on inconclusive / non-finite")
+    chk.add_argument("--json", action="store_true", help="print the report as JSON")
+    chk.add_argument("--plot", metavar="OUT.png", help="draw the report (needs matplotlib)")
+    chk.set_defaults(run=_check)
     return parser
 
 
