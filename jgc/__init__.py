@@ -11,18 +11,32 @@ from ._src.check import numerical_grad as numerical_grad
 from ._src.errors import GradCheckError as GradCheckError
 from ._src.report import LeafReport as LeafReport
 from ._src.report import Report as Report
+from ._src.taylor import TaylorReport as TaylorReport
+from ._src.taylor import check_taylor as check_taylor
 
 __all__ = [
     "GradCheckError",
     "LeafReport",
     "Report",
+    "TaylorReport",
     "assert_grads_close",
     "check",
+    "check_taylor",
     "numerical_grad",
 ]
 
 # -- Jacobians, JVP/VJP, custom rules, second order, check_grads drop-in (issue 5) --
+from ._src.jacobian import check_hvp as check_hvp  # noqa: E402
+from ._src.jacobian import check_jacobian as check_jacobian  # noqa: E402
+from ._src.jacobian import check_jvp as check_jvp  # noqa: E402
+from ._src.jacobian import check_vjp as check_vjp  # noqa: E402
+from ._src.test_util import check_grads as check_grads  # noqa: E402
+
+__all__ += ["check_grads", "check_hvp", "check_jacobian", "check_jvp", "check_vjp"]
 
 # -- integrations: optax helper (issue 6) --
+from ._src.training import with_grad_check as with_grad_check
+
+__all__ += ["with_grad_check"]
 
 __version__ = "0.1.0"

@@ -234,3 +234,30 @@ def test_non_finite_perturbation_is_its_own_status():
     assert rep.ok
     assert not jgc.check(lambda p: jnp.sum(jnp.sqrt(p) * 0.0 + p**2) + jnp.sum(jnp.sqrt(p[1:])), p,
                          grad=lambda p: jnp.array([0.0, 2.5]), strict=True).ok
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CallableTree:
+    """A pytree that is also callable, like an Equinox module of gradients."""
+
+    w: jax.Array
+    b: jax.Array
+
+    def __call__(self, x):
+        return x @ self.w + self.b
+
+
+def test_callable_pytree_is_taken_as_gradients_not_as_a_function():
+    params = CallableTree(w=jnp.array([[1.0, -2.0], [0.5, 3.0]]), b=jnp.array([0.1, -0.2]))
+    x = jnp.array([[1.0, 2.0], [-1.0, 0.5]])
+
+    def loss(m, x):
+        return jnp.sum(jnp.tanh(m(x)) ** 2)
+
+    g = jax.grad(loss)(params, x)
+    assert callable(g)
+    assert jgc.check(loss, params, x, grad=g).ok
+    bad = CallableTree(w=g.w.at[1, 0].multiply(1.01), b=g.b)
+    rep = jgc.check(loss, params, x, grad=bad)
+    assert rep.leaf(".w").elements("mismatch") == [(1, 0)]

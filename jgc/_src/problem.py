@@ -24,6 +24,23 @@ PRECISIONS = ("auto", "float64", "native")
 MERGE_LIMIT = 4096
 
 
+def precision_scope(precision: str, orig_dtypes, notes: list):
+    """Decide whether to evaluate in float64 and return (widen, x64 context manager).
+
+    "auto" widens wherever the backend has float64 (not on TPU, where a note says so);
+    the scope enables x64 only inside the check, so no global flag is left behind.
+    """
+    if precision == "auto":
+        widen = jax.default_backend() != "tpu"
+        if not widen and any(policy.unit_roundoff(d) > 1e-12 for d in orig_dtypes):
+            notes.append("float64 is not available on TPU: checked in native precision with "
+                         "tolerances and steps for that precision.")
+    else:
+        widen = precision == "float64"
+    needs_x64 = widen or any(d in (np.float64, np.complex128) for d in orig_dtypes)
+    return widen, (jax.enable_x64(True) if needs_x64 else contextlib.nullcontext())
+
+
 def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -66,18 +83,7 @@ class Problem:
         self.notes: list[str] = []
         orig = [x for x in jax.tree_util.tree_leaves(params) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
-        backend = jax.default_backend()
-        if precision == "auto":
-            self.widen = backend != "tpu"
-            if not self.widen and any(policy.unit_roundoff(d) > 1e-12 for d in self.orig_dtypes):
-                self.notes.append(
-                    "float64 is not available on TPU: checked in native precision with "
-                    "tolerances and steps for that precision."
-                )
-        else:
-            self.widen = precision == "float64"
-        needs_x64 = self.widen or any(d in (np.float64, np.complex128) for d in self.orig_dtypes)
-        self._scope = jax.enable_x64(True) if needs_x64 else contextlib.nullcontext()
+        self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
 
     # -- context ---------------------------------------------------------------
     def __enter__(self):

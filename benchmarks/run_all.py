@@ -1,0 +1,82 @@
+"""Run every benchmark and collect the results into benchmarks/RESULTS.md.
+
+Each benchmark writes its own section under benchmarks/results/ (with its machine
+facts and exact command); this script runs them one after another (never in
+parallel: they time things) and concatenates the sections, headed by this machine's
+facts and the command that made the file.
+
+Run:  python benchmarks/run_all.py            (all, ~30 min on 2 quiet cores)
+      python benchmarks/run_all.py --quick    (small sizes, a few minutes)
+      python benchmarks/run_all.py --only verdicts optax   (a subset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# name: (script, extra arguments, whether it takes --quick)
+BENCHES = {
+    "speed": ("bench_speed.py", ["--peer-threads", "1"], True),
+    "verdicts": ("bench_verdicts.py", [], True),
+    "rules": ("bench_rules.py", [], False),
+    "optax": ("bench_optax.py", [], True),
+}
+
+
+def machine() -> str:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}; {os.cpu_count()} cores; Python {platform.python_version()}; "
+            f"jax {jax.__version__} ({jax.default_backend()}); {platform.platform()}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
+    ns = ap.parse_args(argv)
+    names = ns.only or list(BENCHES)
+    for name in names:
+        script, extra, quick = BENCHES[name]
+        cmd = [sys.executable, str(HERE / script), *extra] + (["--quick"] if ns.quick and quick else [])
+        print("::", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    cmd = "python benchmarks/run_all.py" + (" --quick" if ns.quick else "") + (
+        " --only " + " ".join(ns.only) if ns.only else "")
+    parts = [
+        "# jgc benchmark results",
+        "",
+        f"Collected {datetime.date.today().isoformat()} by `{cmd}` on: {machine()}.",
+        "Each section below names the exact command that produced it; sections not re-run",
+        "by this command keep their earlier numbers (their own header says when and how).",
+        "",
+    ]
+    for name in BENCHES:
+        section = HERE / "results" / f"{name}.md"
+        if section.exists():
+            text = section.read_text().replace("](speed.png)", "](results/speed.png)")
+            parts.append(text.replace("\n# ", "\n## ").replace("# ", "## ", 1))
+            if name == "speed" and (HERE / "results" / "speed.png").exists() and "speed.png" not in text:
+                parts.append("![full-mode time against n, with the floor](results/speed.png)")
+            parts.append("")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print("wrote", HERE / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
