@@ -304,24 +304,3 @@ def actual_steps(x0: np.ndarray, idx: np.ndarray, deltas: np.ndarray) -> np.ndar
     """
     base = x0[idx][:, None]
     return ((base + deltas.astype(x0.dtype)) - base).astype(deltas.dtype)
-
-
-def noise_level(cost_dir: Callable, t: np.ndarray) -> tuple[float, np.ndarray]:
-    """Estimate the standard deviation σ of rounding noise in J along a line.
-
-    ``cost_dir(t)`` evaluates J(θ + t_j·v) for a vector of offsets t (vmapped). With
-    equally spaced t, the k-th differences of a smooth function shrink like (Δt)^k
-    while those of independent noise keep variance C(2k, k)·σ² (Hamming's
-    observation, used by Moré and Wild's ECnoise). We use k = 6 on 16 points, where
-    the spacing is chosen so that the smooth part of the 6th difference is below u.
-
-    Returns (σ, values).
-    """
-    f = np.asarray(cost_dir(t), dtype=np.float64)
-    if not np.all(np.isfinite(f)):
-        return float("nan"), f
-    k = 6
-    d = np.diff(f, n=k)
-    gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
-    sigma = math.sqrt(gamma * float(np.mean(d * d)))
-    return sigma, f

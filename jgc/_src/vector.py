@@ -30,7 +30,7 @@ from .problem import precision_scope
 PRECISIONS = ("auto", "float64", "native")
 
 # Points on the noise probe line; 16 points give 10 sixth differences per output
-# element (engine.noise_level explains the method).
+# element (jgc/_src/noise.py explains the method).
 NOISE_POINTS = 16
 
 
@@ -458,7 +458,7 @@ class VectorProblem:
         """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
 
         Per element: sixth differences of 16 equally spaced values (see
-        engine.noise_level), floored at u·|y_j| — the rounding of y_j itself, which the
+        jgc/_src/noise.py), floored at u·|y_j| — the rounding of y_j itself, which the
         probe cannot go below. With 10 differences per element the estimate is good to
         ~25%; the comparison's 8σ safety factor covers that spread.
         """
