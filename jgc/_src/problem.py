@@ -41,6 +41,26 @@ def precision_scope(precision: str, orig_dtypes, notes: list):
     return widen, (jax.enable_x64(True) if needs_x64 else contextlib.nullcontext())
 
 
+class Scoped:
+    """A context manager that enters ``self._scope`` (x64 or not), then ``_prepare()``.
+
+    Subclasses set ``_scope`` (see :func:`precision_scope`) and define ``_prepare``;
+    the scope is left again if preparation fails, so no flag is ever left behind.
+    """
+
+    def __enter__(self):
+        self._scope.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        return self._scope.__exit__(*exc)
+
+
 def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -57,7 +77,7 @@ def _fname(fn) -> str:
     return name or type(fn).__name__
 
 
-class Problem:
+class Problem(Scoped):
     """Inputs of a check, validated and converted to the evaluation precision.
 
     Use as a context manager: inside it, x64 is enabled when the check evaluates in
@@ -84,19 +104,6 @@ class Problem:
         orig = [x for x in jax.tree_util.tree_leaves(params) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
         self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
-
-    # -- context ---------------------------------------------------------------
-    def __enter__(self):
-        self._scope.__enter__()
-        try:
-            self._prepare()
-        except BaseException:
-            self._scope.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        return self._scope.__exit__(*exc)
 
     # -- preparation -----------------------------------------------------------
     def _prepare(self):

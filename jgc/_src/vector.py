@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, policy, stencils, trees
-from .problem import precision_scope
+from .problem import Scoped, precision_scope
 
 PRECISIONS = ("auto", "float64", "native")
 
@@ -116,7 +116,7 @@ class OutLeaf:
         return self.shape + ((2,) if self.is_complex else ())
 
 
-class VectorProblem:
+class VectorProblem(Scoped):
     """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
 
     def __init__(self, f: Callable, primals: tuple, *, argnums, has_aux: bool = False,
@@ -150,18 +150,6 @@ class VectorProblem:
         orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
         self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
-
-    def __enter__(self):
-        self._scope.__enter__()
-        try:
-            self._prepare()
-        except BaseException:
-            self._scope.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        return self._scope.__exit__(*exc)
 
     # -- preparation -------------------------------------------------------------
     def _relabel(self, p: str) -> str:
