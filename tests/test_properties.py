@@ -70,3 +70,24 @@ def test_correct_gradients_never_fail(problem):
     with jax.enable_x64(dtype == "float64"):
         rep = jgc.check(f, params, a)
     assert rep.ok, f"{ops} {red} mix={mix} {dtype}\n{rep}"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_correct_gradients_never_fail_in_native_precision(problem):
+    # The TPU situation: no float64, so float32 stays float32 (steps, noise and
+    # tolerances sized for it). Still no false alarm.
+    n, ops, red, mix, dtype, seed = problem
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.uniform(-2, 2, size=n).astype("float32"),
+              "c": rng.normal(size=n).astype("float32")}
+    a = (rng.normal(size=(n, n)) / np.sqrt(n)).astype("float32")
+
+    def f(params, a):
+        x = a @ params["w"] + params["c"] if mix else params["w"]
+        for name in ops:
+            x = UNARY[name](x)
+        return REDUCE[red](x)
+
+    rep = jgc.check(f, params, a, precision="native")
+    assert rep.ok, f"{ops} {red} mix={mix}\n{rep}"
