@@ -206,9 +206,8 @@ def _leaf_report(problem, k, elems, a, num, err, tol, codes, onesided, h_rel, g_
         sig = mag >= 1e-3 * g_ref
         rel = np.where(sig & (mag > 0), d / mag, 0.0)
         det = np.where(np.abs(a) > 0, bound / np.abs(a), np.inf)
-    w = int(np.argmax(np.where(codes == report_mod.MISMATCH, np.inf, ratio))) if d.size else 0
-    if d.size and codes.max() >= report_mod.MISMATCH:
-        w = int(np.flatnonzero(codes == report_mod.MISMATCH)[np.argmax(ratio[codes == report_mod.MISMATCH])])
+    # The worst element: mismatches first, then the largest difference / allowed.
+    w = int(np.lexsort((ratio, codes == report_mod.MISMATCH))[-1]) if d.size else 0
     counts = {name: int(np.sum(codes == i)) for i, name in enumerate(STATUS_NAMES)}
     status = STATUS_NAMES[int(codes.max())] if codes.size else "ok"
     nrm = float(np.linalg.norm(a + num))

@@ -665,77 +665,73 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
     return rep
 
 
-def _pair_tols(vp, k, ol, rtol, atol, g):
-    return _dtype_tols(vp, k, ol, rtol, atol, g)
+def _pair_blocks(vp, nd, nc):
+    """Yield (input leaf k, output leaf, direction rows, cotangent rows, output columns)."""
+    for k in range(len(vp.dyn)):
+        r = slice(k * nd, (k + 1) * nd)
+        for li, ol in enumerate(vp.out_leaves):
+            yield k, ol, r, slice(li * nc, (li + 1) * nc), slice(ol.start, ol.stop)
 
 
 def _judge_pairs_numerical(vp, A, U, nd, nc, h, step, rtol, atol, N, E, Fin, prefix="") -> list:
-    K = len(vp.dyn)
     absU = np.abs(U)
     leaves = []
-    for k in range(K):
-        r = slice(k * nd, (k + 1) * nd)
-        for li, ol in enumerate(vp.out_leaves):
-            cu = slice(li * nc, (li + 1) * nc)
-            c = slice(ol.start, ol.stop)
-            a = A[k][cu]
-            Uc = U[cu, c]
-            n = Uc @ N[r, c].T
-            err = absU[cu, c] @ E[r, c].T
-            fin = np.broadcast_to(np.all(Fin[r, c], axis=1)[None, :], a.shape).copy()
-            # Magnitude of the terms of the pairing: its rounding scale for atol.
-            g = _gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
-            rt, at, fl = _pair_tols(vp, k, ol, rtol, atol, g)
-            tol, codes = _classify_rows(a, n, err, fin, rt, at, fl)
-            bad_d = np.flatnonzero(np.any((codes == MISMATCH) & np.isfinite(a), axis=0))
-            if bad_d.size:
-                N2, E2, F2, O2, T2, noise = _richardson_rows(vp, k * nd + bad_d, step)
-                n2 = Uc @ N2[:, c].T
-                e2 = absU[cu, c] @ E2[:, c].T
-                f2 = np.broadcast_to(np.all(F2[:, c], axis=1)[None, :], n2.shape)
-                o2 = np.einsum("uj,djs->uds", Uc, O2[:, c, :])
-                tb2 = None if T2 is None else np.einsum("uj,djs->uds", Uc, T2[:, c, :])
-                nz = absU[cu, c] @ noise[:, c].T
-                a2 = a[:, bad_d]
-                t2 = compare.tolerance(a2, n2, rt, at)
-                kink = _kink(o2.reshape(-1, o2.shape[-1]), None if tb2 is None else tb2.reshape(-1, tb2.shape[-1]),
-                             nz.ravel(), a2.ravel(), t2.ravel()).reshape(a2.shape)
-                c2 = compare.classify(a2, n2, e2, t2, f2, kink=kink, floor=fl)
-                sel = codes[:, bad_d] == MISMATCH
-                for arr, new in ((n, n2), (err, e2), (tol, t2), (fin, f2), (codes, c2)):
-                    sub = arr[:, bad_d]
-                    sub[sel] = new[sel]
-                    arr[:, bad_d] = sub
-            leaves.append(block_report(
-                path=vp.paths[k], label=f"{prefix}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
-                shape=(nc, nd), dtype=vp.orig_dtypes[k].name, a=a, n=n, bound=tol + err, codes=codes,
-                split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
-            ))
+    for k, ol, r, cu, c in _pair_blocks(vp, nd, nc):
+        # one (input leaf, output leaf) block of the pairing ⟨u, J t⟩
+        a = A[k][cu]
+        Uc = U[cu, c]
+        n = Uc @ N[r, c].T
+        err = absU[cu, c] @ E[r, c].T
+        fin = np.broadcast_to(np.all(Fin[r, c], axis=1)[None, :], a.shape).copy()
+        # Magnitude of the terms of the pairing: its rounding scale for atol.
+        g = _gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
+        rt, at, fl = _dtype_tols(vp, k, ol, rtol, atol, g)
+        tol, codes = _classify_rows(a, n, err, fin, rt, at, fl)
+        bad_d = np.flatnonzero(np.any((codes == MISMATCH) & np.isfinite(a), axis=0))
+        if bad_d.size:
+            N2, E2, F2, O2, T2, noise = _richardson_rows(vp, k * nd + bad_d, step)
+            n2 = Uc @ N2[:, c].T
+            e2 = absU[cu, c] @ E2[:, c].T
+            f2 = np.broadcast_to(np.all(F2[:, c], axis=1)[None, :], n2.shape)
+            o2 = np.einsum("uj,djs->uds", Uc, O2[:, c, :])
+            tb2 = None if T2 is None else np.einsum("uj,djs->uds", Uc, T2[:, c, :])
+            nz = absU[cu, c] @ noise[:, c].T
+            a2 = a[:, bad_d]
+            t2 = compare.tolerance(a2, n2, rt, at)
+            kink = _kink(o2.reshape(-1, o2.shape[-1]), None if tb2 is None else tb2.reshape(-1, tb2.shape[-1]),
+                         nz.ravel(), a2.ravel(), t2.ravel()).reshape(a2.shape)
+            c2 = compare.classify(a2, n2, e2, t2, f2, kink=kink, floor=fl)
+            sel = codes[:, bad_d] == MISMATCH
+            for arr, new in ((n, n2), (err, e2), (tol, t2), (fin, f2), (codes, c2)):
+                sub = arr[:, bad_d]
+                sub[sel] = new[sel]
+                arr[:, bad_d] = sub
+        leaves.append(block_report(
+            path=vp.paths[k], label=f"{prefix}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
+            shape=(nc, nd), dtype=vp.orig_dtypes[k].name, a=a, n=n, bound=tol + err, codes=codes,
+            split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
+        ))
     return leaves
 
 
 def _judge_pairs_identity(vp, A, U, Wc, Tc, JT, nd, nc, h, rtol, atol, prefix="") -> list:
-    K = len(vp.dyn)
     absU = np.abs(U)
     leaves = []
-    for k in range(K):
-        r = slice(k * nd, (k + 1) * nd)
-        for li, ol in enumerate(vp.out_leaves):
-            cu = slice(li * nc, (li + 1) * nc)
-            c = slice(ol.start, ol.stop)
-            a = A[k][cu]
-            b = U[cu, c] @ JT[r, c].T
-            # Both sides are exact up to rounding: scale atol by the size of the terms.
-            terms = absU[cu, c] @ np.abs(JT[r, c]).T + np.abs(Wc[k][cu]) @ np.abs(Tc[k]).T
-            g = _gref(terms, 1.0)
-            rt, at, fl = _pair_tols(vp, k, ol, rtol, atol, g)
-            tol = compare.tolerance(a, b, rt, at)
-            codes = compare.classify(a, b, np.zeros_like(a), tol, np.isfinite(b), floor=fl)
-            leaves.append(block_report(
-                path=vp.paths[k], label=f"{prefix}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩ transpose",
-                output_path=ol.path, shape=(nc, nd), dtype=vp.orig_dtypes[k].name,
-                a=a, n=b, bound=tol, codes=codes, split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
-            ))
+    for k, ol, r, cu, c in _pair_blocks(vp, nd, nc):
+        # one (input leaf, output leaf) block of the pairing ⟨u, J t⟩
+        a = A[k][cu]
+        b = U[cu, c] @ JT[r, c].T
+        # Both sides are exact up to rounding: scale atol by the size of the terms.
+        terms = absU[cu, c] @ np.abs(JT[r, c]).T + np.abs(Wc[k][cu]) @ np.abs(Tc[k]).T
+        g = _gref(terms, 1.0)
+        rt, at, fl = _dtype_tols(vp, k, ol, rtol, atol, g)
+        tol = compare.tolerance(a, b, rt, at)
+        codes = compare.classify(a, b, np.zeros_like(a), tol, np.isfinite(b), floor=fl)
+        leaves.append(block_report(
+            path=vp.paths[k], label=f"{prefix}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩ transpose",
+            output_path=ol.path, shape=(nc, nd), dtype=vp.orig_dtypes[k].name,
+            a=a, n=b, bound=tol, codes=codes, split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
+        ))
     return leaves
 
 
