@@ -85,3 +85,76 @@ def test_noise_estimate_sees_lower_internal_precision():
     rep = jgc.check(f, w)
     assert rep.ok, rep
     assert rep.noise > 1e3 * np.finfo(np.float64).eps * abs(rep.cost)
+
+
+def _lines_of(fun, noise_level, seed=0):
+    """A fake probe: J along 7 lines is fun(t) plus independent noise of the given σ."""
+    from jgc._src import noise
+
+    rng = np.random.default_rng(seed)
+    phases = rng.uniform(0, 2 * np.pi, size=(noise.LINES, 1))
+    return lambda t: fun(np.asarray(t)[None, :], phases) + noise_level * rng.normal(
+        size=(noise.LINES, np.asarray(t).size))
+
+
+def test_noise_probe_is_not_fooled_by_a_short_wave():
+    # cos(ω t) with ω·spacing ≈ 3 looks like noise of σ ≈ 1 at the default spacing;
+    # the finer probes must find the true noise, 1e-6, and say at which spacing.
+    from jgc._src import noise
+
+    u = 6e-8
+    omega = 3.0 / noise.spacing(u)
+    sigma, values, kept = noise.measure(
+        _lines_of(lambda t, ph: 2.0 + np.cos(omega * t + ph), 1e-6), u)
+    assert 0.3e-6 < sigma < 3e-6
+    assert kept < noise.spacing(u)
+    assert values.shape == (noise.LINES, noise.POINTS)
+
+
+def test_noise_probe_keeps_white_noise_at_the_default_spacing():
+    from jgc._src import noise
+
+    u = 6e-8
+    sigma, _, kept = noise.measure(_lines_of(lambda t, ph: 1.0 + 0.0 * t + 0.0 * ph, 1e-4), u)
+    assert 0.3e-4 < sigma < 3e-4
+    assert kept == noise.spacing(u)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_noise_probe_does_not_trust_a_staircase(monkeypatch, guard):
+    # The cost rounds its input to a quantum q (a lower precision inside) and J jumps
+    # pseudo-randomly from one quantum to the next. Along a line of the default probe
+    # (9 spacings = 3 quanta) that is noise; finer probes sit inside one quantum, where runs of identical values
+    # make σ look tiny. Without the staircase guard the probe would believe them.
+    from jgc._src import noise
+
+    if not guard:
+        monkeypatch.setattr(noise, "STAIRCASE", 2.0)
+    u = 6e-8
+    q = 3 * noise.spacing(u)
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=100_000)
+    offsets = rng.integers(0, 50_000, size=(noise.LINES, 1))
+
+    def lines(t):
+        cell = np.floor(np.asarray(t)[None, :] / q).astype(np.int64) + offsets
+        return 1.0 + 1e-3 * table[cell]
+
+    sigma, _, kept = noise.measure(lines, u)
+    if guard:
+        assert kept == noise.spacing(u) and sigma > 1e-4
+    else:
+        assert kept < noise.spacing(u)
+
+
+def test_fast_oscillation_is_not_a_false_alarm_in_native_float32():
+    # cos(w⁹) at w ≈ -1.66: period ≈ 0.012 in w, shorter than the default step.
+    p = {"w": jnp.asarray([-1.6574033], jnp.float32)}
+    f = lambda p: jnp.sum(jnp.cos((p["w"] ** 3) ** 3))
+    rep = jgc.check(f, p, precision="native")
+    assert rep.ok, rep
+    # J is ~150× noisier than float32 here (cos of an argument near 94), so the check
+    # resolves about 1% (its detect column); a 5% error must be caught.
+    g = jax.grad(f)(p)
+    bad = jgc.check(f, p, grad={"w": g["w"] * 1.05}, precision="native")
+    assert not bad.ok, bad

@@ -3,12 +3,19 @@
 Random compositions of jax.numpy functions (smooth ones and kinks), random shapes,
 float32 and float64, random points: the check must come back ok. A failure here is a
 false alarm, the thing users of a gradient checker hate most.
+
+The suite runs a fixed, derandomized sample so that CI is reproducible; examples that
+once failed are pinned with @example. To explore new random examples (what found them):
+
+    JGC_PROPERTY_EXAMPLES=300 python -m pytest tests/test_properties.py
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import jgc
@@ -39,6 +46,17 @@ REDUCE = {
 }
 
 
+EXPLORE = int(os.environ.get("JGC_PROPERTY_EXAMPLES", "0"))
+
+
+def _settings(n):
+    if EXPLORE:
+        return settings(max_examples=EXPLORE, deadline=None, derandomize=False,
+                        suppress_health_check=[HealthCheck.too_slow])
+    return settings(max_examples=n, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
 @st.composite
 def problems(draw):
     n = draw(st.integers(1, 12))
@@ -50,7 +68,7 @@ def problems(draw):
     return n, tuple(ops), red, mix, dtype, seed
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(30)
 @given(problems())
 def test_correct_gradients_never_fail(problem):
     n, ops, red, mix, dtype, seed = problem
@@ -72,8 +90,11 @@ def test_correct_gradients_never_fail(problem):
     assert rep.ok, f"{ops} {red} mix={mix} {dtype}\n{rep}"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_settings(25)
 @given(problems())
+# cos(w⁹) at w ≈ -1.66 oscillates with period ≈ 0.012 in w, shorter than the default
+# noise probe and step; it once gave a false mismatch in CI (fixed by the multi-scale probe).
+@example((1, ("cube", "cube", "cos"), "logsumexp", False, "float32", 3))
 def test_correct_gradients_never_fail_in_native_precision(problem):
     # The TPU situation: no float64, so float32 stays float32 (steps, noise and
     # tolerances sized for it). Still no false alarm.

@@ -199,9 +199,21 @@ class Problem(Scoped):
 
         over_t = jax.vmap(at, in_axes=(0, None, None, None))
         lines = jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None)))
-        sigma, values = noise.measure(
-            lambda t: lines(jnp.asarray(t, wide), directions, self.dyn, self.argarr), self.u)
-        self.counter.evaluations += noise.LINES * noise.POINTS
+        probes = []
+
+        def cost_lines(t):
+            probes.append(t)
+            return lines(jnp.asarray(t, wide), directions, self.dyn, self.argarr)
+
+        sigma, values, kept = noise.measure(cost_lines, self.u)
+        self.counter.evaluations += noise.LINES * noise.POINTS * len(probes)
+        if kept < noise.spacing(self.u):
+            # At spacing 8·kept J's variation swamped its noise: J changes shape on that
+            # scale, so no step should be longer than the spacing that resolved it.
+            self.wave_cap = kept
+            self.notes.append(
+                f"J varies on a scale shorter than the default noise probe "
+                f"({noise.spacing(self.u):.1e}·s); noise measured at spacing {kept:.1e}·s.")
         if np.isfinite(values[0, 0]):
             # J(θ) as compiled code computes it (the engine's values are compiled too);
             # it may differ from the eager value in the last bits.
@@ -220,6 +232,10 @@ class Problem(Scoped):
         return max(sigma, floor)
 
     # -- steps and evaluators ----------------------------------------------------
+    # Largest relative step for which J is resolved (set by the noise probe when J
+    # oscillates on a scale shorter than its default spacing).
+    wave_cap = math.inf
+
     # Largest |g_i|·s_i: how much J moves for a relative change of 1 in one
     # coordinate. Set by the front doors once the analytic gradient is known.
     grad_scale = 0.0
@@ -244,7 +260,7 @@ class Problem(Scoped):
             if not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
                 raise ValueError(f"{self.api}: step must be a positive relative step h/s, got {step!r}.")
             return float(step)
-        return policy.relative_step(stencil, self.u_eff)
+        return min(policy.relative_step(stencil, self.u_eff), self.wave_cap)
 
     def leaf_step(self, k: int, stencil: str, step: float | None, a_flat=None) -> float:
         """h/s for leaf k: the user's, or a central step calibrated on a few pilots.
@@ -264,7 +280,7 @@ class Problem(Scoped):
         x = self.dyn[k]
         if step is not None or stencil != "central" or jnp.iscomplexobj(x) or x.size == 0:
             return base
-        big = policy.relative_step("central4", self.u_eff)
+        big = min(policy.relative_step("central4", self.u_eff), self.wave_cap)
         m = x.size
         rng = np.random.default_rng(k)
         picks = list(rng.choice(m, size=min(2, m), replace=False))
@@ -284,7 +300,8 @@ class Problem(Scoped):
         # Lower guard: the step that balances the dtype's own round-off (not the
         # measured noise relative to |J|, which is large when J is a small difference
         # of large terms, e.g. a confident cross-entropy).
-        return float(np.clip(h, policy.relative_step(stencil, self.u), big))
+        lower = min(policy.relative_step(stencil, self.u), big)
+        return float(np.clip(h, lower, big))
 
     def leaf_cost(self, k: int):
         shape = self.dyn[k].shape
