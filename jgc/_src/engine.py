@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
+from . import sharding, sparse
 
 # Evaluations in one vmapped batch for small leaves. Larger batches amortise dispatch,
 # but past ~128 they mostly add allocation traffic on CPU.
@@ -137,6 +137,21 @@ class LeafEvaluator:
             return cost(x.at[i].set(x[i] + d), ops)
 
         batch = jax.vmap(one, in_axes=(None, 0, 0, None))
+        self.sparse = False
+        if not complex_step and sparse.ENABLED:
+            # Same values, without a dense copy of the leaf per row (see sparse.py). Any
+            # failure to interpret the cost falls back to the plain vmap above.
+            try:
+                fast = sparse.batched_single_entry(cost, x0, operands)
+                probe = (jnp.zeros((2,), jnp.int32), jnp.zeros((2,), x0.dtype))
+                got = jax.eval_shape(fast, x0, *probe, operands)
+                want = jax.eval_shape(batch, x0, *probe, operands)
+                if jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want) and all(
+                        a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(got),
+                                                           jax.tree_util.tree_leaves(want))):
+                    batch, self.sparse = fast, True
+            except Exception:  # noqa: BLE001 - any interpreter gap: use vmap
+                pass
         self._single = jax.jit(batch)
         if self.groups > 1:
             def grouped(x, i, d, ops):

@@ -1,0 +1,376 @@
+"""Evaluate a batch of single-element perturbations of one leaf without copying the leaf.
+
+``jax.vmap`` over θ + δ_k·e_{i_k} treats every perturbed copy of the leaf as a dense
+array: a batch of c perturbations of a w×w weight matrix becomes c dense matrices and
+c full matrix products, although each copy differs from θ in one entry. This module
+evaluates the same batch by interpreting the cost's jaxpr with three kinds of values:
+
+* ``Plain``: the same for every perturbation (computed once per batch, as under vmap);
+* ``Batched``: one dense array per perturbation (what vmap would hold);
+* ``Sparse``: one shared ``base`` array, and for perturbation k the values ``new[k]``
+  at flat positions ``pos[k]`` (s positions each); elsewhere equal to ``base``.
+
+The perturbed leaf enters as a Sparse value with s = 1. Elementwise operations,
+reshapes, transposes, broadcasts, static slices and sums keep it Sparse at the cost of
+touching the s changed entries. A matrix product of a one-entry Sparse operand with a
+Plain one is the product of the bases plus a rank-one correction, δ times one row or
+column of the other operand, so the changed entries of ``X @ (W + δ·e_ij)`` are one
+column of 64 values, not a 64×w block and a w×w copy. Anything else turns the Sparse
+value into dense Batched copies and is evaluated as vmap would (the batching rule of
+the primitive), so every cost is supported; the sparse rules only make it cheaper.
+
+Numerically the two evaluations differ only in rounding: the shared base is rounded
+once, and the correction adds the representable perturbation exactly as a product.
+For a two-sided difference this cancels the base's rounding, which only helps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+# Off switch for A/B measurements and as a safety valve: JGC_SPARSE=0.
+ENABLED = os.environ.get("JGC_SPARSE", "1") != "0"
+# A Sparse value with more changed entries than this fraction of its size is made
+# dense: past it, gathers and scatters cost more than dense batched arithmetic.
+DENSE_FRACTION = 0.25
+
+UNARY = {
+    "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan",
+    "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "abs", "sign", "sqrt",
+    "rsqrt", "cbrt", "integer_pow", "square", "erf", "erfc", "erf_inv", "lgamma", "digamma",
+    "floor", "ceil", "round", "is_finite", "convert_element_type", "reduce_precision",
+    "stop_gradient", "copy", "copy_p", "not", "real", "imag", "conj",
+}
+NARY = {
+    "add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "nextafter",
+    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "select_n", "clamp", "add_any",
+}
+SHAPE_ONLY = {"reshape", "squeeze", "expand_dims"}
+CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+         "remat", "checkpoint"}
+
+
+class Plain:
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+
+class Batched:
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+
+class Sparse:
+    __slots__ = ("base", "pos", "new")
+
+    def __init__(self, base, pos, new):
+        self.base, self.pos, self.new = base, pos, new
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
+def densify(x: Sparse) -> Batched:
+    c = x.pos.shape[0]
+    flat = jnp.broadcast_to(x.base.reshape(-1), (c, x.base.size))
+    rows = jnp.arange(c, dtype=jnp.int32)[:, None]
+    flat = flat.at[rows, x.pos].set(x.new.astype(x.base.dtype))
+    return Batched(flat.reshape((c,) + x.base.shape))
+
+
+def _unravel(pos, shape):
+    """Multi-index of flat positions: a tuple of int32 arrays shaped like ``pos``."""
+    if not shape:
+        return ()
+    return tuple(jnp.asarray(a, jnp.int32) for a in jnp.unravel_index(pos, shape))
+
+
+def _ravel(index, shape):
+    flat = jnp.zeros_like(index[0]) if index else jnp.zeros((), jnp.int32)
+    for a, n in zip(index, shape):
+        flat = flat * n + a
+    return flat
+
+
+def _at(x, pos):
+    """Values of a Plain array at flat positions ``pos`` (of its own shape)."""
+    return x.reshape(-1)[pos]
+
+
+def _expand(x: Sparse, out_shape, dims):
+    """Broadcast a Sparse value to ``out_shape``; operand dim d goes to output dim dims[d].
+
+    Output dims not in ``dims``, and operand dims of size 1 stretched to a larger size,
+    enumerate every coordinate: each changed entry becomes prod(sizes) changed entries.
+    """
+    index = _unravel(x.pos, x.shape)
+    fixed = {}
+    for d, o in enumerate(dims):
+        if x.shape[d] == out_shape[o]:
+            fixed[o] = index[d]
+    free = [o for o in range(len(out_shape)) if o not in fixed]
+    k = int(np.prod([out_shape[o] for o in free])) if free else 1
+    c, s = x.pos.shape
+    if s * k > DENSE_FRACTION * max(1, int(np.prod(out_shape))):
+        return None
+    grids = np.indices([out_shape[o] for o in free]).reshape(len(free), -1) if free else np.zeros((0, 1), np.int32)
+    out_index = []
+    for o in range(len(out_shape)):
+        if o in fixed:
+            out_index.append(jnp.broadcast_to(fixed[o][:, :, None], (c, s, k)))
+        else:
+            g = jnp.asarray(grids[free.index(o)], jnp.int32)
+            out_index.append(jnp.broadcast_to(g[None, None, :], (c, s, k)))
+    pos = _ravel(out_index, out_shape).reshape(c, s * k)
+    new = jnp.broadcast_to(x.new[:, :, None], (c, s, k)).reshape(c, s * k)
+    return pos, new
+
+
+def _nary(eqn, vals):
+    """Elementwise op with Sparse operands sharing their positions and Plain ones."""
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    sparse = [v for v in vals if isinstance(v, Sparse)]
+    pos = None
+    expanded = []
+    for v in vals:
+        if isinstance(v, Sparse):
+            if v.shape == out_shape:
+                expanded.append((v.pos, v.new))
+            else:
+                pad = len(out_shape) - len(v.shape)
+                e = _expand(v, out_shape, tuple(range(pad, len(out_shape))))
+                if e is None:
+                    return None
+                expanded.append(e)
+        else:
+            expanded.append(None)
+    for e in expanded:
+        if e is not None:
+            if pos is None:
+                pos = e[0]
+            elif e[0] is not pos:
+                return None  # different positions: no shared sparsity
+    if pos is None or any(isinstance(v, Batched) for v in vals):
+        return None
+    bases, news = [], []
+    for v, e in zip(vals, expanded):
+        if isinstance(v, Sparse):
+            bases.append(v.base)
+            news.append(e[1])
+        else:
+            bases.append(v.v)
+            x = jnp.asarray(v.v)
+            news.append(x if x.ndim == 0 else _at(jnp.broadcast_to(x, out_shape), pos))
+    del sparse
+    base = eqn.primitive.bind(*bases, **eqn.params)
+    new = eqn.primitive.bind(*news, **eqn.params)
+    return Sparse(base, pos, new)
+
+
+def _dot_general(eqn, lhs, rhs):
+    """dot_general of a one-entry Sparse operand and a Plain one: a rank-one correction."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    sp_is_lhs = isinstance(lhs, Sparse)
+    sp, other = (lhs, rhs) if sp_is_lhs else (rhs, lhs)
+    if not isinstance(other, Plain) or sp.pos.shape[1] != 1:
+        return None
+    sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
+    sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
+    base_out = eqn.primitive.bind(lhs.base if sp_is_lhs else lhs.v,
+                                  rhs.v if sp_is_lhs else rhs.base, **eqn.params)
+    out_shape = base_out.shape
+    o = jnp.asarray(other.v)
+    ofree = [d for d in range(o.ndim) if d not in oc and d not in ob]
+    sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
+    if int(np.prod([o.shape[d] for d in ofree])) > DENSE_FRACTION * max(1, base_out.size):
+        return None
+    c = sp.pos.shape[0]
+    index = _unravel(sp.pos[:, 0], sp.shape)  # each (c,)
+    old = _at(sp.base, sp.pos[:, 0])
+    delta = (sp.new[:, 0] - old).astype(base_out.dtype)
+    # The other operand's slab at the entry's batch and contraction coordinates.
+    ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
+    slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, *ofree)
+    corr = delta.reshape((c,) + (1,) * len(ofree)) * slab.astype(base_out.dtype)
+    k = int(np.prod([o.shape[d] for d in ofree])) if ofree else 1
+    grids = np.indices([o.shape[d] for d in ofree]).reshape(len(ofree), -1) if ofree else np.zeros((0, 1))
+    fixed_b = [jnp.broadcast_to(index[d][:, None], (c, k)) for d in sb]
+    fixed_f = [jnp.broadcast_to(index[d][:, None], (c, k)) for d in sfree]
+    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, :], (c, k)) for g in grids]
+    out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
+    pos = _ravel(out_index, out_shape)
+    new = _at(base_out, pos) + corr.reshape(c, k)
+    return Sparse(base_out, pos, new)
+
+
+def _reduce_sum(eqn, x: Sparse):
+    if x.pos.shape[1] != 1:
+        return None
+    axes = tuple(eqn.params["axes"])
+    base = eqn.primitive.bind(x.base, **eqn.params)
+    index = _unravel(x.pos, x.shape)
+    keep = [d for d in range(len(x.shape)) if d not in axes]
+    pos = _ravel([index[d] for d in keep], base.shape) if keep else jnp.zeros_like(x.pos)
+    old = _at(x.base, x.pos)
+    new = _at(base, pos) + (x.new - old).astype(base.dtype)
+    return Sparse(base, pos, new)
+
+
+def _transpose(eqn, x: Sparse):
+    perm = tuple(eqn.params["permutation"])
+    base = eqn.primitive.bind(x.base, **eqn.params)
+    index = _unravel(x.pos, x.shape)
+    return Sparse(base, _ravel([index[p] for p in perm], base.shape), x.new)
+
+
+def _slice(eqn, x: Sparse):
+    if x.pos.shape[1] != 1 or eqn.params.get("strides") not in (None, (1,) * len(x.shape)):
+        return None
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    base = eqn.primitive.bind(x.base, **eqn.params)
+    index = _unravel(x.pos, x.shape)
+    inside = jnp.ones(x.pos.shape, bool)
+    local = []
+    for a, lo, hi in zip(index, start, limit):
+        inside = inside & (a >= lo) & (a < hi)
+        local.append(jnp.clip(a - lo, 0, max(hi - lo - 1, 0)))
+    pos = jnp.where(inside, _ravel(local, base.shape), 0)
+    # Outside the slice the entry is a no-op: position 0 keeps its base value.
+    new = jnp.where(inside, x.new, base.reshape(-1)[0]) if base.size else x.new
+    return Sparse(base, pos, new)
+
+
+def _broadcast(eqn, x: Sparse):
+    out_shape = tuple(eqn.params["shape"])
+    e = _expand(x, out_shape, tuple(eqn.params["broadcast_dimensions"]))
+    if e is None:
+        return None
+    return Sparse(eqn.primitive.bind(x.base, **eqn.params), *e)
+
+
+def _call_jaxpr(eqn):
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        j = eqn.params.get(name)
+        if isinstance(j, jcore.ClosedJaxpr):
+            return j
+    return None
+
+
+def _generic(eqn, vals):
+    """What vmap does: dense copies for Sparse inputs, the primitive's batching rule."""
+    vals = [densify(v) if isinstance(v, Sparse) else v for v in vals]
+    batched = [isinstance(v, Batched) for v in vals]
+    args = [v.v for v in vals]
+    prim, params = eqn.primitive, eqn.params
+    if not any(batched):
+        out = prim.bind(*args, **params)
+        return [Plain(o) for o in out] if prim.multiple_results else [Plain(out)]
+    fun = lambda *a: prim.bind(*a, **params)  # noqa: E731
+    out = jax.vmap(fun, in_axes=[0 if b else None for b in batched])(*args)
+    return [Batched(o) for o in out] if prim.multiple_results else [Batched(out)]
+
+
+def _rule(eqn, vals):
+    name = eqn.primitive.name
+    sp = [v for v in vals if isinstance(v, Sparse)]
+    if not sp:
+        return None
+    if name in UNARY and len(vals) == 1:
+        x = vals[0]
+        return [Sparse(eqn.primitive.bind(x.base, **eqn.params), x.pos,
+                       eqn.primitive.bind(x.new, **eqn.params))]
+    if name in NARY:
+        r = _nary(eqn, vals)
+        return None if r is None else [r]
+    if name in SHAPE_ONLY and len(vals) == 1:
+        x = vals[0]
+        return [Sparse(eqn.primitive.bind(x.base, **eqn.params), x.pos, x.new)]
+    r = None
+    if name == "dot_general" and len(vals) == 2 and len(sp) == 1:
+        r = _dot_general(eqn, *vals)
+    elif name == "reduce_sum" and len(vals) == 1:
+        r = _reduce_sum(eqn, vals[0])
+    elif name == "transpose":
+        r = _transpose(eqn, vals[0])
+    elif name == "slice":
+        r = _slice(eqn, vals[0])
+    elif name == "broadcast_in_dim" and len(vals) == 1:
+        r = _broadcast(eqn, vals[0])
+    elif name in CALLS:
+        inner = _call_jaxpr(eqn)
+        if inner is not None and len(inner.jaxpr.invars) == len(vals):
+            return evaluate(inner.jaxpr, [Plain(c) for c in inner.consts], vals)
+    return None if r is None else [r]
+
+
+def evaluate(jaxpr, consts, args):
+    """Interpret ``jaxpr`` on Plain/Batched/Sparse values; return its outputs."""
+    env = {}
+
+    def read(v):
+        if isinstance(v, jcore.Literal):
+            return Plain(v.val)
+        return env[v]
+
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        vals = [read(v) for v in eqn.invars]
+        outs = _rule(eqn, vals)
+        if outs is None:
+            outs = _generic(eqn, vals)
+        else:
+            outs = [_tidy(o) for o in outs]
+        for var, val in zip(eqn.outvars, outs):
+            if not isinstance(var, jcore.DropVar):
+                env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _tidy(x):
+    """Keep a Sparse value only while it is much sparser than dense."""
+    if isinstance(x, Sparse) and x.pos.shape[1] > DENSE_FRACTION * max(1, x.base.size):
+        return densify(x)
+    return x
+
+
+def batched_single_entry(cost: Callable, x0, operands) -> Callable:
+    """Return ``f(x, i, d, ops)`` = [cost(x.at[i_k].set(x[i_k] + d_k), ops) for k].
+
+    Equivalent to ``jax.vmap(lambda x, i, d, ops: cost(x.at[i].set(x[i] + d), ops),
+    in_axes=(None, 0, 0, None))`` for a flat leaf ``x`` (see the module docstring).
+    """
+    closed, out_shape = jax.make_jaxpr(cost, return_shape=True)(x0, operands)
+    jaxpr, consts = closed.jaxpr, closed.consts
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def run(x, i, d, ops):
+        c = i.shape[0]
+        new = (x[i] + d.astype(x.dtype)).reshape(c, 1)
+        leaves = jax.tree_util.tree_leaves(ops)
+        args = [Sparse(x, i.astype(jnp.int32).reshape(c, 1), new)] + [Plain(a) for a in leaves]
+        outs = evaluate(jaxpr, [Plain(v) for v in consts], args)
+        res = []
+        for o, var in zip(outs, jaxpr.outvars):
+            if isinstance(o, Sparse):
+                o = densify(o)
+            if isinstance(o, Plain):
+                o = Batched(jnp.broadcast_to(o.v, (c,) + tuple(var.aval.shape)))
+            res.append(o.v)
+        return jax.tree_util.tree_unflatten(out_tree, res)
+
+    return run
