@@ -42,6 +42,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Benchmark the working tree, not a copy installed in site-packages.
+sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BATCH, N_OUT = 64, 10
 WIDTHS = {1_000: 27, 10_000: 95, 100_000: 311}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jgc._src import engine, progress
+from jgc._src import engine, progress, sparse
 
 
 def _quartic(x, ops):
@@ -22,14 +22,18 @@ def _explicit(x0, ops, i, d):
 
 @pytest.mark.parametrize("m,chunk_size", [(7, None), (40_000, None), (600, 5)], ids=["small", "grouped", "fixed"])
 @pytest.mark.parametrize("jit_cost", [False, True], ids=["eager", "jit"])
-def test_leaf_evaluator_values_and_counts(m, chunk_size, jit_cost, rng):
+@pytest.mark.parametrize("sparse_path", [False, True], ids=["dense", "sparse"])
+def test_leaf_evaluator_values_and_counts(m, chunk_size, jit_cost, sparse_path, rng, monkeypatch):
+    monkeypatch.setattr(sparse, "ENABLED", sparse_path)
+    monkeypatch.setattr(engine, "SPARSE_LEAF", 1)
     with jax.enable_x64(True):
         x0 = jnp.asarray(rng.normal(size=m))
         ops = jnp.asarray(rng.uniform(0.5, 1.5, size=m))
         cost = jax.jit(_quartic) if jit_cost else _quartic
         counter = engine.Counter()
         ev = engine.LeafEvaluator(cost, x0, ops, chunk_size=chunk_size, counter=counter)
-        if (m, chunk_size) == (40_000, None):
+        assert ev.sparse == sparse_path, engine.SPARSE_FALLBACKS
+        if (m, chunk_size) == (40_000, None) and not sparse_path:
             assert ev.groups > 1  # big enough for lax.map over several batches
         idx = rng.permutation(m)[: min(m, 37)]
         deltas = np.stack([np.full(idx.size, 1e-3), np.full(idx.size, -2e-3), rng.normal(size=idx.size)], 1)
@@ -41,6 +45,8 @@ def test_leaf_evaluator_values_and_counts(m, chunk_size, jit_cost, rng):
 
 
 def test_short_request_on_huge_leaf_uses_plain_batch(monkeypatch, rng):
+    # The dense path's layout (the sparse path never groups).
+    monkeypatch.setattr(sparse, "ENABLED", False)
     monkeypatch.setattr(engine, "SINGLE_BATCH_LEAF", 64)
     with jax.enable_x64(True):
         x0, ops = jnp.asarray(rng.normal(size=40_000)), jnp.ones(40_000)

@@ -174,52 +174,64 @@ def _nary(eqn, vals):
             x = jnp.asarray(v.v)
             news.append(x if x.ndim == 0 else _at(jnp.broadcast_to(x, out_shape), pos))
     del sparse
-    base = eqn.primitive.bind(*bases, **eqn.params)
-    new = eqn.primitive.bind(*news, **eqn.params)
+    base = _bind(eqn, *bases)
+    new = _bind(eqn, *news)
     return Sparse(base, pos, new)
 
 
 def _dot_general(eqn, lhs, rhs):
-    """dot_general of a one-entry Sparse operand and a Plain one: a rank-one correction."""
+    """dot_general of a Sparse operand and a Plain one: the base product plus corrections.
+
+    Each changed entry (δ = new − old at batch/contraction/free coordinates a) adds δ
+    times the other operand's slab at (a_batch, a_contraction) to the output at
+    (a_batch, a_free, every free coordinate of the other operand). With one entry the
+    result stays Sparse; with several, entries may hit the same outputs, so the
+    corrections are scatter-added into dense copies of the base product.
+    """
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     sp_is_lhs = isinstance(lhs, Sparse)
     sp, other = (lhs, rhs) if sp_is_lhs else (rhs, lhs)
-    if not isinstance(other, Plain) or sp.pos.shape[1] != 1:
+    if not isinstance(other, Plain):
         return None
     sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
     sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
-    base_out = eqn.primitive.bind(lhs.base if sp_is_lhs else lhs.v,
-                                  rhs.v if sp_is_lhs else rhs.base, **eqn.params)
-    out_shape = base_out.shape
     o = jnp.asarray(other.v)
     ofree = [d for d in range(o.ndim) if d not in oc and d not in ob]
     sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
-    if int(np.prod([o.shape[d] for d in ofree])) > DENSE_FRACTION * max(1, base_out.size):
-        return None
-    c = sp.pos.shape[0]
-    index = _unravel(sp.pos[:, 0], sp.shape)  # each (c,)
-    old = _at(sp.base, sp.pos[:, 0])
-    delta = (sp.new[:, 0] - old).astype(base_out.dtype)
-    # The other operand's slab at the entry's batch and contraction coordinates.
-    ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
-    slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, *ofree)
-    corr = delta.reshape((c,) + (1,) * len(ofree)) * slab.astype(base_out.dtype)
+    c, s = sp.pos.shape
     k = int(np.prod([o.shape[d] for d in ofree])) if ofree else 1
+    out_size = int(np.prod(eqn.outvars[0].aval.shape))
+    contraction = int(np.prod([o.shape[d] for d in oc])) if oc else 1
+    if s == 1 and k > DENSE_FRACTION * max(1, out_size):
+        return None
+    if s > 1 and s * k > out_size * contraction // 4:
+        return None  # corrections would cost about as much as dense products
+    base_out = _bind(eqn, lhs.base if sp_is_lhs else lhs.v, rhs.v if sp_is_lhs else rhs.base)
+    out_shape = base_out.shape
+    index = _unravel(sp.pos, sp.shape)  # each (c, s)
+    delta = (sp.new - _at(sp.base, sp.pos)).astype(base_out.dtype)
+    # The other operand's slab at each entry's batch and contraction coordinates.
+    ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
+    slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
+    corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
     grids = np.indices([o.shape[d] for d in ofree]).reshape(len(ofree), -1) if ofree else np.zeros((0, 1))
-    fixed_b = [jnp.broadcast_to(index[d][:, None], (c, k)) for d in sb]
-    fixed_f = [jnp.broadcast_to(index[d][:, None], (c, k)) for d in sfree]
-    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, :], (c, k)) for g in grids]
+    fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
+    fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
+    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
     out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
-    pos = _ravel(out_index, out_shape)
-    new = _at(base_out, pos) + corr.reshape(c, k)
-    return Sparse(base_out, pos, new)
+    pos = _ravel(out_index, out_shape).reshape(c, s * k)
+    if s == 1:
+        return Sparse(base_out, pos, _at(base_out, pos) + corr)
+    dense = jnp.broadcast_to(base_out.reshape(-1), (c, base_out.size))
+    dense = dense.at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
+    return Batched(dense.reshape((c,) + out_shape))
 
 
 def _reduce_sum(eqn, x: Sparse):
     if x.pos.shape[1] != 1:
         return None
     axes = tuple(eqn.params["axes"])
-    base = eqn.primitive.bind(x.base, **eqn.params)
+    base = _bind(eqn, x.base)
     index = _unravel(x.pos, x.shape)
     keep = [d for d in range(len(x.shape)) if d not in axes]
     pos = _ravel([index[d] for d in keep], base.shape) if keep else jnp.zeros_like(x.pos)
@@ -230,7 +242,7 @@ def _reduce_sum(eqn, x: Sparse):
 
 def _transpose(eqn, x: Sparse):
     perm = tuple(eqn.params["permutation"])
-    base = eqn.primitive.bind(x.base, **eqn.params)
+    base = _bind(eqn, x.base)
     index = _unravel(x.pos, x.shape)
     return Sparse(base, _ravel([index[p] for p in perm], base.shape), x.new)
 
@@ -239,7 +251,7 @@ def _slice(eqn, x: Sparse):
     if x.pos.shape[1] != 1 or eqn.params.get("strides") not in (None, (1,) * len(x.shape)):
         return None
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    base = eqn.primitive.bind(x.base, **eqn.params)
+    base = _bind(eqn, x.base)
     index = _unravel(x.pos, x.shape)
     inside = jnp.ones(x.pos.shape, bool)
     local = []
@@ -257,7 +269,7 @@ def _broadcast(eqn, x: Sparse):
     e = _expand(x, out_shape, tuple(eqn.params["broadcast_dimensions"]))
     if e is None:
         return None
-    return Sparse(eqn.primitive.bind(x.base, **eqn.params), *e)
+    return Sparse(_bind(eqn, x.base), *e)
 
 
 def _call_jaxpr(eqn):
@@ -268,38 +280,54 @@ def _call_jaxpr(eqn):
     return None
 
 
+def _bind(eqn, *args):
+    """Apply the equation's primitive (call primitives carry their functions as subfuns)."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = got
+        return eqn.primitive.bind(*subfuns, *args, **params)
+    return eqn.primitive.bind(*args, **got)
+
+
 def _generic(eqn, vals):
     """What vmap does: dense copies for Sparse inputs, the primitive's batching rule."""
     vals = [densify(v) if isinstance(v, Sparse) else v for v in vals]
     batched = [isinstance(v, Batched) for v in vals]
     args = [v.v for v in vals]
-    prim, params = eqn.primitive, eqn.params
+    prim = eqn.primitive
     if not any(batched):
-        out = prim.bind(*args, **params)
+        out = _bind(eqn, *args)
         return [Plain(o) for o in out] if prim.multiple_results else [Plain(out)]
-    fun = lambda *a: prim.bind(*a, **params)  # noqa: E731
+    fun = lambda *a: _bind(eqn, *a)  # noqa: E731
     out = jax.vmap(fun, in_axes=[0 if b else None for b in batched])(*args)
     return [Batched(o) for o in out] if prim.multiple_results else [Batched(out)]
 
 
 def _rule(eqn, vals):
     name = eqn.primitive.name
+    if name in CALLS and not all(isinstance(v, Plain) for v in vals):
+        # Inline calls (jit, custom_jvp/vjp: only the primal is evaluated here) so that
+        # their insides see Sparse values too.
+        inner = _call_jaxpr(eqn)
+        if inner is not None and len(inner.jaxpr.invars) == len(vals):
+            return evaluate(inner.jaxpr, [Plain(c) for c in inner.consts], vals)
     sp = [v for v in vals if isinstance(v, Sparse)]
     if not sp:
         return None
     if name in UNARY and len(vals) == 1:
         x = vals[0]
-        return [Sparse(eqn.primitive.bind(x.base, **eqn.params), x.pos,
-                       eqn.primitive.bind(x.new, **eqn.params))]
+        return [Sparse(_bind(eqn, x.base), x.pos,
+                       _bind(eqn, x.new))]
     if name in NARY:
         r = _nary(eqn, vals)
         return None if r is None else [r]
     if name in SHAPE_ONLY and len(vals) == 1:
         x = vals[0]
-        return [Sparse(eqn.primitive.bind(x.base, **eqn.params), x.pos, x.new)]
+        return [Sparse(_bind(eqn, x.base), x.pos, x.new)]
     r = None
     if name == "dot_general" and len(vals) == 2 and len(sp) == 1:
         r = _dot_general(eqn, *vals)
+        return None if r is None else [r]
     elif name == "reduce_sum" and len(vals) == 1:
         r = _reduce_sum(eqn, vals[0])
     elif name == "transpose":
@@ -308,10 +336,6 @@ def _rule(eqn, vals):
         r = _slice(eqn, vals[0])
     elif name == "broadcast_in_dim" and len(vals) == 1:
         r = _broadcast(eqn, vals[0])
-    elif name in CALLS:
-        inner = _call_jaxpr(eqn)
-        if inner is not None and len(inner.jaxpr.invars) == len(vals):
-            return evaluate(inner.jaxpr, [Plain(c) for c in inner.consts], vals)
     return None if r is None else [r]
 
 
