@@ -39,6 +39,28 @@ SCRIPT = textwrap.dedent(
         out = sharded._call(sharded.x0, rows, jnp.zeros(sharded.rows), sharded.operands)
         assert len(out.sharding.device_set) == 4  # computed on every device
 
+        # The sparse single-entry evaluator (normally for leaves of 4096+ elements)
+        # gives the same values when its rows are sharded.
+        engine.SPARSE_LEAF = 1
+        sp = engine.LeafEvaluator(cost, p["W1"].ravel(), ops)
+        assert sp.sparse and sp.shard is not None, engine.SPARSE_FALLBACKS
+        np.testing.assert_allclose(sp(idx, d), single(idx, d), rtol=1e-12)
+        engine.SPARSE_LEAF = 2**12
+
+        # Directional screens: rows sharded, same values as on one device.
+        from jgc._src import engine as E
+        args = (lambda leaves, a: loss(dict(zip(["W1", "b1", "W2"], leaves)), *a),
+                [p["W1"], p["b1"], p["W2"]], (x, y),
+                [np.ones(120), np.ones(10), np.ones(30)],
+                [np.ones((12, 10)), np.ones(10), np.ones((10, 3))], [True, True, True])
+        dsh = E.DirectionEvaluator(*args, rows=6)
+        d1 = E.DirectionEvaluator(*args, rows=6, devices=False)
+        assert dsh.shard is not None and dsh.rows == 24 and d1.shard is None
+        seeds, lo, hi = np.arange(24), np.zeros(24), np.full(24, 160)
+        t = np.full(24, 1e-3)
+        for a, b in zip(dsh(seeds, lo, hi, t), d1(seeds, lo, hi, t)):
+            np.testing.assert_allclose(a, b, rtol=1e-13)
+
         g = jax.grad(loss)(p, x, y)
         bad = dict(g, W1=g["W1"].at[3, 7].multiply(1 + 1e-6))
         worse = dict(g, W1=g["W1"].at[3, 7].multiply(1 + 1e-3))  # within directional reach

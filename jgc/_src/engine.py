@@ -258,9 +258,12 @@ class DirectionEvaluator:
     """
 
     def __init__(self, cost: Callable, leaves, operands, scales, grads, movable, *,
-                 key: int = 0, rows: int = 16, counter: Counter | None = None):
+                 key: int = 0, rows: int = 16, counter: Counter | None = None, devices=None):
         self.counter = counter if counter is not None else Counter()
-        self.shard = None
+        # With several devices each batch's rows are split across them (as in
+        # LeafEvaluator): a screen of k directions per leaf runs on every device.
+        self.shard = sharding.RowSharding.create(devices)
+        ndev = self.shard.size if self.shard else 1
         sizes = [int(np.size(x)) for x in leaves]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         n = int(self.offsets[-1])
@@ -272,7 +275,7 @@ class DirectionEvaluator:
                for x, s, g, mv in zip(leaves, scales, grads, movable)]
         # Each row holds a perturbed copy of the parameters and a direction.
         by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, 2 * n))
-        self.rows, self.groups = max(1, min(rows, by_memory)), 1
+        self.rows, self.groups = max(1, min(rows, by_memory)) * ndev, 1
         salt = np.uint32(key & 0xFFFFFFFF)
         offs = [int(o) for o in self.offsets[:-1]]
 
@@ -296,6 +299,8 @@ class DirectionEvaluator:
 
         self._call = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
         self.x0, self.operands = list(leaves), (operands, aux)
+        if self.shard:
+            self.x0, self.operands = self.shard.replicate((self.x0, self.operands))
 
     per_call = LeafEvaluator.per_call
 

@@ -293,7 +293,8 @@ class Problem(Scoped):
         c = est.err_trunc / h_abs**2
         noise_floor = 4.0 * self.sigma / h_abs**3  # a smaller c is not resolved
         c = np.where(est.finite, np.maximum(c, noise_floor), np.inf)
-        h_star = (self.sigma / (2.0 * c)) ** (1.0 / 3.0) / self.scales[k][pilots]
+        with np.errstate(divide="ignore", invalid="ignore"):  # c = 0 or σ = 0: handled below
+            h_star = (self.sigma / (2.0 * c)) ** (1.0 / 3.0) / self.scales[k][pilots]
         h = float(np.min(h_star)) if h_star.size else base
         if not np.isfinite(h):
             return base
