@@ -157,6 +157,21 @@ def test_sparse_evaluator_matches_dense_vmap(case, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.max(np.abs(b)))
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
+def test_sparse_evaluator_matches_dense_vmap_in_float32(case, monkeypatch):
+    # Without x64: weakly typed literals (2.0 * x, x / 3) must keep their float32 types.
+    rng = np.random.default_rng(0)
+    cost, x0, ops = case(rng)
+    x0 = jnp.asarray(x0, jnp.float32)
+    ops = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), ops)
+    idx = np.arange(x0.size)
+    d = np.stack([np.full(x0.size, 1e-2), np.full(x0.size, -2e-2)], axis=1).astype(np.float32)
+    fast = _evaluate(cost, x0, ops, idx, d, True, monkeypatch)
+    dense = _evaluate(cost, x0, ops, idx, d, False, monkeypatch)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(dense)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)))
+
+
 def test_single_entry_perturbation_through_a_matmul_stays_sparse():
     # The point of the interpreter: X @ (W + δ e_ij) changes one column, not the product.
     with jax.enable_x64(True):

@@ -152,7 +152,7 @@ class LeafEvaluator:
             # failure to interpret the cost falls back to the plain vmap above.
             try:
                 fast = sparse.batched_single_entry(cost, x0, operands)
-                probe = (jnp.zeros((2,), jnp.int32), jnp.zeros((2,), x0.dtype))
+                probe = (jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2,), x0.dtype))
                 got = jax.eval_shape(fast, x0, *probe, operands)
                 want = jax.eval_shape(batch, x0, *probe, operands)
                 if jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want) and all(

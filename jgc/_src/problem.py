@@ -72,6 +72,14 @@ def _wide_dtype(dtype):
     return np.dtype(np.float64)
 
 
+def _require_finite(api, value):
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{api}: fn returned {value} at the given params; a gradient check needs a "
+            "finite cost. Check for log(0), division by zero or overflow at this point."
+        )
+
+
 def _fname(fn) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return name or type(fn).__name__
@@ -142,23 +150,29 @@ class Problem(Scoped):
         ]
         self.sigma = self._measure_noise()
 
-    def _call_eager(self):
-        return self.fn(self.split.combine(self.dyn), *self.rebuild_args(self.argarr))
+    def _traced(self):
+        """J traced and lowered afresh (a new function, so never a cached trace)."""
+        return jax.jit(lambda dyn, argarr: self.full_cost(dyn, argarr)).lower(self.dyn, self.argarr)
 
     def _first_value(self) -> float:
+        # One compiled evaluation, not an eager one: eager mode compiles every primitive
+        # of the cost separately (~0.4 s for a small MLP on a CPU, most of a check's set-up).
         try:
-            out = self._call_eager()
+            lowered = self._traced()
         except Exception as e:  # re-raised with context, same type
             e.add_note(
                 f"{self.api}: raised while evaluating {_fname(self.fn)}(params, *args) at the "
-                "unperturbed parameters, before any perturbation."
+                "unperturbed parameters (traced with jax.jit, as every evaluation of the check is), "
+                "before any perturbation."
             )
             raise
-        arr = jnp.asarray(out) if not isinstance(out, jax.Array) else out
-        if arr.shape != ():
+        outs = jax.tree_util.tree_leaves(lowered.out_info)
+        arr = outs[0] if len(outs) == 1 else None
+        if arr is None or tuple(arr.shape) != ():
+            shape = tuple(arr.shape) if arr is not None else f"a pytree of {len(outs)} leaves"
             raise ValueError(
                 f"{self.api}: fn must return a scalar cost J, but {_fname(self.fn)} returned "
-                f"shape {tuple(arr.shape)}. Reduce it (e.g. jnp.mean or .sum()), or use "
+                f"shape {shape}. Reduce it (e.g. jnp.mean or .sum()), or use "
                 "jgc.check_jacobian for vector-valued functions."
             )
         if not jnp.issubdtype(arr.dtype, jnp.floating):
@@ -166,13 +180,16 @@ class Problem(Scoped):
                 f"{self.api}: fn must return a real floating scalar, got dtype {arr.dtype}. "
                 "For a complex output take jnp.real/jnp.abs of it, or use jgc.check_jacobian."
             )
-        value = float(arr)
-        if not math.isfinite(value):
-            raise ValueError(
-                f"{self.api}: fn returned {value} at the given params; a gradient check needs a "
-                "finite cost. Check for log(0), division by zero or overflow at this point."
-            )
-        again = float(self._call_eager())
+        # Determinism: a cost that draws new randomness each time it is traced (a Python
+        # RNG, a stateful key) lowers to a different program; only then do we compile
+        # and compare values (a fixed program is deterministic on a CPU). J(θ) itself
+        # comes from the noise probe's first point, so no program is compiled here.
+        second = self._traced()
+        if second.as_text() == lowered.as_text():
+            return math.nan
+        value = float(lowered.compile()(self.dyn, self.argarr))
+        _require_finite(self.api, value)
+        again = float(second.compile()(self.dyn, self.argarr))
         self.counter.evaluations += 2
         if again != value and abs(again - value) > 1e3 * self.u * max(abs(value), 1e-30):
             raise ValueError(
@@ -187,8 +204,8 @@ class Problem(Scoped):
         """σ of J's rounding noise, the median over a few random lines (see noise.py)."""
         rng = np.random.default_rng(0)
         directions = [
-            jnp.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
-                        .reshape((noise.LINES,) + x.shape), dtype=x.dtype)
+            jax.device_put(np.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
+                                      .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
             for x, s in zip(self.dyn, self.scales)
         ]
         wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
@@ -214,10 +231,9 @@ class Problem(Scoped):
             self.notes.append(
                 f"J varies on a scale shorter than the default noise probe "
                 f"({noise.spacing(self.u):.1e}·s); noise measured at spacing {kept:.1e}·s.")
-        if np.isfinite(values[0, 0]):
-            # J(θ) as compiled code computes it (the engine's values are compiled too);
-            # it may differ from the eager value in the last bits.
-            self.j0 = float(values[0, 0])
+        # J(θ) as compiled code computes it (the engine's values are compiled too).
+        _require_finite(self.api, float(values[0, 0]))
+        self.j0 = float(values[0, 0])
         floor = self.u * abs(self.j0)
         if not math.isfinite(sigma):
             self.notes.append("J was not finite along the noise probe; noise taken as u·|J|.")
@@ -337,7 +353,8 @@ class Problem(Scoped):
                     dyn = [flat[a:b].reshape(sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
                     return self.full_cost(dyn, argarr)
 
-                x0 = jnp.concatenate([x.ravel() for x in self.dyn])
+                # On the host: eager jnp ops would each compile a small program.
+                x0 = jax.device_put(np.concatenate([np.asarray(x).ravel() for x in self.dyn]))
                 ev = engine.LeafEvaluator(cost, x0, self.argarr, chunk_size=self.chunk_size,
                                           counter=self.counter)
                 merged = (ev, offsets)
@@ -351,7 +368,7 @@ class Problem(Scoped):
             return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
         if (k, complex_step) not in cache:
             cache[k, complex_step] = engine.LeafEvaluator(
-                self.leaf_cost(k), self.dyn[k].ravel(), (self.dyn, self.argarr),
+                self.leaf_cost(k), jax.device_put(np.asarray(self.dyn[k]).ravel()), (self.dyn, self.argarr),
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
             )
         return cache[k, complex_step]

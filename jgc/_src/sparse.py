@@ -171,8 +171,9 @@ def _nary(eqn, vals):
             news.append(e[1])
         else:
             bases.append(v.v)
-            x = jnp.asarray(v.v)
-            news.append(x if x.ndim == 0 else _at(jnp.broadcast_to(x, out_shape), pos))
+            # Scalars (weakly typed literals included) are passed as they are, so the
+            # primitive sees the same operand types as in the jaxpr.
+            news.append(v.v if np.ndim(v.v) == 0 else _at(jnp.broadcast_to(v.v, out_shape), pos))
     del sparse
     base = _bind(eqn, *bases)
     new = _bind(eqn, *news)
