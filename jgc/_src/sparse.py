@@ -141,7 +141,6 @@ def _expand(x: Sparse, out_shape, dims):
 def _nary(eqn, vals):
     """Elementwise op with Sparse operands sharing their positions and Plain ones."""
     out_shape = tuple(eqn.outvars[0].aval.shape)
-    sparse = [v for v in vals if isinstance(v, Sparse)]
     pos = None
     expanded = []
     for v in vals:
@@ -174,7 +173,6 @@ def _nary(eqn, vals):
             # Scalars (weakly typed literals included) are passed as they are, so the
             # primitive sees the same operand types as in the jaxpr.
             news.append(v.v if np.ndim(v.v) == 0 else _at(jnp.broadcast_to(v.v, out_shape), pos))
-    del sparse
     base = _bind(eqn, *bases)
     new = _bind(eqn, *news)
     return Sparse(base, pos, new)
