@@ -142,34 +142,26 @@ def _evaluate(cost, x0, ops, idx, d, enabled, monkeypatch):
     return ev(idx, d)
 
 
+# (dtype, offsets, tolerance): float64 agrees to rounding; float32 (x64 off) also checks
+# that weakly typed literals (2.0 * x, x / 3) keep their float32 types.
+PRECISIONS = {"f64": (np.float64, 1e-3, 1e-12), "f32": (np.float32, 1e-2, 2e-5)}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
-def test_sparse_evaluator_matches_dense_vmap(case, monkeypatch):
-    with jax.enable_x64(True):
+def test_sparse_evaluator_matches_dense_vmap(case, precision, monkeypatch):
+    dtype, step, tol = PRECISIONS[precision]
+    with jax.enable_x64(dtype == np.float64):
         rng = np.random.default_rng(0)
         cost, x0, ops = case(rng)
-        x0 = jnp.asarray(x0)
-        ops = jax.tree_util.tree_map(jnp.asarray, ops)
+        x0 = jnp.asarray(x0, dtype)
+        ops = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), ops)
         idx = np.arange(x0.size)
-        d = np.stack([np.full(x0.size, 1e-3), np.full(x0.size, -2e-3)], axis=1)
+        d = np.stack([np.full(x0.size, step), np.full(x0.size, -2 * step)], axis=1).astype(dtype)
         fast = _evaluate(cost, x0, ops, idx, d, True, monkeypatch)
         dense = _evaluate(cost, x0, ops, idx, d, False, monkeypatch)
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(dense)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.max(np.abs(b)))
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
-def test_sparse_evaluator_matches_dense_vmap_in_float32(case, monkeypatch):
-    # Without x64: weakly typed literals (2.0 * x, x / 3) must keep their float32 types.
-    rng = np.random.default_rng(0)
-    cost, x0, ops = case(rng)
-    x0 = jnp.asarray(x0, jnp.float32)
-    ops = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), ops)
-    idx = np.arange(x0.size)
-    d = np.stack([np.full(x0.size, 1e-2), np.full(x0.size, -2e-2)], axis=1).astype(np.float32)
-    fast = _evaluate(cost, x0, ops, idx, d, True, monkeypatch)
-    dense = _evaluate(cost, x0, ops, idx, d, False, monkeypatch)
-    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(dense)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
 
 
 def test_single_entry_perturbation_through_a_matmul_stays_sparse():

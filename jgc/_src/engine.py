@@ -153,11 +153,13 @@ class LeafEvaluator:
             try:
                 fast = sparse.batched_single_entry(cost, x0, operands)
                 probe = (jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2,), x0.dtype))
+                # Interpret once abstractly: an unsupported corner raises here, not later
+                # inside a check. The cost was already traced by the interpreter, so the
+                # expected shapes come from that trace (no second trace through vmap).
                 got = jax.eval_shape(fast, x0, *probe, operands)
-                want = jax.eval_shape(batch, x0, *probe, operands)
-                if jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want) and all(
-                        a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(got),
-                                                           jax.tree_util.tree_leaves(want))):
+                want = [(2,) + tuple(o.shape) for o in jax.tree_util.tree_leaves(fast.out_shape)]
+                if (jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(fast.out_shape)
+                        and [tuple(a.shape) for a in jax.tree_util.tree_leaves(got)] == want):
                     batch, self.sparse = fast, True
             except Exception as e:  # noqa: BLE001 - any interpreter gap: use vmap
                 SPARSE_FALLBACKS.append(f"{type(e).__name__}: {e}"[:500])

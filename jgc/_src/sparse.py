@@ -396,4 +396,5 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
             res.append(o.v)
         return jax.tree_util.tree_unflatten(out_tree, res)
 
+    run.out_shape = out_shape  # the cost's output for one row (from the jaxpr's trace)
     return run
