@@ -1,6 +1,7 @@
 """jgc.with_grad_check: check at step 0 (and after burn-in) on the real inputs, then nothing."""
 
 import doctest
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -65,7 +66,8 @@ def test_checks_at_step_0_and_after_burn_in_on_the_real_inputs_then_calls_the_pl
     for x, y in batches(6):
         seen.append((p, x, y))
         p, state, _ = checked(p, state, x, y)
-    assert checked.calls == 6 and checked.done
+    # Calls 0..3 were counted; after the last check the step is called directly.
+    assert checked.calls == 4 and checked.done
     assert [i for i, _ in checked.reports] == [0, 3]
     for i, rep in checked.reports:
         assert rep.ok
@@ -83,6 +85,29 @@ def test_after_the_checks_no_work_is_added(monkeypatch):
     for i in range(5):
         assert checked(W0, None, X, Y) is W0
     assert len(calls) == 1 and len(seen) == 5
+
+
+@pytest.mark.parametrize("at_steps", [(), (0,), (1, 2)])
+def test_after_the_last_check_the_step_is_called_with_no_frame_of_the_wrapper(at_steps):
+    callers = []
+
+    def step(p, state, x, y, scale=1.0):
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return p, state, scale
+
+    checked = jgc.with_grad_check(step, loss, at_steps=at_steps)
+    here = sys._getframe(0).f_code.co_filename
+    for i in range(4):
+        out = checked(W0, None, X, Y, scale=2.0)  # keyword arguments pass through too
+        assert out[2] == 2.0
+        assert checked.done == (i >= max(at_steps, default=-1))
+    assert len(checked.reports) == len(at_steps)
+    assert isinstance(checked, training.CheckedStep) and checked.step is step
+    n_wrapped = max(at_steps, default=-1) + 1
+    # Calls up to the last check went through the wrapper; every later one came
+    # straight from this test function.
+    assert callers[:n_wrapped] == [training.__file__] * n_wrapped
+    assert callers[n_wrapped:] == [here] * (4 - n_wrapped)
 
 
 def test_same_trajectory_as_the_plain_loop():

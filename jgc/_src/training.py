@@ -8,8 +8,10 @@ around an optax-style training step::
     step = jgc.with_grad_check(step, loss_fn, at_steps=(0, 100))
 
 The check runs on the host, on the real parameters and batch that the step receives,
-before the step runs. Every other call goes straight to the step you passed: the same
-jitted function and compiled executable, with no host callback inside it.
+before the step runs. Every other call goes to the step you passed: the same jitted
+function and compiled executable, with no host callback inside it. After the last
+check the wrapper stops running Python of its own: its class's ``__call__`` becomes the
+step itself, so a call costs what calling the step costs.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class CheckedStep:
     Made by :func:`with_grad_check`; call it exactly like the step it wraps.
 
     Attributes:
-      step: the wrapped step, unchanged (call it directly to skip even the counter).
-      calls: how many times this object was called.
+      step: the wrapped step, unchanged.
+      calls: calls counted while checks were pending. Once the last check has run
+        (``done``) calls go straight to ``step`` without any Python of the wrapper's, so
+        they are no longer counted.
       reports: a list of ``(call_index, jgc.Report)`` for the checks that ran.
       done: True once every scheduled check has run.
     """
@@ -58,20 +62,34 @@ class CheckedStep:
         self._select = select
         self._has_aux = has_aux
         self._options = options
+        if not self._pending:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        # A Python-level __call__ costs more than the few hundred ns of a function call:
+        # measured in one process (benchmarks/bench_optax.py), a class __call__ around a
+        # 150 µs jitted Adam step added 2-3 % to its median, a function wrapper about
+        # 0.6 %. So once no check is left, this instance gets its own subclass whose
+        # __call__ *is* the step: CPython then calls the step directly, with no frame of
+        # ours (staticmethod keeps a plain function from being bound to the instance).
+        self.__class__ = type(type(self).__name__, (type(self),),
+                              {"__call__": staticmethod(self.step), "__slots__": ()})
 
     @property
     def done(self) -> bool:
         return not self._pending
 
     def __call__(self, *args, **kwargs):
+        # Runs only while checks are pending (see _hand_over).
         i = self.calls
         self.calls = i + 1
-        # The fast path after the checks: one integer comparison, then the plain step.
         if i == self._next:
             self._pending.pop(0)
             self._next = self._pending[0] if self._pending else -1
+            if not self._pending:
+                self._hand_over()  # the next call goes straight to the step
             self.run_check(i, args, kwargs)
-        return self.step(*args, **kwargs) if kwargs else self.step(*args)
+        return self.step(*args, **kwargs)
 
     def run_check(self, i: int, args: tuple, kwargs: dict) -> Report:
         """Run the check for call ``i`` on the arguments the step is about to get."""
@@ -124,8 +142,9 @@ def with_grad_check(step: Callable, loss_fn: Callable, *, at_steps: Sequence[int
     :func:`jgc.check` runs ``loss_fn(params, *batch)`` on the real parameters and batch
     that the step is about to receive, before the step runs (so donated buffers are
     still alive). Every other call is ``step(*args, **kwargs)``: the step you passed,
-    with its own jit cache; nothing is traced into it, so a step after the checks costs
-    what the plain step costs (``benchmarks/bench_optax.py`` measures it).
+    with its own jit cache; nothing is traced into it. After the last check the wrapper
+    hands every call straight to ``step`` (no Python frame of its own), so a step after
+    the checks costs what the plain step costs (``benchmarks/bench_optax.py`` measures it).
 
     Args:
       step: the training step, usually jitted, e.g.
