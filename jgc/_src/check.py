@@ -38,8 +38,7 @@ def analytic_gradient(problem: Problem, grad) -> list:
     """Return the analytic gradient of every perturbed leaf, as NumPy arrays."""
     api, split = problem.api, problem.split
     if grad is None:
-        g = jax.jit(jax.grad(problem.full_cost))(problem.dyn, problem.argarr)
-        return [np.asarray(x) for x in g]
+        return [np.asarray(x) for x in problem.gradient()]
     if callable(grad) and not _is_gradient_tree(grad, split):
         try:
             tree = grad(split.combine(problem.dyn), *problem.rebuild_args(problem.argarr))
@@ -297,7 +296,10 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
       True
     """
     _validate(stencil, mode, rtol, atol, strict)
-    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size) as problem:
+    # Programs compiled on worker threads while the noise probe runs: jax.grad when it
+    # is the analytic side, and in full mode every leaf's evaluator.
+    ahead = (("grad",) if grad is None else ()) + (("evaluators",) if mode == "full" and stencil != "complex" else ())
+    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead) as problem:
         a_leaves = analytic_gradient(problem, grad)
         if mode != "full":
             from .modes import run_mode
@@ -384,8 +386,9 @@ def numerical_grad(fn: Callable, params: Any, *args, stencil: str = "central",
     """
     if stencil not in policy.STENCILS:
         raise ValueError(f"jgc.numerical_grad: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
+    ahead = ("evaluators",) if stencil != "complex" else ()
     with Problem(fn, params, args, precision=precision, chunk_size=chunk_size,
-                 api="jgc.numerical_grad") as problem:
+                 api="jgc.numerical_grad", ahead=ahead) as problem:
         out = []
         for k, x in enumerate(problem.dyn):
             h_rel = problem.leaf_step(k, stencil, step)

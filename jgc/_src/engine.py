@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding, sparse
+from . import compiling, sharding, sparse
 
 # Evaluations in one vmapped batch for small leaves. Larger batches amortise dispatch,
 # but past ~128 they mostly add allocation traffic on CPU.
@@ -54,6 +54,12 @@ MID_LEAF = 2**12
 # compilation) instead of padding them to a whole lax.map call: at 2^18 elements a
 # padded call (256 rows) costs about as much as compiling a small batch on a CPU.
 SINGLE_BATCH_LEAF = 2**18
+# Dense leaves whose full central-difference check takes at most this many calls are
+# compiled without LLVM optimisation (compiling.FAST): ~0.1 s less compilation a
+# program, for ~2x the run time of each call. Measured on the tanh MLPs of
+# bench_speed.py: the merged 1e3 model (17 calls) and W2, b1, b2 of the 1e4 one (15, 2,
+# 1 calls of 0.5-6 ms) gain; W2 of the 1e5 model (49 calls of 6.5 ms) would lose.
+FAST_CALLS = 32
 # Leaves from this size on are evaluated by the sparse interpreter (sparse.py). Below
 # it a check is dominated by compilation, which the interpreter's larger program makes
 # ~25% slower (measured on the 11 zoo models, 6–96 parameters: 18.9 s vs 15.3 s),
@@ -129,7 +135,7 @@ class LeafEvaluator:
 
     def __init__(self, cost: Callable, x0: jax.Array, operands, *, chunk_size=None,
                  counter: Counter | None = None, complex_step: bool = False,
-                 devices=None):
+                 devices=None, fast_compile: bool | None = None):
         self.m = x0.size
         self.counter = counter if counter is not None else Counter()
         self.shard = sharding.RowSharding.create(devices)
@@ -172,6 +178,12 @@ class LeafEvaluator:
             # needs dense copies of the leaf.
             self.rows = int(np.clip(BATCH_ELEMENT_BUDGET // self.m, 16, SPARSE_BATCH))
             self.groups = 1
+        if fast_compile is None:
+            fast_compile = not self.sparse and math.ceil(2 * self.m / self.per_call) <= FAST_CALLS
+        # Applied through compiling.Ahead before the first call; the plain jit fallback
+        # stays optimised.
+        self._options = compiling.FAST if fast_compile and not self.shard else None
+        self._delta_dtype = np.result_type(x0.dtype, np.complex64) if complex_step else x0.dtype
         self._single = jax.jit(batch)
         if self.groups > 1:
             def grouped(x, i, d, ops):
@@ -180,6 +192,23 @@ class LeafEvaluator:
             self._call = jax.jit(grouped)
         else:
             self._call = self._single
+
+    def compile_ahead(self, background: bool = True) -> None:
+        """Lower the evaluator now and compile it on a worker thread (compiling.Ahead).
+
+        The first call waits for that compilation. Sharded evaluators compile on first
+        call as before (their arguments carry shardings).
+        """
+        if self.shard or isinstance(self._call, compiling.Ahead):
+            return
+        shape = (self.groups, self.rows) if self.groups > 1 else (self.rows,)
+        rows_i = jax.ShapeDtypeStruct(shape, np.int32)
+        rows_d = jax.ShapeDtypeStruct(shape, self._delta_dtype)
+        single = self._call is self._single
+        self._call = compiling.Ahead(self._call, self.x0, rows_i, rows_d, self.operands,
+                                     options=self._options, background=background)
+        if single:
+            self._single = self._call
 
     @property
     def per_call(self) -> int:
@@ -195,6 +224,8 @@ class LeafEvaluator:
         n, p = deltas.shape
         if n == 0:
             return np.zeros((0, p))
+        if self._options and not isinstance(self._call, compiling.Ahead):
+            self.compile_ahead(background=False)
         rows_i = np.repeat(np.asarray(idx, np.int32), p)
         rows_d = deltas.reshape(-1)
         if self.groups > 1 and rows_i.size <= self.rows * (self.groups // 2) and self.m >= SINGLE_BATCH_LEAF:

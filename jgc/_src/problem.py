@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import engine, noise, policy, stencils, trees
+from . import compiling, engine, noise, policy, stencils, trees
 
 PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
@@ -93,7 +93,8 @@ class Problem(Scoped):
     """
 
     def __init__(self, fn: Callable, params, args: tuple, *, precision: str = "auto",
-                 api: str = "jgc.check", chunk_size: int | None = None):
+                 api: str = "jgc.check", chunk_size: int | None = None,
+                 ahead: tuple[str, ...] = ()):
         if not callable(fn):
             raise TypeError(f"{api}: fn must be callable as fn(params, *args) -> scalar, got {type(fn).__name__}.")
         if precision not in PRECISIONS:
@@ -106,6 +107,10 @@ class Problem(Scoped):
             )
         self.fn, self.params, self.args, self.api = fn, params, args, api
         self.chunk_size = chunk_size
+        # Programs the caller will need, compiled on worker threads while the noise
+        # probe runs: "grad" (jax.grad of the cost), "evaluators" (every leaf's).
+        self.ahead = ahead
+        self._grad = None
         self.counter = engine.Counter()
         self.t0 = time.perf_counter()
         self.notes: list[str] = []
@@ -148,7 +153,34 @@ class Problem(Scoped):
         self.scales = [
             policy.coordinate_scale(np.abs(np.asarray(x)).ravel(), self.global_scale) for x in self.dyn
         ]
+        self._compile_ahead()
         self.sigma = self._measure_noise()
+
+    def _compile_ahead(self) -> None:
+        """Start compiling the programs named in ``ahead`` (see compiling.py).
+
+        Only lowering happens here; a failure leaves the program to be built on first
+        use, where its error is raised in context.
+        """
+        if "grad" in self.ahead:
+            try:
+                self._grad = compiling.Ahead(jax.jit(jax.grad(self.full_cost)), self.dyn, self.argarr)
+            except Exception:  # noqa: BLE001 - re-raised by gradient() with context
+                self._grad = None
+        if "evaluators" in self.ahead:
+            merged = self._merged_evaluator()
+            evaluators = [merged[0]] if merged else [self.evaluator(k) for k in range(len(self.dyn))]
+            for ev in evaluators:
+                try:
+                    ev.compile_ahead()
+                except Exception:  # noqa: BLE001 - compiled (and raised) on first call
+                    pass
+
+    def gradient(self) -> list:
+        """``jax.grad`` of the cost w.r.t. the checked leaves, at θ."""
+        if self._grad is not None:
+            return self._grad(self.dyn, self.argarr)
+        return jax.jit(jax.grad(self.full_cost))(self.dyn, self.argarr)
 
     def _traced(self):
         """J traced and lowered afresh (a new function, so never a cached trace)."""
@@ -215,7 +247,11 @@ class Problem(Scoped):
             return self.full_cost(moved, argarr)
 
         over_t = jax.vmap(at, in_axes=(0, None, None, None))
-        lines = jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None)))
+        # Runs a few times only: compiled without LLVM optimisation (compiling.FAST),
+        # on this thread while the programs compiled ahead build on the workers.
+        lines = compiling.Ahead(jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None))),
+                                jax.ShapeDtypeStruct((noise.POINTS,), wide), directions,
+                                self.dyn, self.argarr, options=compiling.FAST, background=False)
         probes = []
 
         def cost_lines(t):

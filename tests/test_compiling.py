@@ -1,0 +1,96 @@
+"""Programs compiled ahead on worker threads, and cheaply where they run little."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+from jgc._src import compiling, engine
+
+
+def _mlp(p, x, y):
+    h = jnp.tanh(x @ p["W1"] + p["b1"])
+    return jnp.mean((h @ p["W2"] - y) ** 2)
+
+
+def _model(rng, dtype=np.float64, width=12):
+    p = {"W1": rng.normal(size=(5, width)), "b1": rng.normal(size=width), "W2": rng.normal(size=(width, 3))}
+    p = {k: jnp.asarray(v.astype(dtype)) for k, v in p.items()}
+    return p, jnp.asarray(rng.normal(size=(8, 5)).astype(dtype)), jnp.asarray(rng.normal(size=(8, 3)).astype(dtype))
+
+
+def test_ahead_runs_the_compiled_program_and_falls_back_on_another_signature():
+    f = jax.jit(lambda x, y: jnp.sin(x) * y)
+    ahead = compiling.Ahead(f, jax.ShapeDtypeStruct((3,), jnp.float32), jnp.float32(2.0))
+    x = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(ahead(x, jnp.float32(2.0)), f(x, jnp.float32(2.0)))
+    assert ahead.fallbacks == 0
+    # Another shape: not the compiled program, the jitted function (retraces).
+    np.testing.assert_array_equal(ahead(np.ones(4, np.float32), jnp.float32(2.0)), jnp.sin(np.ones(4, np.float32)) * 2)
+    assert ahead.fallbacks == 1
+
+
+def test_a_failed_background_compilation_leaves_the_error_to_the_call(monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("compiler crashed")
+
+    f = jax.jit(lambda x: x + 1)
+    with monkeypatch.context() as m:
+        m.setattr(jax.stages.Lowered, "compile", broken)
+        ahead = compiling.Ahead(f, jax.ShapeDtypeStruct((2,), jnp.float32))
+        assert ahead._compiled.result() is None  # waited for: the failure is in
+    np.testing.assert_array_equal(ahead(np.zeros(2, np.float32)), np.ones(2))  # served by jit
+    assert ahead.fallbacks == 1
+
+
+def test_fast_compile_gives_the_values_of_the_optimised_program(rng):
+    with jax.enable_x64(True):
+        p, x, y = _model(rng)
+        x0 = jnp.ravel(p["W1"])
+
+        def cost(w, ops):
+            q = dict(ops[0], W1=w.reshape(5, -1))
+            return _mlp(q, *ops[1])
+
+        idx = np.arange(x0.size)
+        deltas = np.stack([np.full(idx.size, 1e-4), np.full(idx.size, -1e-4)], 1)
+        fast = engine.LeafEvaluator(cost, x0, (p, (x, y)), fast_compile=True)
+        slow = engine.LeafEvaluator(cost, x0, (p, (x, y)), fast_compile=False)
+        got, want = fast(idx, deltas), slow(idx, deltas)
+        assert isinstance(fast._call, compiling.Ahead) and fast._call.fallbacks == 0
+        assert not isinstance(slow._call, compiling.Ahead)
+        # Rounding may differ (the LLVM passes reorder nothing XLA fixed, but may fuse
+        # multiply-adds): a few units of round-off of J, no more.
+        np.testing.assert_allclose(got, want, rtol=0, atol=64 * 2.0**-52 * float(np.max(np.abs(want))))
+
+
+def test_fast_compile_is_chosen_for_few_calls_only(rng):
+    with jax.enable_x64(True):
+        cost = lambda w, ops: jnp.sum(jnp.tanh(w) * ops)  # noqa: E731
+        small = engine.LeafEvaluator(cost, jnp.ones(100), jnp.ones(100))
+        large = engine.LeafEvaluator(cost, jnp.ones(3000), jnp.ones(3000))
+    assert small._options == compiling.FAST  # 2·100 rows: 2 calls
+    assert 2 * 3000 / large.per_call > engine.FAST_CALLS and large._options is None
+
+
+@pytest.mark.parametrize("dtype,precision", [(np.float64, "auto"), (np.float32, "auto"), (np.float32, "native")])
+def test_check_compiles_grad_and_evaluators_ahead_and_uses_them(rng, monkeypatch, dtype, precision):
+    made = []
+
+    class Recording(compiling.Ahead):
+        def __init__(self, jitted, *args, **kwargs):
+            super().__init__(jitted, *args, **kwargs)
+            made.append((self, kwargs.get("background", True), kwargs.get("options")))
+
+    monkeypatch.setattr(compiling, "Ahead", Recording)
+    p, x, y = _model(rng, dtype)
+    rep = jgc.check(_mlp, p, x, y, precision=precision)
+    assert rep.ok, rep
+    # Noise probe (here, fast), jax.grad and the merged evaluator (on a worker).
+    assert len(made) == 3
+    assert [bg for _, bg, _ in made].count(True) == 2
+    assert sum(o == compiling.FAST for _, _, o in made) == 2  # probe and the small evaluator
+    # Lowered under the check's own x64 scope, compiled on a thread, called with the
+    # same signature: no call fell back to a fresh compilation.
+    assert all(a.fallbacks == 0 for a, _, _ in made)
