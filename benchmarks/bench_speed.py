@@ -11,7 +11,9 @@ parameters ≈ 1e3, 1e4, 1e5) is checked in one run by:
 * ``jax.test_util.check_grads`` (order 1, reverse mode).
 
 Every method runs in its own fresh process (so peak memory is its own and compilation
-is paid as a user would pay it). Times are medians over repeats and include
+is paid as a user would pay it), and JAX's caches are cleared before every repeat, so
+each repeat compiles what it uses (the loops' jitted J, check_grads' op-by-op
+programs) as the first one did. Times are medians over repeats and include
 compilation; for jgc the compile part (the wall time during which lowering or XLA
 compilation ran on any thread, from ``jax.monitoring``) is also reported apart, and
 "warm" is total minus compile. Loops
@@ -173,6 +175,7 @@ def worker(method: str, w: int, dtype: str, reps: int, cap: int) -> dict:
             grad = dict(g, W1=g["W1"].at[where].multiply(1.01))
             kw["mode"] = "directional"
         for _ in range(reps):
+            jax.clear_caches()  # cold, as in a fresh process (see the header)
             c0 = time.perf_counter()
             t = time.perf_counter()
             rep = jgc.check(_loss, p, x, y, grad=grad, **kw)
@@ -192,6 +195,7 @@ def worker(method: str, w: int, dtype: str, reps: int, cap: int) -> dict:
         idx, extrap = _subset(n, cap)
         eps = 1e-4  # the lecture's EPSILON
         for _ in range(reps):
+            jax.clear_caches()  # cold, as in a fresh process (see the header)
             theta = np.asarray(flat0).copy()
             c0 = time.perf_counter()
             t = time.perf_counter()
@@ -274,6 +278,7 @@ def worker(method: str, w: int, dtype: str, reps: int, cap: int) -> dict:
 
         p = {k: jnp.asarray(v) for k, v in params.items()}
         for _ in range(reps):
+            jax.clear_caches()  # cold, as in a fresh process (see the header)
             c0 = time.perf_counter()
             t = time.perf_counter()
             jax.test_util.check_grads(lambda q: _loss(q, x, y), (p,), order=1, modes=("rev",))
