@@ -55,7 +55,7 @@ MID_LEAF = 2**12
 # padded call (256 rows) costs about as much as compiling a small batch on a CPU.
 SINGLE_BATCH_LEAF = 2**18
 # Dense leaves whose full central-difference check takes at most this many calls are
-# compiled without LLVM optimisation (compiling.FAST): ~0.1 s less compilation a
+# compiled without LLVM optimisation (compiling.fast()): ~0.1 s less compilation a
 # program, for ~2x the run time of each call. Measured on the tanh MLPs of
 # bench_speed.py: the merged 1e3 model (17 calls) and W2, b1, b2 of the 1e4 one (15, 2,
 # 1 calls of 0.5-6 ms) gain; W2 of the 1e5 model (49 calls of 6.5 ms) would lose.
@@ -182,7 +182,7 @@ class LeafEvaluator:
             fast_compile = not self.sparse and math.ceil(2 * self.m / self.per_call) <= FAST_CALLS
         # Applied through compiling.Ahead before the first call; the plain jit fallback
         # stays optimised.
-        self._options = compiling.FAST if fast_compile and not self.shard else None
+        self._options = compiling.fast() if fast_compile and not self.shard else None
         self._delta_dtype = np.result_type(x0.dtype, np.complex64) if complex_step else x0.dtype
         self._single = jax.jit(batch)
         if self.groups > 1:

@@ -123,12 +123,12 @@ class Problem(Scoped):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
         # Casts run on the host (NumPy), not as one compiled XLA program per shape.
         if self.widen:
-            dyn = [jnp.asarray(np.asarray(x).astype(_wide_dtype(x.dtype))) for x in dyn]
+            dyn = [jax.device_put(np.asarray(x).astype(_wide_dtype(x.dtype))) for x in dyn]
         elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
             # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
             # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
             # reference is therefore always evaluated in float32 at least.
-            dyn = [jnp.asarray(np.asarray(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
+            dyn = [jax.device_put(np.asarray(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
                    else x for x in dyn]
             self.notes.append("bfloat16/float16 parameters were evaluated in float32 (the "
                               "narrowest precision in which finite differences resolve).")
@@ -164,7 +164,12 @@ class Problem(Scoped):
         """
         if "grad" in self.ahead:
             try:
-                self._grad = compiling.Ahead(jax.jit(jax.grad(self.full_cost)), self.dyn, self.argarr)
+                # Runs once: compiled without LLVM optimisation (compiling.fast()). The
+                # program XLA builds (fusions, algebraic rewrites) is the same; only the
+                # machine code is less tuned, and its rounding can differ from an
+                # optimised build in the last bits, far below any tolerance.
+                self._grad = compiling.Ahead(jax.jit(jax.grad(self.full_cost)), self.dyn,
+                                             self.argarr, options=compiling.fast())
             except Exception:  # noqa: BLE001 - re-raised by gradient() with context
                 self._grad = None
         if "evaluators" in self.ahead:
@@ -247,16 +252,16 @@ class Problem(Scoped):
             return self.full_cost(moved, argarr)
 
         over_t = jax.vmap(at, in_axes=(0, None, None, None))
-        # Runs a few times only: compiled without LLVM optimisation (compiling.FAST),
+        # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
         # on this thread while the programs compiled ahead build on the workers.
         lines = compiling.Ahead(jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None))),
                                 jax.ShapeDtypeStruct((noise.POINTS,), wide), directions,
-                                self.dyn, self.argarr, options=compiling.FAST, background=False)
+                                self.dyn, self.argarr, options=compiling.fast(), background=False)
         probes = []
 
         def cost_lines(t):
             probes.append(t)
-            return lines(jnp.asarray(t, wide), directions, self.dyn, self.argarr)
+            return lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn, self.argarr)
 
         sigma, values, kept = noise.measure(cost_lines, self.u)
         self.counter.evaluations += noise.LINES * noise.POINTS * len(probes)

@@ -68,7 +68,7 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
             # A host copy: the caller's NumPy buffer is never aliased or written. Checks
             # and copies run in NumPy, so no tiny XLA program is compiled per leaf shape.
             host = np.array(leaf, copy=True)
-            arr = jnp.asarray(host)
+            arr = jax.device_put(host)  # jnp.asarray would compile a program per shape
             if not np.all(np.isfinite(host)):
                 bad = np.argwhere(~np.isfinite(host))
                 where = tuple(int(x) for x in bad[0]) if arr.ndim else ()
@@ -101,7 +101,7 @@ def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
-    arrays = [jnp.asarray(np.array(x, copy=True)) for x, a in zip(leaves, is_arr) if a]
+    arrays = [jax.device_put(np.array(x, copy=True)) for x, a in zip(leaves, is_arr) if a]
 
     def rebuild(dynamic) -> tuple:
         it = iter(dynamic)
