@@ -104,3 +104,13 @@ def test_fast_options_only_on_the_cpu_backend(monkeypatch):
     with jax.enable_x64(True):
         ev = engine.LeafEvaluator(lambda w, ops: jnp.sum(w * ops), jnp.ones(10), jnp.ones(10))
     assert ev._options is None
+
+
+def test_a_forked_process_gets_its_own_workers(monkeypatch):
+    first = compiling._workers()
+    assert compiling._workers() is first
+    # As after os.fork(): same module state, another process id, no worker threads.
+    monkeypatch.setattr(compiling.os, "getpid", lambda: -12345)
+    second = compiling._workers()
+    assert second is not first
+    assert second.submit(lambda: 7).result(timeout=10) == 7

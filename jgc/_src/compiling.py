@@ -44,11 +44,15 @@ def fast() -> dict | None:
     return FAST if jax.default_backend() == "cpu" else None
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
 
 
 def _workers() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
+    global _pool, _pool_pid
+    # A forked child inherits the executor but not its threads: work submitted there
+    # would wait forever. A new process gets a new pool.
+    if _pool is None or _pool_pid != os.getpid():
+        _pool_pid = os.getpid()
         # One worker per core: the main thread mostly waits for these programs. More
         # threads than cores only interleave compilations without finishing any sooner.
         n = max(1, min(4, os.cpu_count() or 1))
