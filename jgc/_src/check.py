@@ -298,7 +298,8 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
     _validate(stencil, mode, rtol, atol, strict)
     # Programs compiled on worker threads while the noise probe runs: jax.grad when it
     # is the analytic side, and in full mode every leaf's evaluator.
-    ahead = (("grad",) if grad is None else ()) + (("evaluators",) if mode == "full" and stencil != "complex" else ())
+    ahead = (("grad",) if grad is None else ()) + (
+        ("evaluators",) if mode == "full" and stencil != "complex" else ())
     with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead) as problem:
         a_leaves = analytic_gradient(problem, grad)
         if mode != "full":

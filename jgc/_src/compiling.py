@@ -43,6 +43,7 @@ def fast() -> dict | None:
     """
     return FAST if jax.default_backend() == "cpu" else None
 
+
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 
@@ -103,11 +104,3 @@ class Ahead:
             return compiled(*args)
         self.fallbacks += 1
         return self.jitted(*args)
-
-    def lower(self, *args):
-        return self.jitted.lower(*args)
-
-
-def spec(x) -> jax.ShapeDtypeStruct:
-    """The abstract value of an array, for lowering ahead of the call."""
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)

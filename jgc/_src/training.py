@@ -67,9 +67,9 @@ class CheckedStep:
 
     def _hand_over(self) -> None:
         # A Python-level __call__ costs more than the few hundred ns of a function call:
-        # measured in one process (benchmarks/bench_optax.py), a class __call__ around a
-        # 150 µs jitted Adam step added 2-3 % to its median, a function wrapper about
-        # 0.6 %. So once no check is left, this instance gets its own subclass whose
+        # measured in one process with interleaved loops (as benchmarks/bench_optax.py
+        # times them), a class __call__ around a 150 µs jitted Adam step added 2-3 % to
+        # its median, a function wrapper about 0.6 %. So once no check is left, this instance gets its own subclass whose
         # __call__ *is* the step: CPython then calls the step directly, with no frame of
         # ours (staticmethod keeps a plain function from being bound to the instance).
         self.__class__ = type(type(self).__name__, (type(self),),
