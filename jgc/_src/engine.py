@@ -302,9 +302,12 @@ class DirectionEvaluator:
         n = int(self.offsets[-1])
         if n >= 2**31:
             raise ValueError("DirectionEvaluator: more than 2^31 parameters are not supported.")
-        wide = jnp.result_type(*[jnp.asarray(g).dtype for g in grads])
+        wide = jnp.result_type(*[np.asarray(g).dtype for g in grads])
         self.dtype = jnp.result_type(*[x.dtype for x, mv in zip(leaves, movable) if mv] or [wide])
-        aux = [(jnp.asarray(s, x.dtype).reshape(x.shape), jnp.asarray(g, wide).reshape(x.shape)) if mv else None
+        # Built on the host and moved with device_put: eager jnp casts would each compile
+        # a small program per shape.
+        aux = [(jax.device_put(np.asarray(s, x.dtype).reshape(x.shape)),
+                jax.device_put(np.asarray(g, wide).reshape(x.shape))) if mv else None
                for x, s, g, mv in zip(leaves, scales, grads, movable)]
         # Each row holds a perturbed copy of the parameters and a direction.
         by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, 2 * n))

@@ -168,8 +168,8 @@ class Problem(Scoped):
                 # program XLA builds (fusions, algebraic rewrites) is the same; only the
                 # machine code is less tuned, and its rounding can differ from an
                 # optimised build in the last bits, far below any tolerance.
-                self._grad = compiling.Ahead(jax.jit(jax.grad(self.full_cost)), self.dyn,
-                                             self.argarr, options=compiling.fast())
+                self._grad = compiling.Ahead(self._jitted_grad(), self.dyn, self.argarr,
+                                             options=compiling.fast())
             except Exception:  # noqa: BLE001 - re-raised by gradient() with context
                 self._grad = None
         if "evaluators" in self.ahead:
@@ -181,11 +181,13 @@ class Problem(Scoped):
                 except Exception:  # noqa: BLE001 - compiled (and raised) on first call
                     pass
 
+    def _jitted_grad(self):
+        return jax.jit(jax.grad(self.full_cost))
+
     def gradient(self) -> list:
         """``jax.grad`` of the cost w.r.t. the checked leaves, at θ."""
-        if self._grad is not None:
-            return self._grad(self.dyn, self.argarr)
-        return jax.jit(jax.grad(self.full_cost))(self.dyn, self.argarr)
+        grad = self._grad if self._grad is not None else self._jitted_grad()
+        return grad(self.dyn, self.argarr)
 
     def _traced(self):
         """J traced and lowered afresh (a new function, so never a cached trace)."""

@@ -57,7 +57,6 @@ class CheckedStep:
         self.calls = 0
         self.reports: list[tuple[int, Report]] = []
         self._pending = sorted(set(at_steps))
-        self._next = self._pending[0] if self._pending else -1  # -1: no check left
         self._on_failure = on_failure
         self._select = select
         self._has_aux = has_aux
@@ -83,9 +82,8 @@ class CheckedStep:
         # Runs only while checks are pending (see _hand_over).
         i = self.calls
         self.calls = i + 1
-        if i == self._next:
+        if i == self._pending[0]:
             self._pending.pop(0)
-            self._next = self._pending[0] if self._pending else -1
             if not self._pending:
                 self._hand_over()  # the next call goes straight to the step
             self.run_check(i, args, kwargs)
