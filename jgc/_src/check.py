@@ -34,6 +34,30 @@ def _is_gradient_tree(grad, split) -> bool:
     return True
 
 
+def _reads_as_gradient(tree, problem: Problem) -> bool:
+    """True when ``tree`` has the structure of params with an array at every checked leaf."""
+    try:
+        per_leaf = problem.split.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        return False
+    return all(isinstance(per_leaf[pos], (np.ndarray, np.generic, jax.Array))
+               for pos in problem.split.dynamic_index)
+
+
+def _drop_grad_aux(tree, problem: Problem):
+    """With has_aux, a grad callable returns the gradient or (gradient, aux): tell which.
+
+    A pair whose first element reads as a gradient of params is (gradient, aux), as
+    ``jax.grad(fn, has_aux=True)`` returns; anything else is the gradient. A plain
+    gradient's first element is the gradient of params' first subtree, one level shallower
+    than params, so it reads as a whole gradient only if the gradient holds a subtree
+    where params has a non-array leaf.
+    """
+    if isinstance(tree, (tuple, list)) and len(tree) == 2 and _reads_as_gradient(tree[0], problem):
+        return tree[0]
+    return tree
+
+
 def analytic_gradient(problem: Problem, grad) -> list:
     """Return the analytic gradient of every perturbed leaf, as NumPy arrays."""
     api, split = problem.api, problem.split
@@ -46,6 +70,8 @@ def analytic_gradient(problem: Problem, grad) -> list:
             e.add_note(f"{api}: raised while calling grad(params, *args).")
             raise
         what = "grad(params, *args)"
+        if problem.has_aux:
+            tree = _drop_grad_aux(tree, problem)
     else:
         tree, what = grad, "grad"
     try:
@@ -55,7 +81,9 @@ def analytic_gradient(problem: Problem, grad) -> list:
         raise ValueError(
             f"{api}: {what} must have the tree structure of params.\n  params: "
             f"{split.treedef}\n  {what}: {got}\nReturn a pytree shaped like params "
-            "(e.g. the same dict keys, list lengths and NamedTuple fields)."
+            "(e.g. the same dict keys, list lengths and NamedTuple fields)"
+            + (", or a pair (gradient, aux) with has_aux=True." if what != "grad" and problem.has_aux
+               else ".")
         ) from e
     out = []
     for k, pos in enumerate(split.dynamic_index):
@@ -242,7 +270,7 @@ def _validate(stencil, mode, rtol, atol, strict):
             raise ValueError(f"jgc.check: {name} must be a non-negative number or None, got {v!r}.")
 
 
-def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
+def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, stencil: str = "central",
           precision: str = "auto", rtol: float | None = None, atol: float | None = None,
           step: float | None = None, strict: bool = False, mode: str = "full",
           chunk_size: int | None = None, **mode_options) -> Report:
@@ -259,15 +287,20 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
     fail the cheap pass, a Richardson truncation estimate from steps h, 2h and 4h.
 
     Args:
-      fn: the cost, ``fn(params, *args) -> scalar``. ``args`` are data and are never
-        perturbed.
+      fn: the cost, ``fn(params, *args) -> scalar`` (or ``(scalar, aux)`` with
+        ``has_aux``). ``args`` are data and are never perturbed.
       params: any pytree. Floating and complex array leaves are checked; integer and
         bool arrays, Python scalars, callables and None are carried through untouched
         and listed as skipped.
       *args: extra arguments passed to ``fn`` (and to ``grad`` when callable).
       grad: None to use ``jax.grad(fn)`` (w.r.t. the checked leaves only); a callable
         ``grad(params, *args)`` returning a pytree like params (hand-written backprop);
-        or a pytree of already computed gradients.
+        or a pytree of already computed gradients. With ``has_aux`` the callable may
+        return the gradient or ``(gradient, aux)`` (as ``jax.grad(fn, has_aux=True)``
+        does): a pair whose first element has the structure of params is read as the
+        latter.
+      has_aux: as in ``jax.grad``: ``fn`` returns a pair ``(cost, aux)``; only the cost is
+        perturbed and differentiated, aux (any pytree, arrays or not) is ignored.
       stencil: "central" (default, O(h²)), "forward" (O(h)), "central4" (O(h⁴)),
         "richardson" (O(h⁶) from h, 2h, 4h) or "complex" (complex step; needs a
         complex-safe cost).
@@ -287,7 +320,8 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
       A :class:`jgc.Report`; ``report.ok`` is False when any element is a mismatch.
 
     Raises:
-      TypeError, ValueError: for bad input (the message names the argument or leaf).
+      TypeError, ValueError: for bad input (the message names the argument or leaf),
+        among them a ``(cost, aux)`` pair from ``fn`` without ``has_aux=True``.
 
     Example:
       >>> import jax.numpy as jnp, jgc
@@ -300,7 +334,8 @@ def check(fn: Callable, params: Any, *args, grad=None, stencil: str = "central",
     # is the analytic side, and in full mode every leaf's evaluator.
     ahead = (("grad",) if grad is None else ()) + (
         ("evaluators",) if mode == "full" and stencil != "complex" else ())
-    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead) as problem:
+    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead,
+                 has_aux=has_aux) as problem:
         a_leaves = analytic_gradient(problem, grad)
         if mode != "full":
             from .modes import run_mode
@@ -367,13 +402,14 @@ def _name(fn) -> str:
     return f"{mod}.{name}" if mod and mod not in ("__main__",) else name
 
 
-def numerical_grad(fn: Callable, params: Any, *args, stencil: str = "central",
-                   precision: str = "auto", step: float | None = None,
+def numerical_grad(fn: Callable, params: Any, *args, has_aux: bool = False,
+                   stencil: str = "central", precision: str = "auto", step: float | None = None,
                    chunk_size: int | None = None) -> Any:
     """Return the finite-difference gradient of ``fn`` at ``params`` (the lecture's gradApprox).
 
     Each element is (J(θ + h·e_i) − J(θ − h·e_i)) / 2h with the representable step,
-    computed as in :func:`check` (same stencils, steps and precision rules).
+    computed as in :func:`check` (same stencils, steps and precision rules). With
+    ``has_aux=True``, ``fn`` returns ``(cost, aux)`` and only the cost is differenced.
 
     Returns:
       A pytree shaped like ``params``: every checked leaf holds its numerical gradient
@@ -389,7 +425,7 @@ def numerical_grad(fn: Callable, params: Any, *args, stencil: str = "central",
         raise ValueError(f"jgc.numerical_grad: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
     ahead = ("evaluators",) if stencil != "complex" else ()
     with Problem(fn, params, args, precision=precision, chunk_size=chunk_size,
-                 api="jgc.numerical_grad", ahead=ahead) as problem:
+                 api="jgc.numerical_grad", ahead=ahead, has_aux=has_aux) as problem:
         out = []
         for k, x in enumerate(problem.dyn):
             h_rel = problem.leaf_step(k, stencil, step)
@@ -408,7 +444,8 @@ def assert_grads_close(fn: Callable, params: Any, *args, grad=None, custom_messa
 
     Returns the report when it passes. The error message starts with
     ``"jgc.assert_grads_close: gradients disagree"`` and holds the full report, failing
-    leaves first; ``err.report`` is the :class:`jgc.Report`.
+    leaves first; ``err.report`` is the :class:`jgc.Report`. ``options`` are those of
+    :func:`check`, ``has_aux`` among them.
     """
     rep = check(fn, params, *args, grad=grad, **options)
     if not rep.ok:

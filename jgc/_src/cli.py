@@ -5,8 +5,9 @@ Exit codes: 0 the derivatives agree, 1 a mismatch was found, 2 usage or input er
 ``jgc check`` imports ``fn`` from ``module:fn`` (``module`` is a dotted module name,
 importable from the current directory or PYTHONPATH, or a path to a ``.py`` file),
 calls the factories named by ``--params`` (and ``--args``) with no arguments, and runs
-``jgc.check(fn, params, *args)``. Every input error is reported in one sentence that
-names the thing and the fix, with exit code 2.
+``jgc.check(fn, params, *args)`` (with ``--has-aux``, ``fn`` returns ``(cost, aux)``).
+Every input error is reported in one sentence that names the thing and the fix, with
+exit code 2.
 """
 
 from __future__ import annotations
@@ -181,16 +182,27 @@ def _check(ns) -> int:
         import jgc
 
         try:
-            report = jgc.check(fn, params, *args, grad=grad, mode=ns.mode, strict=ns.strict, **options)
+            report = jgc.check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
+                               strict=ns.strict, **options)
         except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+            from .problem import OutputFormError
+
             notes = " ".join(getattr(e, "__notes__", ()))
+            hint = " On the command line that is --has-aux." if (
+                isinstance(e, OutputFormError) and not ns.has_aux) else ""
             raise InputError(
                 f"checking {ns.fn} with {len(args)} extra argument(s) raised "
-                f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}"
+                f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}{hint}"
             ) from e
         if ns.plot is not None:
+            cost = fn
+            if ns.has_aux:  # the step-size curve differences the cost alone
+                from .problem import drop_aux
+
+                def cost(p, *a):
+                    return drop_aux(fn(p, *a), True, api="jgc check --plot", fn=fn)
             try:
-                report.plot(ns.plot, fn=fn, params=params, args=args)
+                report.plot(ns.plot, fn=cost, params=params, args=args)
             except ImportError as e:
                 raise InputError(f"--plot {ns.plot}: {e}") from e
             except OSError as e:
@@ -226,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(anything but a tuple is passed as the one extra argument)")
     chk.add_argument("--grad", metavar="MODULE:FUNCTION",
                      help="a hand-written gradient grad(params, *args) to check instead of jax.grad")
+    chk.add_argument("--has-aux", action="store_true",
+                     help="FN returns (cost, aux), as for jax.grad(fn, has_aux=True); aux is ignored")
     chk.add_argument("--mode", default="full", choices=("full", "sampled", "directional", "auto"))
     chk.add_argument("--samples", type=int, help="elements per leaf (mode sampled / auto)")
     chk.add_argument("--budget", type=int, help="evaluation budget (mode auto / sampled)")

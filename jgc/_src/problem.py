@@ -72,6 +72,12 @@ def _wide_dtype(dtype):
     return np.dtype(np.float64)
 
 
+def _is_cost_and_aux(out) -> bool:
+    """True for a pair (scalar, anything): what a has_aux loss returns."""
+    return (isinstance(out, (tuple, list)) and len(out) == 2
+            and (isinstance(out[0], (int, float)) or getattr(out[0], "shape", None) == ()))
+
+
 def _require_finite(api, value):
     if not math.isfinite(value):
         raise ValueError(
@@ -85,6 +91,39 @@ def _fname(fn) -> str:
     return name or type(fn).__name__
 
 
+class OutputFormError(TypeError):
+    """fn's result has the wrong form for its ``has_aux`` setting (found while tracing)."""
+
+
+def _describe_output(out) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} elements"
+    shape = getattr(out, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+
+
+def drop_aux(out, has_aux: bool, *, api: str, fn, arg: str = "fn", first: str = "cost"):
+    """Return the part of ``fn``'s result that is differentiated: all of it, or ``out[0]``.
+
+    With ``has_aux`` (as in ``jax.grad``) ``fn`` returns a pair ``(output, aux)``, a tuple
+    or a list. aux may hold anything (arrays, ints, PRNG keys, strings) and is dropped
+    here, inside the traced function, so it is never perturbed, compared, converted or
+    returned from a transformation.
+
+    Raises:
+      OutputFormError: a ``TypeError``, when ``has_aux`` is set and ``out`` is not a pair.
+    """
+    if not has_aux:
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0]
+    raise OutputFormError(
+        f"{api}: has_aux=True expects {arg} to return a pair ({first}, aux), as "
+        f"jax.grad(..., has_aux=True) does, but {_fname(fn)} returned {_describe_output(out)}. "
+        f"Return ({first}, aux), or pass has_aux=False."
+    )
+
+
 class Problem(Scoped):
     """Inputs of a check, validated and converted to the evaluation precision.
 
@@ -94,9 +133,11 @@ class Problem(Scoped):
 
     def __init__(self, fn: Callable, params, args: tuple, *, precision: str = "auto",
                  api: str = "jgc.check", chunk_size: int | None = None,
-                 ahead: tuple[str, ...] = ()):
+                 ahead: tuple[str, ...] = (), has_aux: bool = False):
         if not callable(fn):
             raise TypeError(f"{api}: fn must be callable as fn(params, *args) -> scalar, got {type(fn).__name__}.")
+        if not isinstance(has_aux, bool):
+            raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
         if precision not in PRECISIONS:
             raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
         if any(_is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
@@ -106,6 +147,7 @@ class Problem(Scoped):
                 "e.g. in a test or once before the training loop."
             )
         self.fn, self.params, self.args, self.api = fn, params, args, api
+        self.has_aux = has_aux
         self.chunk_size = chunk_size
         # Programs the caller will need, compiled on worker threads while the noise
         # probe runs: "grad" (jax.grad of the cost), "evaluators" (every leaf's).
@@ -143,7 +185,15 @@ class Problem(Scoped):
         self.paths = self.split.dynamic_paths
 
         def full_cost(dyn, argarr):
-            return self.fn(self.split.combine(dyn), *self.rebuild_args(argarr))
+            out = self.fn(self.split.combine(dyn), *self.rebuild_args(argarr))
+            if not self.has_aux and _is_cost_and_aux(out):
+                raise OutputFormError(
+                    f"{self.api}: fn must return a scalar cost J, but {_fname(self.fn)} returned "
+                    f"{_describe_output(out)}, the first a scalar: a (cost, aux) pair. Pass "
+                    "has_aux=True to check the cost and ignore aux, as jax.grad(fn, has_aux=True) "
+                    "does, or return the cost alone."
+                )
+            return drop_aux(out, self.has_aux, api=self.api, fn=self.fn)
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
@@ -198,6 +248,8 @@ class Problem(Scoped):
         # of the cost separately (~0.4 s for a small MLP on a CPU, most of a check's set-up).
         try:
             lowered = self._traced()
+        except OutputFormError:
+            raise  # its message says all there is to say
         except Exception as e:  # re-raised with context, same type
             e.add_note(
                 f"{self.api}: raised while evaluating {_fname(self.fn)}(params, *args) at the "

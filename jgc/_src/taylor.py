@@ -59,8 +59,9 @@ class TaylorReport:
         }
 
 
-def check_taylor(fn, params, *args, grad=None, key=0, num_steps: int | None = None,
-                 largest_step: float = 0.1, precision: str = "auto") -> TaylorReport:
+def check_taylor(fn, params, *args, grad=None, has_aux: bool = False, key=0,
+                 num_steps: int | None = None, largest_step: float = 0.1,
+                 precision: str = "auto") -> TaylorReport:
     """Check a gradient by the convergence order of the first-order Taylor remainder.
 
     Evaluates J(θ + h·v) for a random direction v (scaled per element by the parameter
@@ -69,7 +70,7 @@ def check_taylor(fn, params, *args, grad=None, key=0, num_steps: int | None = No
     log h over the residuals that stand at least 100σ above the noise of J.
 
     Args:
-      fn, params, *args, grad, precision: as for :func:`jgc.check`.
+      fn, params, *args, grad, has_aux, precision: as for :func:`jgc.check`.
       key: int seed or PRNG key for the direction.
       num_steps: number of halvings of the step. Default: down to h ≈ (1000·u)^(1/2),
         where a remainder h²·|J''| still stands ~1000× above round-off u·|J| (about
@@ -88,7 +89,8 @@ def check_taylor(fn, params, *args, grad=None, key=0, num_steps: int | None = No
     """
     if num_steps is not None and num_steps < 3:
         raise ValueError(f"jgc.check_taylor: num_steps must be at least 3 to fit an order, got {num_steps}.")
-    with Problem(fn, params, args, precision=precision, api="jgc.check_taylor") as problem:
+    with Problem(fn, params, args, precision=precision, api="jgc.check_taylor",
+                 has_aux=has_aux) as problem:
         g = analytic_gradient(problem, grad)
         k = key if not isinstance(key, int) else jax.random.key(key)
         keys = jax.random.split(k, len(problem.dyn))

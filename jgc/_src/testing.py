@@ -77,15 +77,17 @@ def assert_grads_close(fn: Callable, params: Any, *args, grad=None,
         ``jax.nn.relu`` or ints, Flax NNX static attributes) are skipped, not perturbed.
       * ``fn`` may be jitted (``self.variant(fn)`` under ``chex.variants``); the
         assertion itself must run outside transformations.
+      * ``has_aux=True``: ``fn`` returns ``(cost, aux)`` as for ``jax.grad``; aux is
+        ignored, and a ``grad`` callable may return the gradient or ``(gradient, aux)``.
 
     Args:
-      fn: the cost, ``fn(params, *args) -> scalar``.
+      fn: the cost, ``fn(params, *args) -> scalar`` (``(scalar, aux)`` with ``has_aux``).
       params: the pytree whose floating leaves are checked.
       *args: data passed to ``fn``; never perturbed.
       grad: None, a gradient function or a gradient pytree (see :func:`jgc.check`).
       custom_message: text added, in brackets, to the first line of the failure.
-      **options: passed to :func:`jgc.check` (``rtol``, ``atol``, ``precision``,
-        ``stencil``, ``strict``, ``mode``, ...).
+      **options: passed to :func:`jgc.check` (``has_aux``, ``rtol``, ``atol``,
+        ``precision``, ``stencil``, ``strict``, ``mode``, ...).
 
     Returns:
       The :class:`jgc.Report`, when the gradients agree.
@@ -121,7 +123,8 @@ def assert_grads_differ(fn: Callable, params: Any, *args, grad=None,
     or backprop must be caught, and caught in the right place.
 
     Args:
-      fn, params, *args, grad, **options: as :func:`assert_grads_close`.
+      fn, params, *args, grad, **options: as :func:`assert_grads_close` (``has_aux``
+        included).
       leaves: a ``jax.tree_util.keystr`` path (e.g. ``"['w']"``) or a list of them.
         When given, exactly these leaves must fail; None accepts any failing leaf.
       custom_message: text added, in brackets, to the first line of the failure.

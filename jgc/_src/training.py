@@ -109,14 +109,7 @@ class CheckedStep:
                 "the checked step was called inside jit (its arguments are tracers). Jit the "
                 "step first and wrap the jitted one: jgc.with_grad_check(jax.jit(step), loss_fn)."
             ))
-        fn = self.loss_fn
-        if self._has_aux:
-            def fn(p, *a, _loss=self.loss_fn):
-                return _loss(p, *a)[0]
-
-            fn.__qualname__ = getattr(self.loss_fn, "__qualname__", "loss_fn")
-            fn.__module__ = getattr(self.loss_fn, "__module__", None)
-        report = check(fn, params, *loss_args, **self._options)
+        report = check(self.loss_fn, params, *loss_args, has_aux=self._has_aux, **self._options)
         self.reports.append((i, report))
         if not report.ok:
             where = ""
@@ -156,7 +149,8 @@ def with_grad_check(step: Callable, loss_fn: Callable, *, at_steps: Sequence[int
       select: ``select(*step_args, **step_kwargs) -> (params, loss_args_tuple)``. The
         default takes ``step(params, opt_state, *batch)``; for a Flax ``TrainState``
         use ``select=lambda state, batch: (state.params, (batch,))``.
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; only the loss is checked.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; only the loss is checked (as
+        :func:`jgc.check` with ``has_aux=True``, aux may be any pytree).
       **check_options: passed to :func:`jgc.check` (``rtol``, ``mode``, ``precision``...).
 
     Returns:
@@ -203,6 +197,8 @@ def with_grad_check(step: Callable, loss_fn: Callable, *, at_steps: Sequence[int
         raise ValueError(_api_error(
             f"at_steps must be non-negative call indices (0 is the first call), got {at_steps}."
         ))
+    if not isinstance(has_aux, bool):
+        raise TypeError(_api_error(f"has_aux must be True or False, got {has_aux!r}."))
     if select is not None and not callable(select):
         raise TypeError(_api_error(
             "select must be a callable select(*step_args) -> (params, loss_args), got "

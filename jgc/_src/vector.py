@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, policy, stencils, trees
-from .problem import Scoped, precision_scope
+from .problem import OutputFormError, Scoped, drop_aux, precision_scope
 
 PRECISIONS = ("auto", "float64", "native")
 
@@ -192,9 +192,8 @@ class VectorProblem(Scoped):
 
     def call(self, dyn, argarr):
         """f at the given perturbed leaves, aux dropped."""
-        prims = self.primals_from(dyn, argarr)
-        out = self.f(*prims)
-        return out[0] if self.has_aux else out
+        out = self.f(*self.primals_from(dyn, argarr))
+        return drop_aux(out, self.has_aux, api=self.api, fn=self.f, arg="f", first="output")
 
     def primals_from(self, dyn, argarr) -> list:
         prims = list(self.rebuild_args(argarr))
@@ -216,28 +215,13 @@ class VectorProblem(Scoped):
         return tuple(tang)
 
     def _first_output(self):
-        seen = {}
-
-        def main_output(d, a):
-            raw = self.f(*self.primals_from(d, a))
-            if self.has_aux:
-                if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
-                    seen["bad"] = type(raw).__name__
-                    return None
-                raw = raw[0]  # aux may hold anything (strings, objects): never traced out
-            return raw
-
         try:
-            out = jax.eval_shape(main_output, self.dyn, self.argarr)
+            return jax.eval_shape(self.call, self.dyn, self.argarr)
+        except OutputFormError:
+            raise
         except Exception as e:  # re-raised with context, same type
             e.add_note(f"{self.api}: raised while evaluating {fname(self.f)}(*primals) at the given point.")
             raise
-        if "bad" in seen:
-            raise TypeError(
-                f"{self.api}: has_aux=True expects f to return a pair (output, aux), but "
-                f"{fname(self.f)} returned {seen['bad']}. Return (output, aux) or pass has_aux=False."
-            )
-        return out
 
     def _layout(self, out):
         wp, _ = jax.tree_util.tree_flatten_with_path(out)
