@@ -161,14 +161,19 @@ def _sgd_step(params, opt_state, x, y):
     return jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, g), opt_state
 
 
-def test_with_grad_check_has_aux_checks_the_loss():
-    step = jgc.with_grad_check(jax.jit(_sgd_step), loss_and_metrics, has_aux=True)
+def test_with_grad_check_has_aux_is_the_core_one():
+    # A grad callable returning (gradient, aux) is read as jgc.check reads it.
+    step = jgc.with_grad_check(jax.jit(_sgd_step), loss_and_metrics, has_aux=True,
+                               grad=jax.grad(loss_and_metrics, has_aux=True))
     params, state = PARAMS, ()
     for _ in range(2):
         params, state = step(params, state, X, Y)
     ((index, report),) = step.reports
     assert index == 0 and report.ok, report
     assert report.function.endswith("loss_and_metrics")
+    wrong = jgc.with_grad_check(_sgd_step, loss_and_metrics, has_aux=True, grad=wrong_grad_and_aux)
+    with pytest.raises(jgc.GradCheckError, match=r"at training step 0 at \['w'\]\[0, 1\]"):
+        wrong(PARAMS, (), X, Y)
 
 
 def test_with_grad_check_has_aux_errors_are_the_core_ones():
