@@ -262,11 +262,13 @@ def _run_rows(ev, cols: tuple, total: int) -> np.ndarray:
         args = [c[k * per:(k + 1) * per].reshape(shape + c.shape[1:]) for c in cols]
         if ev.shard:
             args = ev.shard.split_rows(args)
+        if not ev.shard:  # explicit transfers: allowed under jax.transfer_guard("disallow")
+            args = [jax.device_put(a) for a in args]
         outs.append(ev._call(ev.x0, *args, ev.operands))
     values = []
     done = 0
     for o in outs:
-        v = ev.shard.gather(o) if ev.shard else np.asarray(o)
+        v = ev.shard.gather(o) if ev.shard else np.asarray(jax.device_get(o))
         values.append(v.reshape((per,) + v.shape[len(shape):]))
         got = min(per, total - done)
         done += got

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import compare, policy, stencils, trees
 from .report import MISMATCH, STATUS_NAMES, LeafReport, Report, verdict
-from .vector import NoForwardRule, NoReverseRule, VectorProblem, fname
+from .vector import NoForwardRule, NoReverseRule, VectorProblem, fname, to_device
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 VJP_AGAINST = ("auto", "numerical", "jvp")
@@ -219,7 +219,7 @@ def _basis(vp: VectorProblem, k: int, coords: np.ndarray) -> list:
             flat = t.reshape(coords.size, -1)
             val = np.where(coords >= m, 1j, 1.0) if vp.is_complex(k) else np.ones(coords.size)
             flat[np.arange(coords.size), coords % m] = val
-        out.append(jnp.asarray(t))
+        out.append(to_device(t))
     return out
 
 

@@ -81,6 +81,17 @@ def as_array_primal(x):
     return x
 
 
+def to_host(x) -> np.ndarray:
+    """A device array (or a NumPy one) as NumPy: an explicit transfer, allowed under
+    ``jax.transfer_guard("disallow")``."""
+    return np.asarray(jax.device_get(x))
+
+
+def to_device(x, dtype=None):
+    """A host array on the default device: an explicit transfer (``jax.transfer_guard``)."""
+    return jax.device_put(np.asarray(x, dtype))
+
+
 def _wide(dtype) -> np.dtype:
     return np.dtype(np.complex128 if np.issubdtype(dtype, np.complexfloating) else np.float64)
 
@@ -181,11 +192,11 @@ class VectorProblem(Scoped):
         self.y0 = None
         u = max(policy.unit_roundoff(d) for d in self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
         self.u = u
-        abs_all = np.concatenate([np.abs(np.asarray(x)).ravel() for x in self.dyn])
+        abs_all = np.concatenate([np.abs(to_host(x)).ravel() for x in self.dyn])
         rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
         self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
         self.scales = [
-            policy.coordinate_scale(np.abs(np.asarray(x)).ravel(), self.global_scale) for x in self.dyn
+            policy.coordinate_scale(np.abs(to_host(x)).ravel(), self.global_scale) for x in self.dyn
         ]
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise (needs the direction bank)
@@ -378,13 +389,13 @@ class VectorProblem(Scoped):
             sign = rng.choice([-1.0, 1.0], size=x.size)
             if self.is_complex(k):
                 sign = sign * np.where(rng.random(x.size) < 0.5, 1.0, 1j)
-            probe.append(jnp.asarray((sign * self.scales[k]).reshape(x.shape).astype(x.dtype)))
+            probe.append(to_device((sign * self.scales[k]).reshape(x.shape).astype(x.dtype)))
         if tangents:
             nd = int(np.asarray(tangents[0]).shape[0])
-            tang = [jnp.asarray(np.asarray(t, x.dtype).reshape((nd,) + tuple(x.shape)))
+            tang = [to_device(np.asarray(t, x.dtype).reshape((nd,) + tuple(x.shape)))
                     for t, x in zip(tangents, self.dyn)]
         else:
-            nd, tang = 1, [jnp.zeros((1,) + tuple(x.shape), x.dtype) for x in self.dyn]
+            nd, tang = 1, [to_device(np.zeros((1,) + tuple(x.shape), x.dtype)) for x in self.dyn]
         self.bank = (probe, tang)
         total = sum(x.size for x in self.dyn)
         self.rows = self.chunk_size or max(1, min(engine.DEFAULT_BATCH_EVALS, engine.BATCH_ELEMENT_BUDGET // max(1, total)))
@@ -397,7 +408,9 @@ class VectorProblem(Scoped):
                     for j, (p, t) in enumerate(zip(probe, tang))]
 
         def one(s, b, bank, dyn, argarr):
-            moved = [x + (s * t).astype(x.dtype) for x, t in zip(dyn, tangent_of(b, bank))]
+            # s is real, t may be complex: cast s to t's dtype (strict promotion).
+            moved = [x + (s.astype(t.dtype) * t).astype(x.dtype)
+                     for x, t in zip(dyn, tangent_of(b, bank))]
             return self.F(moved, argarr)
 
         self.tangent_of = tangent_of
@@ -409,8 +422,8 @@ class VectorProblem(Scoped):
         n = rows.size
         nch = max(1, math.ceil(n / c))
         rows = np.concatenate([rows, np.repeat(rows[-1:], nch * c - n)]).astype(np.int32)
-        outs = [fn(rows[i * c:(i + 1) * c], *operands) for i in range(nch)]
-        return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n], *outs)
+        outs = [fn(to_device(rows[i * c:(i + 1) * c]), *operands) for i in range(nch)]
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate([to_host(x) for x in xs])[:n], *outs)
 
     def eval_rows(self, s: np.ndarray, b: np.ndarray) -> np.ndarray:
         """y at x + s_r·bank[b_r] for every row r: shape (rows, n_out)."""
@@ -421,10 +434,11 @@ class VectorProblem(Scoped):
         pad = nch * c - total
         s = np.concatenate([s, np.repeat(s[-1:], pad)]).astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
         b = np.concatenate([b, np.repeat(b[-1:], pad)]).astype(np.int32)
-        outs = [self._dir_batch(s[i * c:(i + 1) * c], b[i * c:(i + 1) * c], self.bank, self.dyn, self.argarr)
+        outs = [self._dir_batch(to_device(s[i * c:(i + 1) * c]), to_device(b[i * c:(i + 1) * c]), self.bank,
+                                self.dyn, self.argarr)
                 for i in range(nch)]
         self.counter.evaluations += total
-        return np.concatenate([np.asarray(o, np.float64) for o in outs])[:total]
+        return np.concatenate([to_host(o).astype(np.float64) for o in outs])[:total]
 
     def measure_noise(self):
         """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
@@ -492,7 +506,7 @@ class VectorProblem(Scoped):
             cache[k] = engine.LeafEvaluator(cost, x.ravel(), (self.dyn, self.argarr),
                                             chunk_size=self.chunk_size, counter=self.counter)
         m = x.size
-        x0 = np.asarray(x).ravel()
+        x0 = to_host(x).ravel()
         elem = coords % m
         unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
         h = h_rel * self.scales[k][elem]
@@ -545,13 +559,16 @@ class VectorProblem(Scoped):
             def fn(rows, dyn, argarr):
                 return self._chunked(vfn, np.asarray(rows), self.bank, dyn, argarr)
         else:
-            fn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
+            vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
+
+            def fn(T, dyn, argarr):
+                return vfn([to_device(t) if isinstance(t, np.ndarray) else t for t in T], dyn, argarr)
 
         def run(T):
             try:
                 prim, tout = fn(T, self.dyn, self.argarr)
-                self.check_primal(np.asarray(prim)[0], None if user_jvp is None else "jvp")
-                return np.asarray(tout, np.float64)
+                self.check_primal(to_host(prim)[0], None if user_jvp is None else "jvp")
+                return to_host(tout).astype(np.float64)
             except TypeError as e:
                 if user_jvp is None and "custom_vjp" in str(e):
                     raise NoForwardRule(str(e)) from e
@@ -591,9 +608,9 @@ class VectorProblem(Scoped):
 
         def run(C):
             try:
-                prim, W = fn(jnp.asarray(C, self.out_dtype), self.dyn, self.argarr)
-                self.check_primal(np.asarray(prim)[0], None if user_vjp is None else "vjp")
-                return [np.asarray(w) for w in W]
+                prim, W = fn(to_device(C, self.out_dtype), self.dyn, self.argarr)
+                self.check_primal(to_host(prim)[0], None if user_vjp is None else "vjp")
+                return [to_host(w) for w in W]
             except ValueError as e:
                 if user_vjp is None and "Reverse-mode differentiation does not work" in str(e):
                     raise NoReverseRule(str(e)) from e

@@ -1,0 +1,408 @@
+"""Question: on a corpus nobody here wrote — JAX's own primitive test harnesses — does
+``jgc.check_grads`` run wherever ``jax.test_util.check_grads`` runs, and where the two
+disagree, which one is right?
+
+Corpus: ``jax._src.internal_test_util.test_harnesses.all_harnesses`` (every primitive
+JAX tests, ~5,600 harnesses). A harness is kept when it is implemented on this device,
+has at least one floating (or complex) dynamic argument and at least one floating
+output, and its primitive is differentiable (``jax.linearize`` of it does not raise
+"Differentiation rule ... not implemented"). The floating dynamic arguments are the
+checked primals; integer and boolean ones (indices, masks) are closed over, as JAX's
+own autodiff tests do.
+
+Both checkers run with their defaults (JAX's harnesses carry no gradient tolerances),
+order=1, modes ("fwd", "rev"), as ``jax/tests/lax_autodiff_test.py`` calls
+``check_grads``, under JAX's test configuration: ``jax.numpy_dtype_promotion("strict")``,
+once with x64 on and once with x64 off (one worker process per setting, x64 set before
+any argument is built; 64-bit harnesses are skipped with x64 off, as JAX's tests skip
+them). Each checker gets a per-harness time limit.
+
+Outcomes per checker: ``pass``, ``fail`` (AssertionError: derivatives disagree),
+``error`` (any other exception), ``timeout``. A disagreement (one passes, the other
+fails) is settled by an arbiter that neither checker is: the exact JVP and VJP of the
+function evaluated in float64 (x64 on) against a five-point central difference along
+the same random direction at three steps; the derivative is called wrong when no step
+brings the two within 1e-6 relative (float64), which no rounding or truncation of a
+smooth function at these steps explains. Each disagreement is then one of:
+
+* "bug JAX misses": JAX passes, jgc fails, the arbiter says the derivative is wrong;
+* "jgc false alarm": jgc fails, the arbiter says the derivative is right;
+* "JAX false alarm": JAX fails, the arbiter says the derivative is right (typically
+  its fixed step 1e-4 in float32, or tolerance × size rules);
+* "bug jgc misses": jgc passes, the arbiter says the derivative is wrong;
+* "undecided": the arbiter cannot evaluate (non-finite point, kink at the point).
+
+Run from the repository root (the whole corpus takes long on 2 cores; nice it):
+
+    nice -n 19 python benchmarks/bench_harnesses.py                 # all, both x64 settings
+    python benchmarks/bench_harnesses.py --only sin cholesky --x64 on
+    python benchmarks/bench_harnesses.py --limit 40                  # first 40 kept per setting
+
+Writes benchmarks/results/harnesses.md (and harnesses.jsonl, one line per harness and
+setting, which ``--resume`` reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+JSONL = RESULTS / "harnesses.jsonl"
+MD = RESULTS / "harnesses.md"
+
+# Seconds each checker may take on one harness (compile included); a harness over it
+# is recorded as "timeout" for that checker.
+DEFAULT_TIME_LIMIT = 60.0
+
+
+class Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def handler(signum, frame):
+        raise Timeout(f"over {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- corpus ------------------------------------------------------------------------------
+def _is_float(x) -> bool:
+    import numpy as np
+
+    return np.asarray(x).dtype.kind in "fc"
+
+
+def harness_case(h):
+    """(function of the floating dynamic args, tuple of those args) for harness h."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    dyn = h.dyn_args_maker(rng)
+    idx = [i for i, a in enumerate(dyn) if _is_float(a)]
+
+    def g(*fargs):
+        full = list(dyn)
+        for i, a in zip(idx, fargs):
+            full[i] = a
+        return h.dyn_fun(*full)
+
+    g.__qualname__ = h.fullname
+    return g, tuple(dyn[i] for i in idx)
+
+
+def selected(ns, x64: bool):
+    """Harnesses kept for this setting, with the reason for every one left out."""
+    import jax
+    import numpy as np
+    from jax._src.internal_test_util import test_harnesses as th
+
+    kept, dropped = [], {}
+    for h in th.all_harnesses:
+        if ns.only and not any(o == h.group_name or o in h.fullname for o in ns.only):
+            continue
+        if not h.filter(jax.default_backend()):
+            dropped["not implemented on this device"] = dropped.get("not implemented on this device", 0) + 1
+            continue
+        if not x64 and np.dtype(h.dtype).itemsize * (1 if np.dtype(h.dtype).kind != "c" else 0.5) >= 8:
+            dropped["64-bit dtype (needs x64)"] = dropped.get("64-bit dtype (needs x64)", 0) + 1
+            continue
+        kept.append(h)
+    return kept, dropped
+
+
+def differentiable(g, args) -> tuple[bool, str]:
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        out = jax.eval_shape(g, *args)
+    except Exception as e:  # noqa: BLE001
+        return False, f"f raises: {type(e).__name__}"
+    if not any(jnp.issubdtype(o.dtype, jnp.inexact) for o in jax.tree_util.tree_leaves(out)):
+        return False, "no floating output"
+    try:
+        jax.eval_shape(lambda *a: jax.linearize(g, *a)[0], *args)
+    except NotImplementedError as e:
+        return False, "no differentiation rule" if "ifferentiation" in str(e) else f"linearize: {e}"[:80]
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        if "ifferentiation rule" in msg or "not implemented" in msg:
+            return False, "no differentiation rule"
+        return True, ""
+    return True, ""
+
+
+# -- checkers ----------------------------------------------------------------------------
+def run_checker(which, g, args, limit):
+    import jax
+
+    if which == "jax":
+        from jax.test_util import check_grads
+    else:
+        from jgc import check_grads
+    t = time.perf_counter()
+    msg = ""
+    try:
+        with time_limit(limit), jax.numpy_dtype_promotion("strict"):
+            check_grads(g, args, 1, modes=("fwd", "rev"))
+        outcome = "pass"
+    except Timeout as e:
+        outcome, msg = "timeout", str(e)
+    except AssertionError as e:
+        outcome, msg = "fail", str(e).strip().splitlines()[0][:300] if str(e).strip() else "AssertionError"
+    except Exception as e:  # noqa: BLE001
+        outcome = "error"
+        tb = traceback.extract_tb(e.__traceback__)
+        where = next((f"{Path(fr.filename).name}:{fr.lineno}" for fr in reversed(tb) if "jgc" in fr.filename), "")
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240] if str(e).strip() else ''} {where}"
+    return outcome, msg, time.perf_counter() - t
+
+
+def arbiter(g, args) -> tuple[str, str]:
+    """'right', 'wrong' or 'undecided': float64 JVP/VJP against a five-point stencil at three steps."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not jax.config.jax_enable_x64:
+        return "undecided", "arbiter needs x64"
+    try:
+        rng = np.random.default_rng(1)
+
+        def wide(a):
+            a = np.asarray(a)
+            return a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
+
+        x = [wide(a) for a in args]
+        t = []
+        for a in x:
+            z = rng.standard_normal(a.shape)
+            if a.dtype.kind == "c":
+                z = z + 1j * rng.standard_normal(a.shape)
+            t.append(z.astype(a.dtype))
+
+        def G(*a):
+            out = g(*[jnp.asarray(b, np.asarray(o).dtype) for b, o in zip(a, args)])
+            leaves = [o for o in jax.tree_util.tree_leaves(out) if jnp.issubdtype(o.dtype, jnp.inexact)]
+            return [jnp.asarray(o, jnp.complex128 if jnp.iscomplexobj(o) else jnp.float64) for o in leaves]
+
+        y0, jt = jax.jvp(G, tuple(x), tuple(t))
+        y0 = [np.asarray(v) for v in y0]
+        jt = np.concatenate([np.asarray(v).ravel() for v in jt])
+        if not all(np.all(np.isfinite(v)) for v in y0) or not np.all(np.isfinite(jt)):
+            return "undecided", "non-finite value or derivative at the point"
+        scale = max(1.0, max(float(np.max(np.abs(a), initial=0)) for a in x))
+        best = np.inf
+        for h in (1e-3 * scale, 1e-4 * scale, 1e-5 * scale):
+            def at(s):
+                return np.concatenate([np.asarray(v).ravel() for v in G(*[a + s * ti for a, ti in zip(x, t)])])
+            fd = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+            err = np.max(np.abs(fd - jt)) / max(1e-300, np.max(np.abs(jt)), np.max(np.abs(fd)))
+            best = min(best, float(err))
+        # VJP against the JVP (transpose identity), same direction, random cotangent.
+        out, vjp = jax.vjp(G, *x)
+        u = [rng.standard_normal(np.shape(o)).astype(np.asarray(o).dtype) for o in out]
+        w = vjp(u)
+        lhs = sum(float(np.real(np.vdot(np.conj(np.asarray(wi)), ti))) for wi, ti in zip(w, t))
+        jts = jax.jvp(G, tuple(x), tuple(t))[1]
+        rhs = sum(float(np.real(np.vdot(np.conj(ui), np.asarray(ji)))) for ui, ji in zip(u, jts))
+        terr = abs(lhs - rhs) / max(1e-300, abs(lhs) + abs(rhs))
+        if best > 1e-6:
+            return "wrong", f"JVP vs 5-point differences: relative error {best:.1e}"
+        if terr > 1e-9:
+            return "wrong", f"VJP is not the transpose of the JVP: relative error {terr:.1e}"
+        return "right", f"JVP agrees to {best:.0e}, transpose to {terr:.0e}"
+    except Exception as e:  # noqa: BLE001
+        return "undecided", f"arbiter raised {type(e).__name__}"
+
+
+def classify(jax_out, jgc_out, arb):
+    if jax_out == "pass" and jgc_out == "fail":
+        return {"wrong": "bug JAX misses", "right": "jgc false alarm"}.get(arb, "undecided")
+    if jax_out == "fail" and jgc_out == "pass":
+        return {"wrong": "bug jgc misses", "right": "JAX false alarm"}.get(arb, "undecided")
+    return ""
+
+
+# -- one setting in one process -------------------------------------------------------------
+def worker(ns):
+    import jax
+
+    x64 = ns.x64 == "on"
+    jax.config.update("jax_enable_x64", x64)
+    done = set()
+    if ns.resume and JSONL.exists():
+        for line in JSONL.read_text().splitlines():
+            r = json.loads(line)
+            if r["x64"] == x64:
+                done.add(r["name"])
+    kept, dropped = selected(ns, x64)
+    n = 0
+    with open(JSONL, "a") as out:
+        for h in kept:
+            if ns.limit and n >= ns.limit:
+                break
+            if h.fullname in done:
+                n += 1
+                continue
+            rec = {"name": h.fullname, "group": h.group_name, "dtype": str(h.dtype), "x64": x64}
+            try:
+                g, args = harness_case(h)
+            except Exception as e:  # noqa: BLE001
+                rec.update(kept=False, reason=f"arguments: {type(e).__name__}")
+                out.write(json.dumps(rec) + "\n")
+                continue
+            if not args:
+                continue
+            ok, why = differentiable(g, args)
+            if not ok:
+                rec.update(kept=False, reason=why)
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+                continue
+            n += 1
+            rec["kept"] = True
+            for which in ("jax", "jgc"):
+                o, m, s = run_checker(which, g, args, ns.time_limit)
+                rec[which], rec[which + "_msg"], rec[which + "_s"] = o, m, round(s, 3)
+            if {rec["jax"], rec["jgc"]} == {"pass", "fail"}:
+                rec["arbiter"], rec["arbiter_msg"] = arbiter(g, args)
+            print(f"[x64={ns.x64}] {n:4d} {h.fullname[:70]:70s} jax={rec['jax']:7s} jgc={rec['jgc']:7s}"
+                  f" {rec['jax_s']:6.2f}s {rec['jgc_s']:6.2f}s", flush=True)
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            jax.clear_caches()
+    print(json.dumps({"dropped": dropped}))
+
+
+# -- report ------------------------------------------------------------------------------------
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(cmd: str, seconds: float, explanations: dict):
+    import jax
+
+    recs = {}
+    for line in JSONL.read_text().splitlines():
+        r = json.loads(line)
+        recs[(r["name"], r["x64"])] = r  # the last line for a harness wins
+    lines = [
+        "# JAX's test harnesses: jgc.check_grads next to jax.test_util.check_grads",
+        "",
+        f"Command: `{cmd}` · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · "
+        f"jax {jax.__version__} · device {jax.default_backend()} · {os.cpu_count()} CPU cores · "
+        f"Python {platform.python_version()} · wall time {seconds / 60:.1f} min (this invocation).",
+        "",
+        "Corpus: `jax._src.internal_test_util.test_harnesses.all_harnesses`, kept when it has a",
+        "floating argument and output and a differentiable primitive; both checkers with their",
+        "defaults, order=1, modes (\"fwd\", \"rev\"), under `jax.numpy_dtype_promotion(\"strict\")`.",
+        "Read benchmarks/bench_harnesses.py's header for the method and the arbiter.",
+        "",
+        "| x64 | harnesses kept | left out | JAX pass | JAX fail | JAX error | JAX timeout "
+        "| jgc pass | jgc fail | jgc error | jgc timeout | jgc errors where JAX runs | disagree | JAX s | jgc s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    dis = []
+    for x64 in (True, False):
+        rs = [r for (n, x), r in recs.items() if x == x64]
+        if not rs:
+            continue
+        kept = [r for r in rs if r.get("kept")]
+        c = {(w, o): sum(r[w] == o for r in kept) for w in ("jax", "jgc") for o in ("pass", "fail", "error", "timeout")}
+        jgc_err_where_jax_runs = sum(r["jgc"] in ("error", "timeout") and r["jax"] in ("pass", "fail") for r in kept)
+        d = [r for r in kept if {r["jax"], r["jgc"]} == {"pass", "fail"}]
+        dis += d
+        lines.append(
+            f"| {'on' if x64 else 'off'} | {len(kept)} | {len(rs) - len(kept)} | "
+            + " | ".join(str(c[(w, o)]) for w in ("jax", "jgc") for o in ("pass", "fail", "error", "timeout"))
+            + f" | {jgc_err_where_jax_runs} | {len(d)} | {sum(r['jax_s'] for r in kept):.0f} | {sum(r['jgc_s'] for r in kept):.0f} |")
+    lines += ["", "Left out (not counted above), by reason:", ""]
+    why = {}
+    for r in recs.values():
+        if not r.get("kept"):
+            k = ("on" if r["x64"] else "off", r.get("reason", "?"))
+            why[k] = why.get(k, 0) + 1
+    for (x, reason), k in sorted(why.items()):
+        lines.append(f"- x64 {x}: {reason}: {k}")
+    lines += ["", "## Disagreements", ""]
+    if dis:
+        kinds = {}
+        for r in dis:
+            r["kind"] = classify(r["jax"], r["jgc"], r.get("arbiter", "undecided"))
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        lines.append("By kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ".")
+        lines += ["", "| harness | x64 | JAX | jgc | kind | arbiter | explanation |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(dis, key=lambda r: (r["kind"], r["group"], r["name"])):
+            ex = explanations.get(r["group"], "") or explanations.get(r["kind"], "")
+            lines.append(f"| {_md_escape(r['name'][:90])} | {'on' if r['x64'] else 'off'} | {r['jax']} | {r['jgc']} | "
+                         f"{r['kind']} | {_md_escape(r.get('arbiter_msg', ''))} | {_md_escape(ex)} |")
+    else:
+        lines.append("None.")
+    errs = [r for r in recs.values() if r.get("kept") and (r["jgc"] in ("error", "timeout") or r["jax"] in ("error", "timeout"))]
+    lines += ["", "## Errors and timeouts", ""]
+    if errs:
+        lines += ["| harness | x64 | JAX | jgc | message |", "|---|---|---|---|---|"]
+        for r in sorted(errs, key=lambda r: (r["group"], r["name"])):
+            m = r["jgc_msg"] if r["jgc"] in ("error", "timeout") else r["jax_msg"]
+            lines.append(f"| {_md_escape(r['name'][:90])} | {'on' if r['x64'] else 'off'} | {r['jax']} | {r['jgc']} | {_md_escape(m[:200])} |")
+    else:
+        lines.append("None.")
+    MD.write_text("\n".join(lines) + "\n")
+    print("wrote", MD)
+
+
+# Why checkers disagree, per primitive group or per kind (written after reading the
+# failing cases; the arbiter's verdict is printed next to each).
+EXPLANATIONS: dict[str, str] = {}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="primitive groups or name substrings")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many kept harnesses per setting")
+    ap.add_argument("--x64", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, help="seconds per checker and harness")
+    ap.add_argument("--resume", action="store_true", help="keep earlier lines of harnesses.jsonl")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ns = ap.parse_args(argv)
+    if ns.worker:
+        worker(ns)
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    if not ns.resume and JSONL.exists():
+        JSONL.unlink()
+    t = time.perf_counter()
+    for x in (("on", "off") if ns.x64 == "both" else (ns.x64,)):
+        cmd = [sys.executable, __file__, "--worker", "--x64", x, "--time-limit", str(ns.time_limit), "--resume"]
+        cmd += ["--limit", str(ns.limit)] if ns.limit else []
+        cmd += ["--only", *ns.only] if ns.only else []
+        subprocess.run(cmd, check=False)
+    argv_s = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    write_report(f"python benchmarks/bench_harnesses.py {argv_s}".strip(), time.perf_counter() - t, EXPLANATIONS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
