@@ -131,7 +131,25 @@ def block_report(*, path, label, output_path, shape, dtype, a, n, bound, codes, 
     )
 
 
-def make_report(vp: VectorProblem, leaves: list, *, api, mode, stencil, step, strict, notes=()) -> Report:
+def _primal_blocks(vp: VectorProblem, prefixes: dict) -> list:
+    """Mismatch blocks for derivative rules whose primal output is not f(x) (see check_primal)."""
+    out = []
+    for which, again in getattr(vp, "primal_mismatches", {}).items():
+        bad = vp._differs(again)
+        for ol in vp.out_leaves:
+            c = slice(ol.start, ol.stop)
+            out.append(block_report(
+                path=ol.path, label=f"{prefixes.get(which, which + ': ')}primal output {ol.path} (f(x) from "
+                f"jax.{which.lower()})", output_path=ol.path, shape=ol.block_shape, dtype=ol.dtype.name,
+                a=again[c], n=vp.y0[c], bound=np.full(ol.stop - ol.start, vp.primal_bound()),
+                codes=np.where(bad[c], MISMATCH, 0).astype(np.int8), split_index=lambda w: (w, ()),
+                step=0.0, g_ref=_gref(vp.y0[c], 1.0)))
+    return out
+
+
+def make_report(vp: VectorProblem, leaves: list, *, api, mode, stencil, step, strict, notes=(),
+                prefixes=None) -> Report:
+    leaves = list(leaves) + _primal_blocks(vp, prefixes or {})
     ok, normwise = verdict(leaves, strict)
     skipped = tuple(vp.skipped) + tuple((p, f"output {d}") for p, d in vp.out_skipped)
     return Report(
@@ -481,7 +499,7 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
 
 def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fallback, argnums,
                        has_aux, key, nd, nc, precision, rtol, atol, step, strict, chunk_size,
-                       labels=("", ""), in_label=None, out_name="out"):
+                       labels=("", ""), in_label=None, out_name="out", allow_nonfinite=False):
     """The shared body of check_jvp, check_vjp and check_grads.
 
     One preparation, one noise probe and one finite-difference pass (J·t for every
@@ -495,7 +513,8 @@ def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fa
     rng = rng_from_key(key, api)
     notes = []
     with VectorProblem(f, primals, argnums=argnums, has_aux=has_aux, precision=precision, api=api,
-                       chunk_size=chunk_size, in_label=in_label, out_name=out_name) as vp:
+                       chunk_size=chunk_size, in_label=in_label, out_name=out_name,
+                       allow_nonfinite=allow_nonfinite) as vp:
         T, rows = _setup_directions(vp, rng, nd)
         h = vp.relative_step("central", step)
         name = fname(f)
@@ -551,7 +570,8 @@ def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fa
         if do_vjp:
             Wc = [vp.to_coords(k, w) for k, w in enumerate(W)]
             Tc = [vp.tangent_coords(k, t) for k, t in enumerate(T)]
-            A = [w @ t.T for w, t in zip(Wc, Tc)]  # (L·nc, nd) per input leaf: ⟨Jᵀu, t⟩
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite pairs get their own status
+                A = [w @ t.T for w, t in zip(Wc, Tc)]  # (L·nc, nd) per input leaf: ⟨Jᵀu, t⟩
             if against in ("auto", "numerical"):
                 leaves += _judge_pairs_numerical(vp, A, U, nd, nc, h, step, rtol, atol, N, E, Fin,
                                                  prefix=labels[1])
@@ -559,7 +579,8 @@ def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fa
                 leaves += _judge_pairs_identity(vp, A, U, Wc, Tc, JT, nd, nc, h, rtol, atol, prefix=labels[1])
         mode = " + ".join(([f"jvp ({nd} directions per leaf)"] if do_jvp else [])
                           + ([f"vjp ({against})"] if do_vjp else []))
-        rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=strict, notes=notes)
+        rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=strict, notes=notes,
+                          prefixes={"JVP": labels[0], "VJP": labels[1]})
         return rep, do_jvp, do_vjp
 
 

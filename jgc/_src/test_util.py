@@ -186,7 +186,7 @@ def _check_level(f, args, order, modes, prefix, rng, opts, parts, notes):
         rep, did_fwd, did_rev = directional_checks(
             "jgc.check_grads", f, args, do_jvp=want_fwd, do_vjp=want_rev, jvp=None, vjp=None,
             against="numerical" if want_fwd else "auto", fallback=True, argnums=None, has_aux=False,
-            key=k_fwd, nc=opts["nd"], labels=(f"JVP{of}: ", f"VJP{of}: "), **opts)
+            allow_nonfinite=True, key=k_fwd, nc=opts["nd"], labels=(f"JVP{of}: ", f"VJP{of}: "), **opts)
         parts.append(rep)
     if "lin" in modes:
         def lin(p, t):
@@ -196,7 +196,8 @@ def _check_level(f, args, order, modes, prefix, rng, opts, parts, notes):
         try:
             rep, _, _ = directional_checks(
                 "jgc.check_grads", f, args, do_jvp=True, do_vjp=False, jvp=lin, vjp=None,
-                against="numerical", fallback=False, argnums=None, has_aux=False, key=k_lin,
+                against="numerical", fallback=False, argnums=None, has_aux=False, allow_nonfinite=True,
+                key=k_lin,
                 nc=1, labels=(f"LIN{of}: ", ""), **opts)
             parts.append(rep)
             did_fwd = True

@@ -53,11 +53,12 @@ def is_inexact_array(leaf) -> bool:
     return bool(jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-def split_params(params, *, what: str = "params") -> tuple[Split, list]:
+def split_params(params, *, what: str = "params", finite: bool = True) -> tuple[Split, list]:
     """Split ``params`` into a :class:`Split` and a list of perturbed leaves (copies).
 
     Raises:
-      ValueError: if there is no floating leaf, or a floating leaf holds NaN or Inf.
+      ValueError: if there is no floating leaf, or (``finite``) a floating leaf holds
+        NaN or Inf.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths, leaves, dyn_index, dyn, skipped = [], [], [], [], []
@@ -69,7 +70,7 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
             # and copies run in NumPy, so no tiny XLA program is compiled per leaf shape.
             host = np.array(leaf, copy=True)
             arr = jax.device_put(host)  # jnp.asarray would compile a program per shape
-            if not np.all(np.isfinite(host)):
+            if finite and not np.all(np.isfinite(host)):
                 bad = np.argwhere(~np.isfinite(host))
                 where = tuple(int(x) for x in bad[0]) if arr.ndim else ()
                 raise ValueError(
