@@ -499,7 +499,8 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
 
 def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fallback, argnums,
                        has_aux, key, nd, nc, precision, rtol, atol, step, strict, chunk_size,
-                       labels=("", ""), in_label=None, out_name="out", allow_nonfinite=False):
+                       labels=("", ""), in_label=None, out_name="out", allow_nonfinite=False,
+                       absolute_step=False):
     """The shared body of check_jvp, check_vjp and check_grads.
 
     One preparation, one noise probe and one finite-difference pass (J·t for every
@@ -514,7 +515,7 @@ def directional_checks(api, f, primals, *, do_jvp, do_vjp, jvp, vjp, against, fa
     notes = []
     with VectorProblem(f, primals, argnums=argnums, has_aux=has_aux, precision=precision, api=api,
                        chunk_size=chunk_size, in_label=in_label, out_name=out_name,
-                       allow_nonfinite=allow_nonfinite) as vp:
+                       allow_nonfinite=allow_nonfinite, absolute_step=absolute_step) as vp:
         T, rows = _setup_directions(vp, rng, nd)
         h = vp.relative_step("central", step)
         name = fname(f)

@@ -142,7 +142,7 @@ class VectorProblem(Scoped):
     def __init__(self, f: Callable, primals: tuple, *, argnums, has_aux: bool = False,
                  precision: str = "auto", api: str, chunk_size: int | None = None,
                  in_label: Callable[[int], str] | None = None, out_name: str = "out",
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, absolute_step: bool = False):
         if not callable(f):
             raise TypeError(f"{api}: f must be callable as f(*primals), got {type(f).__name__}.")
         if precision not in PRECISIONS:
@@ -162,6 +162,9 @@ class VectorProblem(Scoped):
         # With allow_nonfinite, NaN/Inf in the primals or in f(*primals) is compared as
         # jax.test_util.check_grads compares it (see jgc.check_grads) instead of refused.
         self.allow_nonfinite = allow_nonfinite
+        # absolute_step: every element's scale is 1, so a step h moves x by h·t with t
+        # an unscaled N(0, 1) direction: jax.test_util.check_grads's meaning of eps.
+        self.absolute_step = absolute_step
         self.argnums = normalize_argnums(argnums, len(primals), api)
         self.primals = tuple(as_array_primal(p) if i in self.argnums else p for i, p in enumerate(primals))
         self.chunk_size = chunk_size
@@ -211,7 +214,8 @@ class VectorProblem(Scoped):
         rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
         self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
         self.scales = [
-            policy.coordinate_scale(np.abs(to_host(x)).ravel(), self.global_scale) for x in self.dyn
+            np.ones(x.size) if self.absolute_step
+            else policy.coordinate_scale(np.abs(to_host(x)).ravel(), self.global_scale) for x in self.dyn
         ]
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise (needs the direction bank)
