@@ -128,7 +128,17 @@ def selected(ns, x64: bool):
             dropped["64-bit dtype (needs x64)"] = dropped.get("64-bit dtype (needs x64)", 0) + 1
             continue
         kept.append(h)
-    return kept, dropped
+    # Round-robin over primitive groups: a run cut short by --budget or --limit still
+    # covers every primitive.
+    groups: dict = {}
+    for h in kept:
+        groups.setdefault(h.group_name, []).append(h)
+    order = []
+    while any(groups.values()):
+        for g in list(groups):
+            if groups[g]:
+                order.append(groups[g].pop(0))
+    return order, dropped
 
 
 def differentiable(g, args) -> tuple[bool, str]:
@@ -185,9 +195,19 @@ def arbiter(g, args) -> tuple[str, str]:
     import jax.numpy as jnp
     import numpy as np
 
-    if not jax.config.jax_enable_x64:
-        return "undecided", "arbiter needs x64"
     try:
+        with jax.enable_x64(True):
+            return _arbiter(g, args)
+    except Exception as e:  # noqa: BLE001
+        return "undecided", f"arbiter raised {type(e).__name__}"
+
+
+def _arbiter(g, args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if True:
         rng = np.random.default_rng(1)
 
         def wide(a):
@@ -203,7 +223,9 @@ def arbiter(g, args) -> tuple[str, str]:
             t.append(z.astype(a.dtype))
 
         def G(*a):
-            out = g(*[jnp.asarray(b, np.asarray(o).dtype) for b, o in zip(a, args)])
+            # Every argument in float64/complex128: the derivative rule is judged
+            # mathematically, not in the harness's (maybe 16-bit) precision.
+            out = g(*a)
             leaves = [o for o in jax.tree_util.tree_leaves(out) if jnp.issubdtype(o.dtype, jnp.inexact)]
             return [jnp.asarray(o, jnp.complex128 if jnp.iscomplexobj(o) else jnp.float64) for o in leaves]
 
@@ -233,8 +255,6 @@ def arbiter(g, args) -> tuple[str, str]:
         if terr > 1e-9:
             return "wrong", f"VJP is not the transpose of the JVP: relative error {terr:.1e}"
         return "right", f"JVP agrees to {best:.0e}, transpose to {terr:.0e}"
-    except Exception as e:  # noqa: BLE001
-        return "undecided", f"arbiter raised {type(e).__name__}"
 
 
 def classify(jax_out, jgc_out, arb):
@@ -255,13 +275,18 @@ def worker(ns):
     if ns.resume and JSONL.exists():
         for line in JSONL.read_text().splitlines():
             r = json.loads(line)
-            if r["x64"] == x64:
+            if r["x64"] == x64 and "name" in r:
                 done.add(r["name"])
     kept, dropped = selected(ns, x64)
     n = 0
+    t0 = time.monotonic()
+    t_end = t0 + ns.budget if ns.budget else None
     with open(JSONL, "a") as out:
         for h in kept:
             if ns.limit and n >= ns.limit:
+                break
+            if t_end is not None and time.monotonic() > t_end:
+                print(f"[x64={ns.x64}] budget of {ns.budget:.0f} s spent after {n} harnesses", flush=True)
                 break
             if h.fullname in done:
                 n += 1
@@ -293,7 +318,8 @@ def worker(ns):
             out.write(json.dumps(rec) + "\n")
             out.flush()
             jax.clear_caches()
-    print(json.dumps({"dropped": dropped}))
+        out.write(json.dumps({"meta": True, "x64": x64, "candidates": len(kept), "dropped": dropped,
+                              "visited": n, "seconds": round(time.monotonic() - t0, 1)}) + "\n")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -304,9 +330,12 @@ def _md_escape(s: str) -> str:
 def write_report(cmd: str, seconds: float, explanations: dict):
     import jax
 
-    recs = {}
+    recs, meta = {}, {}
     for line in JSONL.read_text().splitlines():
         r = json.loads(line)
+        if r.get("meta"):
+            meta.setdefault(r["x64"], []).append(r)
+            continue
         recs[(r["name"], r["x64"])] = r  # the last line for a harness wins
     lines = [
         "# JAX's test harnesses: jgc.check_grads next to jax.test_util.check_grads",
@@ -338,6 +367,14 @@ def write_report(cmd: str, seconds: float, explanations: dict):
             f"| {'on' if x64 else 'off'} | {len(kept)} | {len(rs) - len(kept)} | "
             + " | ".join(str(c[(w, o)]) for w in ("jax", "jgc") for o in ("pass", "fail", "error", "timeout"))
             + f" | {jgc_err_where_jax_runs} | {len(d)} | {sum(r['jax_s'] for r in kept):.0f} | {sum(r['jgc_s'] for r in kept):.0f} |")
+    lines += ["", "Coverage: harnesses after the device and x64 filters, and how many of them were visited "
+              "(in round-robin order over primitives, so a run cut short covers every primitive):", ""]
+    for x64, ms in sorted(meta.items(), reverse=True):
+        m = ms[-1]
+        visited = sum(1 for (n, x) in recs if x == x64)
+        lines.append(f"- x64 {'on' if x64 else 'off'}: {m['candidates']} candidates, {visited} visited "
+                     f"(kept or left out below), last worker {m['seconds'] / 60:.1f} min; filtered before: "
+                     + (", ".join(f"{k}: {v}" for k, v in m["dropped"].items()) or "none"))
     lines += ["", "Left out (not counted above), by reason:", ""]
     why = {}
     for r in recs.values():
@@ -385,6 +422,8 @@ def main(argv=None):
     ap.add_argument("--x64", choices=("on", "off", "both"), default="both")
     ap.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, help="seconds per checker and harness")
     ap.add_argument("--resume", action="store_true", help="keep earlier lines of harnesses.jsonl")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="wall seconds per x64 setting; stop starting harnesses after it (0: no limit)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.worker:
@@ -395,7 +434,8 @@ def main(argv=None):
         JSONL.unlink()
     t = time.perf_counter()
     for x in (("on", "off") if ns.x64 == "both" else (ns.x64,)):
-        cmd = [sys.executable, __file__, "--worker", "--x64", x, "--time-limit", str(ns.time_limit), "--resume"]
+        cmd = [sys.executable, __file__, "--worker", "--x64", x, "--time-limit", str(ns.time_limit), "--resume",
+               "--budget", str(ns.budget)]
         cmd += ["--limit", str(ns.limit)] if ns.limit else []
         cmd += ["--only", *ns.only] if ns.only else []
         subprocess.run(cmd, check=False)

@@ -589,7 +589,8 @@ def _judge_directions(vp, JT, nd, h, step, rtol, atol, N, E, Fin, prefix="") -> 
     K = len(vp.dyn)
     N, E, Fin = N.copy(), E.copy(), Fin.copy()
     g_all = _gref(JT, 1.0)
-    RT, AT, FL, GR = (np.zeros_like(JT) for _ in range(4))
+    RT, AT, FL = (np.zeros_like(JT) for _ in range(3))
+    GR = {}  # (input leaf, output leaf start) -> g_ref (a dict: empty leaves have no column)
     for k in range(K):
         r = slice(k * nd, (k + 1) * nd)
         for ol in vp.out_leaves:
@@ -597,7 +598,7 @@ def _judge_directions(vp, JT, nd, h, step, rtol, atol, N, E, Fin, prefix="") -> 
             g = _gref(JT[r, c], g_all)
             RT[r, c], AT[r, c], FL[r, c] = _dtype_tols(vp, k, ol, None if rtol is None else rtol,
                                                        atol, g)
-            GR[r, c] = g
+            GR[k, ol.start] = g
     tol, codes = _classify_rows(JT, N, E, Fin, RT, AT, FL)
     bad_rows = np.flatnonzero(np.any((codes == MISMATCH) & np.isfinite(JT), axis=1))
     if bad_rows.size:
@@ -621,7 +622,7 @@ def _judge_directions(vp, JT, nd, h, step, rtol, atol, N, E, Fin, prefix="") -> 
                 path=vp.paths[k], label=f"{prefix}{ol.path} · t[{vp.paths[k]}]", output_path=ol.path,
                 shape=(nd,) + ol.block_shape, dtype=vp.orig_dtypes[k].name,
                 a=JT[r, c], n=N[r, c], bound=(tol + E)[r, c], codes=codes[r, c],
-                split_index=lambda w: (w[1:], w[:1]), step=h, g_ref=float(GR[k * nd, ol.start]),
+                split_index=lambda w: (w[1:], w[:1]), step=h, g_ref=float(GR[k, ol.start]),
             ))
     return leaves
 
