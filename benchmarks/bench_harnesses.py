@@ -87,28 +87,11 @@ def time_limit(seconds: float):
 
 
 # -- corpus ------------------------------------------------------------------------------
-def _is_float(x) -> bool:
-    import numpy as np
-
-    return np.asarray(x).dtype.kind in "fc"
-
-
 def harness_case(h):
-    """(function of the floating dynamic args, tuple of those args) for harness h."""
-    import numpy as np
+    """(function of the floating dynamic args, tuple of those args): tests/test_harnesses.py."""
+    from tests.test_harnesses import harness_case as case
 
-    rng = np.random.RandomState(0)
-    dyn = h.dyn_args_maker(rng)
-    idx = [i for i, a in enumerate(dyn) if _is_float(a)]
-
-    def g(*fargs):
-        full = list(dyn)
-        for i, a in zip(idx, fargs):
-            full[i] = a
-        return h.dyn_fun(*full)
-
-    g.__qualname__ = h.fullname
-    return g, tuple(dyn[i] for i in idx)
+    return case(h)
 
 
 def selected(ns, x64: bool):
@@ -192,8 +175,6 @@ def run_checker(which, g, args, limit):
 def arbiter(g, args) -> tuple[str, str]:
     """'right', 'wrong' or 'undecided': float64 JVP/VJP against a five-point stencil at three steps."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     try:
         with jax.enable_x64(True):
@@ -340,17 +321,17 @@ def write_report(cmd: str, seconds: float, explanations: dict):
     lines = [
         "# JAX's test harnesses: jgc.check_grads next to jax.test_util.check_grads",
         "",
-        f"Command: `{cmd}` · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · "
+        (f"Command: `{cmd}` · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · "
         f"jax {jax.__version__} · device {jax.default_backend()} · {os.cpu_count()} CPU cores · "
-        f"Python {platform.python_version()} · wall time {seconds / 60:.1f} min (this invocation).",
+        f"Python {platform.python_version()} · wall time {seconds / 60:.1f} min (this invocation)."),
         "",
         "Corpus: `jax._src.internal_test_util.test_harnesses.all_harnesses`, kept when it has a",
         "floating argument and output and a differentiable primitive; both checkers with their",
         "defaults, order=1, modes (\"fwd\", \"rev\"), under `jax.numpy_dtype_promotion(\"strict\")`.",
         "Read benchmarks/bench_harnesses.py's header for the method and the arbiter.",
         "",
-        "| x64 | harnesses kept | left out | JAX pass | JAX fail | JAX error | JAX timeout "
-        "| jgc pass | jgc fail | jgc error | jgc timeout | jgc errors where JAX runs | disagree | JAX s | jgc s |",
+        ("| x64 | harnesses kept | left out | JAX pass | JAX fail | JAX error | JAX timeout "
+        "| jgc pass | jgc fail | jgc error | jgc timeout | jgc errors where JAX runs | disagree | JAX s | jgc s |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dis = []
@@ -367,8 +348,8 @@ def write_report(cmd: str, seconds: float, explanations: dict):
             f"| {'on' if x64 else 'off'} | {len(kept)} | {len(rs) - len(kept)} | "
             + " | ".join(str(c[(w, o)]) for w in ("jax", "jgc") for o in ("pass", "fail", "error", "timeout"))
             + f" | {jgc_err_where_jax_runs} | {len(d)} | {sum(r['jax_s'] for r in kept):.0f} | {sum(r['jgc_s'] for r in kept):.0f} |")
-    lines += ["", "Coverage: harnesses after the device and x64 filters, and how many of them were visited "
-              "(in round-robin order over primitives, so a run cut short covers every primitive):", ""]
+    lines += ["", ("Coverage: harnesses after the device and x64 filters, and how many of them were visited "
+              "(in round-robin order over primitives, so a run cut short covers every primitive):"), ""]
     for x64, ms in sorted(meta.items(), reverse=True):
         m = ms[-1]
         visited = sum(1 for (n, x) in recs if x == x64)
@@ -424,8 +405,11 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="keep earlier lines of harnesses.jsonl")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="wall seconds per x64 setting; stop starting harnesses after it (0: no limit)")
+    ap.add_argument("--quick", action="store_true", help="20 harnesses per x64 setting (run_all --quick)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
+    if ns.quick:
+        ns.limit = ns.limit or 20
     if ns.worker:
         worker(ns)
         return 0

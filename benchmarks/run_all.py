@@ -8,6 +8,7 @@ facts and the command that made the file.
 Run:  python benchmarks/run_all.py            (all, ~30 min on 2 quiet cores)
       python benchmarks/run_all.py --quick    (small sizes, a few minutes)
       python benchmarks/run_all.py --only verdicts optax   (a subset)
+      python benchmarks/run_all.py --collect  (rewrite RESULTS.md from the sections, run nothing)
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ BENCHES = {
     "verdicts": ("bench_verdicts.py", [], True),
     "rules": ("bench_rules.py", [], False),
     "optax": ("bench_optax.py", [], True),
+    # The whole harness corpus takes hours on 2 cores: a wall-time budget per x64 setting
+    # (round-robin over primitives, so every primitive is covered).
+    "harnesses": ("bench_harnesses.py", ["--budget", "1800"], True),
 }
 
 
@@ -49,8 +53,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
+    ap.add_argument("--collect", action="store_true", help="only concatenate the existing sections")
     ns = ap.parse_args(argv)
-    names = ns.only or list(BENCHES)
+    names = [] if ns.collect else (ns.only or list(BENCHES))
     failed = []
     for name in names:
         script, extra, quick = BENCHES[name]
@@ -62,7 +67,7 @@ def main(argv=None):
         if code:
             failed.append(f"{script} exited {code}")
     cmd = "python benchmarks/run_all.py" + (" --quick" if ns.quick else "") + (
-        " --only " + " ".join(ns.only) if ns.only else "")
+        " --only " + " ".join(ns.only) if ns.only else "") + (" --collect" if ns.collect else "")
     parts = [
         "# jgc benchmark results",
         "",

@@ -222,3 +222,74 @@ def test_bad_arguments():
         jgc.check_grads(jnp.sin, (np.ones(2),), 1, modes=("forward",))
     with pytest.raises(TypeError, match="args must be a tuple"):
         jgc.check_grads(jnp.sin, np.ones(2) if False else 3.0, 1)
+
+
+# -- behaving as jax.test_util.check_grads does where JAX's own tests rely on it ------------
+def test_nan_outputs_at_the_point_compare_as_in_jax():
+    # JAX's own asin/acos tests evaluate on [-1.3, 1.3]: outputs outside [-1, 1] are NaN,
+    # and its checker compares them NaN == NaN. jgc gives the same pass, not an error.
+    x = np.linspace(-1.3, 1.3, 9, dtype=np.float32)
+    for f in (jnp.arcsin, jnp.arccos):
+        jax_check_grads(f, (x,), 1, modes=("fwd", "rev"))
+        rep = jgc.check_grads(f, (x,), 1)
+        assert rep.ok and rep.counts()["non-finite"] > 0 and rep.counts()["ok"] > 0
+        assert any("NaN == NaN" in n for n in rep.notes)
+
+
+def test_nan_outputs_do_not_hide_a_wrong_rule_on_the_finite_part():
+    @jax.custom_jvp
+    def asin(x):
+        return jnp.arcsin(x)
+
+    asin.defjvp(lambda p, t: (jnp.arcsin(p[0]), 1.1 * t[0] / jnp.sqrt(1 - p[0] ** 2)))
+    x = np.linspace(-1.3, 1.3, 9)
+    with jax.enable_x64(True), pytest.raises(jgc.GradCheckError):
+        jgc.check_grads(asin, (x,), 1)
+
+
+def test_eigh_without_symmetrization_gets_a_verdict_like_jax():
+    # eigh's JVP rule symmetrizes its input, so its primal output is not f(x) for a
+    # non-symmetric x: JAX's checker fails on "JVP primal". jgc used to call f "not
+    # deterministic"; f is deterministic, and the wrong derivative is a mismatch.
+    a = np.random.RandomState(0).randn(4, 4)
+    f = lambda x: jnp.linalg.eigh(x, symmetrize_input=False)  # noqa: E731
+    with jax.enable_x64(True):
+        with pytest.raises(AssertionError):
+            jax_check_grads(f, (a,), 1)
+        with pytest.raises(jgc.GradCheckError) as info:
+            jgc.check_grads(f, (a,), 1)
+    names = [lf.name for lf in info.value.report.failing()]
+    assert any("primal output" in n for n in names), names
+
+
+def test_real_randomness_is_still_refused():
+    def noisy(x):
+        return jnp.sin(x) + np.random.default_rng().standard_normal(x.shape)  # new draw per trace
+
+    with pytest.raises(ValueError, match="not deterministic"):
+        jgc.check_grads(noisy, (np.ones(3),), 1)
+
+
+def test_complex_integer_and_boolean_arguments_under_strict_promotion():
+    rng = np.random.default_rng(1)
+    z = (rng.standard_normal(3) + 1j * rng.standard_normal(3)).astype(np.complex64)
+    i = np.array([1, 2, 3])
+    b = np.array([True, False, True])
+
+    def f(z, i, b):
+        return jnp.where(b, jnp.sin(z) * i.astype(z.dtype), z * z)
+
+    with jax.numpy_dtype_promotion("strict"):
+        jax_check_grads(lambda z: f(z, i, b), (z,), 1)
+        rep = jgc.check_grads(f, (z, i, b), 2)
+    assert rep.ok and {p for p, _ in rep.skipped} >= {"args[1]", "args[2]"}
+
+
+def test_eps_is_an_absolute_step_as_in_jax():
+    # x spans six decades. JAX's eps moves every element by eps·t (t ~ N(0, 1)); a step
+    # relative to the leaf's scale (~700) would cross log's pole at x = 1e-3.
+    x = np.array([1e-3, 0.5, 1e3])
+    with jax.enable_x64(True):
+        jax_check_grads(jnp.log, (x,), 1, eps=1e-4)
+        rep = jgc.check_grads(jnp.log, (x,), 1, eps=1e-4, strict=True)
+    assert rep.ok and rep.counts()["non-finite"] == 0
