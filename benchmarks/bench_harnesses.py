@@ -63,8 +63,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 JSONL = RESULTS / "harnesses.jsonl"
 MD = RESULTS / "harnesses.md"
 
-# Seconds each checker may take on one harness (compile included); a harness over it
-# is recorded as "timeout" for that checker.
+# CPU seconds (this process, every thread: ITIMER_PROF) each checker may take on one
+# harness, compile included; a harness over it is recorded as "timeout" for that
+# checker. CPU time, not wall time, so a loaded machine does not turn into timeouts.
 DEFAULT_TIME_LIMIT = 60.0
 
 
@@ -75,15 +76,15 @@ class Timeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     def handler(signum, frame):
-        raise Timeout(f"over {seconds:.0f} s")
+        raise Timeout(f"over {seconds:.0f} CPU s")
 
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old = signal.signal(signal.SIGPROF, handler)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 # -- corpus ------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def run_checker(which, g, args, limit):
     except Timeout as e:
         outcome, msg = "timeout", str(e)
     except AssertionError as e:
-        outcome, msg = "fail", str(e).strip().splitlines()[0][:300] if str(e).strip() else "AssertionError"
+        outcome, msg = "fail", (str(e).strip() or "AssertionError").splitlines()[0][:300]
     except Exception as e:  # noqa: BLE001
         outcome = "error"
         tb = traceback.extract_tb(e.__traceback__)
