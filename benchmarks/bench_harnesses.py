@@ -309,7 +309,7 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def write_report(cmd: str, seconds: float, explanations: dict):
+def write_report(cmd: str, seconds: float):
     import jax
 
     recs, meta = {}, {}
@@ -374,7 +374,7 @@ def write_report(cmd: str, seconds: float, explanations: dict):
         lines.append("By kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ".")
         lines += ["", "| harness | x64 | JAX | jgc | kind | arbiter | explanation |", "|---|---|---|---|---|---|---|"]
         for r in sorted(dis, key=lambda r: (r["kind"], r["group"], r["name"])):
-            ex = explanations.get(r["group"], "") or explanations.get(r["kind"], "")
+            ex = explain(r)
             lines.append(f"| {_md_escape(r['name'][:90])} | {'on' if r['x64'] else 'off'} | {r['jax']} | {r['jgc']} | "
                          f"{r['kind']} | {_md_escape(r.get('arbiter_msg', ''))} | {_md_escape(ex)} |")
     else:
@@ -392,9 +392,28 @@ def write_report(cmd: str, seconds: float, explanations: dict):
     print("wrote", MD)
 
 
-# Why checkers disagree, per primitive group or per kind (written after reading the
-# failing cases; the arbiter's verdict is printed next to each).
-EXPLANATIONS: dict[str, str] = {}
+def explain(r: dict) -> str:
+    """Why the two checkers disagree on record r (rules written after reading the cases)."""
+    from tests import test_harnesses as th
+
+    dt = r["dtype"]
+    if r["kind"] == "JAX false alarm":
+        if r["jax_msg"] == "AssertionError":
+            return ("JAX's checker raised a bare AssertionError: its dtype check fails on integer "
+                    "outputs (their tangents are float0); jgc lists integer outputs as skipped")
+        if any(s in dt for s in ("float16", "bfloat16")):
+            return th.F16_STEP
+        if dt in ("float32", "complex64"):
+            return th.F32_STEP
+        return ("JAX false alarm: its fixed eps=1e-4 leaves O(eps²·|f⁽³⁾|) truncation error, beyond "
+                "its float64 tolerance where third derivatives are large; jgc extrapolates (Richardson)")
+    if r["kind"] == "undecided" and "non-finite" in r.get("arbiter_msg", ""):
+        return ("f or its derivative is not finite at the point (a pole, or inf/NaN inputs): jgc "
+                "reports those elements as non-finite, failing only with strict=True; JAX compares "
+                "them against its differences (inf − inf = 0, NaN == NaN)")
+    if r["kind"] == "bug JAX misses":
+        return "the float64 arbiter confirms the derivative is wrong here; JAX's tolerance (× size) lets it pass"
+    return "not yet explained: read the case"
 
 
 def main(argv=None):
@@ -425,7 +444,7 @@ def main(argv=None):
         cmd += ["--only", *ns.only] if ns.only else []
         subprocess.run(cmd, check=False)
     argv_s = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    write_report(f"python benchmarks/bench_harnesses.py {argv_s}".strip(), time.perf_counter() - t, EXPLANATIONS)
+    write_report(f"python benchmarks/bench_harnesses.py {argv_s}".strip(), time.perf_counter() - t)
     return 0
 
 
