@@ -324,7 +324,8 @@ def write_report(cmd: str, seconds: float):
         "",
         (f"Command: `{cmd}` · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · "
         f"jax {jax.__version__} · device {jax.default_backend()} · {os.cpu_count()} CPU cores · "
-        f"Python {platform.python_version()} · wall time {seconds / 60:.1f} min (this invocation)."),
+        f"Python {platform.python_version()}"
+        + (f" · wall time {seconds / 60:.1f} min (this invocation)." if seconds else ".")),
         "",
         "Corpus: `jax._src.internal_test_util.test_harnesses.all_harnesses`, kept when it has a",
         "floating argument and output and a differentiable primitive; both checkers with their",
@@ -426,12 +427,17 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.0,
                     help="wall seconds per x64 setting; stop starting harnesses after it (0: no limit)")
     ap.add_argument("--quick", action="store_true", help="20 harnesses per x64 setting (run_all --quick)")
+    ap.add_argument("--report-only", metavar="COMMAND", default=None,
+                    help="rewrite harnesses.md from harnesses.jsonl, naming COMMAND as the one that made it")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.quick:
         ns.limit = ns.limit or 20
     if ns.worker:
         worker(ns)
+        return 0
+    if ns.report_only:
+        write_report(ns.report_only, 0.0)
         return 0
     RESULTS.mkdir(exist_ok=True)
     if not ns.resume and JSONL.exists():
