@@ -250,6 +250,7 @@ def classify(jax_out, jgc_out, arb):
 # -- one setting in one process -------------------------------------------------------------
 def worker(ns):
     import jax
+    import numpy as np
 
     x64 = ns.x64 == "on"
     jax.config.update("jax_enable_x64", x64)
@@ -273,7 +274,7 @@ def worker(ns):
             if h.fullname in done:
                 n += 1
                 continue
-            rec = {"name": h.fullname, "group": h.group_name, "dtype": str(h.dtype), "x64": x64}
+            rec = {"name": h.fullname, "group": h.group_name, "dtype": np.dtype(h.dtype).name, "x64": x64}
             try:
                 g, args = harness_case(h)
             except Exception as e:  # noqa: BLE001
@@ -402,9 +403,9 @@ def explain(r: dict) -> str:
         if r["jax_msg"] == "AssertionError":
             return ("JAX's checker raised a bare AssertionError: its dtype check fails on integer "
                     "outputs (their tangents are float0); jgc lists integer outputs as skipped")
-        if any(s in dt for s in ("float16", "bfloat16")):
+        if "float16" in dt:  # float16 and bfloat16
             return th.F16_STEP
-        if dt in ("float32", "complex64"):
+        if "float32" in dt or "complex64" in dt:
             return th.F32_STEP
         return ("JAX false alarm: its fixed eps=1e-4 leaves O(eps²·|f⁽³⁾|) truncation error, beyond "
                 "its float64 tolerance where third derivatives are large; jgc extrapolates (Richardson)")
