@@ -165,6 +165,8 @@ def run_checker(which, g, args, limit):
         outcome, msg = "timeout", str(e)
     except AssertionError as e:
         outcome, msg = "fail", (str(e).strip() or "AssertionError").splitlines()[0][:300]
+        if which == "jgc" and not msg.startswith("jgc."):
+            outcome = "error"  # an assert inside JAX or the harness, not jgc's verdict
     except Exception as e:  # noqa: BLE001
         outcome = "error"
         tb = traceback.extract_tb(e.__traceback__)
@@ -319,6 +321,8 @@ def write_report(cmd: str, seconds: float):
         if r.get("meta"):
             meta.setdefault(r["x64"], []).append(r)
             continue
+        if r.get("jgc") == "fail" and not r["jgc_msg"].startswith("jgc."):
+            r["jgc"] = "error"  # an assert inside JAX or the harness, not jgc's verdict
         recs[(r["name"], r["x64"])] = r  # the last line for a harness wins
     lines = [
         "# JAX's test harnesses: jgc.check_grads next to jax.test_util.check_grads",
@@ -353,6 +357,10 @@ def write_report(cmd: str, seconds: float):
             + f" | {jgc_err_where_jax_runs} | {len(d)} | {sum(r['jax_s'] for r in kept):.0f} | {sum(r['jgc_s'] for r in kept):.0f} |")
     lines += ["", ("Coverage: harnesses after the device and x64 filters, and how many of them were visited "
               "(in round-robin order over primitives, so a run cut short covers every primitive):"), ""]
+    for x64 in {x for (_, x) in recs} - set(meta):
+        visited = sum(1 for (n, x) in recs if x == x64)
+        lines.append(f"- x64 {'on' if x64 else 'off'}: {visited} visited; the worker was stopped before "
+                     "it wrote its summary")
     for x64, ms in sorted(meta.items(), reverse=True):
         m = ms[-1]
         visited = sum(1 for (n, x) in recs if x == x64)
@@ -399,6 +407,14 @@ def explain(r: dict) -> str:
     from tests import test_harnesses as th
 
     dt = r["dtype"]
+    if r["group"] == "stop_gradient":
+        return ("stop_gradient's derivative is zero by definition, not f's: jgc reports that as a "
+                "mismatch, as it should for code that did not mean it; JAX's float16 tolerance "
+                "(1e-2 × size = 4 here) passes anything")
+    if r["kind"] == "bug jgc misses" and r["group"] == "tan":
+        return ("not a bug: the arbiter's own five-point difference (relative error 5e-5) is "
+                "limited next to tan's poles, where |f⁽⁵⁾| is huge; jax.jvp's sec² is exact there. "
+                "JAX's failure is float16 rounding (see the float16 rows)")
     if r["kind"] == "JAX false alarm":
         if r["jax_msg"] == "AssertionError":
             return ("JAX's checker raised a bare AssertionError: its dtype check fails on integer "
