@@ -1,9 +1,11 @@
 """Pytree plumbing: which leaves are perturbed, and how to put a tree back together.
 
 Only inexact (floating or complex) array leaves are perturbed. Every other leaf —
-integer and bool arrays, Python numbers, callables, strings, None — is carried through
-untouched and listed as skipped. Nothing the caller passed is modified: array leaves
-are copied into fresh JAX arrays (NumPy arrays are mutable, JAX arrays are not).
+integer and bool arrays, PRNG keys (typed ``key<impl>`` arrays and raw uint32 ones),
+Python numbers, callables, strings, None — is carried through untouched and listed as
+skipped. Nothing the caller passed is modified: array leaves are copied into fresh JAX
+arrays (NumPy arrays are mutable, JAX arrays are not). Typed keys have no NumPy dtype,
+so they are passed on as the (immutable) JAX arrays they are.
 """
 
 from __future__ import annotations
@@ -38,7 +40,21 @@ class Split:
         return tuple(self.paths[i] for i in self.dynamic_index)
 
 
-def _describe(leaf) -> str:
+def is_typed_key(leaf) -> bool:
+    """True for a new-style PRNG key array (dtype ``key<impl>``, e.g. ``jax.random.key(0)``)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or isinstance(dtype, np.dtype):  # NumPy has no key dtype
+        return False
+    try:
+        return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    except TypeError:  # a .dtype that is not a dtype (some other library's object)
+        return False
+
+
+def describe(leaf) -> str:
+    """A short description of a leaf for the report: ``float32[3]``, ``key<fry>[]``, ``int``."""
+    if is_typed_key(leaf):
+        return f"{leaf.dtype}{list(leaf.shape)}"  # e.g. key<fry>[]: no NumPy dtype exists
     if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
         return f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
     if callable(leaf):
@@ -82,7 +98,7 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
             leaves.append(None)
         else:
             leaves.append(leaf)
-            skipped.append((p, _describe(leaf)))
+            skipped.append((p, describe(leaf)))
     if not dyn:
         raise ValueError(
             f"{what} has no floating-point array leaves, so there is nothing to perturb "
@@ -97,11 +113,13 @@ def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
     """Separate array leaves of ``args`` (traced under jit) from static ones.
 
     Python numbers, strings and other objects stay static (closed over), so code that
-    branches on them in Python keeps working under our jit.
+    branches on them in Python keeps working under our jit. Typed PRNG keys are traced
+    as they are (a key array is a valid jit argument and cannot become NumPy).
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
-    arrays = [jax.device_put(np.array(x, copy=True)) for x, a in zip(leaves, is_arr) if a]
+    arrays = [x if is_typed_key(x) else jax.device_put(np.array(x, copy=True))
+              for x, a in zip(leaves, is_arr) if a]
 
     def rebuild(dynamic) -> tuple:
         it = iter(dynamic)
