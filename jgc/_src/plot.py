@@ -112,7 +112,7 @@ def _central(fn, params, args, path, flat, hs, dtype) -> np.ndarray:
 
     leaves = [cast(x) for x in leaves]
     x = leaves[pos]
-    rebuild_args, argarr = trees.split_args(args)
+    rebuild_args, argarr = trees.split_args(args, widen=wide == np.float64)  # as jgc.check does
     dyn_pos = [i for i, v in enumerate(leaves) if isinstance(v, jax.Array)]
 
     def cost(t, dyn, argarr):

@@ -65,13 +65,6 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _wide_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.complexfloating):
-        return np.dtype(np.complex128)
-    return np.dtype(np.float64)
-
-
 def _is_cost_and_aux(out) -> bool:
     """True for a pair (scalar, anything): what a has_aux loss returns."""
     return (isinstance(out, (tuple, list)) and len(out) == 2
@@ -165,7 +158,7 @@ class Problem(Scoped):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
         # Casts run on the host (NumPy), not as one compiled XLA program per shape.
         if self.widen:
-            dyn = [jax.device_put(np.asarray(x).astype(_wide_dtype(x.dtype))) for x in dyn]
+            dyn = [jax.device_put(np.asarray(x).astype(trees.wide_dtype(x.dtype))) for x in dyn]
         elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
             # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
             # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
@@ -181,7 +174,15 @@ class Problem(Scoped):
             else "native (" + ", ".join(sorted({d.name for d in self.eval_dtypes})) + ")"
         )
         self.u = max(policy.unit_roundoff(d) for d in self.eval_dtypes)
-        self.rebuild_args, self.argarr = trees.split_args(self.args)
+        # Floating data is widened with the parameters (exact casts of copies): code that
+        # checks its own dtypes (Equinox's State.set, a scan carry started from the data)
+        # would otherwise meet float64 values computed from params next to float32 data.
+        self.rebuild_args, self.argarr = trees.split_args(self.args, widen=self.widen)
+        narrow = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(self.args)
+                         if trees.is_inexact_array(x) and np.dtype(x.dtype) != trees.wide_dtype(x.dtype)})
+        if self.widen and narrow:
+            self.notes.append(f"{'/'.join(narrow)} arrays in args were evaluated in float64 like the "
+                              "parameters (copies); precision='native' passes them as given.")
         self.paths = self.split.dynamic_paths
 
         def full_cost(dyn, argarr):
@@ -255,6 +256,8 @@ class Problem(Scoped):
                 f"{self.api}: raised while evaluating {_fname(self.fn)}(params, *args) at the "
                 "unperturbed parameters (traced with jax.jit, as every evaluation of the check is), "
                 "before any perturbation."
+                + (" Floating params and args were cast to float64 for the check; if the error "
+                   "is about dtypes, precision='native' keeps them as passed." if self.widen else "")
             )
             raise
         outs = jax.tree_util.tree_leaves(lowered.out_info)

@@ -109,17 +109,38 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
     return split, dyn
 
 
-def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
+def wide_dtype(dtype) -> np.dtype:
+    """The float64 counterpart of an inexact dtype: complex128 for complex, else float64."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        return np.dtype(np.complex128)
+    return np.dtype(np.float64)
+
+
+def split_args(args: tuple, *, widen: bool = False) -> tuple[Callable[[Any], tuple], list]:
     """Separate array leaves of ``args`` (traced under jit) from static ones.
 
     Python numbers, strings and other objects stay static (closed over), so code that
     branches on them in Python keeps working under our jit. Typed PRNG keys are traced
     as they are (a key array is a valid jit argument and cannot become NumPy).
+
+    With ``widen``, floating and complex array leaves are cast (exactly) to float64 /
+    complex128, the precision the parameters are evaluated in: code that keeps its own
+    dtypes consistent (Equinox's ``State.set``, a ``lax.scan`` carry started from the
+    data) sees one precision. Integer, bool and key leaves are never cast.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
-    arrays = [x if is_typed_key(x) else jax.device_put(np.array(x, copy=True))
-              for x, a in zip(leaves, is_arr) if a]
+
+    def copy(x):
+        if is_typed_key(x):
+            return x
+        host = np.array(x, copy=True)  # NumPy arrays are mutable: never alias the caller's
+        if widen and is_inexact_array(host):
+            host = host.astype(wide_dtype(host.dtype))
+        return jax.device_put(host)
+
+    arrays = [copy(x) for x, a in zip(leaves, is_arr) if a]
 
     def rebuild(dynamic) -> tuple:
         it = iter(dynamic)
