@@ -79,7 +79,7 @@ def test_a_wrong_gradient_is_still_caught_next_to_keys():
 def _with_grad_check():
     opt = optax.sgd(0.1)
     params = {"w": PARAMS["w"]}
-    loss = lambda p, batch: noisy_loss({**PARAMS, "w": p["w"]}, batch)  # noqa: E731
+    loss = lambda p, batch: noisy_loss({**PARAMS, "w": p["w"]}, batch)
 
     def step(p, state, batch):
         updates, state = opt.update(jax.grad(loss)(p, batch), state)
@@ -106,7 +106,7 @@ def test_every_front_door_carries_keys_in_params_and_args(door):
     before = snapshot((PARAMS, BATCH))
     rep = FRONT_DOORS[door]()
     assert rep.ok
-    if door != "with_grad_check":  # that one checks a loss of params["w"] only
+    if door not in ("with_grad_check", "check_taylor"):  # no skipped listing / a loss of w only
         assert dict(rep.skipped) == KEYS_SKIPPED
     assert_unchanged(before, (PARAMS, BATCH))
 
@@ -116,6 +116,13 @@ def test_numerical_grad_with_keys_matches_jax_grad_and_leaves_keys_out():
     assert num["keys"] == {"typed": None, "raw": None}
     ref = jax.grad(lambda w: noisy_loss({**PARAMS, "w": w}, BATCH))(PARAMS["w"])
     np.testing.assert_allclose(num["w"], ref, rtol=1e-5)
+
+
+def test_check_jacobian_skips_keys_in_primals_and_in_outputs():
+    f = lambda w, key: {"y": jnp.sin(w) * jax.random.normal(key, (2,), jnp.float32),
+                        "key": jax.random.split(key)[0]}
+    rep = jgc.check_jacobian(f, jnp.array([0.1, 0.2]), jax.random.key(0))
+    assert rep.ok and dict(rep.skipped) == {"args[1]": "key<fry>[]", "out['key']": "output key<fry>[]"}
 
 
 # -- float data next to float64 parameters ----------------------------------------------
@@ -232,7 +239,7 @@ def test_equinox_batchnorm_state_in_args():
         def __init__(self, key):
             k1, k2 = jax.random.split(key)
             self.lin = eqx.nn.Linear(3, 4, use_bias=False, key=k1)
-            self.bn = eqx.nn.BatchNorm(4, axis_name="batch")
+            self.bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="ema")
             self.drop = eqx.nn.Dropout(0.3)
             self.head = eqx.nn.Linear(4, "scalar", key=k2)
 

@@ -290,9 +290,17 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       fn: the cost, ``fn(params, *args) -> scalar`` (or ``(scalar, aux)`` with
         ``has_aux``). ``args`` are data and are never perturbed.
       params: any pytree. Floating and complex array leaves are checked; integer and
-        bool arrays, Python scalars, callables and None are carried through untouched
-        and listed as skipped.
-      *args: extra arguments passed to ``fn`` (and to ``grad`` when callable).
+        bool arrays, PRNG keys (typed ``jax.random.key`` and raw uint32 ones), Python
+        scalars, callables and None are carried through untouched and listed as
+        skipped.
+      *args: extra arguments passed to ``fn`` (and to ``grad`` when callable): data,
+        model state (batch statistics, ``eqx.nn.State``), PRNG keys, at any depth.
+        Array leaves are traced under ``jax.jit`` and reach ``fn`` as arrays of the
+        same kind (keys stay keys). When the check evaluates in float64, floating
+        array leaves of ``args`` are widened to float64 too (exact casts of copies),
+        so state that ``fn`` checks against values computed from the parameters
+        (Equinox's ``State.set``, a ``lax.scan`` carry) has one dtype; a note in the
+        report says so, and ``precision="native"`` passes them as given.
       grad: None to use ``jax.grad(fn)`` (w.r.t. the checked leaves only); a callable
         ``grad(params, *args)`` returning a pytree like params (hand-written backprop);
         or a pytree of already computed gradients. With ``has_aux`` the callable may
@@ -304,9 +312,10 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       stencil: "central" (default, O(h²)), "forward" (O(h)), "central4" (O(h⁴)),
         "richardson" (O(h⁶) from h, 2h, 4h) or "complex" (complex step; needs a
         complex-safe cost).
-      precision: "auto" (default) evaluates float32/16 parameters in float64 inside a
-        scoped ``jax.enable_x64`` where the backend has float64; "float64" forces it;
-        "native" keeps the parameters' own dtype (steps and tolerances follow it).
+      precision: "auto" (default) evaluates float32/16 parameters (and floating data
+        in ``args``) in float64 inside a scoped ``jax.enable_x64`` where the backend
+        has float64; "float64" forces it; "native" keeps the parameters' and the
+        data's own dtypes (steps and tolerances follow them).
       rtol, atol: tolerance on the analytic side; default per dtype
         (``jgc`` policy: float64 1e-7, float32 1e-4; atol = 32·u·max|g| of the leaf).
       step: relative step h/s (s = max(|θ_i|, rms of the leaf)); default from the
