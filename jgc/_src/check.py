@@ -12,7 +12,7 @@ import numpy as np
 from . import compare, policy, report as report_mod, stencils
 from .errors import GradCheckError
 from .problem import Problem, leaf_info, to_elements
-from .report import STATUS_NAMES, LeafReport, Report
+from .report import STATUS_NAMES, LeafReport, Report, typical_and_largest
 
 MODES = ("full", "sampled", "directional", "auto")
 
@@ -182,7 +182,7 @@ COMPLEX_PROBES = 256
 def _complex_probe(problem, k, elems, a, num, err, tol, codes, rt, at, tiny):
     """Resolve tiny derivatives that central differences cannot, with the complex step.
 
-    An element hidden under the absolute tolerance (|a| and |n| ≤ atol) whose central
+    An element hidden under the absolute tolerance (|a| ≤ atol) whose central
     difference does not resolve it (error bar above ``compare.RESOLVED`` of its value)
     may still be a derivative that the analytic side rounded away: σ' = σ(1 − σ) is 0
     at x = 40 in float64, where the truth is 4e-18, far below the ≈1e-13 that central
@@ -194,7 +194,7 @@ def _complex_probe(problem, k, elems, a, num, err, tol, codes, rt, at, tiny):
     ever adds ``IMPRECISE``: it never turns a pass into a mismatch.
     """
     mag = np.maximum(np.abs(a), np.abs(num))
-    unresolved = (err > compare.RESOLVED * mag) & np.isfinite(a) & (mag <= at)
+    unresolved = (err > compare.RESOLVED * mag) & np.isfinite(a) & (np.abs(a) <= at)
     cand = np.flatnonzero(unresolved & ((codes == report_mod.OK) | (codes == report_mod.INCONCLUSIVE)))
     if cand.size == 0 or at <= 0:
         return
@@ -311,6 +311,7 @@ def _leaf_report(problem, k, elems, a, num, err, tol, codes, onesided, h_rel, g_
         return complex(v) if np.iscomplexobj(v) else float(v)
 
     finite_d = d[np.isfinite(d)]
+    typical = typical_and_largest(a, det)
     return LeafReport(
         path=info["path"], shape=info["shape"], dtype=info["dtype"], size=int(x.size),
         checked=int(elems.size), status=status, counts=counts,
@@ -321,26 +322,10 @@ def _leaf_report(problem, k, elems, a, num, err, tol, codes, onesided, h_rel, g_
         worst_numeric=scalar(num[w]) if d.size else math.nan,
         worst_bound=float(bound[w]) if d.size else math.nan,
         normwise=normwise,
-        detectable_rel=typical_and_largest(a, det)[0],
-        detectable_rel_largest=typical_and_largest(a, det)[1],
+        detectable_rel=typical[0], detectable_rel_largest=typical[1],
         step=float(np.median(h_rel * problem.scales[k][elems])) if elems.size else math.nan,
         indices=elems, analytic=a, numeric=num, bound=bound, codes=codes, onesided=onesided,
     )
-
-
-def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
-    """A per-element figure at the typical element (median nonzero |a|) and at the largest |a|.
-
-    An element whose analytic value is 0 has no relative error to speak of, so the
-    typical element is the median among the nonzero, finite ones. Infinite when there is
-    no such element.
-    """
-    mag = np.abs(np.asarray(a))
-    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
-    if keep.size == 0:
-        return math.inf, math.inf
-    order = keep[np.argsort(mag[keep], kind="stable")]
-    return float(per_element[order[(order.size - 1) // 2]]), float(per_element[order[-1]])
 
 
 def _validate(stencil, mode, rtol, atol, strict):

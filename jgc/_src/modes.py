@@ -29,15 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import compare, engine, policy, progress, stencils
-from .check import (
-    _judge,
-    _leaf_report,
-    judge_coordinates,
-    make_report,
-    set_gradient_scale,
-    typical_and_largest,
-)
-from .report import MISMATCH, OK, STATUS_NAMES, failing_statuses
+from .check import _judge, _leaf_report, judge_coordinates, make_report, set_gradient_scale
+from .report import MISMATCH, OK, STATUS_NAMES, failing_statuses, typical_and_largest
 
 # Elements per leaf in sampled mode: 64 coordinates (128 evaluations) per leaf catch
 # a wrong formula (which touches many elements) with certainty and a single wrong
@@ -71,14 +64,17 @@ DEFAULT_BUDGET = 20_000
 # random signs, Σ e_i v_i for per-element errors |e_i| ≤ rtol·|g_i| is a sum of
 # independent symmetric terms: Hoeffding gives P(|Σ| > 6‖rtol·g∘v‖₂) ≤ 2e^(-18) ≈ 3e-8.
 DIRECTION_Z = 6.0
-# Relative rounding per element, in units of the analytic dtype's unit round-off, that
-# a directional screen allows the analytic side. The user's rtol (float64: 1e-7 ≈ 1e9·u)
+# Rounding per element, in units of the analytic dtype's unit round-off (relative to
+# |g_i|, and absolute relative to the leaf's max |g|), that a directional screen allows
+# the analytic side (capped by rtol and atol). The user's rtol (float64: 1e-7 ≈ 1e9·u)
 # is a per-element worst case; summed over 10⁶ random signs it would allow 6·rtol·‖g∘v‖
 # and hide a single element wrong by a relative 10⁻³. Backprop's real rounding is a
-# few u per operation on the path; 2^16·u (float64: 7e-12) covers deep chains. A screen
-# beyond it only starts the search: what it finds is judged with rtol, and a range
-# fails by itself only beyond rtol summed over it, so no false alarm comes from here.
-SCREEN_ROUNDING = 2.0**16
+# few u per operation on the path times the conditioning; 2^10·u covers both (float64:
+# 1.1e-13; in float32 it is 6e-5, close to rtol = 1e-4, so float32 gradients keep the
+# power their own rounding allows). A screen beyond it only starts the search: what it
+# finds is judged with rtol, and a range fails by itself only beyond rtol summed over
+# it, so no false alarm comes from here.
+SCREEN_ROUNDING = 2.0**10
 # Evaluations full mode spends per leaf on top of its passes (step pilots).
 PILOT_EVALS = 16
 
@@ -242,6 +238,7 @@ class _Directions:
         rt = np.array([self.tols[k][0] for k in leaf])
         at = np.array([self.tols[k][1] for k in leaf])
         rs = np.array([self.tols[k][2] for k in leaf])
+        as_ = np.array([self.tols[k][3] for k in leaf])
         # Rounding of the float64 dot product ⟨g, Δ⟩ itself.
         dot_round = 4 * policy.unit_roundoff(np.float64) * gv1
         # Screening allowance: the analytic side's own rounding (rs per element, see
@@ -249,7 +246,7 @@ class _Directions:
         # it only starts a search; the elements found are then judged with the user's
         # tolerance, and a range fails by itself only beyond that tolerance summed the
         # same way (the Hoeffding bound of DIRECTION_Z).
-        screen_tol = DIRECTION_Z * (rs * gv2 + at * v2) + dot_round
+        screen_tol = DIRECTION_Z * (rs * gv2 + as_ * v2) + dot_round
         user_tol = DIRECTION_Z * (rt * gv2 + at * v2) + dot_round
         stencil = "richardson" if trunc is None else "central4"
         offs = stencils.offsets(stencil)
@@ -358,11 +355,12 @@ def _judge_leaf(problem, k, a_leaves, elems, *, stencil, step, rtol, atol, g_all
 
 
 def _tolerances(problem, k, a_flat, rtol, atol, g_ref):
-    """(rtol, atol, screening rtol) of leaf k: see SCREEN_ROUNDING for the last."""
+    """(rtol, atol, screening rtol, screening atol) of leaf k: see SCREEN_ROUNDING for the last two."""
     adtype = problem.orig_dtypes[k] if a_flat.dtype == problem.orig_dtypes[k] else a_flat.dtype
     rt = policy.default_rtol(adtype) if rtol is None else rtol
     at = policy.default_atol_factor(adtype) * g_ref if atol is None else atol
-    return rt, at, min(rt, SCREEN_ROUNDING * policy.unit_roundoff(adtype))
+    ua = SCREEN_ROUNDING * policy.unit_roundoff(adtype)
+    return rt, at, min(rt, ua), min(at, ua * g_ref)
 
 
 def _directional(problem, a_leaves, counts, *, stencil, rtol, atol, step, seed, k_dirs, locate, rng):
@@ -428,7 +426,7 @@ def _stated_power(problem, dirs, k, res, sl, a_flat, tols, h_rel, stencil, step)
     rtol·|g_i| plus the round-off 8σ/h of the first pass or 8·1.65σ/H of the Richardson
     refinement at H, whichever is larger (both must fail).
     """
-    rt, at, _ = tols
+    rt, at = tols[:2]
     g = np.abs(np.where(np.isfinite(a_flat), a_flat, 0.0)).astype(np.float64)
     s = problem.scales[k]
     H = problem.relative_step("richardson", step)
@@ -478,9 +476,14 @@ def run_mode(problem, a_leaves, *, mode, stencil, rtol, atol, step, strict, key=
         picked = sum(e.size for e in elems)
         notes = (f"sampled: {picked} of {n} elements checked individually (per leaf the largest-|g| "
                  f"elements plus a stratified sample, key={key!r}); the other {n - picked} were not "
-                 "checked.",)
+                 "checked, so 'detect' is inf for a leaf not checked in full (a typical element "
+                 "was most likely not in the sample).",)
         with progress.attached(problem.counter, 2 * picked + PILOT_EVALS * len(sizes)):
-            return judge_coordinates(problem, a_leaves, elems, mode="sampled", notes=notes, **kw)
+            rep = judge_coordinates(problem, a_leaves, elems, mode="sampled", notes=notes, **kw)
+        # The largest-|g| element is always sampled; a typical one only by chance.
+        leaves = tuple(lf if lf.checked == lf.size else dataclasses.replace(lf, detectable_rel=math.inf)
+                       for lf in rep.leaves)
+        return dataclasses.replace(rep, leaves=leaves)
 
     if mode == "auto":
         budget = DEFAULT_BUDGET if budget is None else budget

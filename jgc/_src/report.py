@@ -274,6 +274,21 @@ def verdict(leaves, strict: bool) -> tuple[bool, float]:
     return ok, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
 
 
+def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
+    """A per-element figure at the typical element (median nonzero |a|) and at the largest |a|.
+
+    An element whose analytic value is 0 has no relative error to speak of, so the
+    typical element is the median among the nonzero, finite ones. Infinite when there is
+    no such element.
+    """
+    mag = np.abs(np.asarray(a))
+    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
+    if keep.size == 0:
+        return math.inf, math.inf
+    order = keep[np.argsort(mag[keep], kind="stable")]
+    return float(per_element[order[(order.size - 1) // 2]]), float(per_element[order[-1]])
+
+
 def _g(x, width=9) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-".rjust(width)
