@@ -299,7 +299,7 @@ def _leaf_report(problem, k, elems, a, num, err, tol, codes, onesided, h_rel, g_
         mag = np.maximum(np.abs(a), np.abs(num))
         sig = mag >= 1e-3 * g_ref
         rel = np.where(sig & (mag > 0), d / mag, 0.0)
-        det = np.where(np.abs(a) > 0, (bound + d) / np.abs(a), np.inf)
+        det = np.where(np.abs(a) > 0, (bound + np.where(d <= bound, d, 0.0)) / np.abs(a), np.inf)
     # The worst element: mismatches first, then the largest difference / allowed.
     w = int(np.lexsort((ratio, codes == report_mod.MISMATCH))[-1]) if d.size else 0
     counts = {name: int(np.sum(codes == i)) for i, name in enumerate(STATUS_NAMES)}

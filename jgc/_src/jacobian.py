@@ -104,7 +104,7 @@ def block_report(*, path, label, output_path, shape, dtype, a, n, bound, codes, 
         ratio = np.where(np.isnan(ratio), np.inf, ratio)
         mag = np.maximum(np.abs(a), np.abs(n))
         rel = np.where((mag >= 1e-3 * g_ref) & (mag > 0), d / mag, 0.0)
-        det = np.where(np.abs(a) > 0, (bound + d) / np.abs(a), np.inf)
+        det = np.where(np.abs(a) > 0, (bound + np.where(d <= bound, d, 0.0)) / np.abs(a), np.inf)
     w = int(np.argmax(ratio)) if d.size else 0
     if d.size and codes.max() >= MISMATCH:
         bad = np.flatnonzero(codes == MISMATCH)

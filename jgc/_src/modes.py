@@ -291,9 +291,11 @@ class _Directions:
 
         A wrong element e_i adds |e_i|·|g_i|·s_i to |⟨g,v⟩ − D| in every direction, so
         a direction r fails once that exceeds its allowance plus the difference it
-        already shows: (bound_r + diff_r) / (|g_i|·s_i); the best direction decides.
+        already shows: (bound_r + diff_r) / (|g_i|·s_i); the best direction decides. A
+        direction that already fails counts with its allowance alone.
         """
-        need = float(np.min(res.bound[sl] + res.diff[sl]))
+        b, d = res.bound[sl], res.diff[sl]
+        need = float(np.min(b + np.where(d <= b, d, 0.0)))
         with np.errstate(divide="ignore"):
             return need / self.gs[k][elems]
 

@@ -73,7 +73,8 @@ class LeafReport:
       normwise: the lecture's ‖a − n‖ / ‖a + n‖ over the checked elements.
       detectable_rel: the smallest relative error in one typical element (the one
         with the median nonzero |analytic|) that this check would have caught: what it
-        could see there, (allowed difference + observed difference) / |analytic|. This
+        could see there, (allowed difference + observed difference) / |analytic|, the
+        observed difference left out where it already fails. This
         is the ``detect`` column of the text report. Infinite when no element was
         checked and the mode gives no power statement.
       step: median step h actually taken (absolute).
