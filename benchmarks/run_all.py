@@ -27,6 +27,7 @@ BENCHES = {
     "verdicts": ("bench_verdicts.py", [], True),
     "rules": ("bench_rules.py", [], False),
     "optax": ("bench_optax.py", [], True),
+    "power": ("bench_power.py", [], True),
 }
 
 

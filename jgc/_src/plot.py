@@ -32,9 +32,9 @@ from . import trees
 from .report import MISMATCH, STATUS_NAMES
 
 # One colour per status, in the order of STATUS_NAMES: ok, inconclusive, non-smooth,
-# non-finite, mismatch.
-COLOURS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#9467bd", "#d62728")
-MARKERS = ("o", "s", "^", "v", "x")
+# imprecise, non-finite, mismatch.
+COLOURS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728")
+MARKERS = ("o", "s", "^", "D", "v", "x")
 
 
 def _require_matplotlib(api: str):
