@@ -114,7 +114,22 @@ class Where:
     line: int
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}" if self.line else self.file or "?"
+        file = _display_path(self.file)
+        return f"{file}:{self.line}" if self.line else file or "?"
+
+
+def _display_path(path: str) -> str:
+    """Installed packages from their package directory on, files under the working directory relative to it."""
+    if not path:
+        return path
+    marker = f"site-packages{os.sep}"
+    if marker in path:
+        return path.split(marker, 1)[1]
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            return rel
+    return path
 
 
 def _pkg_dir(mod: str) -> str | None:
@@ -125,12 +140,18 @@ def _pkg_dir(mod: str) -> str | None:
     return os.path.dirname(os.path.abspath(m.__file__)) + os.sep
 
 
-_WRAPPER_DIRS = tuple(d for d in (_pkg_dir("jax"), _pkg_dir("equinox")) if d)
+_JAX, _EQX = _pkg_dir("jax"), _pkg_dir("equinox")
+# Modules whose functions wrap the user's rule: JAX's custom-derivative and tracing
+# machinery (defjvps, flattening, memoised thunks) and Equinox's filtered rules.
+_WRAPPER_FILES = tuple(os.path.join(d, *f.split("/")) for d, f in (
+    (_JAX, "_src/custom_derivatives.py"), (_JAX, "_src/linear_util.py"), (_JAX, "_src/api_util.py"),
+    (_JAX, "_src/interpreters/partial_eval.py"), (_JAX, "_src/interpreters/ad.py"),
+    (_JAX, "_src/interpreters/batching.py"), (_EQX, "_ad.py")) if d)
 
 
 def _is_wrapper_file(path: str) -> bool:
-    """Files whose functions wrap the user's (JAX internals, Equinox's filtered rules)."""
-    return os.path.abspath(path).startswith(_WRAPPER_DIRS)
+    """Files whose functions wrap the user's (JAX's custom-derivative machinery, Equinox's filtered rules)."""
+    return os.path.abspath(path) in _WRAPPER_FILES
 
 
 def _parse_src_info(info: str | None) -> Where:
@@ -181,6 +202,9 @@ def _functions_in(obj, depth=0, seen=None):
         yield from _functions_in(obj.func, depth + 1, seen)
     elif isinstance(obj, types.MethodType):
         yield from _functions_in(obj.__func__, depth + 1, seen)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _functions_in(x, depth + 1, seen)
     elif type(obj).__name__ == "WrappedFun":
         yield from _functions_in(getattr(obj, "f", None), depth + 1, seen)
 
@@ -322,7 +346,7 @@ def intended(fn: Callable | None = None, *, reason: str):
       >>> @jax.custom_jvp
       ... def ste_round(x):
       ...     return jnp.round(x)
-      >>> ste_round.defjvp(lambda p, t: (ste_round(p[0]), t[0]))
+      >>> _ = ste_round.defjvp(lambda p, t: (ste_round(p[0]), t[0]))
       >>> ste_round = jgc.intended(ste_round, reason="straight-through estimator")
       >>> jgc.check_rules(lambda p: jnp.sum(ste_round(p)), jnp.array([0.3, 1.7])).ok
       True
@@ -417,7 +441,7 @@ class _Collector:
         self._has_rule: dict[int, bool] = {}
 
     # static
-    def site(self, eqn, under: tuple) -> _Site:
+    def site(self, eqn, under: tuple, parent: Where | None = None) -> _Site:
         pin_equation(eqn)
         primal, rule, fwd = rule_names(eqn)
         kind = KINDS[eqn.primitive.name]
@@ -426,21 +450,23 @@ class _Collector:
         if r is None:
             r = self.rules[key] = _Rule(kind, primal, rule, fwd)
         at = call_site(eqn)
+        if not at.file and parent is not None:  # called from library code with no user frame
+            at = parent
         skey = (at, under, tuple(str(v.aval) for v in eqn.invars))
         s = r.sites.get(skey)
         if s is None:
             s = r.sites[skey] = _Site(eqn, at, under)
         return s
 
-    def discover(self, jaxpr, under=()):
+    def discover(self, jaxpr, under=(), parent=None):
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name in KINDS:
-                self.site(eqn, under)
-                self.discover(eqn.params["call_jaxpr"].jaxpr, under + (f"{KINDS[name]} {_short(eqn)}",))
+                site = self.site(eqn, under, parent)
+                self.discover(eqn.params["call_jaxpr"].jaxpr, under + (f"{KINDS[name]} {_short(eqn)}",), site.at)
             else:
                 for sub in _subjaxprs(eqn):
-                    self.discover(sub, under + (_construct(name),))
+                    self.discover(sub, under + (_construct(name),), parent)
 
     def has_rule(self, jaxpr) -> bool:
         k = id(jaxpr)
@@ -450,7 +476,7 @@ class _Collector:
         return self._has_rule[k]
 
     # eager
-    def run(self, jaxpr, consts, args, under=(), steps=()):
+    def run(self, jaxpr, consts, args, under=(), steps=(), parent=None):
         env = {}
 
         def read(v):
@@ -462,7 +488,7 @@ class _Collector:
             env[v] = x
         for eqn in jaxpr.eqns:
             vals = [read(v) for v in eqn.invars]
-            outs = self._eqn(eqn, vals, under, steps)
+            outs = self._eqn(eqn, vals, under, steps, parent)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs):
@@ -473,35 +499,36 @@ class _Collector:
     def _bind(self, eqn, vals):
         return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
 
-    def _eqn(self, eqn, vals, under, steps):
+    def _eqn(self, eqn, vals, under, steps, parent):
         name = eqn.primitive.name
         p = eqn.params
         if name in KINDS:
-            site = self.site(eqn, under)
+            site = self.site(eqn, under, parent)
             self._record(site, eqn, vals, steps)
             cj = p["call_jaxpr"]
             if self.has_rule(cj.jaxpr):
-                return self.run(cj.jaxpr, cj.consts, vals, under + (f"{KINDS[name]} {_short(eqn)}",), steps)
+                return self.run(cj.jaxpr, cj.consts, vals, under + (f"{KINDS[name]} {_short(eqn)}",), steps,
+                                site.at)
             return self._bind(eqn, vals)
         if not any(self.has_rule(s) for s in _subjaxprs(eqn)):
             return self._bind(eqn, vals)
         inner = under + (_construct(name),)
         if name in CALL_PRIMS and "jaxpr" in p or "call_jaxpr" in p and name in CALL_PRIMS:
             cj = p.get("jaxpr", p.get("call_jaxpr"))
-            return self.run(cj.jaxpr, cj.consts, vals, inner, steps)
+            return self.run(cj.jaxpr, cj.consts, vals, inner, steps, parent)
         if name in REMAT_PRIMS:
             jx = p["jaxpr"]
             jx, consts = (jx.jaxpr, jx.consts) if isinstance(jx, jcore.ClosedJaxpr) else (jx, ())
-            return self.run(jx, consts, vals, inner, steps)
+            return self.run(jx, consts, vals, inner, steps, parent)
         if name == "scan":
-            return self._scan(eqn, vals, inner, steps)
+            return self._scan(eqn, vals, inner, steps, parent)
         if name == "while":
-            return self._while(eqn, vals, inner, steps)
+            return self._while(eqn, vals, inner, steps, parent)
         if name == "cond":
             branches = p["branches"]
             i = int(np.clip(int(vals[0]), 0, len(branches) - 1))
             b = branches[i]
-            return self.run(b.jaxpr, b.consts, vals[1:], inner, steps + (f"cond branch {i}",))
+            return self.run(b.jaxpr, b.consts, vals[1:], inner, steps + (f"cond branch {i}",), parent)
         # A construct jgc cannot step through: its rules are found but not captured.
         for sub in _subjaxprs(eqn):
             for e in _all_eqns(sub):
@@ -509,7 +536,7 @@ class _Collector:
                     self.unreached[_short(e)] = name
         return self._bind(eqn, vals)
 
-    def _scan(self, eqn, vals, under, steps):
+    def _scan(self, eqn, vals, under, steps, parent):
         p = eqn.params
         body, nc, ncarry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
         consts, carry, xs = vals[:nc], list(vals[nc:nc + ncarry]), vals[nc + ncarry:]
@@ -517,7 +544,7 @@ class _Collector:
         order = range(length - 1, -1, -1) if p.get("reverse", False) else range(length)
         for i in order:
             out = self.run(body.jaxpr, body.consts, [*consts, *carry, *(x[i] for x in xs)], under,
-                           steps + (f"scan step {i}",))
+                           steps + (f"scan step {i}",), parent)
             carry, y = out[:ncarry], out[ncarry:]
             ys.append(y)
         if p.get("reverse", False):
@@ -527,14 +554,14 @@ class _Collector:
                    for j, a in enumerate(y_avals)]
         return [*carry, *stacked]
 
-    def _while(self, eqn, vals, under, steps):
+    def _while(self, eqn, vals, under, steps, parent):
         p = eqn.params
         cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         cc, bc, carry = vals[:cn], vals[cn:cn + bn], list(vals[cn + bn:])
         i = 0
-        while bool(self.run(cj.jaxpr, cj.consts, [*cc, *carry], under, steps)[0]):
-            carry = self.run(bj.jaxpr, bj.consts, [*bc, *carry], under, steps + (f"while step {i}",))
+        while bool(self.run(cj.jaxpr, cj.consts, [*cc, *carry], under, steps, parent)[0]):
+            carry = self.run(bj.jaxpr, bj.consts, [*bc, *carry], under, steps + (f"while step {i}",), parent)
             i += 1
         return carry
 
@@ -640,18 +667,25 @@ def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
     return _verdict(prep, rep, rep.leaves)
 
 
-def _runs(prep: _Prepared) -> bool:
-    """Whether the rule can be differentiated again, tried once op by op (no compile).
+def _closes_over_traced_values(eqn) -> bool:
+    """Whether the rule's Python functions hold tracers of the loss's trace in their closures.
 
-    A rule that closes over values traced inside the loss cannot (the trace they
-    belong to has ended); such a site is checked on its own, so that it alone fails.
+    Such a rule (defined inside the loss, closing over a value computed there) cannot be
+    differentiated again once that trace has ended; its site is checked on the Python
+    object called in an eager run instead.
     """
-    try:
-        out, pullback = jax.vjp(prep.f, *prep.explicit)
-        pullback(out)
-    except Exception:
-        return False
-    return True
+    funs = [eqn.params[RULE_FUNCTION[eqn.primitive.name]]]
+    if eqn.primitive.name == VJP_CALL:
+        funs.append(eqn.params["fwd_jaxpr_thunk"])
+    for fun in funs:
+        for fn in _functions_in(fun):
+            for v in _closure(fn).values():
+                if isinstance(v, (types.FunctionType, functools.partial)):
+                    continue
+                with contextlib.suppress(Exception):
+                    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(v)):
+                        return True
+    return False
 
 
 def _check_together(preps: list, options: dict) -> dict:
@@ -830,7 +864,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
       >>> @jax.custom_jvp
       ... def cube(x):
       ...     return x ** 3
-      >>> cube.defjvp(lambda p, t: (cube(p[0]), 2 * p[0] ** 2 * t[0]))  # should be 3x²
+      >>> _ = cube.defjvp(lambda p, t: (cube(p[0]), 2 * p[0] ** 2 * t[0]))  # should be 3x²
       >>> rep = jgc.check_rules(lambda p: jnp.sum(cube(p)), jnp.array([1.0, 2.0]))
       >>> rep.ok, rep.rules[0].name, rep.rules[0].status
       (False, 'cube', 'mismatch')
@@ -886,7 +920,8 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> li
             prep = _prepare(k, s, r.kind)
             if isinstance(prep, SiteReport):
                 verdicts[k] = prep
-            elif prep.coordinates <= FULL_JACOBIAN_COORDINATES and _runs(prep):
+            elif prep.coordinates <= FULL_JACOBIAN_COORDINATES \
+                    and not _closes_over_traced_values(prep.site.eqn):
                 small.append(prep)
             else:  # large, or a rule that raises when differentiated: alone
                 try:

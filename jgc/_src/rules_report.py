@@ -225,11 +225,13 @@ class RulesReport:
         bad = self.failing()
         calls = sum(r.calls for r in self.rules)
         checked = sum(r.checked for r in self.rules)
-        verdict = (f"{len(bad)} of {len(self.rules)} rule{'s' * (len(self.rules) != 1)} wrong" if bad
-                   else f"all {len(self.rules)} rule{'s' * (len(self.rules) != 1)} agree with their primal"
-                   if self.rules else "no custom rules found")
-        return (f"jgc.check_rules({self.function}): {verdict} ({calls} calls seen, {checked} checked, "
-                f"{self.seconds:.2f} s)")
+        n = len(self.rules)
+        verdict = (f"{len(bad)} of {n} rule{'s' * (n != 1)} wrong" if bad
+                   else "no custom rules found" if not n
+                   else "the one rule agrees with its primal" if n == 1
+                   else f"all {n} rules agree with their primal")
+        return (f"jgc.check_rules({self.function}): {verdict} ({calls} call{'s' * (calls != 1)} seen, "
+                f"{checked} checked, {self.seconds:.2f} s)")
 
     def __str__(self) -> str:
         lines = [self.summary()]
