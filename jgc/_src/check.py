@@ -341,7 +341,7 @@ def _validate(stencil, mode, rtol, atol, strict):
 def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, stencil: str = "central",
           precision: str = "auto", rtol: float | None = None, atol: float | None = None,
           step: float | None = None, strict: bool = False, mode: str = "full",
-          chunk_size: int | None = None, **mode_options) -> Report:
+          chunk_size: int | None = None, rules: bool = False, **mode_options) -> Report:
     """Check the gradient of a scalar cost against finite differences, element by element.
 
     Every inexact array leaf of ``params`` is perturbed, one coordinate at a time, by
@@ -392,6 +392,9 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       mode: "full" checks every coordinate. "sampled", "directional" and "auto"
         (see ``jgc.check`` modes in the README) take ``key``, ``samples``, ``budget``.
       chunk_size: coordinates per vmapped batch (default from a memory budget).
+      rules: when the check fails, also run :func:`jgc.check_rules` on ``fn``: the
+        report's ``rules`` holds its :class:`jgc.RulesReport`, and the text names the
+        custom rule that disagrees with its primal, with its ``file:line``.
 
     Returns:
       A :class:`jgc.Report`; ``report.ok`` is False when any element is a mismatch.
@@ -407,6 +410,12 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       True
     """
     _validate(stencil, mode, rtol, atol, strict)
+    if rules:
+        from .rules import attach_rules  # a front door above this one: imported on use
+
+        rep = check(fn, params, *args, grad=grad, stencil=stencil, precision=precision, rtol=rtol, atol=atol,
+                    step=step, strict=strict, mode=mode, chunk_size=chunk_size, **mode_options)
+        return rep if rep.ok else attach_rules(rep, fn, params, args, precision=precision)
     # Programs compiled on worker threads while the noise probe runs: jax.grad when it
     # is the analytic side, and in full mode every leaf's evaluator.
     ahead = (("grad",) if grad is None else ()) + (
@@ -537,6 +546,8 @@ def failure_message(api: str, rep: Report, custom_message: str | None = None) ->
         where = (f" at {worst.path}{list(worst.worst_index)}: analytic {worst.worst_analytic:.6g} "
                  f"vs numerical {worst.worst_numeric:.6g}")
     head = f"{api}: gradients disagree{where}."
+    for rule in rep.rules.failing() if rep.rules is not None else ():
+        head += f" Wrong custom rule: {rule.name} ({rule.primal_at}), rule {rule.rule_name} ({rule.rule_at})."
     if custom_message:
         head += f" {custom_message}"
     return f"{head}\n{rep}"

@@ -187,6 +187,9 @@ class Report:
     notes: tuple = ()
     function: str = ""
     api: str = "jgc.check"  # the front door that made the report (text header)
+    # jgc.check(..., rules=True) on a failing check: the jgc.RulesReport of every custom
+    # rule inside the cost (None otherwise); its verdict is also in ``notes``.
+    rules: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---- summaries -------------------------------------------------------------
     @property

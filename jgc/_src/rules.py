@@ -963,3 +963,23 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> li
             sites = tuple(verdicts[(rkey, skey)] for skey in r.sites)
             out.append(RuleReport.from_sites(base, sites, calls))
     return out
+
+
+def attach_rules(rep, fn, params, args, *, precision: str = "auto"):
+    """A failing :class:`jgc.Report` with the verdict of every custom rule inside ``fn``.
+
+    Used by ``jgc.check(..., rules=True)``: the report gains ``rules`` (the
+    :class:`jgc.RulesReport`) and one note per wrong rule, so its text says which rule
+    to fix; when every rule agrees with its primal, a note says the mismatch lies
+    elsewhere.
+    """
+    rr = check_rules(fn, params, *args, precision=precision)
+    notes = [f"custom rule {r.kind} {r.name} ({r.primal_at}) disagrees with its primal: rule "
+             f"{r.rule_name} ({r.rule_at})" + (f"; worst {r.worst.describe()}" if r.worst else "")
+             for r in rr.failing()]
+    if not notes:
+        checked = [r for r in rr.rules if r.status == "ok"]
+        notes = [f"jgc.check_rules found {len(checked)} custom rule(s) that agree with their primal: the "
+                 "mismatch comes from elsewhere (a hand-written grad, stop_gradient, or a rule not checked: "
+                 "see report.rules)."] if rr.rules else []
+    return dataclasses.replace(rep, rules=rr, notes=tuple(rep.notes) + tuple(notes))
