@@ -7,9 +7,11 @@ from the report.
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import json
 import os
+import textwrap
 from functools import partial
 
 import equinox as eqx
@@ -20,6 +22,8 @@ import optax
 import pytest
 
 import jgc
+from jgc import testing
+from jgc._src import cli
 from jgc._src import rules as rules_impl
 
 HERE = os.path.relpath(__file__)
@@ -420,3 +424,87 @@ def test_bad_input():
         jgc.check_rules(3, jnp.ones(2))
     with pytest.raises(ValueError, match="precision"):
         jgc.check_rules(jnp.sum, jnp.ones(2), precision="half")
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(rules_impl)
+    assert attempted >= 6 and failed == 0
+
+
+# -- where users meet it -------------------------------------------------------------------------------
+def two_layer(act):
+    def loss(p, x):
+        return jnp.sum(act(x @ p["W1"]) @ p["W2"])
+
+    params = {"W1": jnp.array([[0.3, -0.2], [0.1, 0.5]]), "W2": jnp.array([0.7, -1.1])}
+    return loss, params, jnp.array([[1.0, 2.0]])
+
+
+def make_tanh(wrong: bool):
+    @jax.custom_vjp
+    def tanh_act(x):
+        return jnp.tanh(x)
+
+    def tanh_bwd(x, g):
+        return (g * (1 - jnp.tanh(x) if wrong else 1 - jnp.tanh(x) ** 2),)  # the plant: tanh for tanh²
+
+    tanh_act.defvjp(lambda x: (jnp.tanh(x), x), tanh_bwd)
+    return tanh_act
+
+
+def test_check_with_rules_names_the_rule_only_when_the_gradient_disagrees():
+    loss, params, x = two_layer(make_tanh(True))
+    rep = jgc.check(loss, params, x, rules=True)
+    assert not rep.ok and rep.rules is not None
+    assert [r.name for r in rep.rules.failing()] == ["tanh_act"]
+    assert "custom rule custom_vjp tanh_act" in str(rep)
+    with pytest.raises(jgc.GradCheckError, match=r"Wrong custom rule: tanh_act \(tests/test_rules.py:\d+\)"):
+        jgc.assert_grads_close(loss, params, x, rules=True)
+    loss, params, x = two_layer(make_tanh(False))
+    assert jgc.check(loss, params, x, rules=True).rules is None  # passing checks stay as cheap as before
+
+
+def test_assert_rules_ok():
+    loss, params, x = two_layer(make_tanh(False))
+    assert testing.assert_rules_ok(loss, params, x).ok
+    loss, params, x = two_layer(make_tanh(True))
+    with pytest.raises(jgc.GradCheckError, match=r"^\[jgc\] Assertion assert_rules_ok failed: wrong custom rule: "
+                                                 r"tanh_act \(tests/test_rules.py:\d+\), rule tanh_bwd") as info:
+        testing.assert_rules_ok(loss, params, x)
+    assert isinstance(info.value.report, jgc.RulesReport)
+
+
+CLI_SOURCE = """
+import jax, jax.numpy as jnp
+
+@jax.custom_jvp
+def cube(x):
+    return x ** 3
+
+cube.defjvp(lambda p, t: (cube(p[0]), {factor} * p[0] ** 2 * t[0]))
+
+def loss(params, x):
+    return jnp.sum(cube(params * x))
+
+def make_params():
+    return jnp.array([0.5, 1.5])
+
+def make_args():
+    return (jnp.array([1.0, 2.0]),)
+"""
+
+
+@pytest.mark.parametrize("factor,code", [(3.0, 0), (2.0, 1)], ids=["correct", "planted"])
+def test_cli_rules_exit_codes_and_json(tmp_path, monkeypatch, capsys, factor, code):
+    name = f"rules_case_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(CLI_SOURCE.format(factor=factor)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["rules", f"{name}:loss", "--params", f"{name}:make_params", "--args",
+                     f"{name}:make_args", "--json"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["rules"][0]["name"] == "cube"
+    assert out["rules"][0]["status"] == ("ok" if code == 0 else "mismatch")
+    assert out["rules"][0]["primal_at"] == f"{name}.py:4"
+    assert cli.main(["rules", f"{name}:nothing", "--params", f"{name}:make_params"]) == 2
+    assert capsys.readouterr().err.startswith("jgc rules: ")
