@@ -26,6 +26,7 @@ BENCHES = {
     "speed": ("bench_speed.py", ["--peer-threads", "1"], True),
     "verdicts": ("bench_verdicts.py", [], True),
     "rules": ("bench_rules.py", [], False),
+    "rules_found": ("bench_rules.py", ["--found"], False),
     "optax": ("bench_optax.py", [], True),
     "power": ("bench_power.py", [], True),
 }
