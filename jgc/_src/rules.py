@@ -439,9 +439,18 @@ class _Collector:
         self.rules: dict[tuple, _Rule] = {}
         self.unreached: dict[str, str] = {}  # rule site key -> why it was not stepped into
         self._has_rule: dict[int, bool] = {}
+        self._sites: dict[tuple, _Site] = {}  # (id of equation, constructs around it) -> site
 
     # static
     def site(self, eqn, under: tuple, parent: Where | None = None) -> _Site:
+        cached = self._sites.get((id(eqn), under))
+        if cached is not None:  # the same equation again (a loop step): names are known
+            return cached
+        site = self._new_site(eqn, under, parent)
+        self._sites[(id(eqn), under)] = site
+        return site
+
+    def _new_site(self, eqn, under: tuple, parent: Where | None) -> _Site:
         pin_equation(eqn)
         primal, rule, fwd = rule_names(eqn)
         kind = KINDS[eqn.primitive.name]
@@ -513,8 +522,8 @@ class _Collector:
         if not any(self.has_rule(s) for s in _subjaxprs(eqn)):
             return self._bind(eqn, vals)
         inner = under + (_construct(name),)
-        if name in CALL_PRIMS and "jaxpr" in p or "call_jaxpr" in p and name in CALL_PRIMS:
-            cj = p.get("jaxpr", p.get("call_jaxpr"))
+        if name in CALL_PRIMS:
+            cj = p["jaxpr"] if "jaxpr" in p else p["call_jaxpr"]
             return self.run(cj.jaxpr, cj.consts, vals, inner, steps, parent)
         if name in REMAT_PRIMS:
             jx = p["jaxpr"]
@@ -571,9 +580,9 @@ class _Collector:
         cap = _Capture(list(vals), " > ".join(steps) or "", _magnitude(vals[nc:]))
         if len(site.first) < FIRST_CALLS:
             site.first.append(cap)
-        elif site.extreme is None or cap.magnitude > site.extreme.magnitude:
-            if cap.magnitude > max(c.magnitude for c in site.first):
-                site.extreme = cap
+        elif cap.magnitude > max([c.magnitude for c in site.first]
+                                 + ([site.extreme.magnitude] if site.extreme else [])):
+            site.extreme = cap  # the largest input beyond the first calls
 
 
 def _short(eqn) -> str:
@@ -628,7 +637,7 @@ def _operand_names(eqn) -> list[str]:
 
 
 def _site_base(site: _Site) -> dict:
-    return dict(at=str(site.at), function=site.at.name, under=" > ".join(site.under), calls=site.calls)
+    return {"at": str(site.at), "function": site.at.name, "under": " > ".join(site.under), "calls": site.calls}
 
 
 def _prepare(key, site: _Site, kind: str) -> _Prepared | SiteReport:
@@ -890,7 +899,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         col.discover(closed.jaxpr)
         flat = jax.tree_util.tree_leaves((p, args))
         col.run(closed.jaxpr, closed.consts, [jnp.asarray(x) for x in flat])
-        options = {k: v for k, v in dict(rtol=rtol, atol=atol, step=step).items() if v is not None}
+        options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
         rules = _judge(col, options, key, lambda: _eager_calls(fn, p, args))
     return RulesReport.build(rules, function=_fn_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
@@ -926,17 +935,17 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> li
             else:  # large, or a rule that raises when differentiated: alone
                 try:
                     verdicts[k] = _check_one(prep, options, key)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 (the rule itself raised: an error for this rule only)
                     verdicts[k] = _error(prep, e)
                     retrace.append(prep)
     if small:
         try:
             verdicts.update(_check_together(small, options))
-        except Exception:  # one site's rule raised: check each alone, so only that one is an error
+        except Exception:  # noqa: BLE001 (one site's rule raised: check each alone, so only it is an error)
             for prep in small:
                 try:
                     verdicts[prep.key] = _check_one(prep, options, key)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 (as above)
                     verdicts[prep.key] = _error(prep, e)
                     retrace.append(prep)
     leaked = [p for p in retrace if "UnexpectedTracerError" in verdicts[p.key].reason]
@@ -946,13 +955,13 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> li
             r = col.rules[prep.key[0]]
             try:
                 verdicts[prep.key] = _check_eager(prep.site, r.primal, calls, options)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (as above)
                 verdicts[prep.key] = _error(prep, e)
     out = []
     for rkey, r in col.rules.items():
-        base = dict(kind=r.kind, name=r.primal.name, primal_at=str(r.primal), rule_name=r.rule.name,
-                    rule_at=str(r.rule), fwd_name=r.fwd.name if r.fwd else "",
-                    fwd_at=str(r.fwd) if r.fwd else "")
+        base = {"kind": r.kind, "name": r.primal.name, "primal_at": str(r.primal), "rule_name": r.rule.name,
+                "rule_at": str(r.rule), "fwd_name": r.fwd.name if r.fwd else "",
+                "fwd_at": str(r.fwd) if r.fwd else ""}
         calls = sum(s.calls for s in r.sites.values())
         if rkey in intended_by:
             reason = intended_by[rkey]
@@ -979,7 +988,8 @@ def attach_rules(rep, fn, params, args, *, precision: str = "auto"):
              for r in rr.failing()]
     if not notes:
         checked = [r for r in rr.rules if r.status == "ok"]
-        notes = [f"jgc.check_rules found {len(checked)} custom rule(s) that agree with their primal: the "
-                 "mismatch comes from elsewhere (a hand-written grad, stop_gradient, or a rule not checked: "
-                 "see report.rules)."] if rr.rules else []
+        elsewhere = (f"jgc.check_rules found {len(checked)} custom rule(s) that agree with their primal: the "
+                     "mismatch comes from elsewhere (a hand-written grad, stop_gradient, or a rule not "
+                     "checked: see report.rules).")
+        notes = [elsewhere] if rr.rules else []
     return dataclasses.replace(rep, rules=rr, notes=tuple(rep.notes) + tuple(notes))

@@ -227,11 +227,11 @@ class RulesReport:
         checked = sum(r.checked for r in self.rules)
         n = len(self.rules)
         verdict = (f"{len(bad)} of {n} rule{'s' * (n != 1)} wrong" if bad
-                   else "no custom rules found" if not n
-                   else "the one rule agrees with its primal" if n == 1
-                   else f"all {n} rules agree with their primal")
-        return (f"jgc.check_rules({self.function}): {verdict} ({calls} call{'s' * (calls != 1)} seen, "
-                f"{checked} checked, {self.seconds:.2f} s)")
+                   else "no custom rules found" if not n else f"no wrong rule among {n}")
+        counts = {st: sum(r.status == st for r in self.rules) for st in RULE_STATUSES}
+        statuses = ", ".join(f"{c} {st}" for st, c in counts.items() if c)
+        return (f"jgc.check_rules({self.function}): {verdict}" + (f" ({statuses})" if n else "")
+                + f"; {calls} call{'s' * (calls != 1)} seen, {checked} checked, {self.seconds:.2f} s")
 
     def __str__(self) -> str:
         lines = [self.summary()]
