@@ -198,7 +198,7 @@ def found_examples():
         return (jnp.sum(acts) + jnp.sum(ce) + jnp.sum(optax.projections.projection_simplex(q) ** 2)
                 + jnp.sum(optax.scale_gradient(q, 0.5)))
 
-    out.append(("correct library rules: jax.nn, optax losses, projections, scale_gradient", library,
+    out.append(("correct library rules: jax.nn, optax losses, projections; scale_gradient (on purpose)", library,
                 jnp.array([0.5, -1.5, 2.0]), ()))
     return out
 
@@ -211,7 +211,8 @@ def run_found():
             rep = jgc.check(loss, params, *args)
             leaves = ", ".join(lf.path for lf in rep.failing()) or "ok"
         except ValueError as e:  # jax.grad itself fails, e.g. through a while_loop
-            leaves = f"cannot run: {type(e).__name__} ({str(e).split('.')[0]})"
+            why = "no reverse mode through while_loop" if "while_loop" in str(e) else str(e)[:60]
+            leaves = f"cannot run: {type(e).__name__}, {why}"
         t_check = time.perf_counter() - t
         t = time.perf_counter()
         rr = jgc.check_rules(loss, params, *args)

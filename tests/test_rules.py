@@ -92,6 +92,11 @@ def test_jaxpr_structure_it_relies_on():
         x, **jvp_eqn.primitive.get_bind_params(jvp_eqn.params)), (jnp.array([2.0, 2.0]),),
         (jnp.ones(2),))
     np.testing.assert_allclose(tan, 12.0)
+    # Private names used to find user frames and to record eager calls of rules.
+    from jax._src import custom_derivatives, source_info_util
+
+    assert custom_derivatives.custom_jvp is jax.custom_jvp and custom_derivatives.custom_vjp is jax.custom_vjp
+    assert callable(source_info_util.user_frames) and callable(source_info_util.user_frame)
 
 
 def test_changed_structure_fails_with_the_jax_version():
