@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compare, policy, report as report_mod, stencils
+from . import compare, compat, policy, report as report_mod, stencils
 from .errors import GradCheckError
 from .problem import Problem, leaf_info, to_elements
 from .report import STATUS_NAMES, LeafReport, Report, typical_and_largest
@@ -62,7 +62,7 @@ def analytic_gradient(problem: Problem, grad) -> list:
     """Return the analytic gradient of every perturbed leaf, as NumPy arrays."""
     api, split = problem.api, problem.split
     if grad is None:
-        return [np.asarray(x) for x in problem.gradient()]
+        return [compat.host(x) for x in problem.gradient()]
     if callable(grad) and not _is_gradient_tree(grad, split):
         try:
             tree = grad(split.combine(problem.dyn), *problem.rebuild_args(problem.argarr))
@@ -108,7 +108,7 @@ def analytic_gradient(problem: Problem, grad) -> list:
                 + (f" (evaluated as {problem.eval_dtypes[k].name})" if problem.widen else "")
                 + ". Return gradients in the parameter's dtype."
             )
-        out.append(np.asarray(g))
+        out.append(compat.host(g))
     return out
 
 
@@ -518,7 +518,8 @@ def numerical_grad(fn: Callable, params: Any, *args, has_aux: bool = False,
             h_rel = problem.leaf_step(k, stencil, step)
             est = problem.estimate(k, np.arange(problem.coordinates(k)), stencil, h_rel)
             v = to_elements(est.value, x.size, bool(jnp.iscomplexobj(x)))
-            out.append(jnp.asarray(v.reshape(x.shape)).astype(problem.orig_dtypes[k]))
+            # Cast on the host and moved explicitly (transfer guards; no eager op on NaN).
+            out.append(jax.device_put(np.asarray(v.reshape(x.shape)).astype(problem.orig_dtypes[k])))
         leaves = [None] * len(problem.split.leaves)
         for pos, v in zip(problem.split.dynamic_index, out):
             leaves[pos] = v

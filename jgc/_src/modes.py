@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compare, engine, policy, progress, stencils
+from . import compare, compat, engine, policy, progress, stencils
 from .check import _judge, _leaf_report, judge_coordinates, make_report, set_gradient_scale
 from .report import MISMATCH, OK, STATUS_NAMES, failing_statuses, typical_and_largest
 
@@ -86,10 +86,10 @@ def _seed(key) -> int:
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return int(key) & 0xFFFFFFFF
     try:
-        arr = jnp.asarray(key)
+        arr = key if isinstance(key, jax.Array) else np.asarray(key)  # no implicit transfer
         if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
             arr = jax.random.key_data(arr)
-        data = np.asarray(arr).astype(np.uint64).ravel()
+        data = compat.host(arr).astype(np.uint64).ravel()
     except (TypeError, ValueError) as e:
         raise TypeError(f"jgc.check: key must be an int or a JAX PRNG key, got {type(key).__name__}.") from e
     return int(np.random.SeedSequence(data.tolist()).generate_state(1)[0])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compiling, engine, noise, policy, stencils, trees
+from . import compat, compiling, engine, noise, policy, stencils, trees
 
 PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
@@ -38,7 +38,7 @@ def precision_scope(precision: str, orig_dtypes, notes: list):
     else:
         widen = precision == "float64"
     needs_x64 = widen or any(d in (np.float64, np.complex128) for d in orig_dtypes)
-    return widen, (jax.enable_x64(True) if needs_x64 else contextlib.nullcontext())
+    return widen, (compat.enable_x64(True) if needs_x64 else contextlib.nullcontext())
 
 
 class Scoped:
@@ -61,8 +61,6 @@ class Scoped:
         return self._scope.__exit__(*exc)
 
 
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _is_cost_and_aux(out) -> bool:
@@ -133,7 +131,7 @@ class Problem(Scoped):
             raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
         if precision not in PRECISIONS:
             raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
-        if any(_is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
+        if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
             raise TypeError(
                 f"{api} got traced values (it was called inside jit, vmap or grad). A "
                 "gradient check needs concrete numbers: call it outside transformations, "
@@ -151,19 +149,35 @@ class Problem(Scoped):
         self.notes: list[str] = []
         orig = [x for x in jax.tree_util.tree_leaves(params) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
+        self.precision_asked = precision
         self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except compat.TypePromotionError:
+            # Under strict promotion, fn may mix its params with float32 data or
+            # constants; widening params alone then fails inside fn. Check in native
+            # precision instead (precision="auto" only: an explicit choice is kept).
+            if not (self.widen and self.precision_asked == "auto"):
+                raise
+        self.widen, self._scope = precision_scope("native", self.orig_dtypes, self.notes)
+        self.notes.append("Under strict dtype promotion fn did not accept float64 parameters: "
+                          "checked in native precision, with tolerances for that precision.")
+        self.counter = engine.Counter()
+        return super().__enter__()
 
     # -- preparation -----------------------------------------------------------
     def _prepare(self):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
         # Casts run on the host (NumPy), not as one compiled XLA program per shape.
         if self.widen:
-            dyn = [jax.device_put(np.asarray(x).astype(trees.wide_dtype(x.dtype))) for x in dyn]
+            dyn = [jax.device_put(compat.host(x).astype(trees.wide_dtype(x.dtype))) for x in dyn]
         elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
             # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
             # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
             # reference is therefore always evaluated in float32 at least.
-            dyn = [jax.device_put(np.asarray(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
+            dyn = [jax.device_put(compat.host(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
                    else x for x in dyn]
             self.notes.append("bfloat16/float16 parameters were evaluated in float32 (the "
                               "narrowest precision in which finite differences resolve).")
@@ -198,11 +212,11 @@ class Problem(Scoped):
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
-        abs_all = np.concatenate([np.abs(np.asarray(x)).ravel() for x in self.dyn])
+        abs_all = np.concatenate([np.abs(compat.host(x)).ravel() for x in self.dyn])
         rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
         self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
         self.scales = [
-            policy.coordinate_scale(np.abs(np.asarray(x)).ravel(), self.global_scale) for x in self.dyn
+            policy.coordinate_scale(np.abs(compat.host(x)).ravel(), self.global_scale) for x in self.dyn
         ]
         self._compile_ahead()
         self.sigma = self._measure_noise()
@@ -213,7 +227,9 @@ class Problem(Scoped):
         Only lowering happens here; a failure leaves the program to be built on first
         use, where its error is raised in context.
         """
-        if "grad" in self.ahead:
+        # Under debug_nans/debug_infs the gradient is left to jax.jit, whose call reports
+        # a non-finite gradient as the FloatingPointError the user asked for.
+        if "grad" in self.ahead and not compat.float_checks_on():
             try:
                 # Runs once: compiled without LLVM optimisation (compiling.fast()). The
                 # program XLA builds (fusions, algebraic rewrites) is the same; only the
@@ -281,9 +297,10 @@ class Problem(Scoped):
         second = self._traced()
         if second.as_text() == lowered.as_text():
             return math.nan
-        value = float(lowered.compile()(self.dyn, self.argarr))
-        _require_finite(self.api, value)
-        again = float(second.compile()(self.dyn, self.argarr))
+        with compat.float_checks_off():  # a non-finite J(θ) gets _require_finite's error
+            value = float(compat.host(lowered.compile()(self.dyn, self.argarr)))
+            _require_finite(self.api, value)
+            again = float(compat.host(second.compile()(self.dyn, self.argarr)))
         self.counter.evaluations += 2
         if again != value and abs(again - value) > 1e3 * self.u * max(abs(value), 1e-30):
             raise ValueError(
@@ -302,10 +319,11 @@ class Problem(Scoped):
                                       .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
             for x, s in zip(self.dyn, self.scales)
         ]
-        wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
 
         def at(ti, dirs, dyn, argarr):
-            moved = [x + (ti * d).astype(x.dtype) for x, d in zip(dyn, dirs)]
+            # Cast first: under strict promotion wide × x.dtype has no implicit path.
+            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
             return self.full_cost(moved, argarr)
 
         over_t = jax.vmap(at, in_axes=(0, None, None, None))
@@ -318,7 +336,9 @@ class Problem(Scoped):
 
         def cost_lines(t):
             probes.append(t)
-            return lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn, self.argarr)
+            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
+                return compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
+                                         self.argarr))
 
         sigma, values, kept = noise.measure(cost_lines, self.u)
         self.counter.evaluations += noise.LINES * noise.POINTS * len(probes)
@@ -452,7 +472,7 @@ class Problem(Scoped):
                     return self.full_cost(dyn, argarr)
 
                 # On the host: eager jnp ops would each compile a small program.
-                x0 = jax.device_put(np.concatenate([np.asarray(x).ravel() for x in self.dyn]))
+                x0 = jax.device_put(np.concatenate([compat.host(x).ravel() for x in self.dyn]))
                 ev = engine.LeafEvaluator(cost, x0, self.argarr, chunk_size=self.chunk_size,
                                           counter=self.counter)
                 merged = (ev, offsets)
@@ -465,8 +485,14 @@ class Problem(Scoped):
             ev, offsets = self._merged
             return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
         if (k, complex_step) not in cache:
+            dyn = self.dyn
+            if complex_step and compat.strict_promotion():
+                # Strict promotion has no complex × real path, so the leaves not stepped
+                # become complex too (imaginary part 0: Im J(θ + ih·e_i) is unchanged).
+                dyn = [jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
+                       for x in dyn]
             cache[k, complex_step] = engine.LeafEvaluator(
-                self.leaf_cost(k), jax.device_put(np.asarray(self.dyn[k]).ravel()), (self.dyn, self.argarr),
+                self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), (dyn, self.argarr),
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
             )
         return cache[k, complex_step]
@@ -480,7 +506,7 @@ class Problem(Scoped):
         """Finite-difference estimate for real coordinates ``coords`` of leaf k."""
         x = self.dyn[k]
         m = x.size
-        x0 = np.asarray(x).ravel()
+        x0 = compat.host(x).ravel()
         elem = coords % m
         unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
         h = h_rel * self.scales[k][elem]

@@ -52,7 +52,7 @@ class RowSharding:
     def gather(self, out) -> np.ndarray:
         """Bring a row-sharded result to host memory (from every host when distributed)."""
         if jax.process_count() == 1:
-            return np.asarray(out)
+            return np.asarray(jax.device_get(out))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
