@@ -2,6 +2,13 @@ import jax
 import numpy as np
 import pytest
 
+if not hasattr(jax, "enable_x64"):
+    # The tests scope x64 with jax.enable_x64 (JAX >= 0.8); on older JAX the same
+    # context manager comes from jgc's compatibility layer, as jgc itself uses it.
+    from jgc._src.compat import enable_x64
+
+    jax.enable_x64 = enable_x64
+
 
 @pytest.fixture(autouse=True)
 def _no_global_x64_leak():

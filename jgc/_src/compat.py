@@ -26,9 +26,9 @@ import contextlib
 import jax
 import numpy as np
 
-try:  # jax >= 0.4.31 (jax.experimental.enable_x64 was removed later)
+try:  # jax >= 0.8
     _enable_x64 = jax.enable_x64
-except AttributeError:  # older: only the experimental context managers
+except AttributeError:  # older JAX: the experimental context managers
     from jax.experimental import disable_x64 as _disable_x64
     from jax.experimental import enable_x64 as _experimental_enable_x64
 
