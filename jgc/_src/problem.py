@@ -69,6 +69,13 @@ def _is_cost_and_aux(out) -> bool:
             and (isinstance(out[0], (int, float)) or getattr(out[0], "shape", None) == ()))
 
 
+def _as_complex(x):
+    """A real floating array as complex (on the host, moved explicitly); others as they are."""
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):  # ints, keys, bfloat16: as they are
+        return x
+    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
+
+
 def _require_finite(api, value):
     if not math.isfinite(value):
         raise ValueError(
@@ -485,14 +492,14 @@ class Problem(Scoped):
             ev, offsets = self._merged
             return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
         if (k, complex_step) not in cache:
-            dyn = self.dyn
+            operands = (self.dyn, self.argarr)
             if complex_step and compat.strict_promotion():
                 # Strict promotion has no complex × real path, so the leaves not stepped
-                # become complex too (imaginary part 0: Im J(θ + ih·e_i) is unchanged).
-                dyn = [jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
-                       for x in dyn]
+                # and floating data become complex too (imaginary part 0, so that
+                # Im J(θ + ih·e_i) is unchanged).
+                operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
             cache[k, complex_step] = engine.LeafEvaluator(
-                self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), (dyn, self.argarr),
+                self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
             )
         return cache[k, complex_step]
