@@ -4,7 +4,7 @@ Each mode is entered around the call only, as a user would; the checks below als
 make sure jgc leaves every flag as it found it.
 """
 
-import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +62,9 @@ def _wrapped_step(fn, params, *args):
 
 
 DOORS = {
-    **{f"check-{s}": (lambda s: lambda fn, p, *a: jgc.check(fn, p, *a, stencil=s))(s)
+    **{f"check-{s}": functools.partial(jgc.check, stencil=s)
        for s in ("central", "forward", "central4", "richardson", "complex")},
-    **{f"check-{m}": (lambda m: lambda fn, p, *a: jgc.check(fn, p, *a, mode=m))(m)
-       for m in ("sampled", "directional", "auto")},
+    **{f"check-{m}": functools.partial(jgc.check, mode=m) for m in ("sampled", "directional", "auto")},
     "numerical_grad": jgc.numerical_grad,
     "assert_grads_close": jgc.assert_grads_close,
     "check_taylor": jgc.check_taylor,
@@ -140,7 +139,7 @@ def test_front_door_works_under_mode(door, mode, request):
         inside = _flags()
         got = _outcome(run(fn, NEAR_ONE))
         assert _flags() == inside
-    if isinstance(want, dict) or isinstance(want, np.ndarray):
+    if isinstance(want, (dict, np.ndarray)):
         np.testing.assert_array_equal(got, want)
     else:
         assert got == want
@@ -177,14 +176,12 @@ def test_non_finite_perturbed_points_are_reported_under_debug_flags():
 
 
 def test_non_finite_at_the_point_itself_is_the_users_to_see():
-    with jax.debug_nans(True):
-        # J(θ) = NaN: the check's own clear error, as without the flag.
-        with pytest.raises(ValueError, match="finite cost"):
-            jgc.check(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([-1.0, 1.0]))
-    with jax.debug_infs(True):
-        # J(θ) finite, but jax.grad is inf at θ: the user asked JAX to stop there.
-        with pytest.raises(FloatingPointError):
-            jgc.check(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([0.0, 1.0]))
+    # J(θ) = NaN: the check's own clear error, as without the flag.
+    with jax.debug_nans(True), pytest.raises(ValueError, match="finite cost"):
+        jgc.check(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([-1.0, 1.0]))
+    # J(θ) finite, but jax.grad is inf at θ: the user asked JAX to stop there.
+    with jax.debug_infs(True), pytest.raises(FloatingPointError):
+        jgc.check(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([0.0, 1.0]))
 
 
 @pytest.mark.smoke
