@@ -184,18 +184,23 @@ def test_non_finite_at_the_point_itself_is_the_users_to_see():
         jgc.check(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([0.0, 1.0]))
 
 
+def fixed_dtype(p):
+    """A float32 constant of fn's own: float64 parameters cannot meet it under strict promotion."""
+    return jnp.sum(jnp.tanh(p["w"] * jnp.full((3, 2), 0.5, jnp.float32)) ** 2) + jnp.sum(p["b"] ** 2)
+
+
 @pytest.mark.smoke
-def test_strict_promotion_with_float32_data_falls_back_to_native_precision():
+def test_strict_promotion_falls_back_to_native_precision_when_fn_fixes_its_dtypes():
     with jax.numpy_dtype_promotion("strict"):
-        rep = jgc.check(mlp, MLP_PARAMS, *MLP_DATA)
-        # Without data (nothing float32 to mix with) the check still widens to float64.
+        rep = jgc.check(fixed_dtype, MLP_PARAMS)
+        # Nothing float32 inside fn to mix with: the check still widens to float64.
         wide = jgc.check(lambda p: jnp.sum(jnp.sin(p["w"]) * p["b"][0]), MLP_PARAMS)
     assert rep.ok and rep.precision == "native (float32)"
     assert any("strict dtype promotion" in n for n in rep.notes)
     assert wide.ok and wide.precision == "float64"
+    # An explicit precision="float64" is kept: fn's own promotion error surfaces.
     with jax.numpy_dtype_promotion("strict"), pytest.raises(TypePromotionError):
-        # An explicit precision="float64" is kept: fn's own promotion error surfaces.
-        jgc.check(mlp, MLP_PARAMS, *MLP_DATA, precision="float64")
+        jgc.check(fixed_dtype, MLP_PARAMS, precision="float64")
 
 
 def test_plot_step_curve_under_modes():
