@@ -37,12 +37,12 @@ except AttributeError:  # older JAX: the experimental context managers
 
 try:
     from jax.dtypes import TypePromotionError
-except ImportError:  # jax < 0.4.31 kept it private
+except ImportError:  # older JAX kept it private
     from jax._src.dtypes import TypePromotionError  # noqa: F401
 
 try:
     from jax.extend.core import DropVar
-except ImportError:  # jax < 0.4.36: only in jax.core
+except ImportError:  # older JAX: only in jax.core
     from jax.core import DropVar  # noqa: F401
 
 Tracer = jax.core.Tracer
