@@ -61,8 +61,6 @@ class Scoped:
         return self._scope.__exit__(*exc)
 
 
-
-
 def _is_cost_and_aux(out) -> bool:
     """True for a pair (scalar, anything): what a has_aux loss returns."""
     return (isinstance(out, (tuple, list)) and len(out) == 2

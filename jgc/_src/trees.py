@@ -83,7 +83,7 @@ def split_params(params, *, what: str = "params") -> tuple[Split, list]:
         if is_inexact_array(leaf):
             # A host copy: the caller's NumPy buffer is never aliased or written. Checks
             # and copies run in NumPy, so no tiny XLA program is compiled per leaf shape.
-            host = np.array(leaf, copy=True)
+            host = np.array(jax.device_get(leaf), copy=True)  # explicit transfer (guards)
             arr = jax.device_put(host)  # jnp.asarray would compile a program per shape
             if not np.all(np.isfinite(host)):
                 bad = np.argwhere(~np.isfinite(host))
@@ -135,7 +135,7 @@ def split_args(args: tuple, *, widen: bool = False) -> tuple[Callable[[Any], tup
     def copy(x):
         if is_typed_key(x):
             return x
-        host = np.array(x, copy=True)  # NumPy arrays are mutable: never alias the caller's
+        host = np.array(jax.device_get(x), copy=True)  # never alias the caller's (mutable) NumPy array
         if widen and is_inexact_array(host):
             host = host.astype(wide_dtype(host.dtype))
         return jax.device_put(host)
