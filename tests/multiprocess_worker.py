@@ -76,6 +76,18 @@ def run_checks() -> dict:
     return out
 
 
+def differing_data_error(pid: int) -> str | None:
+    """The error of a check whose data differ between processes (None if it passed)."""
+    import jgc
+
+    p, x, y, _ = problem()
+    try:
+        jgc.check(loss, p, x + pid, y)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def layout() -> dict:
     """How a check's batches are laid out here: devices of the row mesh and their processes."""
     from jgc._src import sharding
@@ -97,6 +109,8 @@ def main(argv):
             initialization_timeout=60, heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
     try:
         result = {"layout": layout(), "reports": run_checks()}
+        if nproc > 1:
+            result["differing_data"] = differing_data_error(pid)
     finally:
         if nproc > 1:
             jax.distributed.shutdown()

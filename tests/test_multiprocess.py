@@ -1,8 +1,9 @@
 """Two processes with 2 CPU devices each, joined by jax.distributed on 127.0.0.1.
 
-Each process runs tests/multiprocess_worker.py: the same full, directional and sparse
-checks (with a planted bug) as a single process, every batch spread over the 4 devices
-of both processes. Each process must get the report a single process gets.
+Each process runs tests/multiprocess_worker.py: full, directional and sparse checks (with
+a planted bug), every batch spread over the 4 devices of both processes. Each process
+must get the report that one process with 4 devices gets, and a check whose data differ
+between the processes must be refused.
 """
 
 import json
@@ -43,13 +44,13 @@ def _run(tmp_path):
     runs = [(0, 2, 2), (1, 2, 2), (0, 1, 4)]  # (process id, processes, devices each)
     names = ["process0", "process1", "single"]
     outs = [tmp_path / f"{n}.json" for n in names]
-    logs = [open(tmp_path / f"{n}.log", "w") for n in names]
     procs = []
     try:
-        for (pid, nproc, ndev), out, log in zip(runs, outs, logs):
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(pid), str(nproc),
-                 str(port), str(out)], env=_env(ndev), stdout=log, stderr=subprocess.STDOUT))
+        for (pid, nproc, ndev), name, out in zip(runs, names, outs):
+            with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own handle
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(pid), str(nproc),
+                     str(port), str(out)], env=_env(ndev), stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
@@ -58,8 +59,6 @@ def _run(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for f in logs:
-            f.close()
     text = "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-4000:] for n in names)
     assert codes is not None, f"processes did not finish in {TIMEOUT_S} s\n{text}"
     assert codes == [0] * len(runs), text
@@ -78,6 +77,9 @@ def test_two_processes_get_the_single_process_reports(tmp_path):
     assert sorted(reports) == ["directional_bug", "full", "full_bug", "sparse_bug"]
     assert pair[0]["reports"] == reports
     assert pair[1]["reports"] == reports
+    # Data that differ between processes are refused with a clear error, in every process.
+    for r in pair:
+        assert "differ between processes" in r["differing_data"], r["differing_data"]
     leaf, index = worker.BUG_AT
     assert reports["full"]["ok"]
     for name in ("full_bug", "directional_bug", "sparse_bug"):
