@@ -62,7 +62,7 @@ SIZES = {
 MODELS = ["transformer", "cnn", "rnn", "deep_mlp", "mlp"]
 EPS = 1e-4  # the lecture's EPSILON, for the loop
 # Seconds of timed coordinates for the loop and torch before scaling to n.
-BUDGET = {"small": 15.0, "large": 30.0}
+BUDGET = {"small": 8.0, "large": 20.0}
 
 
 # ----------------------------------------------------------------------------- models
@@ -306,8 +306,8 @@ def worker(method: str, model: str, size_name: str, dtype: str) -> dict:
             ok = torch.autograd.gradcheck(fn, (part,), raise_exception=False)
             return time.perf_counter() - t, ok
 
-        pilot, _ = timed(min(n, 32))
-        k = int(min(n, max(32, 32 * budget / max(pilot, 1e-9))))
+        pilot, _ = timed(min(n, 16))
+        k = int(min(n, max(16, 16 * budget / max(pilot, 1e-9))))
         secs, ok = timed(k)
         out.update(total=secs * n / k, timed=k, ok=bool(ok), threads=torch.get_num_threads(), evaluations=2 * n)
     else:
@@ -394,10 +394,14 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", choices=["small", "large", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="the same as --sizes small")
     ap.add_argument("--models", nargs="*", choices=MODELS, default=MODELS)
+    ap.add_argument("--dtypes", nargs="*", choices=["float64", "float32"], default=["float64", "float32"])
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--nice", action="store_true", help="run the measured processes at nice 19")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes = "small"
     sizes = ["small", "large"] if args.sizes == "all" else [args.sizes]
     try:
         import torch  # noqa: F401
@@ -418,8 +422,8 @@ def main():
     peak = bench_speed.matmul_peak()
     print(f"matmul peak: float64 {peak['float64'] / 1e9:.1f}, float32 {peak['float32'] / 1e9:.1f} GFLOP/s", flush=True)
     for size in sizes:
-        for model in args.models:
-            for dtype in ("float64", "float32"):
+        for dtype in args.dtypes:
+            for model in args.models:
                 methods = ["flops", "jgc", "loop"] + (["torch"] if have_torch and dtype == "float64" else [])
                 for m in methods:
                     res = run_worker([m, model, size, dtype], 3600, nice=args.nice)
@@ -430,7 +434,8 @@ def main():
                     print(json.dumps(res), flush=True)
     elapsed = time.time() - t_start
     cmd = "python benchmarks/bench_arch.py" + (f" --sizes {args.sizes}" if args.sizes != "all" else "") + (
-        " --nice" if args.nice else "")
+        " --nice" if args.nice else "") + (f" --models {' '.join(args.models)}" if args.models != MODELS else "") + (
+        f" --dtypes {' '.join(args.dtypes)}" if len(args.dtypes) < 2 else "") + (" --no-torch" if args.no_torch else "")
     runs = dict(old.get("runs", {}))
     for s in sizes:
         runs[s] = (f"`{cmd}` ({elapsed:.0f} s for {'+'.join(sizes)}; load average at the end "

@@ -8,6 +8,7 @@ facts and the command that made the file.
 Run:  python benchmarks/run_all.py            (all, ~30 min on 2 quiet cores)
       python benchmarks/run_all.py --quick    (small sizes, a few minutes)
       python benchmarks/run_all.py --only verdicts optax   (a subset)
+      python benchmarks/run_all.py --collect  (rebuild RESULTS.md from the sections only)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ BENCHES = {
     "rules_found": ("bench_rules.py", ["--found"], False),
     "optax": ("bench_optax.py", [], True),
     "power": ("bench_power.py", [], True),
+    "arch": ("bench_arch.py", [], True),
+    "compile": ("bench_compile.py", [], False),
 }
 
 
@@ -51,8 +54,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
+    ap.add_argument("--collect", action="store_true", help="run nothing; rebuild RESULTS.md from the sections")
     ns = ap.parse_args(argv)
-    names = ns.only or list(BENCHES)
+    names = [] if ns.collect else ns.only or list(BENCHES)
     failed = []
     for name in names:
         script, extra, quick = BENCHES[name]
@@ -64,7 +68,7 @@ def main(argv=None):
         if code:
             failed.append(f"{script} exited {code}")
     cmd = "python benchmarks/run_all.py" + (" --quick" if ns.quick else "") + (
-        " --only " + " ".join(ns.only) if ns.only else "")
+        " --only " + " ".join(ns.only) if ns.only else "") + (" --collect" if ns.collect else "")
     parts = [
         "# jgc benchmark results",
         "",

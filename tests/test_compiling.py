@@ -143,3 +143,26 @@ def test_a_program_is_reused_only_for_the_same_computation():
     np.testing.assert_array_equal(run(np.float32(2.5), n=4), np.full(4, 2.5))  # another shape
     assert compiling.stats["compiled"] - before["compiled"] == 3
     assert compiling.stats["reused"] - before["reused"] == 1
+
+
+def test_small_leaves_of_a_larger_model_share_one_evaluator(rng):
+    with jax.enable_x64(True):
+        p = {"W": rng.normal(size=(70, 64)) / 8, "b": rng.normal(size=64) / 4,
+             "V": rng.normal(size=(64, 3)) / 8, "c": np.zeros(3)}
+        x, y = rng.normal(size=(8, 70)), rng.normal(size=(8, 3))
+
+        def loss(p, x, y):
+            h = jnp.tanh(x @ p["W"] + p["b"])
+            return jnp.mean((h @ p["V"] + p["c"] - y) ** 2)
+
+        g = jax.tree_util.tree_map(np.array, jax.grad(loss)(p, x, y))
+    g["V"][5, 1] *= 1 + 1e-6
+    compiling.clear_cache()
+    before = compiling.stats["compiled"]
+    rep = jgc.check(loss, p, x, y, grad=g)
+    # The gradient is given, so no jax.grad: the noise probe, W's evaluator and one
+    # evaluator for b, V and c together (the model has 4480 + 64 + 192 + 3 elements).
+    assert compiling.stats["compiled"] - before == 3
+    assert [lf.path for lf in rep.failing()] == ["['V']"]
+    assert rep.leaf("['V']").elements("mismatch") == [(5, 1)]
+    assert all(lf.status == "ok" for lf in rep.leaves if lf.path != "['V']"), rep

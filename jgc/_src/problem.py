@@ -22,6 +22,12 @@ from . import compat, compiling, engine, noise, policy, stencils, trees
 PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
+# In larger models, leaves of at most this many elements share one raveled evaluator
+# (up to MERGE_LIMIT elements in all): checking such a leaf costs 2m evaluations of the
+# whole model, less than compiling a program of its own (0.1–0.3 s a program on a 2-core
+# CPU: the transformer block of bench_arch.py at n ≈ 1e4 compiled 17 programs, 15 of
+# them for leaves, 13 of which are of at most 1024 elements).
+SMALL_LEAF = 1024
 
 
 def precision_scope(precision: str, orig_dtypes, notes: list):
@@ -246,7 +252,9 @@ class Problem(Scoped):
                 self._grad = None
         if "evaluators" in self.ahead:
             merged = self._merged_evaluator()
-            evaluators = [merged[0]] if merged else [self.evaluator(k) for k in range(len(self.dyn))]
+            shared = merged[1] if merged else {}
+            evaluators = ([merged[0]] if merged else []) + [
+                self.evaluator(k) for k in range(len(self.dyn)) if k not in shared]
             for ev in evaluators:
                 try:
                     ev.compile_ahead()
@@ -455,40 +463,56 @@ class Problem(Scoped):
         return cost
 
     def _merged_evaluator(self):
-        """One evaluator over all leaves raveled together, for small models.
+        """One evaluator over several leaves raveled together, or None.
 
-        Per-leaf evaluators compile once per leaf; for a small model that compilation
-        (~0.1–0.5 s a leaf on a CPU) costs more than the whole check. Raveling batches
-        every operation of the cost, which only matters for large models, so models of
-        at most MERGE_LIMIT elements in one real dtype share a single evaluator.
+        Per-leaf evaluators compile once per leaf; for a small leaf that compilation
+        (~0.1–0.5 s a leaf on a CPU) costs more than checking it. Raveling batches
+        every operation of the cost downstream of any leaf of the group, which only
+        matters for large leaves, so a model of at most MERGE_LIMIT elements shares a
+        single evaluator, and in a larger model its leaves of at most SMALL_LEAF
+        elements share one (in one real dtype). Returns (evaluator, {leaf: offset}).
         """
         if "_merged" not in self.__dict__:
             merged = None
-            dtypes = {x.dtype for x in self.dyn}
+            real = [k for k, x in enumerate(self.dyn) if not jnp.iscomplexobj(x)]
             total = sum(x.size for x in self.dyn)
-            if (len(self.dyn) > 1 and len(dtypes) == 1 and total <= MERGE_LIMIT
-                    and not jnp.iscomplexobj(self.dyn[0])):
-                sizes = [x.size for x in self.dyn]
+            if len(real) == len(self.dyn) and len({x.dtype for x in self.dyn}) == 1 and total <= MERGE_LIMIT:
+                group = real
+            else:
+                small = [k for k in real if self.dyn[k].size <= SMALL_LEAF]
+                dtype = max({self.dyn[k].dtype for k in small}, key=lambda d: sum(
+                    self.dyn[k].size for k in small if self.dyn[k].dtype == d), default=None)
+                group = [k for k in small if self.dyn[k].dtype == dtype]
+                while sum(self.dyn[k].size for k in group) > MERGE_LIMIT:
+                    group.remove(max(group, key=lambda k: self.dyn[k].size))
+            if len(group) > 1:
+                sizes = [self.dyn[k].size for k in group]
                 offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-                shapes = [x.shape for x in self.dyn]
+                shapes = [self.dyn[k].shape for k in group]
 
-                def cost(flat, argarr):
-                    dyn = [flat[a:b].reshape(sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
+                def cost(flat, ops):
+                    dyn, argarr = ops
+                    dyn = list(dyn)
+                    for k, a, b, sh in zip(group, offsets[:-1], offsets[1:], shapes):
+                        dyn[k] = flat[a:b].reshape(sh)
                     return self.full_cost(dyn, argarr)
 
                 # On the host: eager jnp ops would each compile a small program.
-                x0 = jax.device_put(np.concatenate([compat.host(x).ravel() for x in self.dyn]))
-                ev = engine.LeafEvaluator(cost, x0, self.argarr, chunk_size=self.chunk_size,
+                x0 = jax.device_put(np.concatenate([compat.host(self.dyn[k]).ravel() for k in group]))
+                # The leaves outside the group are operands; a group of every leaf needs none.
+                rest = [None if k in group else x for k, x in enumerate(self.dyn)]
+                ev = engine.LeafEvaluator(cost, x0, (rest, self.argarr), chunk_size=self.chunk_size,
                                           counter=self.counter)
-                merged = (ev, offsets)
+                merged = (ev, {k: int(o) for k, o in zip(group, offsets[:-1])})
             self._merged = merged
         return self._merged
 
     def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
         cache = self.__dict__.setdefault("_evaluators", {})
-        if not complex_step and self._merged_evaluator() is not None:
-            ev, offsets = self._merged
-            return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
+        merged = None if complex_step else self._merged_evaluator()
+        if merged is not None and k in merged[1]:
+            ev, offset = merged[0], merged[1][k]
+            return lambda idx, deltas: ev(np.asarray(idx) + offset, deltas)
         if (k, complex_step) not in cache:
             operands = (self.dyn, self.argarr)
             if complex_step and compat.strict_promotion():
