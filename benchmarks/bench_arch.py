@@ -421,6 +421,21 @@ def main():
     facts = bench_speed.machine_facts()
     peak = bench_speed.matmul_peak()
     print(f"matmul peak: float64 {peak['float64'] / 1e9:.1f}, float32 {peak['float32'] / 1e9:.1f} GFLOP/s", flush=True)
+    cmd = "python benchmarks/bench_arch.py" + (f" --sizes {args.sizes}" if args.sizes != "all" else "") + (
+        " --nice" if args.nice else "") + (f" --models {' '.join(args.models)}" if args.models != MODELS else "") + (
+        f" --dtypes {' '.join(args.dtypes)}" if len(args.dtypes) < 2 else "") + (" --no-torch" if args.no_torch else "")
+    runs = dict(old.get("runs", {}))
+
+    def save(done):
+        # Written after every model, so a long run that is stopped keeps what it measured.
+        for s in sizes:
+            runs[s] = (f"`{cmd}` ({time.time() - t_start:.0f} s{'' if done else ', stopped early'}; load "
+                       f"average {os.getloadavg()[0]:.1f}; matmul peak float64 {peak['float64'] / 1e9:.1f}, "
+                       f"float32 {peak['float32'] / 1e9:.1f} GFLOP/s)")
+        with open(store, "w") as f:
+            json.dump({"rows": rows, "runs": runs, "facts": facts}, f, indent=1)
+        write_markdown(os.path.join(HERE, "results", "arch.md"), rows, runs, facts)
+
     for size in sizes:
         for dtype in args.dtypes:
             for model in args.models:
@@ -432,18 +447,8 @@ def main():
                         res["floor"] = 2 * res["n"] * res["flops"] / peak[dtype]
                     rows.append(res)
                     print(json.dumps(res), flush=True)
-    elapsed = time.time() - t_start
-    cmd = "python benchmarks/bench_arch.py" + (f" --sizes {args.sizes}" if args.sizes != "all" else "") + (
-        " --nice" if args.nice else "") + (f" --models {' '.join(args.models)}" if args.models != MODELS else "") + (
-        f" --dtypes {' '.join(args.dtypes)}" if len(args.dtypes) < 2 else "") + (" --no-torch" if args.no_torch else "")
-    runs = dict(old.get("runs", {}))
-    for s in sizes:
-        runs[s] = (f"`{cmd}` ({elapsed:.0f} s for {'+'.join(sizes)}; load average at the end "
-                   f"{os.getloadavg()[0]:.1f}; matmul peak float64 {peak['float64'] / 1e9:.1f}, float32 "
-                   f"{peak['float32'] / 1e9:.1f} GFLOP/s)")
-    with open(store, "w") as f:
-        json.dump({"rows": rows, "peak": peak, "runs": runs, "facts": facts}, f, indent=1)
-    write_markdown(os.path.join(HERE, "results", "arch.md"), rows, runs, facts)
+                save(done=False)
+    save(done=True)
     print("wrote benchmarks/results/arch.md")
 
 
