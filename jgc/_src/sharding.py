@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import compat
+
 # Replicated copies of jax arrays already laid out on a mesh, by id of the source array
 # (which is immutable): every leaf's evaluator replicates the same parameters and data,
 # and each copy is made, and checked across processes, once. An entry goes with its
@@ -74,7 +76,7 @@ class RowSharding:
         if todo and jax.process_count() == 1:
             made = jax.device_put([leaves[k] for k in todo], spec)
         elif todo:
-            host = [np.asarray(leaves[k]) for k in todo]
+            host = [compat.host(leaves[k]) for k in todo]
             _require_same_on_every_process(host)
             made = [jax.make_array_from_callback(h.shape, spec, lambda i, h=h: h[i]) for h in host]
         for k, y in zip(todo, made if todo else []):
