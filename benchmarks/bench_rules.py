@@ -8,6 +8,11 @@ each once (every plant is a new function, so its time includes tracing and compi
 that is what a user pays), and writes benchmarks/results/rules.md.
 
 Run from the repository root:  python benchmarks/bench_rules.py
+
+With ``--found`` it answers a second question instead and writes
+benchmarks/results/rules_found.md: inside a whole loss, which custom rule is wrong?
+Per example it gives the rules jgc.check_rules found, the calls it saw and checked, its
+time, and what jgc.check alone says (the leaf) next to what check_rules says (the rule).
 """
 
 from __future__ import annotations
@@ -155,5 +160,99 @@ def main(path=ROOT / "benchmarks" / "results" / "rules.md"):
     print("\n".join(lines))
 
 
+# -- which rule inside a loss is wrong (python benchmarks/bench_rules.py --found) ----------------
+def found_examples():
+    """(name, loss, params, args): planted and correct rules inside whole losses."""
+    import jax.numpy as jnp
+
+    from examples import find_the_wrong_rule as fw
+    from tests import test_rules as tr
+
+    p, x, y = fw.make_problem()
+    out = [("examples/find_the_wrong_rule.py (rms_norm bwd drops 1/n; Pallas swish; logistic jvp)",
+            fw.loss, p, (x, y))]
+    out.append(("cube jvp 2x² for 3x², under jit/vmap/scan/fori/while/cond/checkpoint/nested",
+                tr.everywhere(tr.make_cube(True)), jnp.array([0.5, 1.5]), ()))
+    soft = tr.make_wrong_above_20()
+
+    def scan_loss(q):
+        def body(c, _):
+            c = c + q
+            return c, soft(c)
+        return jnp.sum(jax.lax.scan(body, jnp.zeros(2), None, length=10)[1])
+
+    out.append(("softplus jvp wrong only above 20, in a 10-step scan reaching 30", scan_loss,
+                jnp.array([3.0, 2.7]), ()))
+    out.append(("softplus jvp wrong only above 20, same scan staying below 10", scan_loss,
+                jnp.array([1.0, 0.9]), ()))
+    mul, cube = tr.make_mul(True), tr.make_cube(False)
+    out.append(("two rules, custom_vjp mul wrong, custom_jvp cube right",
+                lambda q: jnp.sum(cube(q)) + jnp.sum(mul(q, 2 * q)), jnp.array([0.5, 1.5]), ()))
+    out.append(("Equinox filter_custom_jvp with a wrong factor, filter_custom_vjp right",
+                lambda q: jnp.sum(tr.eqx_scale(q, q) + tr.eqx_tanh(q, 2.0)), jnp.array([0.5, 1.5]), ()))
+    import optax
+
+    def library(q):
+        acts = jax.nn.relu(q) + jax.nn.relu6(q) + jax.nn.silu(q) + jax.nn.gelu(q) + jax.nn.softplus(q)
+        ce = optax.safe_softmax_cross_entropy(q[None], jax.nn.one_hot(jnp.array([1]), 3))
+        return (jnp.sum(acts) + jnp.sum(ce) + jnp.sum(optax.projections.projection_simplex(q) ** 2)
+                + jnp.sum(optax.scale_gradient(q, 0.5)))
+
+    out.append(("correct library rules: jax.nn, optax losses, projections; scale_gradient (on purpose)", library,
+                jnp.array([0.5, -1.5, 2.0]), ()))
+    return out
+
+
+def run_found():
+    rows = []
+    for name, loss, params, args in found_examples():
+        t = time.perf_counter()
+        try:
+            rep = jgc.check(loss, params, *args)
+            leaves = ", ".join(lf.path for lf in rep.failing()) or "ok"
+        except ValueError as e:  # jax.grad itself fails, e.g. through a while_loop
+            why = "no reverse mode through while_loop" if "while_loop" in str(e) else str(e)[:60]
+            leaves = f"cannot run: {type(e).__name__}, {why}"
+        t_check = time.perf_counter() - t
+        t = time.perf_counter()
+        rr = jgc.check_rules(loss, params, *args)
+        t_rules = time.perf_counter() - t
+        named = "; ".join(f"{r.name} ({Path(r.primal_at).name})" for r in rr.failing()) or "none wrong"
+        others = {}
+        for r in rr.rules:
+            if r.ok:
+                others[r.status] = others.get(r.status, 0) + 1
+        rest = ", ".join(f"{v} {k}" for k, v in sorted(others.items()))
+        rows.append((name, len(rr.rules), sum(r.calls for r in rr.rules), sum(r.checked for r in rr.rules),
+                     leaves, t_check, named, rest, t_rules))
+    return rows
+
+
+def main_found(path=ROOT / "benchmarks" / "results" / "rules_found.md"):
+    rows = run_found()
+    lines = [
+        "# Which custom rule inside the loss is wrong? jgc.check names the leaf, jgc.check_rules the rule",
+        "",
+        (f"Command: `python benchmarks/bench_rules.py --found` · jax {jax.__version__} · device "
+         f"{jax.devices()[0].device_kind} ({jax.default_backend()}) · {os.cpu_count()} CPU cores · "
+         f"Python {platform.python_version()} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"),
+        "",
+        "Each row is a new loss (its time includes tracing and XLA compilation). Calls: seen in the",
+        "loss / checked (per call site the first three and the one with the largest input).",
+        "",
+        "| loss | rules found | calls seen / checked | jgc.check says | s | jgc.check_rules names | other rules | s |",
+        "|---|---:|---:|---|---:|---|---|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} / {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]} | {r[7]} | {r[8]:.1f} |")
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    main()
+    if "--found" in sys.argv[1:]:
+        main_found()
+    else:
+        main()

@@ -160,7 +160,7 @@ def worker(method: str, w: int, dtype: str, reps: int, cap: int) -> dict:
         import jax.numpy as jnp
 
         import jgc
-        from jgc._src import sparse
+        from jgc._src import compiling, sparse
 
         # The A/B of the sparse evaluator: same check, every leaf on plain vmap.
         sparse.ENABLED = method != "jgc_full_dense"
@@ -176,6 +176,7 @@ def worker(method: str, w: int, dtype: str, reps: int, cap: int) -> dict:
             kw["mode"] = "directional"
         for _ in range(reps):
             jax.clear_caches()  # cold, as in a fresh process (see the header)
+            compiling.clear_cache()  # and jgc's own programs
             c0 = time.perf_counter()
             t = time.perf_counter()
             rep = jgc.check(_loss, p, x, y, grad=grad, **kw)

@@ -8,7 +8,7 @@ facts and the command that made the file.
 Run:  python benchmarks/run_all.py            (all, ~30 min on 2 quiet cores)
       python benchmarks/run_all.py --quick    (small sizes, a few minutes)
       python benchmarks/run_all.py --only verdicts optax   (a subset)
-      python benchmarks/run_all.py --collect  (rewrite RESULTS.md from the sections, run nothing)
+      python benchmarks/run_all.py --collect  (rebuild RESULTS.md from the sections only)
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ BENCHES = {
     "speed": ("bench_speed.py", ["--peer-threads", "1"], True),
     "verdicts": ("bench_verdicts.py", [], True),
     "rules": ("bench_rules.py", [], False),
+    "rules_found": ("bench_rules.py", ["--found"], False),
     "optax": ("bench_optax.py", [], True),
+    "power": ("bench_power.py", [], True),
+    "arch": ("bench_arch.py", [], True),
+    "compile": ("bench_compile.py", [], False),
     # The whole harness corpus takes hours on 2 cores: a wall-time budget per x64 setting
     # (round-robin over primitives, so every primitive is covered).
     "harnesses": ("bench_harnesses.py", ["--budget", "1800"], True),
@@ -53,9 +57,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
-    ap.add_argument("--collect", action="store_true", help="only concatenate the existing sections")
+    ap.add_argument("--collect", action="store_true", help="run nothing; rebuild RESULTS.md from the sections")
     ns = ap.parse_args(argv)
-    names = [] if ns.collect else (ns.only or list(BENCHES))
+    names = [] if ns.collect else ns.only or list(BENCHES)
     failed = []
     for name in names:
         script, extra, quick = BENCHES[name]

@@ -39,4 +39,11 @@ from ._src.training import with_grad_check as with_grad_check
 
 __all__ += ["with_grad_check"]
 
+# -- custom rules inside a loss --
+from ._src.rules import check_rules as check_rules  # noqa: E402
+from ._src.rules import intended as intended  # noqa: E402
+from ._src.rules_report import RulesReport as RulesReport  # noqa: E402
+
+__all__ += ["RulesReport", "check_rules", "intended"]
+
 __version__ = "0.1.0"

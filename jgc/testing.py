@@ -12,5 +12,6 @@ from ._src.testing import PREFIX as PREFIX
 from ._src.testing import assert_grads_close as assert_grads_close
 from ._src.testing import assert_grads_differ as assert_grads_differ
 from ._src.testing import assert_report_ok as assert_report_ok
+from ._src.testing import assert_rules_ok as assert_rules_ok
 
-__all__ = ["PREFIX", "assert_grads_close", "assert_grads_differ", "assert_report_ok"]
+__all__ = ["PREFIX", "assert_grads_close", "assert_grads_differ", "assert_report_ok", "assert_rules_ok"]

@@ -2,6 +2,13 @@ import jax
 import numpy as np
 import pytest
 
+if not hasattr(jax, "enable_x64"):
+    # The tests scope x64 with jax.enable_x64 (JAX >= 0.8); on older JAX the same
+    # context manager comes from jgc's compatibility layer, as jgc itself uses it.
+    from jgc._src.compat import enable_x64
+
+    jax.enable_x64 = enable_x64
+
 
 @pytest.fixture(autouse=True)
 def _no_global_x64_leak():
@@ -14,3 +21,16 @@ def _no_global_x64_leak():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# The smoke subset (pytest -m smoke), which .ci/run also runs on the oldest supported
+# JAX: these whole files, plus the tests marked smoke one by one elsewhere. Together
+# they cover every stencil and mode of jgc.check, numerical_grad, Jacobian/JVP/VJP
+# checks, check_taylor and JAX's modes, in about a minute on 2 cores.
+SMOKE_FILES = {"test_api.py", "test_numerics.py", "test_modes.py", "test_jacobian.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SMOKE_FILES:
+            item.add_marker(pytest.mark.smoke)

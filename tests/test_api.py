@@ -17,6 +17,9 @@ PUBLIC = {
     "check_hvp",
     "check_grads",
     "with_grad_check",
+    "check_rules",
+    "RulesReport",
+    "intended",
 }
 
 

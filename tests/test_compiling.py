@@ -36,6 +36,7 @@ def test_a_failed_background_compilation_leaves_the_error_to_the_call(monkeypatc
         raise RuntimeError("compiler crashed")
 
     f = jax.jit(lambda x: x + 1)
+    compiling.clear_cache()  # compiled here, not served from an earlier test
     with monkeypatch.context() as m:
         m.setattr(jax.stages.Lowered, "compile", broken)
         ahead = compiling.Ahead(f, jax.ShapeDtypeStruct((2,), jnp.float32))
@@ -67,7 +68,7 @@ def test_fast_compile_gives_the_values_of_the_optimised_program(rng):
 
 def test_fast_compile_is_chosen_for_few_calls_only(rng):
     with jax.enable_x64(True):
-        cost = lambda w, ops: jnp.sum(jnp.tanh(w) * ops)  # noqa: E731
+        cost = lambda w, ops: jnp.sum(jnp.tanh(w) * ops)
         small = engine.LeafEvaluator(cost, jnp.ones(100), jnp.ones(100))
         large = engine.LeafEvaluator(cost, jnp.ones(3000), jnp.ones(3000))
     assert small._options == compiling.FAST  # 2·100 rows: 2 calls
@@ -114,3 +115,54 @@ def test_a_forked_process_gets_its_own_workers(monkeypatch):
     second = compiling._workers()
     assert second is not first
     assert second.submit(lambda: 7).result(timeout=10) == 7
+
+
+def test_a_second_check_of_the_same_model_reuses_every_program(rng):
+    p, x, y = _model(rng, width=7)
+    first = jgc.check(_mlp, p, x, y)
+    before = dict(compiling.stats)
+    second = jgc.check(_mlp, p, x, y)
+    # Noise probe, jax.grad and the merged evaluator: all three served from the cache.
+    assert compiling.stats["compiled"] == before["compiled"]
+    assert compiling.stats["reused"] == before["reused"] + 3
+    a, b = first.to_dict(), second.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b  # the same executables: the same values, bit for bit
+
+
+def test_a_program_is_reused_only_for_the_same_computation():
+    def run(c, n=3):
+        f = jax.jit(lambda v: v * c)
+        ahead = compiling.Ahead(f, jax.ShapeDtypeStruct((n,), jnp.float32), background=False)
+        return np.asarray(ahead(np.ones(n, np.float32)))
+
+    before = dict(compiling.stats)
+    np.testing.assert_array_equal(run(np.float32(2.5)), np.full(3, 2.5))
+    np.testing.assert_array_equal(run(np.float32(2.5)), np.full(3, 2.5))  # same program
+    np.testing.assert_array_equal(run(np.float32(3.5)), np.full(3, 3.5))  # another constant
+    np.testing.assert_array_equal(run(np.float32(2.5), n=4), np.full(4, 2.5))  # another shape
+    assert compiling.stats["compiled"] - before["compiled"] == 3
+    assert compiling.stats["reused"] - before["reused"] == 1
+
+
+def test_small_leaves_of_a_larger_model_share_one_evaluator(rng):
+    with jax.enable_x64(True):
+        p = {"W": rng.normal(size=(70, 64)) / 8, "b": rng.normal(size=64) / 4,
+             "V": rng.normal(size=(64, 3)) / 8, "c": np.zeros(3)}
+        x, y = rng.normal(size=(8, 70)), rng.normal(size=(8, 3))
+
+        def loss(p, x, y):
+            h = jnp.tanh(x @ p["W"] + p["b"])
+            return jnp.mean((h @ p["V"] + p["c"] - y) ** 2)
+
+        g = jax.tree_util.tree_map(np.array, jax.grad(loss)(p, x, y))
+    g["V"][5, 1] *= 1 + 1e-6
+    compiling.clear_cache()
+    before = compiling.stats["compiled"]
+    rep = jgc.check(loss, p, x, y, grad=g)
+    # The gradient is given, so no jax.grad: the noise probe, W's evaluator and one
+    # evaluator for b, V and c together (the model has 4480 + 64 + 192 + 3 elements).
+    assert compiling.stats["compiled"] - before == 3
+    assert [lf.path for lf in rep.failing()] == ["['V']"]
+    assert rep.leaf("['V']").elements("mismatch") == [(5, 1)]
+    assert all(lf.status == "ok" for lf in rep.leaves if lf.path != "['V']"), rep

@@ -1,6 +1,7 @@
-"""Command line: ``jgc demo`` and ``jgc check module:fn --params module:factory``.
+"""Command line: ``jgc demo``, ``jgc check module:fn --params module:factory`` and ``jgc rules``.
 
 Exit codes: 0 the derivatives agree, 1 a mismatch was found, 2 usage or input error.
+``jgc rules`` takes the same FN, ``--params`` and ``--args`` and runs ``jgc.check_rules``.
 
 ``jgc check`` imports ``fn`` from ``module:fn`` (``module`` is a dotted module name,
 importable from the current directory or PYTHONPATH, or a path to a ``.py`` file),
@@ -149,29 +150,35 @@ def _call_factory(spec: str, option: str):
         raise InputError(f"{option} {spec}: the factory raised {type(e).__name__}: {e}.") from e
 
 
-def _check(ns) -> int:
+def _inputs(ns) -> tuple:
+    """(fn, params, args) from FN, --params and --args (shared by ``jgc check`` and ``jgc rules``)."""
     # Like `python -m`, import from the working directory first.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    fn = resolve(ns.fn, "FN")
+    if not callable(fn):
+        raise InputError(
+            f"FN {ns.fn} is {_a(fn)}, not a function. Name the cost "
+            "fn(params, *args) -> scalar."
+        )
+    params = _call_factory(ns.params, "--params")
+    args = ()
+    if ns.args is not None:
+        args = _call_factory(ns.args, "--args")
+        # A tuple is the argument list; anything else is the one extra argument.
+        args = args if isinstance(args, tuple) else (args,)
+    return fn, params, args
+
+
+def _check(ns) -> int:
     try:
-        fn = resolve(ns.fn, "FN")
-        if not callable(fn):
-            raise InputError(
-                f"FN {ns.fn} is {_a(fn)}, not a function. Name the cost "
-                "fn(params, *args) -> scalar."
-            )
+        fn, params, args = _inputs(ns)
         grad = None
         if ns.grad is not None:
             grad = resolve(ns.grad, "--grad")
             if not callable(grad):
                 raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
                                  "grad(params, *args) returning a pytree like params.")
-        params = _call_factory(ns.params, "--params")
-        args = ()
-        if ns.args is not None:
-            args = _call_factory(ns.args, "--args")
-            # A tuple is the argument list; anything else is the one extra argument.
-            args = args if isinstance(args, tuple) else (args,)
         options = {k: getattr(ns, k) for k in ("stencil", "precision", "rtol", "atol", "step")
                    if getattr(ns, k) is not None}
         for k in ("samples", "budget", "directions"):
@@ -217,6 +224,26 @@ def _check(ns) -> int:
     return EXIT_OK if report.ok else EXIT_MISMATCH
 
 
+def _rules(ns) -> int:
+    try:
+        fn, params, args = _inputs(ns)
+        options = {k: getattr(ns, k) for k in ("precision", "rtol", "atol", "step") if getattr(ns, k) is not None}
+        if ns.seed is not None:
+            options["key"] = ns.seed
+        import jgc
+
+        try:
+            report = jgc.check_rules(fn, params, *args, **options)
+        except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+            raise InputError(f"checking the rules of {ns.fn} with {len(args)} extra argument(s) raised "
+                             f"{type(e).__name__}: {e}") from e
+    except InputError as e:
+        print(f"jgc rules: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.to_json(indent=2) if ns.json else report)
+    return EXIT_OK if report.ok else EXIT_MISMATCH
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jgc", description="Gradient checking for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true", help="print the report as JSON")
     chk.add_argument("--plot", metavar="OUT.png", help="draw the report (needs matplotlib)")
     chk.set_defaults(run=_check)
+
+    rls = sub.add_parser(
+        "rules", help="check every custom_jvp / custom_vjp rule inside fn on the inputs it receives",
+        description="Find every custom derivative rule inside FN, capture its inputs at these params and "
+        "args, and check each rule against finite differences of its primal. Exit code 0: every rule "
+        "agrees; 1: a rule is wrong; 2: usage or input error.",
+        epilog="example: jgc rules mymodel:loss --params mymodel:init_params --args mymodel:batch",
+    )
+    rls.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
+    rls.add_argument("--params", required=True, metavar="MODULE:FACTORY",
+                     help="a function of no arguments returning the params pytree")
+    rls.add_argument("--args", metavar="MODULE:FACTORY",
+                     help="a function of no arguments returning the tuple of extra arguments")
+    rls.add_argument("--precision", choices=("auto", "float64", "native"))
+    rls.add_argument("--rtol", type=float)
+    rls.add_argument("--atol", type=float)
+    rls.add_argument("--step", type=float, help="relative step h/s")
+    rls.add_argument("--seed", type=int, help="seed of the random directions for large operands")
+    rls.add_argument("--json", action="store_true", help="print the report as JSON")
+    rls.set_defaults(run=_rules)
     return parser
 
 

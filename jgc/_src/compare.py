@@ -16,7 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
-from .report import INCONCLUSIVE, MISMATCH, NON_FINITE, NON_SMOOTH, OK
+from .report import IMPRECISE, INCONCLUSIVE, MISMATCH, NON_FINITE, NON_SMOOTH, OK
+
+# A reference resolves a derivative when its error bar is at most this fraction of its
+# value: then a relative disagreement beyond rtol is the analytic side's, not the
+# reference's. A tenth keeps a 2× error bar estimate (noise, truncation) well clear.
+RESOLVED = 0.1
 
 
 def method_error(gain: np.ndarray, trunc: np.ndarray, sigma: float) -> np.ndarray:
@@ -28,7 +33,25 @@ def tolerance(a: np.ndarray, n: np.ndarray, rtol: float, atol: float) -> np.ndar
     return atol + rtol * np.maximum(np.abs(a), np.abs(n))
 
 
-def classify(a, n, err, tol, finite, kink=None, floor=0.0) -> np.ndarray:
+def imprecise(a, n, err, rel, passed, tiny=0.0) -> np.ndarray:
+    """Elements that pass only thanks to the absolute tolerance although the reference resolves them.
+
+    ``rel`` is the relative part of the tolerance (rtol·max(|a|, |n|)). Such an element
+    is off by more than rtol relative to a value the reference pins down to within
+    ``RESOLVED`` of itself: the analytic side lost relative precision there (an
+    output-written rule such as σ(1 − σ) rounding to 0 in the tail). An element whose
+    true value is tiny but whose analytic value keeps rtol relative precision is not
+    flagged, nor is one the reference cannot resolve (its error bar covers the value),
+    nor one below ``tiny`` (the analytic dtype's smallest normal number: it could not
+    hold that value to full relative precision).
+    """
+    a, n = np.asarray(a), np.asarray(n)
+    d = np.abs(a - n)
+    resolved = (err <= RESOLVED * np.abs(n)) & (np.abs(n) >= tiny) & (n != 0)
+    return passed & resolved & (d > rel + err) & np.isfinite(a)
+
+
+def classify(a, n, err, tol, finite, kink=None, floor=0.0, rel=None, tiny=0.0) -> np.ndarray:
     """Return a status code per element.
 
     Args:
@@ -38,6 +61,9 @@ def classify(a, n, err, tol, finite, kink=None, floor=0.0) -> np.ndarray:
       kink: optional boolean mask of elements flagged non-smooth.
       floor: derivatives below this size are judged against it when deciding whether
         an error bar is too wide to say anything (inconclusive).
+      rel: optional relative part of ``tol`` (rtol·max(|a|, |n|)); when given, elements
+        that pass only by the absolute part although the reference resolves them are
+        ``IMPRECISE`` (see :func:`imprecise`; ``tiny`` is passed on).
     """
     d = np.abs(a - n)
     codes = np.full(d.shape, OK, dtype=np.int8)
@@ -47,6 +73,8 @@ def classify(a, n, err, tol, finite, kink=None, floor=0.0) -> np.ndarray:
     # the check could not have told a gross error from a right answer there.
     wide = (err > 0.5 * np.maximum(np.maximum(np.abs(a), np.abs(n)), floor)) & (d > tol)
     codes[passed & wide] = INCONCLUSIVE
+    if rel is not None:
+        codes[imprecise(a, n, err, rel, passed & ~wide, tiny)] = IMPRECISE
     codes[~passed] = MISMATCH
     if kink is not None:
         codes[~passed & kink] = NON_SMOOTH

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compiling, sharding, sparse
+from . import compat, compiling, sharding, sparse
 
 # Evaluations in one vmapped batch for small leaves. Larger batches amortise dispatch,
 # but past ~128 they mostly add allocation traffic on CPU.
@@ -147,7 +147,7 @@ class LeafEvaluator:
 
         def one(x, i, d, ops):
             if complex_step:
-                x = x.astype(jnp.result_type(x.dtype, jnp.complex64))
+                x = x.astype(compat.result_type(x.dtype, jnp.complex64))
             # Only this leaf is copied and batched; the rest of the model is shared.
             return cost(x.at[i].set(x[i] + d), ops)
 
@@ -256,23 +256,22 @@ def _run_rows(ev, cols: tuple, total: int) -> np.ndarray:
     cols = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in cols]
     shape = (ev.groups, ev.rows) if ev.groups > 1 else (ev.rows,)
     outs = []
-    # Dispatch is asynchronous: the loop queues every call before we block on the
-    # first result, and results are collected (and progress reported) in order.
-    for k in range(ncalls):
-        args = [c[k * per:(k + 1) * per].reshape(shape + c.shape[1:]) for c in cols]
-        if ev.shard:
-            args = ev.shard.split_rows(args)
-        if not ev.shard:  # explicit transfers: allowed under jax.transfer_guard("disallow")
-            args = [jax.device_put(a) for a in args]
-        outs.append(ev._call(ev.x0, *args, ev.operands))
     values = []
     done = 0
-    for o in outs:
-        v = ev.shard.gather(o) if ev.shard else np.asarray(jax.device_get(o))
-        values.append(v.reshape((per,) + v.shape[len(shape):]))
-        got = min(per, total - done)
-        done += got
-        ev.counter.add(got)
+    # Perturbed points may legitimately give a non-finite J: reported, never raised.
+    with compat.float_checks_off():
+        # Dispatch is asynchronous: the loop queues every call before we block on the
+        # first result, and results are collected (and progress reported) in order.
+        for k in range(ncalls):
+            args = [c[k * per:(k + 1) * per].reshape(shape + c.shape[1:]) for c in cols]
+            args = ev.shard.split_rows(args) if ev.shard else jax.device_put(args)
+            outs.append(ev._call(ev.x0, *args, ev.operands))
+        for o in outs:
+            v = ev.shard.gather(o) if ev.shard else compat.host(o)
+            values.append(v.reshape((per,) + v.shape[len(shape):]))
+            got = min(per, total - done)
+            done += got
+            ev.counter.add(got)
     return np.concatenate(values)[:total]
 
 
@@ -304,8 +303,8 @@ class DirectionEvaluator:
         n = int(self.offsets[-1])
         if n >= 2**31:
             raise ValueError("DirectionEvaluator: more than 2^31 parameters are not supported.")
-        wide = jnp.result_type(*[np.asarray(g).dtype for g in grads])
-        self.dtype = jnp.result_type(*[x.dtype for x, mv in zip(leaves, movable) if mv] or [wide])
+        wide = compat.result_type(*[np.asarray(g).dtype for g in grads])
+        self.dtype = compat.result_type(*[x.dtype for x, mv in zip(leaves, movable) if mv] or [wide])
         # Built on the host and moved with device_put: eager jnp casts would each compile
         # a small program per shape.
         aux = [(jax.device_put(np.asarray(s, x.dtype).reshape(x.shape)),
@@ -329,7 +328,9 @@ class DirectionEvaluator:
                 i = jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape) + off
                 v = jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * s,
                               jnp.zeros((), x.dtype))
-                xm = x + (t * v).astype(x.dtype)
+                # Explicit casts: strict promotion has no implicit path between dtypes.
+                tv = compat.result_type(t.dtype, x.dtype)
+                xm = x + (t.astype(tv) * v.astype(tv)).astype(x.dtype)
                 moved.append(xm)
                 dots.append(jnp.vdot(g, (xm - x).astype(wide)))
             j = cost(moved, argarr)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import compare, policy, stencils, trees
-from .report import MISMATCH, STATUS_NAMES, LeafReport, Report, verdict
+from .report import MISMATCH, STATUS_NAMES, LeafReport, Report, typical_and_largest, verdict
 from .vector import NoForwardRule, NoReverseRule, VectorProblem, fname, to_device
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
@@ -104,7 +104,7 @@ def block_report(*, path, label, output_path, shape, dtype, a, n, bound, codes, 
         ratio = np.where(np.isnan(ratio), np.inf, ratio)
         mag = np.maximum(np.abs(a), np.abs(n))
         rel = np.where((mag >= 1e-3 * g_ref) & (mag > 0), d / mag, 0.0)
-        det = np.where(np.abs(a) > 0, bound / np.abs(a), np.inf)
+        det = np.where(np.abs(a) > 0, (bound + np.where(d <= bound, d, 0.0)) / np.abs(a), np.inf)
     w = int(np.argmax(ratio)) if d.size else 0
     if d.size and codes.max() >= MISMATCH:
         bad = np.flatnonzero(codes == MISMATCH)
@@ -124,7 +124,8 @@ def block_report(*, path, label, output_path, shape, dtype, a, n, bound, codes, 
         worst_numeric=_scalar(n[w]) if d.size else math.nan,
         worst_bound=float(bound[w]) if d.size else math.nan,
         normwise=dn / nrm if nrm > 0 else (0.0 if dn == 0 else math.inf),
-        detectable_rel=float(np.min(det, initial=np.inf)), step=step,
+        detectable_rel=typical_and_largest(a, det)[0], detectable_rel_largest=typical_and_largest(a, det)[1],
+        step=step,
         indices=np.arange(d.size), analytic=a, numeric=n, bound=bound, codes=codes,
         onesided=onesided, output_path=output_path, output_index=tuple(out_idx),
         input_index=tuple(in_idx), label=label,
@@ -168,7 +169,8 @@ def _name(fn) -> str:
 
 def _classify_rows(a, n, err, finite, rt, at, floor, kink=None):
     tol = compare.tolerance(a, n, rt, at)
-    return tol, compare.classify(a, n, err, tol, finite, kink=kink, floor=floor)
+    return tol, compare.classify(a, n, err, tol, finite, kink=kink, floor=floor,
+                                 rel=rt * np.maximum(np.abs(a), np.abs(n)))
 
 
 # -- Jacobian -------------------------------------------------------------------------------

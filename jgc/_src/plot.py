@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import trees
+from . import compat, trees
 from .report import MISMATCH, STATUS_NAMES
 
 # One colour per status, in the order of STATUS_NAMES: ok, inconclusive, non-smooth,
-# non-finite, mismatch.
-COLOURS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#9467bd", "#d62728")
-MARKERS = ("o", "s", "^", "v", "x")
+# imprecise, non-finite, mismatch.
+COLOURS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728")
+MARKERS = ("o", "s", "^", "D", "v", "x")
 
 
 def _require_matplotlib(api: str):
@@ -108,11 +108,11 @@ def _central(fn, params, args, path, flat, hs, dtype) -> np.ndarray:
         if not trees.is_inexact_array(x):
             return x
         target = wide if not jnp.iscomplexobj(x) else np.result_type(wide, np.complex64)
-        return jnp.asarray(x, dtype=target)
+        return jax.device_put(compat.host(x).astype(target))  # explicit transfer
 
     leaves = [cast(x) for x in leaves]
     x = leaves[pos]
-    rebuild_args, argarr = trees.split_args(args)
+    rebuild_args, argarr = trees.split_args(args, widen=wide == np.float64)  # as jgc.check does
     dyn_pos = [i for i, v in enumerate(leaves) if isinstance(v, jax.Array)]
 
     def cost(t, dyn, argarr):
@@ -124,10 +124,11 @@ def _central(fn, params, args, path, flat, hs, dtype) -> np.ndarray:
         return jnp.real(fn(jax.tree_util.tree_unflatten(treedef, full), *rebuild_args(argarr)))
 
     ts = np.concatenate([hs, -hs]).astype(x.dtype)
-    values = jax.jit(jax.vmap(cost, in_axes=(0, None, None)))(
-        jnp.asarray(ts), [leaves[i] for i in dyn_pos], argarr)
-    values = np.asarray(values, dtype=np.float64)
-    x0 = np.asarray(x).ravel()[flat]
+    with compat.float_checks_off():  # very small or large steps may give a non-finite J
+        values = jax.jit(jax.vmap(cost, in_axes=(0, None, None)))(
+            jax.device_put(ts), [leaves[i] for i in dyn_pos], argarr)
+        values = compat.host(values).astype(np.float64)
+    x0 = compat.host(x).ravel()[flat]
     # The step actually taken is the representable difference (θ+h) − θ.
     taken = (np.asarray(x0 + ts, dtype=x.dtype) - x0).astype(np.float64)
     m = hs.size
@@ -160,17 +161,17 @@ def step_curve(fn: Callable, params: Any, *args, path: str, index, steps=None,
     shape = tuple(np.shape(x))
     flat = int(index) if np.ndim(index) == 0 and not isinstance(index, tuple) else (
         int(np.ravel_multi_index(tuple(index), shape)) if shape else 0)
-    xa = np.abs(np.asarray(x, dtype=np.complex128 if np.iscomplexobj(x) else np.float64)).ravel()
+    xa = np.abs(compat.host(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)).ravel()
     rms = float(np.sqrt(np.mean(xa**2))) if xa.size else 0.0
     scale = max(float(xa[flat]) if xa.size else 0.0, rms) or 1.0
     if steps is None:
         steps = scale * 2.0 ** np.arange(-44, 1, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.float64)
     if precisions is None:
-        native = np.finfo(np.asarray(x).dtype).dtype
+        native = np.finfo(np.dtype(x.dtype)).dtype
         precisions = ("float64",) + (() if native == np.float64 else (native.name,))
     numeric = {}
-    with jax.enable_x64(True):
+    with compat.enable_x64(True):
         for name in precisions:
             numeric[name] = _central(fn, params, args, path, flat, steps, name)
     index = tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()

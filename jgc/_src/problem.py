@@ -17,11 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compiling, engine, noise, policy, stencils, trees
+from . import compat, compiling, engine, noise, policy, stencils, trees
 
 PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
+# In larger models, leaves of at most this many elements share one raveled evaluator
+# (up to MERGE_LIMIT elements in all): checking such a leaf costs 2m evaluations of the
+# whole model, less than compiling a program of its own (0.1–0.3 s a program on a 2-core
+# CPU: the transformer block of bench_arch.py at n ≈ 1e4 compiled 17 programs, 15 of
+# them for leaves, 13 of which are of at most 1024 elements).
+SMALL_LEAF = 1024
 
 
 def precision_scope(precision: str, orig_dtypes, notes: list):
@@ -38,7 +44,7 @@ def precision_scope(precision: str, orig_dtypes, notes: list):
     else:
         widen = precision == "float64"
     needs_x64 = widen or any(d in (np.float64, np.complex128) for d in orig_dtypes)
-    return widen, (jax.enable_x64(True) if needs_x64 else contextlib.nullcontext())
+    return widen, (compat.enable_x64(True) if needs_x64 else contextlib.nullcontext())
 
 
 class Scoped:
@@ -61,21 +67,17 @@ class Scoped:
         return self._scope.__exit__(*exc)
 
 
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _wide_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.complexfloating):
-        return np.dtype(np.complex128)
-    return np.dtype(np.float64)
-
-
 def _is_cost_and_aux(out) -> bool:
     """True for a pair (scalar, anything): what a has_aux loss returns."""
     return (isinstance(out, (tuple, list)) and len(out) == 2
             and (isinstance(out[0], (int, float)) or getattr(out[0], "shape", None) == ()))
+
+
+def _as_complex(x):
+    """A real floating array as complex (on the host, moved explicitly); others as they are."""
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):  # ints, keys, bfloat16: as they are
+        return x
+    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
 
 
 def _require_finite(api, value):
@@ -140,7 +142,7 @@ class Problem(Scoped):
             raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
         if precision not in PRECISIONS:
             raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
-        if any(_is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
+        if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
             raise TypeError(
                 f"{api} got traced values (it was called inside jit, vmap or grad). A "
                 "gradient check needs concrete numbers: call it outside transformations, "
@@ -158,19 +160,35 @@ class Problem(Scoped):
         self.notes: list[str] = []
         orig = [x for x in jax.tree_util.tree_leaves(params) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
+        self.precision_asked = precision
         self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except compat.TypePromotionError:
+            # Under strict promotion, fn may mix its params with float32 data or
+            # constants; widening params alone then fails inside fn. Check in native
+            # precision instead (precision="auto" only: an explicit choice is kept).
+            if not (self.widen and self.precision_asked == "auto"):
+                raise
+        self.widen, self._scope = precision_scope("native", self.orig_dtypes, self.notes)
+        self.notes.append("Under strict dtype promotion fn did not accept float64 parameters: "
+                          "checked in native precision, with tolerances for that precision.")
+        self.counter = engine.Counter()
+        return super().__enter__()
 
     # -- preparation -----------------------------------------------------------
     def _prepare(self):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
         # Casts run on the host (NumPy), not as one compiled XLA program per shape.
         if self.widen:
-            dyn = [jax.device_put(np.asarray(x).astype(_wide_dtype(x.dtype))) for x in dyn]
+            dyn = [jax.device_put(compat.host(x).astype(trees.wide_dtype(x.dtype))) for x in dyn]
         elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
             # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
             # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
             # reference is therefore always evaluated in float32 at least.
-            dyn = [jax.device_put(np.asarray(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
+            dyn = [jax.device_put(compat.host(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
                    else x for x in dyn]
             self.notes.append("bfloat16/float16 parameters were evaluated in float32 (the "
                               "narrowest precision in which finite differences resolve).")
@@ -181,7 +199,15 @@ class Problem(Scoped):
             else "native (" + ", ".join(sorted({d.name for d in self.eval_dtypes})) + ")"
         )
         self.u = max(policy.unit_roundoff(d) for d in self.eval_dtypes)
-        self.rebuild_args, self.argarr = trees.split_args(self.args)
+        # Floating data is widened with the parameters (exact casts of copies): code that
+        # checks its own dtypes (Equinox's State.set, a scan carry started from the data)
+        # would otherwise meet float64 values computed from params next to float32 data.
+        self.rebuild_args, self.argarr = trees.split_args(self.args, widen=self.widen)
+        narrow = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(self.args)
+                         if trees.is_inexact_array(x) and np.dtype(x.dtype) != trees.wide_dtype(x.dtype)})
+        if self.widen and narrow:
+            self.notes.append(f"{'/'.join(narrow)} arrays in args were evaluated in float64 like the "
+                              "parameters (copies); precision='native' passes them as given.")
         self.paths = self.split.dynamic_paths
 
         def full_cost(dyn, argarr):
@@ -197,11 +223,11 @@ class Problem(Scoped):
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
-        abs_all = np.concatenate([np.abs(np.asarray(x)).ravel() for x in self.dyn])
+        abs_all = np.concatenate([np.abs(compat.host(x)).ravel() for x in self.dyn])
         rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
         self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
         self.scales = [
-            policy.coordinate_scale(np.abs(np.asarray(x)).ravel(), self.global_scale) for x in self.dyn
+            policy.coordinate_scale(np.abs(compat.host(x)).ravel(), self.global_scale) for x in self.dyn
         ]
         self._compile_ahead()
         self.sigma = self._measure_noise()
@@ -212,7 +238,9 @@ class Problem(Scoped):
         Only lowering happens here; a failure leaves the program to be built on first
         use, where its error is raised in context.
         """
-        if "grad" in self.ahead:
+        # Under debug_nans/debug_infs the gradient is left to jax.jit, whose call reports
+        # a non-finite gradient as the FloatingPointError the user asked for.
+        if "grad" in self.ahead and not compat.float_checks_on():
             try:
                 # Runs once: compiled without LLVM optimisation (compiling.fast()). The
                 # program XLA builds (fusions, algebraic rewrites) is the same; only the
@@ -224,7 +252,9 @@ class Problem(Scoped):
                 self._grad = None
         if "evaluators" in self.ahead:
             merged = self._merged_evaluator()
-            evaluators = [merged[0]] if merged else [self.evaluator(k) for k in range(len(self.dyn))]
+            shared = merged[1] if merged else {}
+            evaluators = ([merged[0]] if merged else []) + [
+                self.evaluator(k) for k in range(len(self.dyn)) if k not in shared]
             for ev in evaluators:
                 try:
                     ev.compile_ahead()
@@ -255,6 +285,8 @@ class Problem(Scoped):
                 f"{self.api}: raised while evaluating {_fname(self.fn)}(params, *args) at the "
                 "unperturbed parameters (traced with jax.jit, as every evaluation of the check is), "
                 "before any perturbation."
+                + (" Floating params and args were cast to float64 for the check; if the error "
+                   "is about dtypes, precision='native' keeps them as passed." if self.widen else "")
             )
             raise
         outs = jax.tree_util.tree_leaves(lowered.out_info)
@@ -278,9 +310,10 @@ class Problem(Scoped):
         second = self._traced()
         if second.as_text() == lowered.as_text():
             return math.nan
-        value = float(lowered.compile()(self.dyn, self.argarr))
-        _require_finite(self.api, value)
-        again = float(second.compile()(self.dyn, self.argarr))
+        with compat.float_checks_off():  # a non-finite J(θ) gets _require_finite's error
+            value = float(compat.host(lowered.compile()(self.dyn, self.argarr)))
+            _require_finite(self.api, value)
+            again = float(compat.host(second.compile()(self.dyn, self.argarr)))
         self.counter.evaluations += 2
         if again != value and abs(again - value) > 1e3 * self.u * max(abs(value), 1e-30):
             raise ValueError(
@@ -299,10 +332,11 @@ class Problem(Scoped):
                                       .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
             for x, s in zip(self.dyn, self.scales)
         ]
-        wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
 
         def at(ti, dirs, dyn, argarr):
-            moved = [x + (ti * d).astype(x.dtype) for x, d in zip(dyn, dirs)]
+            # Cast first: under strict promotion wide × x.dtype has no implicit path.
+            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
             return self.full_cost(moved, argarr)
 
         over_t = jax.vmap(at, in_axes=(0, None, None, None))
@@ -315,7 +349,9 @@ class Problem(Scoped):
 
         def cost_lines(t):
             probes.append(t)
-            return lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn, self.argarr)
+            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
+                return compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
+                                         self.argarr))
 
         sigma, values, kept = noise.measure(cost_lines, self.u)
         self.counter.evaluations += noise.LINES * noise.POINTS * len(probes)
@@ -427,43 +463,65 @@ class Problem(Scoped):
         return cost
 
     def _merged_evaluator(self):
-        """One evaluator over all leaves raveled together, for small models.
+        """One evaluator over several leaves raveled together, or None.
 
-        Per-leaf evaluators compile once per leaf; for a small model that compilation
-        (~0.1–0.5 s a leaf on a CPU) costs more than the whole check. Raveling batches
-        every operation of the cost, which only matters for large models, so models of
-        at most MERGE_LIMIT elements in one real dtype share a single evaluator.
+        Per-leaf evaluators compile once per leaf; for a small leaf that compilation
+        (~0.1–0.5 s a leaf on a CPU) costs more than checking it. Raveling batches
+        every operation of the cost downstream of any leaf of the group, which only
+        matters for large leaves, so a model of at most MERGE_LIMIT elements shares a
+        single evaluator, and in a larger model its leaves of at most SMALL_LEAF
+        elements share one (in one real dtype). Returns (evaluator, {leaf: offset}).
         """
         if "_merged" not in self.__dict__:
             merged = None
-            dtypes = {x.dtype for x in self.dyn}
+            real = [k for k, x in enumerate(self.dyn) if not jnp.iscomplexobj(x)]
             total = sum(x.size for x in self.dyn)
-            if (len(self.dyn) > 1 and len(dtypes) == 1 and total <= MERGE_LIMIT
-                    and not jnp.iscomplexobj(self.dyn[0])):
-                sizes = [x.size for x in self.dyn]
+            if len(real) == len(self.dyn) and len({x.dtype for x in self.dyn}) == 1 and total <= MERGE_LIMIT:
+                group = real
+            else:
+                small = [k for k in real if self.dyn[k].size <= SMALL_LEAF]
+                dtype = max({self.dyn[k].dtype for k in small}, key=lambda d: sum(
+                    self.dyn[k].size for k in small if self.dyn[k].dtype == d), default=None)
+                group = [k for k in small if self.dyn[k].dtype == dtype]
+                while sum(self.dyn[k].size for k in group) > MERGE_LIMIT:
+                    group.remove(max(group, key=lambda k: self.dyn[k].size))
+            if len(group) > 1:
+                sizes = [self.dyn[k].size for k in group]
                 offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-                shapes = [x.shape for x in self.dyn]
+                shapes = [self.dyn[k].shape for k in group]
 
-                def cost(flat, argarr):
-                    dyn = [flat[a:b].reshape(sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
+                def cost(flat, ops):
+                    dyn, argarr = ops
+                    dyn = list(dyn)
+                    for k, a, b, sh in zip(group, offsets[:-1], offsets[1:], shapes):
+                        dyn[k] = flat[a:b].reshape(sh)
                     return self.full_cost(dyn, argarr)
 
                 # On the host: eager jnp ops would each compile a small program.
-                x0 = jax.device_put(np.concatenate([np.asarray(x).ravel() for x in self.dyn]))
-                ev = engine.LeafEvaluator(cost, x0, self.argarr, chunk_size=self.chunk_size,
+                x0 = jax.device_put(np.concatenate([compat.host(self.dyn[k]).ravel() for k in group]))
+                # The leaves outside the group are operands; a group of every leaf needs none.
+                rest = [None if k in group else x for k, x in enumerate(self.dyn)]
+                ev = engine.LeafEvaluator(cost, x0, (rest, self.argarr), chunk_size=self.chunk_size,
                                           counter=self.counter)
-                merged = (ev, offsets)
+                merged = (ev, {k: int(o) for k, o in zip(group, offsets[:-1])})
             self._merged = merged
         return self._merged
 
     def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
         cache = self.__dict__.setdefault("_evaluators", {})
-        if not complex_step and self._merged_evaluator() is not None:
-            ev, offsets = self._merged
-            return lambda idx, deltas: ev(np.asarray(idx) + offsets[k], deltas)
+        merged = None if complex_step else self._merged_evaluator()
+        if merged is not None and k in merged[1]:
+            ev, offset = merged[0], merged[1][k]
+            return lambda idx, deltas: ev(np.asarray(idx) + offset, deltas)
         if (k, complex_step) not in cache:
+            operands = (self.dyn, self.argarr)
+            if complex_step and compat.strict_promotion():
+                # Strict promotion has no complex × real path, so the leaves not stepped
+                # and floating data become complex too (imaginary part 0, so that
+                # Im J(θ + ih·e_i) is unchanged).
+                operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
             cache[k, complex_step] = engine.LeafEvaluator(
-                self.leaf_cost(k), jax.device_put(np.asarray(self.dyn[k]).ravel()), (self.dyn, self.argarr),
+                self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
             )
         return cache[k, complex_step]
@@ -477,7 +535,7 @@ class Problem(Scoped):
         """Finite-difference estimate for real coordinates ``coords`` of leaf k."""
         x = self.dyn[k]
         m = x.size
-        x0 = np.asarray(x).ravel()
+        x0 = compat.host(x).ravel()
         elem = coords % m
         unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
         h = h_rel * self.scales[k][elem]

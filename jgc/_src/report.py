@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 # Per-element status codes, in increasing order of severity.
-OK, INCONCLUSIVE, NON_SMOOTH, NON_FINITE, MISMATCH = 0, 1, 2, 3, 4
-STATUS_NAMES = ("ok", "inconclusive", "non-smooth", "non-finite", "mismatch")
+OK, INCONCLUSIVE, NON_SMOOTH, IMPRECISE, NON_FINITE, MISMATCH = 0, 1, 2, 3, 4, 5
+STATUS_NAMES = ("ok", "inconclusive", "non-smooth", "imprecise", "non-finite", "mismatch")
+# Statuses that fail a check only under ``strict=True`` (a mismatch always fails).
+STRICT_ONLY = ("inconclusive", "imprecise", "non-finite")
 
 # What each status means and what would settle it, for the text report.
 STATUS_HELP = {
@@ -25,6 +27,14 @@ STATUS_HELP = {
         "one-sided differences disagree far beyond their error bars (a kink: relu, abs, "
         "max, sort at a switch point) and the analytic value is one of the one-sided "
         "slopes. Not a bug; move the point off the kink to check it."
+    ),
+    "imprecise": (
+        "the analytic value lost relative precision that its dtype could hold: the "
+        "reference resolves the true value (to better than a tenth of it) and the analytic "
+        "value is off by more than rtol, yet within the leaf's absolute tolerance (a rule "
+        "written in terms of the output, like sigmoid' = s(1 - s) or tanh' = 1 - t^2, "
+        "rounds to 0 in the tails). Not a failure unless strict=True; rewrite the rule "
+        "in terms of the input to keep those digits."
     ),
     "non-finite": (
         "J was NaN or Inf at a perturbed point (log/sqrt/division near the edge of the "
@@ -52,7 +62,7 @@ class LeafReport:
       shape, dtype: of the leaf as the caller passed it.
       size: elements in the leaf; checked: elements whose derivative was checked.
       status: the worst element status in the leaf ("ok" < "inconclusive" <
-        "non-smooth" < "non-finite" < "mismatch").
+        "non-smooth" < "imprecise" < "non-finite" < "mismatch").
       counts: number of checked elements per status.
       max_abs_err: max |analytic − numeric| over checked elements.
       max_rel_err: max |analytic − numeric| / max(|analytic|, |numeric|) over checked
@@ -61,9 +71,15 @@ class LeafReport:
         error (the one to look at first); worst_analytic / worst_numeric / worst_bound
         are the values and the allowed difference there.
       normwise: the lecture's ‖a − n‖ / ‖a + n‖ over the checked elements.
-      detectable_rel: the smallest relative error in one element that this check would
-        have caught (min over elements of allowed difference / |analytic|).
+      detectable_rel: the smallest relative error in one typical element (the one
+        with the median nonzero |analytic|) that this check would have caught: what it
+        could see there, (allowed difference + observed difference) / |analytic|, the
+        observed difference left out where it already fails. This
+        is the ``detect`` column of the text report. Infinite when no element was
+        checked and the mode gives no power statement.
       step: median step h actually taken (absolute).
+      detectable_rel_largest: the same figure for the element with the largest
+        |analytic| (the easiest one to catch an error in).
     """
 
     path: str
@@ -96,6 +112,7 @@ class LeafReport:
     output_index: tuple = ()
     input_index: tuple = ()
     label: str = ""  # row name in the text table; defaults to ``path``
+    detectable_rel_largest: float = math.nan
 
     @property
     def name(self) -> str:
@@ -134,8 +151,10 @@ class LeafReport:
             "worst_bound": _f(self.worst_bound),
             "normwise": _f(self.normwise),
             "detectable_rel": _f(self.detectable_rel),
+            "detectable_rel_largest": _f(self.detectable_rel_largest),
             "step": _f(self.step),
             "mismatched_indices": [list(i) for i in self.elements("mismatch")[:100]],
+            "imprecise_indices": [list(i) for i in self.elements("imprecise")[:100]],
             **({"output_path": self.output_path, "output_index": list(self.output_index),
                 "input_index": list(self.input_index), "label": self.name}
                if self.output_path else {}),
@@ -147,7 +166,7 @@ class Report:
     """The result of :func:`jgc.check`.
 
     ``ok`` is True when no checked element is a confirmed mismatch (with
-    ``strict=True``, also no inconclusive or non-finite element). ``str(report)`` is a
+    ``strict=True``, also no inconclusive, imprecise or non-finite element). ``str(report)`` is a
     table with failing leaves first; ``to_dict()`` is JSON-ready; ``plot(path)`` draws
     analytic against numerical derivatives (needs matplotlib).
     """
@@ -168,6 +187,9 @@ class Report:
     notes: tuple = ()
     function: str = ""
     api: str = "jgc.check"  # the front door that made the report (text header)
+    # jgc.check(..., rules=True) on a failing check: the jgc.RulesReport of every custom
+    # rule inside the cost (None otherwise); its verdict is also in ``notes``.
+    rules: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     # ---- summaries -------------------------------------------------------------
     @property
@@ -187,8 +209,9 @@ class Report:
 
     def failing(self) -> tuple:
         """Leaves whose status makes the check fail, worst first."""
-        bad = {"mismatch"} | ({"inconclusive", "non-finite"} if self.strict else set())
-        leaves = [leaf for leaf in self.leaves if leaf.status in bad]
+        bad = failing_statuses(self.strict)
+        leaves = [leaf for leaf in self.leaves if any(leaf.counts.get(s, 0) for s in bad)
+                  or leaf.status in bad]
         return tuple(sorted(leaves, key=lambda lf: -STATUS_NAMES.index(lf.status)))
 
     def leaf(self, path: str) -> LeafReport:
@@ -234,13 +257,18 @@ class Report:
         return plot_report(self, path, **kwargs)
 
 
+def failing_statuses(strict: bool) -> set:
+    """The element statuses that make a check fail: mismatch, and more under ``strict``."""
+    return {"mismatch"} | (set(STRICT_ONLY) if strict else set())
+
+
 def verdict(leaves, strict: bool) -> tuple[bool, float]:
     """Return (ok, normwise ‖a − n‖ / ‖a + n‖) over the checked elements of ``leaves``.
 
-    ok is False when any element is a mismatch (with ``strict``, also inconclusive or
-    non-finite). Non-finite pairs are left out of the norm.
+    ok is False when any element is a mismatch (with ``strict``, also inconclusive,
+    imprecise or non-finite). Non-finite pairs are left out of the norm.
     """
-    bad = {"mismatch"} | ({"inconclusive", "non-finite"} if strict else set())
+    bad = failing_statuses(strict)
     ok = not any(lf.counts.get(s, 0) for lf in leaves for s in bad)
     a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
     n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
@@ -250,12 +278,50 @@ def verdict(leaves, strict: bool) -> tuple[bool, float]:
     return ok, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
 
 
+def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
+    """A per-element figure at the typical element (median nonzero |a|) and at the largest |a|.
+
+    An element whose analytic value is 0 has no relative error to speak of, so the
+    typical element is the median among the nonzero, finite ones. Infinite when there is
+    no such element.
+    """
+    mag = np.abs(np.asarray(a))
+    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
+    if keep.size == 0:
+        return math.inf, math.inf
+    order = keep[np.argsort(mag[keep], kind="stable")]
+    return float(per_element[order[(order.size - 1) // 2]]), float(per_element[order[-1]])
+
+
 def _g(x, width=9) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-".rjust(width)
     if isinstance(x, complex) or np.iscomplexobj(x):
         return f"{complex(x):.3g}"
     return f"{float(x):.{3}g}".rjust(width)
+
+
+# Imprecise elements listed by name in the text report (the rest are counted).
+IMPRECISE_SHOWN = 5
+
+
+def _imprecise_lines(leaves) -> list[str]:
+    """One line per imprecise element (the first few): element, analytic and reference values."""
+    out, more = [], 0
+    for lf in leaves:
+        flat = np.flatnonzero(lf.codes == IMPRECISE)
+        for j in flat:
+            if len(out) == IMPRECISE_SHOWN:
+                more += 1
+                continue
+            idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
+            a, n = lf.analytic[j], lf.numeric[j]
+            rel = abs(a - n) / abs(n) if n != 0 else math.inf
+            out.append(f"  imprecise {lf.name}{idx}: analytic {_g(a, 0)} vs reference {_g(n, 0)} "
+                       f"(relative error {rel:.2g})")
+    if more:
+        out.append(f"  ... and {more} more imprecise elements (LeafReport.elements('imprecise')).")
+    return out
 
 
 def format_report(r: Report) -> str:
@@ -296,9 +362,10 @@ def format_report(r: Report) -> str:
     for p, d in r.skipped:
         lines.append(f"  {p:<{w}}  {'skipped':<12} (not a floating array: {d})")
     seen = {k for k, v in counts.items() if v and k != "ok"}
-    for status in ("mismatch", "non-finite", "non-smooth", "inconclusive"):
+    for status in ("mismatch", "non-finite", "imprecise", "non-smooth", "inconclusive"):
         if status in seen:
             lines.append(f"  {status}: {STATUS_HELP[status]}")
+    lines += _imprecise_lines(order)
     for note in r.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

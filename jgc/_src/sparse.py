@@ -35,6 +35,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from . import compat
+
 # Off switch for A/B measurements and as a safety valve: JGC_SPARSE=0.
 ENABLED = os.environ.get("JGC_SPARSE", "1") != "0"
 # A Sparse value with more changed entries than this fraction of its size is made
@@ -359,7 +361,7 @@ def evaluate(jaxpr, consts, args):
         else:
             outs = [_tidy(o) for o in outs]
         for var, val in zip(eqn.outvars, outs):
-            if not isinstance(var, jcore.DropVar):
+            if not isinstance(var, compat.DropVar):
                 env[var] = val
     return [read(v) for v in jaxpr.outvars]
 

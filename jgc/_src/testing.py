@@ -200,3 +200,45 @@ def assert_report_ok(report: Report, custom_message: str | None = None) -> Repor
             _message("assert_report_ok", "the check failed" + _where(report) + ".",
                      custom_message, report), report)
     return report
+
+
+def assert_rules_ok(fn: Callable, params: Any, *args, custom_message: str | None = None, **options):
+    """Assert that every custom derivative rule inside ``fn`` agrees with its primal.
+
+    Runs :func:`jgc.check_rules` (same arguments and options): every ``custom_jvp`` /
+    ``custom_vjp`` rule that ``fn(params, *args)`` calls is checked on the inputs it
+    receives there. Rules declared with :func:`jgc.intended`, library surrogates and
+    rules that did not run do not fail it.
+
+    Args:
+      fn: the cost, ``fn(params, *args)``.
+      params: the point; its floating leaves are traced in float64 where possible.
+      *args: data passed to ``fn``.
+      custom_message: text added, in brackets, to the first line of the failure.
+      **options: passed to :func:`jgc.check_rules` (``precision``, ``rtol``, ``atol``,
+        ``step``, ``key``).
+
+    Returns:
+      The :class:`jgc.RulesReport`, when every rule agrees.
+
+    Raises:
+      jgc.GradCheckError: an ``AssertionError`` whose message starts with
+        ``"[jgc] Assertion assert_rules_ok failed: wrong custom rule"``, names each
+        wrong rule with its ``file:line`` and holds the report; ``err.report`` is the
+        :class:`jgc.RulesReport`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jgc import testing
+      >>> testing.assert_rules_ok(lambda w: jnp.sum(jax.nn.relu(w)), jnp.array([0.5, -1.0])).ok
+      True
+    """
+    from .rules import check_rules  # a front door beside check: imported on use
+
+    _refuse_tracers("assert_rules_ok", params, args)
+    report = check_rules(fn, params, *args, **options)
+    if not report.ok:
+        names = "; ".join(f"{r.name} ({r.primal_at}), rule {r.rule_name} ({r.rule_at})" for r in report.failing())
+        raise GradCheckError(_message("assert_rules_ok", f"wrong custom rule: {names}.", custom_message,
+                                      report), report)
+    return report

@@ -1,9 +1,11 @@
 """Pytree plumbing: which leaves are perturbed, and how to put a tree back together.
 
 Only inexact (floating or complex) array leaves are perturbed. Every other leaf —
-integer and bool arrays, Python numbers, callables, strings, None — is carried through
-untouched and listed as skipped. Nothing the caller passed is modified: array leaves
-are copied into fresh JAX arrays (NumPy arrays are mutable, JAX arrays are not).
+integer and bool arrays, PRNG keys (typed ``key<impl>`` arrays and raw uint32 ones),
+Python numbers, callables, strings, None — is carried through untouched and listed as
+skipped. Nothing the caller passed is modified: array leaves are copied into fresh JAX
+arrays (NumPy arrays are mutable, JAX arrays are not). Typed keys have no NumPy dtype,
+so they are passed on as the (immutable) JAX arrays they are.
 """
 
 from __future__ import annotations
@@ -38,7 +40,21 @@ class Split:
         return tuple(self.paths[i] for i in self.dynamic_index)
 
 
-def _describe(leaf) -> str:
+def is_typed_key(leaf) -> bool:
+    """True for a new-style PRNG key array (dtype ``key<impl>``, e.g. ``jax.random.key(0)``)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or isinstance(dtype, np.dtype):  # NumPy has no key dtype
+        return False
+    try:
+        return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    except TypeError:  # a .dtype that is not a dtype (some other library's object)
+        return False
+
+
+def describe(leaf) -> str:
+    """A short description of a leaf for the report: ``float32[3]``, ``key<fry>[]``, ``int``."""
+    if is_typed_key(leaf):
+        return f"{leaf.dtype}{list(leaf.shape)}"  # e.g. key<fry>[]: no NumPy dtype exists
     if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
         return f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
     if callable(leaf):
@@ -68,7 +84,7 @@ def split_params(params, *, what: str = "params", finite: bool = True) -> tuple[
         if is_inexact_array(leaf):
             # A host copy: the caller's NumPy buffer is never aliased or written. Checks
             # and copies run in NumPy, so no tiny XLA program is compiled per leaf shape.
-            host = np.array(leaf, copy=True)
+            host = np.array(jax.device_get(leaf), copy=True)  # explicit transfer (guards)
             arr = jax.device_put(host)  # jnp.asarray would compile a program per shape
             if finite and not np.all(np.isfinite(host)):
                 bad = np.argwhere(~np.isfinite(host))
@@ -83,7 +99,7 @@ def split_params(params, *, what: str = "params", finite: bool = True) -> tuple[
             leaves.append(None)
         else:
             leaves.append(leaf)
-            skipped.append((p, _describe(leaf)))
+            skipped.append((p, describe(leaf)))
     if not dyn:
         raise ValueError(
             f"{what} has no floating-point array leaves, so there is nothing to perturb "
@@ -94,15 +110,38 @@ def split_params(params, *, what: str = "params", finite: bool = True) -> tuple[
     return split, dyn
 
 
-def split_args(args: tuple) -> tuple[Callable[[Any], tuple], list]:
+def wide_dtype(dtype) -> np.dtype:
+    """The float64 counterpart of an inexact dtype: complex128 for complex, else float64."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        return np.dtype(np.complex128)
+    return np.dtype(np.float64)
+
+
+def split_args(args: tuple, *, widen: bool = False) -> tuple[Callable[[Any], tuple], list]:
     """Separate array leaves of ``args`` (traced under jit) from static ones.
 
     Python numbers, strings and other objects stay static (closed over), so code that
-    branches on them in Python keeps working under our jit.
+    branches on them in Python keeps working under our jit. Typed PRNG keys are traced
+    as they are (a key array is a valid jit argument and cannot become NumPy).
+
+    With ``widen``, floating and complex array leaves are cast (exactly) to float64 /
+    complex128, the precision the parameters are evaluated in: code that keeps its own
+    dtypes consistent (Equinox's ``State.set``, a ``lax.scan`` carry started from the
+    data) sees one precision. Integer, bool and key leaves are never cast.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
-    arrays = [jax.device_put(np.array(x, copy=True)) for x, a in zip(leaves, is_arr) if a]
+
+    def copy(x):
+        if is_typed_key(x):
+            return x
+        host = np.array(jax.device_get(x), copy=True)  # never alias the caller's (mutable) NumPy array
+        if widen and is_inexact_array(host):
+            host = host.astype(wide_dtype(host.dtype))
+        return jax.device_put(host)
+
+    arrays = [copy(x) for x, a in zip(leaves, is_arr) if a]
 
     def rebuild(dynamic) -> tuple:
         it = iter(dynamic)

@@ -260,7 +260,7 @@ class VectorProblem(Scoped):
             p = self.out_name + jax.tree_util.keystr(path)
             arr = leaf if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)) else None
             if arr is None or not jnp.issubdtype(arr.dtype, jnp.inexact):
-                desc = f"{np.dtype(arr.dtype).name}{list(arr.shape)}" if arr is not None else type(leaf).__name__
+                desc = trees.describe(leaf)
                 self.out_skipped.append((p, desc))
                 continue
             is_c = bool(jnp.issubdtype(arr.dtype, jnp.complexfloating))

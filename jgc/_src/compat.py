@@ -1,0 +1,97 @@
+"""JAX's API where it moved between versions, and jgc's conduct under JAX's modes.
+
+Every other module takes these names from here, so that supporting one more JAX
+version, or one more of JAX's modes, is a change in this file only. The oldest JAX
+that jgc supports is the lower bound in ``pyproject.toml``; CI runs the smoke tests
+(``pytest -m smoke``) on it.
+
+JAX's modes, and what jgc does under each:
+
+* ``jax.numpy_dtype_promotion("strict")``: jgc's own traced code casts explicitly
+  (never two dtypes in one operation), and the user's ``fn`` runs under the user's mode.
+* ``jax.debug_nans`` / ``jax.debug_infs``: a perturbed point may legitimately give a
+  non-finite cost (``sqrt`` or ``log`` stepped past 0, ``exp`` stepped past overflow);
+  the check reports it as non-finite. So jgc's evaluations of J, which include
+  perturbed points, run under :func:`float_checks_off`. The analytic gradient at θ
+  (``jax.grad`` of fn, or the user's ``grad`` callable) runs under the user's flags: a
+  NaN there is the user's to see, as they asked.
+* ``jax.transfer_guard("disallow")``: every transfer jgc makes is explicit
+  (``jax.device_put`` to the device, :func:`host` back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+try:  # jax >= 0.8
+    _enable_x64 = jax.enable_x64
+except AttributeError:  # older JAX: the experimental context managers
+    from jax.experimental import disable_x64 as _disable_x64
+    from jax.experimental import enable_x64 as _experimental_enable_x64
+
+    def _enable_x64(flag: bool = True):
+        return _experimental_enable_x64() if flag else _disable_x64()
+
+try:
+    from jax.dtypes import TypePromotionError
+except ImportError:  # older JAX kept it private
+    from jax._src.dtypes import TypePromotionError  # noqa: F401
+
+try:
+    from jax.extend.core import DropVar
+except ImportError:  # older JAX: only in jax.core
+    from jax.core import DropVar  # noqa: F401
+
+Tracer = jax.core.Tracer
+
+
+def enable_x64(flag: bool = True):
+    """A context manager that turns 64-bit types on (or off) inside it only."""
+    return _enable_x64(flag)
+
+
+def x64_enabled() -> bool:
+    """True when 64-bit types are on here (inside a scope, or globally)."""
+    return bool(jax.config.jax_enable_x64)
+
+
+def strict_promotion() -> bool:
+    """True under ``jax.numpy_dtype_promotion("strict")``."""
+    return jax.config.jax_numpy_dtype_promotion == "strict"
+
+
+def result_type(*dtypes) -> np.dtype:
+    """The common dtype of jgc's own operands, whatever the user's promotion mode.
+
+    ``jnp.result_type`` raises under strict promotion for two different dtypes; jgc
+    promotes its own values explicitly, as NumPy does, within what x64 allows here.
+    """
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.result_type(*dtypes)))
+
+
+def float_checks_off():
+    """Scope ``jax.debug_nans(False)`` and ``jax.debug_infs(False)`` (see the module doc).
+
+    Entered around jgc's evaluations of J only; the flags are restored on exit.
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.debug_nans(False))
+    stack.enter_context(jax.debug_infs(False))
+    return stack
+
+
+def float_checks_on() -> bool:
+    """True under ``jax.debug_nans(True)`` or ``jax.debug_infs(True)``."""
+    return bool(jax.config.jax_debug_nans or jax.config.jax_debug_infs)
+
+
+def host(x) -> np.ndarray:
+    """A device array (or NumPy array) as a NumPy array, by an explicit transfer."""
+    return np.asarray(jax.device_get(x))
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, Tracer)

@@ -1,0 +1,257 @@
+"""The result of :func:`jgc.check_rules`: per custom rule, where it is, where it is called, the verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+# Rule statuses, most severe first (the text report lists rules in this order).
+RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not executed")
+FAILING = ("mismatch",)
+
+SURROGATE_HINT = (
+    "surrogate gradient? The primal is locally constant here (its finite differences are "
+    "zero) but the rule gives a non-zero derivative. If that is on purpose (a "
+    "straight-through estimator, gradient scaling or clipping), declare it with "
+    "jgc.intended(fn, reason=...)."
+)
+
+
+def _num(x):
+    if x is None:
+        return None
+    if isinstance(x, complex):
+        return {"real": x.real, "imag": x.imag} if x.imag else _fin(x.real)
+    return _fin(float(x))
+
+
+def _fin(x: float):
+    return x if math.isfinite(x) else str(x)
+
+
+def _g(x) -> str:
+    if isinstance(x, complex) and x.imag:
+        return f"{x:.6g}"
+    return f"{float(x.real if isinstance(x, complex) else x):.6g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Worst:
+    """The element of a rule's check that most exceeds its allowed error.
+
+    Attributes:
+      operand: the rule's argument (its name in the primal's signature when known).
+      index: index into that operand, within one call.
+      call: which captured call (0, 1, 2: the first calls; 3: the largest input).
+      step: the loop steps of that call, e.g. "scan step 7".
+      input: the operand's value at ``index`` (None when the check went along random
+        directions and the element cannot be attributed to one input).
+      rule, numeric, allowed: the rule's derivative, central differences of the
+        primal, and the allowed difference there.
+      block: the row of the underlying :class:`jgc.Report`.
+      locally_constant: the primal's differences are zero where the rule is not.
+    """
+
+    operand: str
+    index: tuple
+    call: int | None
+    step: str
+    input: float | None
+    rule: Any
+    numeric: Any
+    allowed: float
+    block: str
+    locally_constant: bool = False
+
+    def describe(self) -> str:
+        where = f"operand {self.operand}" + (f"[{', '.join(map(str, self.index))}]" if self.index else "")
+        if self.call is not None:
+            where += f", call {self.call}" + (f" ({self.step})" if self.step else "")
+        value = f" = {_g(self.input)}" if self.input is not None else ""
+        return (f"{where}{value}: rule {_g(self.rule)} vs finite differences {_g(self.numeric)} "
+                f"(allowed difference {self.allowed:.2g})")
+
+    def to_dict(self) -> dict:
+        return {"operand": self.operand, "index": list(self.index), "call": self.call, "step": self.step,
+                "input": _num(self.input), "rule": _num(self.rule), "finite_differences": _num(self.numeric),
+                "allowed": _num(self.allowed), "block": self.block, "locally_constant": self.locally_constant}
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    """One place a rule is called, how often, and the verdict there.
+
+    Attributes:
+      at: ``file:line`` of the call; function: the function that calls it.
+      under: the constructs around the call, outermost first ("scan > cond").
+      calls: how many times the loss called it; checked: how many calls were checked.
+      status: "ok", "mismatch", "error", "not checked" or "not executed".
+      reason: why, for "error" / "not checked" / "not executed" / "intended".
+      report: the :class:`jgc.Report` of the isolated check (None when none ran).
+      worst: the worst element (:class:`Worst`) when the status is "mismatch".
+      method: how it was checked ("jacobian (rev)", "jvp (4 directions per leaf)", …).
+    """
+
+    at: str
+    function: str
+    under: str
+    calls: int
+    checked: int
+    status: str
+    reason: str = ""
+    report: Any = dataclasses.field(default=None, repr=False, compare=False)
+    worst: Worst | None = None
+    method: str = ""
+
+    def describe(self) -> str:
+        under = f" under {self.under}" if self.under else ""
+        head = f"called at {self.at} ({self.function}){under}: {self.calls} call{'s' * (self.calls != 1)}"
+        if self.status in ("ok", "mismatch"):
+            return f"{head}, {self.checked} checked, {self.status}"
+        return f"{head}, {self.status}" + (f": {self.reason}" if self.reason else "")
+
+    def to_dict(self) -> dict:
+        return {"at": self.at, "function": self.function, "under": self.under, "calls": self.calls,
+                "checked": self.checked, "status": self.status, "reason": self.reason, "method": self.method,
+                "worst": self.worst.to_dict() if self.worst else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleReport:
+    """The verdict for one custom rule (one primal with its rule), over all its call sites.
+
+    Attributes:
+      kind: "custom_jvp" or "custom_vjp".
+      name, primal_at: the primal function and its ``file:line``.
+      rule_name, rule_at: the rule function (the JVP rule, or the VJP's backward pass).
+      fwd_name, fwd_at: a custom_vjp's forward pass ("" for custom_jvp).
+      status: the worst site status ("mismatch" > "error" > "not checked" > "ok"),
+        "intended" for a declared surrogate, "not executed" when no call ran.
+      reason: why, for "intended" or "error".
+      sites: the :class:`SiteReport` of every call site.
+      calls: calls seen over all sites.
+      hint: a likely explanation ("surrogate gradient?") or "".
+    """
+
+    kind: str
+    name: str
+    primal_at: str
+    rule_name: str
+    rule_at: str
+    fwd_name: str
+    fwd_at: str
+    status: str
+    reason: str
+    sites: tuple
+    calls: int
+    hint: str = ""
+
+    @classmethod
+    def from_sites(cls, base: dict, sites: tuple, calls: int) -> RuleReport:
+        ran = [s for s in sites if s.status != "not executed"]
+        status = min((s.status for s in ran), key=RULE_STATUSES.index, default="not executed")
+        reason = next((s.reason for s in sites if s.status == status and s.reason), "")
+        worst = next((s.worst for s in sites if s.worst is not None), None)
+        hint = SURROGATE_HINT if worst is not None and worst.locally_constant else ""
+        return cls(**base, status=status, reason=reason, sites=sites, calls=calls, hint=hint)
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in FAILING
+
+    @property
+    def checked(self) -> int:
+        return sum(s.checked for s in self.sites if s.status in ("ok", "mismatch"))
+
+    @property
+    def worst(self) -> Worst | None:
+        """The worst element over the failing sites (None when the rule is not wrong)."""
+        return next((s.worst for s in self.sites if s.worst is not None), None)
+
+    def headline(self) -> str:
+        rule = f"rule {self.rule_name} at {self.rule_at}"
+        if self.fwd_name:
+            rule = f"fwd {self.fwd_name} at {self.fwd_at}, bwd {self.rule_name} at {self.rule_at}"
+        return f"{self.status:<12} {self.kind} {self.name} defined at {self.primal_at}; {rule}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "primal_at": self.primal_at, "rule_name": self.rule_name,
+                "rule_at": self.rule_at, "fwd_name": self.fwd_name, "fwd_at": self.fwd_at,
+                "status": self.status, "reason": self.reason, "hint": self.hint, "calls": self.calls,
+                "checked": self.checked, "worst": self.worst.to_dict() if self.worst else None,
+                "sites": [s.to_dict() for s in self.sites]}
+
+
+@dataclasses.dataclass(frozen=True)
+class RulesReport:
+    """The result of :func:`jgc.check_rules`.
+
+    Attributes:
+      ok: True when no rule disagrees with its primal (intended surrogates, rules
+        that did not run and rules that could not be checked do not fail it; their
+        status says so).
+      rules: one :class:`RuleReport` per rule, wrong ones first.
+      function: the loss that was traced.
+      seconds: wall time of the whole check.
+      notes: remarks about precision and method.
+    """
+
+    ok: bool
+    rules: tuple
+    function: str
+    seconds: float
+    notes: tuple = ()
+
+    @classmethod
+    def build(cls, rules, *, function: str, seconds: float, notes=()) -> RulesReport:
+        rules = tuple(sorted(rules, key=lambda r: RULE_STATUSES.index(r.status)))
+        return cls(ok=all(r.ok for r in rules), rules=rules, function=function, seconds=seconds,
+                   notes=tuple(notes))
+
+    def failing(self) -> tuple:
+        """The rules that disagree with their primal."""
+        return tuple(r for r in self.rules if not r.ok)
+
+    def rule(self, name: str) -> RuleReport:
+        """The report of the rule whose primal is called ``name``."""
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(f"RulesReport.rule: no rule named {name!r}; found {[r.name for r in self.rules]}.")
+
+    def summary(self) -> str:
+        bad = self.failing()
+        calls = sum(r.calls for r in self.rules)
+        checked = sum(r.checked for r in self.rules)
+        n = len(self.rules)
+        verdict = (f"{len(bad)} of {n} rule{'s' * (n != 1)} wrong" if bad
+                   else "no custom rules found" if not n else f"no wrong rule among {n}")
+        counts = {st: sum(r.status == st for r in self.rules) for st in RULE_STATUSES}
+        statuses = ", ".join(f"{c} {st}" for st, c in counts.items() if c)
+        return (f"jgc.check_rules({self.function}): {verdict}" + (f" ({statuses})" if n else "")
+                + f"; {calls} call{'s' * (calls != 1)} seen, {checked} checked, {self.seconds:.2f} s")
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for r in self.rules:
+            lines.append("")
+            lines.append(r.headline())
+            if r.status == "intended":
+                lines.append(f"  intended: {r.reason}")
+            for s in r.sites:
+                lines.append(f"  {s.describe()}")
+                if s.worst is not None:
+                    lines.append(f"    worst: {s.worst.describe()}")
+            if r.hint:
+                lines.append(f"  hint: {r.hint}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "function": self.function, "seconds": self.seconds, "notes": list(self.notes),
+                "rules": [r.to_dict() for r in self.rules]}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)

@@ -1,0 +1,515 @@
+"""jgc.check_rules: every custom rule inside a loss, found, captured and checked on its own.
+
+Planted wrong rules must be named (with their file:line), correct library rules must not
+be. Expected names and lines are written by hand from the code below, never read back
+from the report.
+"""
+
+from __future__ import annotations
+
+import doctest
+import inspect
+import json
+import os
+import textwrap
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jgc
+from jgc import testing
+from jgc._src import cli
+from jgc._src import rules as rules_impl
+
+HERE = os.path.relpath(__file__)
+
+
+def line_of(fn) -> int:
+    """The line JAX reports for a function: its code object's first line."""
+    return inspect.unwrap(fn).__code__.co_firstlineno
+
+
+def source_line(text: str) -> int:
+    """The line of this file that starts with ``text``."""
+    with open(__file__) as f:
+        return next(i for i, ln in enumerate(f, 1) if ln.startswith(text))
+
+
+# -- rules used below -------------------------------------------------------------------------
+def make_cube(wrong: bool):
+    @jax.custom_jvp
+    def cube(x):
+        return x**3
+
+    @cube.defjvp
+    def cube_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return cube(x), (2.0 if wrong else 3.0) * x**2 * t  # the plant: 2x² for 3x²
+
+    return cube
+
+
+def make_mul(wrong: bool):
+    @jax.custom_vjp
+    def mul(x, y):
+        return x * y
+
+    def mul_fwd(x, y):
+        return mul(x, y), (x, y)
+
+    def mul_bwd(res, g):
+        x, y = res
+        return (g * y, g * (y if wrong else x))  # the plant: y for x
+
+    mul.defvjp(mul_fwd, mul_bwd)
+    return mul
+
+
+# -- the JAX structure check_rules reads ----------------------------------------------------------
+def test_jaxpr_structure_it_relies_on():
+    cube, mul = make_cube(False), make_mul(False)
+    closed = jax.make_jaxpr(lambda p: jnp.sum(cube(p)) + jnp.sum(mul(p, p)))(jnp.ones(2))
+    eqns = {e.primitive.name: e for e in closed.jaxpr.eqns}
+    assert set(rules_impl.KINDS) <= set(eqns)
+    for name, eqn in eqns.items():
+        if name in rules_impl.KINDS:
+            rules_impl.pin_equation(eqn)  # raises JaxInternalsChanged if a param is gone
+            assert all(w.line > 0 for w in rules_impl.rule_names(eqn) if w is not None)
+            site = rules_impl.call_site(eqn)
+            assert site.file == __file__
+    jvp_eqn, vjp_eqn = eqns["custom_jvp_call"], eqns["custom_vjp_call"]
+    assert rules_impl.rule_names(jvp_eqn)[0].name == "cube"
+    assert rules_impl.rule_names(jvp_eqn)[1].name == "cube_jvp"
+    names = rules_impl.rule_names(vjp_eqn)
+    assert (names[0].name, names[1].name, names[2].name) == ("mul", "mul_bwd", "mul_fwd")
+    # Binding the equation again under jax.jvp runs the hand-written rule.
+    _, tan = jax.jvp(lambda x: jvp_eqn.primitive.bind(
+        x, **jvp_eqn.primitive.get_bind_params(jvp_eqn.params)), (jnp.array([2.0, 2.0]),),
+        (jnp.ones(2),))
+    np.testing.assert_allclose(tan, 12.0)
+    # Private names used to find user frames and to record eager calls of rules.
+    from jax._src import custom_derivatives, source_info_util
+
+    assert custom_derivatives.custom_jvp is jax.custom_jvp and custom_derivatives.custom_vjp is jax.custom_vjp
+    assert callable(source_info_util.user_frames) and callable(source_info_util.user_frame)
+
+
+def test_changed_structure_fails_with_the_jax_version():
+    closed = jax.make_jaxpr(lambda p: jnp.sum(make_cube(False)(p)))(jnp.ones(2))
+    (eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "custom_jvp_call"]
+    broken = eqn.replace(params={k: v for k, v in eqn.params.items() if k != "jvp_jaxpr_fun"})
+    with pytest.raises(rules_impl.JaxInternalsChanged, match=f"no jvp_jaxpr_fun param.*in JAX {jax.__version__}"):
+        rules_impl.pin_equation(broken)
+
+
+# -- planted wrong rules under every transformation -----------------------------------------------
+def everywhere(cube):
+    """The same rule called plainly and under jit, vmap, scan, fori_loop, while_loop, cond,
+    checkpoint, and inside another rule's primal."""
+
+    @jax.custom_jvp
+    def wrapper(x):
+        return jnp.sum(cube(x))
+
+    wrapper.defjvp(lambda p, t: (wrapper(p[0]), jnp.sum(3 * p[0] ** 2 * t[0])))
+
+    def loss(p):
+        terms = [
+            jnp.sum(cube(p)),
+            jax.jit(lambda q: jnp.sum(cube(q)))(p),
+            jnp.sum(jax.vmap(cube)(p)),
+            jax.lax.scan(lambda c, x: (c + cube(x), None), 0.0, p)[0],
+            jax.lax.fori_loop(0, 2, lambda i, c: c + jnp.sum(cube(p + i)), 0.0),
+            jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] + jnp.sum(cube(p))), (0, 0.0))[1],
+            jax.lax.cond(p[0] > 0, lambda q: jnp.sum(cube(q)), lambda q: jnp.sum(q), p),
+            jax.checkpoint(lambda q: jnp.sum(cube(q)))(p),
+            wrapper(p),
+        ]
+        return sum(terms)
+
+    return loss
+
+
+UNDER = ["", "jit", "scan", "while", "cond", "checkpoint", "custom_jvp wrapper"]
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["correct", "planted"])
+def test_rule_is_checked_under_every_transformation(wrong):
+    cube = make_cube(wrong)
+    rep = jgc.check_rules(everywhere(cube), jnp.array([0.5, 1.5]))
+    r = rep.rule("cube")
+    unders = {s.under for s in r.sites}
+    # fori_loop with a static trip count is a scan; vmap leaves the batched rule in place.
+    assert {"", "jit", "scan", "while", "cond", "checkpoint", "custom_jvp wrapper"} <= unders
+    assert all(s.calls >= 1 for s in r.sites)
+    # lax.scan over two elements and fori_loop(0, 2): two steps each; while_loop: two steps.
+    loops = sorted((s.under, s.calls) for s in r.sites if s.under in ("scan", "while"))
+    assert loops == [("scan", 2), ("scan", 2), ("while", 2)]
+    if wrong:
+        assert not rep.ok and r.status == "mismatch"
+        assert {s.status for s in r.sites} == {"mismatch"}
+        assert [x.name for x in rep.failing()] == ["cube"]
+        assert r.rule_name == "cube_jvp" and r.primal_at.endswith(f"{HERE}:{line_of(make_cube) + 1}")
+        text = str(rep)
+        assert text.index("mismatch     custom_jvp cube") < text.index("custom_jvp wrapper defined")
+    else:
+        assert rep.ok and r.status == "ok", str(rep)
+
+
+def test_custom_vjp_planted_names_bwd_and_operand():
+    mul = make_mul(True)
+    rep = jgc.check_rules(lambda p, y: jnp.sum(mul(p, y)), jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0]))
+    r = rep.rule("mul")
+    assert r.kind == "custom_vjp" and r.status == "mismatch"
+    assert (r.rule_name, r.fwd_name) == ("mul_bwd", "mul_fwd")
+    w = r.worst
+    assert w.operand == "y" and w.call == 0
+    # d(x·y)/dy = x, the plant gives y: at index i the rule says y_i, differences say x_i.
+    i = w.index[0]
+    assert w.input == [3.0, -1.0][i]
+    assert w.rule == pytest.approx([3.0, -1.0][i]) and w.numeric == pytest.approx([1.0, 2.0][i])
+
+
+def test_one_of_two_rules_wrong_only_that_one_is_named():
+    cube, mul = make_cube(False), make_mul(True)
+    rep = jgc.check_rules(lambda p: jnp.sum(cube(p)) + jnp.sum(mul(p, 2 * p)), jnp.array([0.5, 1.5]))
+    assert [r.name for r in rep.failing()] == ["mul"]
+    assert rep.rule("cube").status == "ok"
+    text = str(rep)
+    assert "mismatch     custom_vjp mul" in text and "ok           custom_jvp cube" in text
+    assert text.index("custom_vjp mul") < text.index("custom_jvp cube")
+
+
+def make_wrong_above_20():
+    @jax.custom_jvp
+    def soft(x):
+        return jnp.log1p(jnp.exp(-jnp.abs(x))) + jnp.maximum(x, 0.0)
+
+    @soft.defjvp
+    def soft_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        slope = jax.nn.sigmoid(x)
+        return soft(x), jnp.where(x > 20.0, 0.5, slope) * t  # the plant: wrong only above 20
+
+    return soft
+
+
+@pytest.mark.parametrize("scale,caught", [(1.0, False), (3.0, True)], ids=["below-20", "above-20"])
+def test_rule_wrong_only_above_20(scale, caught):
+    soft = make_wrong_above_20()
+
+    def loss(p):
+        # The carry grows by p each step: with p = 3 it passes 20 on step 7 of 10 (after
+        # the first three calls), with p = 1 it never does.
+        def body(c, _):
+            c = c + p
+            return c, soft(c)
+
+        return jnp.sum(jax.lax.scan(body, jnp.zeros(2), None, length=10)[1])
+
+    rep = jgc.check_rules(loss, jnp.array([scale, scale * 0.9]))
+    r = rep.rule("soft")
+    assert r.calls == 10 and r.checked == 4
+    assert rep.ok is (not caught), str(rep)
+    if caught:
+        assert r.worst.input > 20 and r.worst.step == "scan step 9"
+
+
+# -- closed-over values, integers, nondiff_argnums, rules that never run ----------------------------
+@pytest.mark.parametrize("wrong", [False, True], ids=["correct", "planted"])
+def test_rule_closing_over_a_value_computed_in_the_loss(wrong):
+    def loss(p):
+        s = 2.0 * p
+
+        @jax.custom_jvp
+        def scaled(x):
+            return x * s
+
+        scaled.defjvp(lambda pr, tg: (scaled(pr[0]), tg[0] * (s + (1.0 if wrong else 0.0))))
+        return jnp.sum(jax.jit(scaled)(jnp.sin(p)))
+
+    rep = jgc.check_rules(loss, jnp.array([0.5, 1.5]))
+    assert rep.rule("scaled").status == ("mismatch" if wrong else "ok"), str(rep)
+
+
+def test_nondiff_argnums_and_integer_operands_are_held_fixed():
+    @partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def scale(x, n):
+        return jnp.sin(x) * n
+
+    @scale.defjvp
+    def scale_jvp(n, primals, tangents):
+        return scale(primals[0], n), jnp.cos(primals[0]) * tangents[0] * n
+
+    @jax.custom_jvp
+    def shift(x, k):
+        return x + k
+
+    shift.defjvp(lambda p, t: (shift(*p), t[0]))
+
+    rep = jgc.check_rules(lambda p: jnp.sum(scale(p, p * 3.0) + shift(p, jnp.arange(2))), jnp.array([0.5, 1.5]))
+    assert rep.ok, str(rep)
+    assert {r.name: r.status for r in rep.rules} == {"scale": "ok", "shift": "ok"}
+
+
+def test_rule_in_a_branch_not_taken_is_not_executed():
+    cube = make_cube(True)
+    rep = jgc.check_rules(lambda p: jax.lax.cond(p[0] > 0, jnp.sum, lambda q: jnp.sum(cube(q)), p),
+                          jnp.array([0.5, 1.5]))
+    assert rep.ok and rep.rule("cube").status == "not executed"
+
+
+def test_large_operands_go_along_random_directions():
+    mul = make_mul(True)
+    x = jnp.linspace(0.5, 2.0, 300)
+    rep = jgc.check_rules(lambda p: jnp.sum(mul(p, jnp.cos(p))), x)
+    site = rep.rule("mul").sites[0]
+    assert site.status == "mismatch" and site.method.startswith("vjp")
+
+
+# -- intended surrogates -----------------------------------------------------------------------------
+def test_straight_through_estimator_gets_a_hint_then_is_intended_once_marked():
+    @jax.custom_jvp
+    def ste_round(x):
+        return jnp.round(x)
+
+    ste_round.defjvp(lambda p, t: (ste_round(p[0]), t[0]))
+    loss = lambda p: jnp.sum(ste_round(p))
+    rep = jgc.check_rules(loss, jnp.array([0.3, 1.7]))
+    assert not rep.ok and rep.rule("ste_round").hint.startswith("surrogate gradient?")
+    assert jgc.intended(ste_round, reason="straight-through estimator") is ste_round
+    rep = jgc.check_rules(loss, jnp.array([0.3, 1.7]))
+    r = rep.rule("ste_round")
+    assert rep.ok and r.status == "intended" and r.reason == "straight-through estimator"
+
+
+def test_intended_as_a_decorator_and_bad_reason():
+    @jgc.intended(reason="gradient clipping")
+    @jax.custom_vjp
+    def clip_grad(x):
+        return x
+
+    clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+    rep = jgc.check_rules(lambda p: jnp.sum(clip_grad(p) ** 2), jnp.array([1.0, 2.0]))
+    assert rep.ok and rep.rule("clip_grad").status == "intended"
+    with pytest.raises(TypeError, match="reason must be a non-empty string"):
+        jgc.intended(clip_grad, reason="")
+
+
+def test_library_surrogates_are_intended():
+    def loss(p):
+        return jnp.sum(optax.scale_gradient(p, 0.5) ** 2) + jnp.sum(eqx.internal.nondifferentiable_backward(p))
+
+    rep = jgc.check_rules(loss, jnp.array([1.0, 2.0]))
+    assert rep.ok
+    assert {r.status for r in rep.rules} == {"intended"}
+    assert any(r.name == "_scale_gradient" for r in rep.rules)
+
+
+# -- Equinox and Pallas ------------------------------------------------------------------------------
+@eqx.filter_custom_jvp
+def eqx_scale(x, y):
+    return x * jnp.sin(y)
+
+
+@eqx_scale.def_jvp
+def eqx_scale_jvp(primals, tangents):
+    x, y = primals
+    tx, ty = tangents
+    return eqx_scale(x, y), tx * jnp.sin(y) + ty * x * jnp.cos(y) * 1.5  # the plant: 1.5
+
+
+@eqx.filter_custom_vjp
+def eqx_tanh(vjp_arg, x):
+    return jnp.tanh(vjp_arg) * x
+
+
+@eqx_tanh.def_fwd
+def eqx_tanh_fwd(perturbed, vjp_arg, x):
+    return eqx_tanh(vjp_arg, x), None
+
+
+@eqx_tanh.def_bwd
+def eqx_tanh_bwd(res, g, perturbed, vjp_arg, x):
+    return g * x * (1 - jnp.tanh(vjp_arg) ** 2)
+
+
+def test_equinox_filtered_rules_are_named_through_the_wrappers():
+    rep = jgc.check_rules(lambda p: jnp.sum(eqx_scale(p, p) + eqx_tanh(p, 2.0)), jnp.array([0.5, 1.5]))
+    assert [r.name for r in rep.failing()] == ["eqx_scale"]
+    bad = rep.rule("eqx_scale")
+    assert bad.rule_name == "eqx_scale_jvp"
+    # Equinox's wrappers are in equinox/_ad.py; the report names this file: the primal by
+    # its def line, the rule by its code object (decorator line).
+    assert bad.primal_at == f"{HERE}:{source_line('def eqx_scale(')}"
+    assert bad.rule_at == f"{HERE}:{source_line('@eqx_scale.def_jvp')}"
+    good = rep.rule("eqx_tanh")
+    assert good.status == "ok" and (good.rule_name, good.fwd_name) == ("eqx_tanh_bwd", "eqx_tanh_fwd")
+
+
+def _pallas_sin(x):
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.sin(x_ref[...])
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x)
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["correct", "planted"])
+def test_pallas_kernel_with_hand_written_backward(wrong):
+    @jax.custom_vjp
+    def kernel_sin(x):
+        return _pallas_sin(x)
+
+    def bwd(x, g):
+        return (g * jnp.cos(x) * (jnp.where(x > 1.0, 0.9, 1.0) if wrong else 1.0),)
+
+    kernel_sin.defvjp(lambda x: (_pallas_sin(x), x), bwd)
+    rep = jgc.check_rules(lambda p: jnp.sum(kernel_sin(p)), jnp.array([0.5, 1.5]))
+    r = rep.rule("kernel_sin")
+    assert r.status == ("mismatch" if wrong else "ok"), str(rep)
+    if wrong:
+        assert r.worst.index == (1,) and r.worst.input == 1.5
+
+
+# -- correct library rules are not flagged ------------------------------------------------------------
+def test_jax_nn_and_optax_rules_pass():
+    def loss(p):
+        acts = jax.nn.relu(p) + jax.nn.relu6(p) + jax.nn.silu(p) + jax.nn.gelu(p) + jax.nn.softplus(p)
+        ce = optax.safe_softmax_cross_entropy(p[None], jax.nn.one_hot(jnp.array([1]), 3))
+        proj = optax.projections.projection_simplex(p)
+        return jnp.sum(acts) + jnp.sum(ce) + jnp.sum(proj**2)
+
+    rep = jgc.check_rules(loss, jnp.array([0.5, -1.5, 2.0]))
+    assert rep.ok, str(rep)
+    names = {r.name for r in rep.rules}
+    assert {"relu", "relu6", "_projection_unit_simplex"} <= names
+    assert all(r.status == "ok" for r in rep.rules), str(rep)
+
+
+def test_flax_and_equinox_models_pass():
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(jax.nn.relu6(nn.Dense(4)(x)))
+
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    flax_params = MLP().init(jax.random.key(0), x)
+    rep = jgc.check_rules(lambda p, x: jnp.sum(MLP().apply(p, x) ** 2), flax_params, x)
+    assert rep.ok and rep.rules and all(r.status == "ok" for r in rep.rules), str(rep)
+
+    model = eqx.nn.MLP(3, 1, 4, 2, activation=jax.nn.relu, key=jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    rep = jgc.check_rules(lambda p, x: jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2), params, x)
+    assert rep.ok and rep.rule("relu").status == "ok", str(rep)
+
+
+# -- the report --------------------------------------------------------------------------------------
+def test_report_dict_and_text():
+    rep = jgc.check_rules(lambda p: jnp.sum(make_mul(True)(p, p + 1)), jnp.array([1.0, 2.0]))
+    d = json.loads(rep.to_json())
+    assert d["ok"] is False and d["rules"][0]["status"] == "mismatch"
+    assert d["rules"][0]["worst"]["operand"] in ("x", "y")
+    assert d["rules"][0]["sites"][0]["at"].startswith(f"{HERE}:")
+    text = str(rep)
+    assert text.splitlines()[0].startswith("jgc.check_rules(") and "1 of 1 rule wrong" in text
+    assert "worst: operand" in text
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        jgc.check_rules(3, jnp.ones(2))
+    with pytest.raises(ValueError, match="precision"):
+        jgc.check_rules(jnp.sum, jnp.ones(2), precision="half")
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(rules_impl)
+    assert attempted >= 6 and failed == 0
+
+
+# -- where users meet it -------------------------------------------------------------------------------
+def two_layer(act):
+    def loss(p, x):
+        return jnp.sum(act(x @ p["W1"]) @ p["W2"])
+
+    params = {"W1": jnp.array([[0.3, -0.2], [0.1, 0.5]]), "W2": jnp.array([0.7, -1.1])}
+    return loss, params, jnp.array([[1.0, 2.0]])
+
+
+def make_tanh(wrong: bool):
+    @jax.custom_vjp
+    def tanh_act(x):
+        return jnp.tanh(x)
+
+    def tanh_bwd(x, g):
+        return (g * (1 - jnp.tanh(x) if wrong else 1 - jnp.tanh(x) ** 2),)  # the plant: tanh for tanh²
+
+    tanh_act.defvjp(lambda x: (jnp.tanh(x), x), tanh_bwd)
+    return tanh_act
+
+
+def test_check_with_rules_names_the_rule_only_when_the_gradient_disagrees():
+    loss, params, x = two_layer(make_tanh(True))
+    rep = jgc.check(loss, params, x, rules=True)
+    assert not rep.ok and rep.rules is not None
+    assert [r.name for r in rep.rules.failing()] == ["tanh_act"]
+    assert "custom rule custom_vjp tanh_act" in str(rep)
+    with pytest.raises(jgc.GradCheckError, match=r"Wrong custom rule: tanh_act \(tests/test_rules.py:\d+\)"):
+        jgc.assert_grads_close(loss, params, x, rules=True)
+    loss, params, x = two_layer(make_tanh(False))
+    assert jgc.check(loss, params, x, rules=True).rules is None  # passing checks stay as cheap as before
+
+
+def test_assert_rules_ok():
+    loss, params, x = two_layer(make_tanh(False))
+    assert testing.assert_rules_ok(loss, params, x).ok
+    loss, params, x = two_layer(make_tanh(True))
+    with pytest.raises(jgc.GradCheckError, match=r"^\[jgc\] Assertion assert_rules_ok failed: wrong custom rule: "
+                                                 r"tanh_act \(tests/test_rules.py:\d+\), rule tanh_bwd") as info:
+        testing.assert_rules_ok(loss, params, x)
+    assert isinstance(info.value.report, jgc.RulesReport)
+
+
+CLI_SOURCE = """
+import jax, jax.numpy as jnp
+
+@jax.custom_jvp
+def cube(x):
+    return x ** 3
+
+cube.defjvp(lambda p, t: (cube(p[0]), {factor} * p[0] ** 2 * t[0]))
+
+def loss(params, x):
+    return jnp.sum(cube(params * x))
+
+def make_params():
+    return jnp.array([0.5, 1.5])
+
+def make_args():
+    return (jnp.array([1.0, 2.0]),)
+"""
+
+
+@pytest.mark.parametrize("factor,code", [(3.0, 0), (2.0, 1)], ids=["correct", "planted"])
+def test_cli_rules_exit_codes_and_json(tmp_path, monkeypatch, capsys, factor, code):
+    name = f"rules_case_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(CLI_SOURCE.format(factor=factor)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["rules", f"{name}:loss", "--params", f"{name}:make_params", "--args",
+                     f"{name}:make_args", "--json"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["rules"][0]["name"] == "cube"
+    assert out["rules"][0]["status"] == ("ok" if code == 0 else "mismatch")
+    assert out["rules"][0]["primal_at"] == f"{name}.py:4"
+    assert cli.main(["rules", f"{name}:nothing", "--params", f"{name}:make_params"]) == 2
+    assert capsys.readouterr().err.startswith("jgc rules: ")
