@@ -260,6 +260,15 @@ def test_equinox_batchnorm_state_in_args():
     assert any("float32 arrays in args were evaluated in float64" in n for n in rep.notes)
     assert_unchanged(before, (model, state))
 
+    # The Jacobian and rule checks widen the data the same way (State.set sees float64).
+    def outputs(model, state, x, key):
+        keys = jax.random.split(key, x.shape[0])
+        return jax.vmap(model, axis_name="batch", in_axes=(0, None, 0), out_axes=(0, None))(x, state, keys)[0]
+
+    assert jgc.check_jacobian(outputs, model, state, X, jax.random.key(2), argnums=0).ok
+    assert jgc.check_rules(loss, model, state, X, Y, jax.random.key(2)).ok
+    assert_unchanged(before, (model, state))
+
 
 # -- Haiku ----------------------------------------------------------------------------
 def test_haiku_transform_with_state_and_an_rng_key():

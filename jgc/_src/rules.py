@@ -893,12 +893,17 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     with scope:
         if widen:
             dyn = [x.astype(np.complex128 if jnp.iscomplexobj(x) else np.float64) for x in dyn]
-        p = split.combine([jnp.asarray(x) for x in dyn])
-        closed = jax.make_jaxpr(fn)(p, *args)
+        dyn = [jnp.asarray(x) for x in dyn]
+        p = split.combine(dyn)
+        # Floating data is widened with the params, as in jgc.check (one precision inside fn).
+        rebuild_args, argarr = trees.split_args(args, widen=widen)
+        args = rebuild_args(argarr)
+        # Only array leaves are traced; the rest (an Equinox module's strings and
+        # functions, Python numbers) stays static, as in every evaluation of jgc.check.
+        closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
         col = _Collector()
         col.discover(closed.jaxpr)
-        flat = jax.tree_util.tree_leaves((p, args))
-        col.run(closed.jaxpr, closed.consts, [jnp.asarray(x) for x in flat])
+        col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
         options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
         rules = _judge(col, options, key, lambda: _eager_calls(fn, p, args))
     return RulesReport.build(rules, function=_fn_name(fn), seconds=time.perf_counter() - t0, notes=notes)

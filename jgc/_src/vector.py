@@ -202,7 +202,8 @@ class VectorProblem(Scoped):
         self.paths = [self._relabel(p) for p in self.split.dynamic_paths]
         self.skipped = tuple((self._relabel(p), d) for p, d in self.split.skipped)
         others = tuple(None if i in nums else p for i, p in enumerate(self.primals))
-        self.rebuild_args, self.argarr = trees.split_args(others)
+        # Floating data is widened with the primals, as in jgc.check (one precision inside f).
+        self.rebuild_args, self.argarr = trees.split_args(others, widen=self.widen)
         # Shapes only (a trace, no compile): the first value comes from the compiled noise
         # probe at t = 0, so checking a function costs no op-by-op eager run.
         out = self._first_output()
