@@ -244,6 +244,16 @@ def _rules(ns) -> int:
     return EXIT_OK if report.ok else EXIT_MISMATCH
 
 
+def _add_inputs(parser) -> None:
+    """FN, --params and --args: how both subcommands load the cost and its inputs."""
+    parser.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
+    parser.add_argument("--params", required=True, metavar="MODULE:FACTORY",
+                        help="a function of no arguments returning the params pytree")
+    parser.add_argument("--args", metavar="MODULE:FACTORY",
+                        help="a function of no arguments returning the tuple of extra arguments "
+                             "(anything but a tuple is passed as the one extra argument)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jgc", description="Gradient checking for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,12 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the derivatives agree; 1: a mismatch; 2: usage or input error.",
         epilog="example: jgc check mymodel:loss --params mymodel:init_params --args mymodel:batch",
     )
-    chk.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
-    chk.add_argument("--params", required=True, metavar="MODULE:FACTORY",
-                     help="a function of no arguments returning the params pytree")
-    chk.add_argument("--args", metavar="MODULE:FACTORY",
-                     help="a function of no arguments returning the tuple of extra arguments "
-                          "(anything but a tuple is passed as the one extra argument)")
+    _add_inputs(chk)
     chk.add_argument("--grad", metavar="MODULE:FUNCTION",
                      help="a hand-written gradient grad(params, *args) to check instead of jax.grad")
     chk.add_argument("--has-aux", action="store_true",
@@ -289,11 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "agrees; 1: a rule is wrong; 2: usage or input error.",
         epilog="example: jgc rules mymodel:loss --params mymodel:init_params --args mymodel:batch",
     )
-    rls.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
-    rls.add_argument("--params", required=True, metavar="MODULE:FACTORY",
-                     help="a function of no arguments returning the params pytree")
-    rls.add_argument("--args", metavar="MODULE:FACTORY",
-                     help="a function of no arguments returning the tuple of extra arguments")
+    _add_inputs(rls)
     rls.add_argument("--precision", choices=("auto", "float64", "native"))
     rls.add_argument("--rtol", type=float)
     rls.add_argument("--atol", type=float)

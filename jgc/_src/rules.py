@@ -892,7 +892,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     widen, scope = precision_scope(precision, [np.dtype(x.dtype) for x in dyn], notes)
     with scope:
         if widen:
-            dyn = [x.astype(np.complex128 if jnp.iscomplexobj(x) else np.float64) for x in dyn]
+            dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
         dyn = [jnp.asarray(x) for x in dyn]
         p = split.combine(dyn)
         # Floating data is widened with the params, as in jgc.check (one precision inside fn).

@@ -101,10 +101,6 @@ def to_device(x, dtype=None):
     return jax.device_put(np.asarray(x, dtype))
 
 
-def _wide(dtype) -> np.dtype:
-    return np.dtype(np.complex128 if np.issubdtype(dtype, np.complexfloating) else np.float64)
-
-
 def _zero_tangent(x):
     """A zero tangent for a primal leaf (float0 for integer/bool leaves, as JAX wants)."""
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):
@@ -191,7 +187,7 @@ class VectorProblem(Scoped):
         self.split, dyn = trees.split_params(checked, what=f"{self.api}: the primals at argnums {nums}",
                                              finite=not self.allow_nonfinite)
         if self.widen:
-            dyn = [x.astype(_wide(x.dtype)) for x in dyn]
+            dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
         elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
             # bfloat16/float16 steps round to 0 or to coarse multiples of θ; float32 is the
             # narrowest precision in which differences resolve (as in Problem).
