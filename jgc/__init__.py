@@ -9,13 +9,14 @@ a report that names the leaf and index of anything that disagrees.
 from ._src.check import assert_grads_close as assert_grads_close
 from ._src.check import check as check
 from ._src.check import numerical_grad as numerical_grad
-from ._src.errors import GradCheckError as GradCheckError
 
 # Jacobians, JVP/VJP, Hessian-vector products and the check_grads drop-in.
-from ._src.jacobian import check_hvp as check_hvp
+from ._src.check_grads import check_grads as check_grads
+from ._src.errors import GradCheckError as GradCheckError
+from ._src.hvp import check_hvp as check_hvp
 from ._src.jacobian import check_jacobian as check_jacobian
-from ._src.jacobian import check_jvp as check_jvp
-from ._src.jacobian import check_vjp as check_vjp
+from ._src.products import check_jvp as check_jvp
+from ._src.products import check_vjp as check_vjp
 from ._src.report import LeafReport as LeafReport
 from ._src.report import Report as Report
 
@@ -25,7 +26,6 @@ from ._src.rules import intended as intended
 from ._src.rules_report import RulesReport as RulesReport
 from ._src.taylor import TaylorReport as TaylorReport
 from ._src.taylor import check_taylor as check_taylor
-from ._src.test_util import check_grads as check_grads
 
 # Training loops: check at chosen steps, then the plain step.
 from ._src.training import with_grad_check as with_grad_check

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 import jgc
+from jgc._src import check_grads as check_grads_mod
+from jgc._src import hvp as hvp_mod
 from jgc._src import jacobian as jacobian_mod
-from jgc._src import test_util as test_util_mod
+from jgc._src import products as products_mod
 
 
 def f_tree(x, y):
@@ -203,6 +205,6 @@ def test_report_dict_and_inputs_not_modified():
 
 
 def test_docstring_examples_run():
-    for mod in (jacobian_mod, test_util_mod):
+    for mod in (jacobian_mod, products_mod, hvp_mod, check_grads_mod):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0 and res.attempted > 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import modes
+from jgc._src import sampling
 
 
 def mlp_loss(params, x, y):
@@ -61,13 +61,13 @@ def test_sampled_covers_every_leaf_and_is_reproducible():
     w = jnp.linspace(-2.0, 2.0, 200)
     idx = lambda key: jgc.check(f, w, mode="sampled", samples=6, key=key).leaves[0].indices.tolist()
     assert idx(jax.random.key(3)) == idx(jax.random.key(3)) != idx(jax.random.key(4))
-    assert modes._seed(7) == 7 and modes._seed(jax.random.PRNGKey(7)) == modes._seed(jax.random.PRNGKey(7))
+    assert sampling.seed_from_key(7) == 7 and sampling.seed_from_key(jax.random.PRNGKey(7)) == sampling.seed_from_key(jax.random.PRNGKey(7))
 
 
 def test_sampled_always_includes_the_largest_gradients():
     a = np.linspace(-1, 1, 1000)
     a[[17, 512, 900]] = [50.0, -60.0, 40.0]
-    got = modes.sample_elements(a, 12, np.random.default_rng(0))
+    got = sampling.sample_elements(a, 12, np.random.default_rng(0))
     assert {17, 512, 900} <= set(got.tolist()) and got.size == 12
     # stratified: the rest spread over the whole index range
     rest = np.setdiff1d(got, [17, 512, 900])

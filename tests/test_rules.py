@@ -23,7 +23,8 @@ import pytest
 
 import jgc
 from jgc import testing
-from jgc._src import cli
+from jgc._src import cli, rule_sites
+from jgc._src import intended as intended_impl
 from jgc._src import rules as rules_impl
 
 HERE = os.path.relpath(__file__)
@@ -75,17 +76,17 @@ def test_jaxpr_structure_it_relies_on():
     cube, mul = make_cube(False), make_mul(False)
     closed = jax.make_jaxpr(lambda p: jnp.sum(cube(p)) + jnp.sum(mul(p, p)))(jnp.ones(2))
     eqns = {e.primitive.name: e for e in closed.jaxpr.eqns}
-    assert set(rules_impl.KINDS) <= set(eqns)
+    assert set(rule_sites.KINDS) <= set(eqns)
     for name, eqn in eqns.items():
-        if name in rules_impl.KINDS:
-            rules_impl.pin_equation(eqn)  # raises JaxInternalsChanged if a param is gone
-            assert all(w.line > 0 for w in rules_impl.rule_names(eqn) if w is not None)
-            site = rules_impl.call_site(eqn)
+        if name in rule_sites.KINDS:
+            rule_sites.pin_equation(eqn)  # raises JaxInternalsChanged if a param is gone
+            assert all(w.line > 0 for w in rule_sites.rule_names(eqn) if w is not None)
+            site = rule_sites.call_site(eqn)
             assert site.file == __file__
     jvp_eqn, vjp_eqn = eqns["custom_jvp_call"], eqns["custom_vjp_call"]
-    assert rules_impl.rule_names(jvp_eqn)[0].name == "cube"
-    assert rules_impl.rule_names(jvp_eqn)[1].name == "cube_jvp"
-    names = rules_impl.rule_names(vjp_eqn)
+    assert rule_sites.rule_names(jvp_eqn)[0].name == "cube"
+    assert rule_sites.rule_names(jvp_eqn)[1].name == "cube_jvp"
+    names = rule_sites.rule_names(vjp_eqn)
     assert (names[0].name, names[1].name, names[2].name) == ("mul", "mul_bwd", "mul_fwd")
     # Binding the equation again under jax.jvp runs the hand-written rule.
     _, tan = jax.jvp(lambda x: jvp_eqn.primitive.bind(
@@ -103,8 +104,8 @@ def test_changed_structure_fails_with_the_jax_version():
     closed = jax.make_jaxpr(lambda p: jnp.sum(make_cube(False)(p)))(jnp.ones(2))
     (eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "custom_jvp_call"]
     broken = eqn.replace(params={k: v for k, v in eqn.params.items() if k != "jvp_jaxpr_fun"})
-    with pytest.raises(rules_impl.JaxInternalsChanged, match=f"no jvp_jaxpr_fun param.*in JAX {jax.__version__}"):
-        rules_impl.pin_equation(broken)
+    with pytest.raises(rule_sites.JaxInternalsChanged, match=f"no jvp_jaxpr_fun param.*in JAX {jax.__version__}"):
+        rule_sites.pin_equation(broken)
 
 
 # -- planted wrong rules under every transformation -----------------------------------------------
@@ -432,7 +433,8 @@ def test_bad_input():
 
 
 def test_docstring_examples_run():
-    failed, attempted = doctest.testmod(rules_impl)
+    results = [doctest.testmod(m) for m in (rules_impl, intended_impl)]
+    failed, attempted = sum(r.failed for r in results), sum(r.attempted for r in results)
     assert attempted >= 6 and failed == 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import policy
-from .report import IMPRECISE, INCONCLUSIVE, MISMATCH, NON_FINITE, NON_SMOOTH, OK
+from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, NON_FINITE, NON_SMOOTH, OK
 
 # A reference resolves a derivative when its error bar is at most this fraction of its
 # value: then a relative disagreement beyond rtol is the analytic side's, not the

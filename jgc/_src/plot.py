@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import compat, trees
-from .report import MISMATCH, STATUS_NAMES
+from .statuses import MISMATCH, STATUS_NAMES
 
 # One colour per status, in the order of STATUS_NAMES: ok, inconclusive, non-smooth,
 # imprecise, non-finite, mismatch.

@@ -98,6 +98,18 @@ def default_atol_factor(dtype) -> float:
     return 32.0 * unit_roundoff(dtype)
 
 
+def default_tolerances(dtype, g_ref: float, rtol=None, atol=None) -> tuple:
+    """(rtol, atol) for an analytic derivative of this dtype: the user's, else the defaults.
+
+    ``g_ref`` is the size of the largest derivative it is judged with (the leaf's
+    largest |g|, or the largest over the check when the leaf's is 0): atol is
+    ``default_atol_factor(dtype)·g_ref``.
+    """
+    rt = default_rtol(dtype) if rtol is None else rtol
+    at = default_atol_factor(dtype) * g_ref if atol is None else atol
+    return rt, at
+
+
 # Safety factor on the round-off part of the error estimate. The noise σ of J is
 # measured (or taken as u|J|); the central difference then carries at most ≈ σ/h,
 # but σ is a standard deviation, not a bound: 8σ covers the tail of many thousands of

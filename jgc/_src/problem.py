@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import compat, compiling, engine, noise, policy, stencils, trees
+from .names import short_name
 
 PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
@@ -88,11 +89,6 @@ def _require_finite(api, value):
         )
 
 
-def _fname(fn) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    return name or type(fn).__name__
-
-
 class OutputFormError(TypeError):
     """fn's result has the wrong form for its ``has_aux`` setting (found while tracing)."""
 
@@ -121,7 +117,7 @@ def drop_aux(out, has_aux: bool, *, api: str, fn, arg: str = "fn", first: str = 
         return out[0]
     raise OutputFormError(
         f"{api}: has_aux=True expects {arg} to return a pair ({first}, aux), as "
-        f"jax.grad(..., has_aux=True) does, but {_fname(fn)} returned {_describe_output(out)}. "
+        f"jax.grad(..., has_aux=True) does, but {short_name(fn)} returned {_describe_output(out)}. "
         f"Return ({first}, aux), or pass has_aux=False."
     )
 
@@ -214,7 +210,7 @@ class Problem(Scoped):
             out = self.fn(self.split.combine(dyn), *self.rebuild_args(argarr))
             if not self.has_aux and _is_cost_and_aux(out):
                 raise OutputFormError(
-                    f"{self.api}: fn must return a scalar cost J, but {_fname(self.fn)} returned "
+                    f"{self.api}: fn must return a scalar cost J, but {short_name(self.fn)} returned "
                     f"{_describe_output(out)}, the first a scalar: a (cost, aux) pair. Pass "
                     "has_aux=True to check the cost and ignore aux, as jax.grad(fn, has_aux=True) "
                     "does, or return the cost alone."
@@ -282,7 +278,7 @@ class Problem(Scoped):
             raise  # its message says all there is to say
         except Exception as e:  # re-raised with context, same type
             e.add_note(
-                f"{self.api}: raised while evaluating {_fname(self.fn)}(params, *args) at the "
+                f"{self.api}: raised while evaluating {short_name(self.fn)}(params, *args) at the "
                 "unperturbed parameters (traced with jax.jit, as every evaluation of the check is), "
                 "before any perturbation."
                 + (" Floating params and args were cast to float64 for the check; if the error "
@@ -294,7 +290,7 @@ class Problem(Scoped):
         if arr is None or tuple(arr.shape) != ():
             shape = tuple(arr.shape) if arr is not None else f"a pytree of {len(outs)} leaves"
             raise ValueError(
-                f"{self.api}: fn must return a scalar cost J, but {_fname(self.fn)} returned "
+                f"{self.api}: fn must return a scalar cost J, but {short_name(self.fn)} returned "
                 f"shape {shape}. Reduce it (e.g. jnp.mean or .sum()), or use "
                 "jgc.check_jacobian for vector-valued functions."
             )
@@ -382,74 +378,6 @@ class Problem(Scoped):
     # Largest relative step for which J is resolved (set by the noise probe when J
     # oscillates on a scale shorter than its default spacing).
     wave_cap = math.inf
-
-    # Largest |g_i|·s_i: how much J moves for a relative change of 1 in one
-    # coordinate. Set by the front doors once the analytic gradient is known.
-    grad_scale = 0.0
-
-    @property
-    def u_eff(self) -> float:
-        """Effective unit round-off of J: the dtype's, or the measured noise if larger.
-
-        The noise is taken relative to max(|J|, grad_scale): when J is a small
-        difference of large terms (a confident cross-entropy), |J| alone would make the
-        relative noise look huge and the steps absurdly large. Capped at 1e-3, i.e.
-        central steps of at most (3e-3)^(1/3) ≈ 0.14·s.
-        """
-        scale = max(abs(self.j0), self.grad_scale)
-        if scale == 0:
-            return self.u
-        return min(max(self.u, self.sigma / scale), 1e-3)
-
-    def relative_step(self, stencil: str, step: float | None) -> float:
-        """h/s for a stencil: given, or chosen from the effective precision of J."""
-        if step is not None:
-            if not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
-                raise ValueError(f"{self.api}: step must be a positive relative step h/s, got {step!r}.")
-            return float(step)
-        return min(policy.relative_step(stencil, self.u_eff), self.wave_cap)
-
-    def leaf_step(self, k: int, stencil: str, step: float | None, a_flat=None) -> float:
-        """h/s for leaf k: the user's, or a central step calibrated on a few pilots.
-
-        The default central step (3u)^(1/3) assumes |J⁽³⁾| ≈ |J|/s³. For most models J
-        bends far less along one coordinate, so that step is dominated by round-off.
-        We measure instead: at up to 4 pilot coordinates (the 2 largest analytic
-        derivatives and 2 random ones) we take central differences at H and 2H (H the
-        five-point step, ≈ 1.4e-3·s in float64); |D_H − D_2H| / 3H² estimates
-        c = |J⁽³⁾|/6, and the step minimising σ/h + c·h² is h* = (σ / 2c)^(1/3). We keep
-        the smallest h* over the pilots (conservative for truncation), clamped between
-        the step balancing the dtype's round-off and H. Cost: 16 evaluations per leaf. Elements whose
-        truncation error is larger than the pilots' are still caught by the Richardson
-        refinement of the comparison.
-        """
-        base = self.relative_step(stencil, step)
-        x = self.dyn[k]
-        if step is not None or stencil != "central" or jnp.iscomplexobj(x) or x.size == 0:
-            return base
-        big = min(policy.relative_step("central4", self.u_eff), self.wave_cap)
-        m = x.size
-        rng = np.random.default_rng(k)
-        picks = list(rng.choice(m, size=min(2, m), replace=False))
-        if a_flat is not None and np.all(np.isfinite(a_flat)):
-            picks += list(np.argsort(-np.abs(a_flat))[:2])
-        pilots = np.unique(np.asarray(picks, dtype=np.int64))
-        est = self.estimate(k, pilots, "central4", big)
-        # est.err_trunc = |r1 − d1| = |D_H − D_2H|/3 for the five-point stencil.
-        h_abs = big * self.scales[k][pilots]
-        c = est.err_trunc / h_abs**2
-        noise_floor = 4.0 * self.sigma / h_abs**3  # a smaller c is not resolved
-        c = np.where(est.finite, np.maximum(c, noise_floor), np.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):  # c = 0 or σ = 0: handled below
-            h_star = (self.sigma / (2.0 * c)) ** (1.0 / 3.0) / self.scales[k][pilots]
-        h = float(np.min(h_star)) if h_star.size else base
-        if not np.isfinite(h):
-            return base
-        # Lower guard: the step that balances the dtype's own round-off (not the
-        # measured noise relative to |J|, which is large when J is a small difference
-        # of large terms, e.g. a confident cross-entropy).
-        lower = min(policy.relative_step(stencil, self.u), big)
-        return float(np.clip(h, lower, big))
 
     def leaf_cost(self, k: int):
         shape = self.dyn[k].shape
@@ -551,13 +479,13 @@ class Problem(Scoped):
             except Exception as e:
                 raise ValueError(
                     f"{self.api}: stencil='complex' evaluates fn at complex parameters, and "
-                    f"{_fname(self.fn)} failed there ({type(e).__name__}: {e}). The cost is not "
+                    f"{short_name(self.fn)} failed there ({type(e).__name__}: {e}). The cost is not "
                     "complex-safe (comparisons, abs, real-only ops); use stencil='central'."
                 ) from e
             if not np.iscomplexobj(jv):
                 raise ValueError(
                     f"{self.api}: stencil='complex' needs a complex-safe cost, but "
-                    f"{_fname(self.fn)} returned a real value for complex parameters at leaf "
+                    f"{short_name(self.fn)} returned a real value for complex parameters at leaf "
                     f"{self.paths[k]} (abs, jnp.real, astype or a comparison dropped the "
                     "imaginary part), so Im J(θ+ih)/h would be 0. Use stencil='central'."
                 )
@@ -572,6 +500,11 @@ class Problem(Scoped):
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    @property
+    def skipped(self) -> tuple:
+        """(path, description) of every leaf of params that is not perturbed."""
+        return self.split.skipped
+
 
 def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:
     """Fold per-coordinate derivatives into per-element ones (complex: JAX convention).
@@ -582,8 +515,3 @@ def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:
     if not is_complex:
         return values
     return values[:m] - 1j * values[m:]
-
-
-def leaf_info(problem: Problem, k: int) -> dict[str, Any]:
-    x = problem.dyn[k]
-    return {"path": problem.paths[k], "shape": tuple(x.shape), "dtype": problem.orig_dtypes[k].name}

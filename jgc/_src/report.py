@@ -9,11 +9,7 @@ from typing import Any
 
 import numpy as np
 
-# Per-element status codes, in increasing order of severity.
-OK, INCONCLUSIVE, NON_SMOOTH, IMPRECISE, NON_FINITE, MISMATCH = 0, 1, 2, 3, 4, 5
-STATUS_NAMES = ("ok", "inconclusive", "non-smooth", "imprecise", "non-finite", "mismatch")
-# Statuses that fail a check only under ``strict=True`` (a mismatch always fails).
-STRICT_ONLY = ("inconclusive", "imprecise", "non-finite")
+from .statuses import IMPRECISE, STATUS_NAMES, fails
 
 # What each status means and what would settle it, for the text report.
 STATUS_HELP = {
@@ -209,9 +205,7 @@ class Report:
 
     def failing(self) -> tuple:
         """Leaves whose status makes the check fail, worst first."""
-        bad = failing_statuses(self.strict)
-        leaves = [leaf for leaf in self.leaves if any(leaf.counts.get(s, 0) for s in bad)
-                  or leaf.status in bad]
+        leaves = [leaf for leaf in self.leaves if fails(leaf.status, leaf.counts, self.strict)]
         return tuple(sorted(leaves, key=lambda lf: -STATUS_NAMES.index(lf.status)))
 
     def leaf(self, path: str) -> LeafReport:
@@ -257,40 +251,20 @@ class Report:
         return plot_report(self, path, **kwargs)
 
 
-def failing_statuses(strict: bool) -> set:
-    """The element statuses that make a check fail: mismatch, and more under ``strict``."""
-    return {"mismatch"} | (set(STRICT_ONLY) if strict else set())
-
-
 def verdict(leaves, strict: bool) -> tuple[bool, float]:
     """Return (ok, normwise ‖a − n‖ / ‖a + n‖) over the checked elements of ``leaves``.
 
-    ok is False when any element is a mismatch (with ``strict``, also inconclusive,
-    imprecise or non-finite). Non-finite pairs are left out of the norm.
+    ok is False when any leaf fails (see ``statuses.fails``): a mismatch, and with
+    ``strict`` also inconclusive, imprecise or non-finite elements. Non-finite pairs
+    are left out of the norm.
     """
-    bad = failing_statuses(strict)
-    ok = not any(lf.counts.get(s, 0) for lf in leaves for s in bad)
+    ok = not any(fails(lf.status, lf.counts, strict) for lf in leaves)
     a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
     n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
     keep = np.isfinite(a) & np.isfinite(n)
     den = float(np.linalg.norm(a[keep] + n[keep]))
     num = float(np.linalg.norm(a[keep] - n[keep]))
     return ok, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
-
-
-def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
-    """A per-element figure at the typical element (median nonzero |a|) and at the largest |a|.
-
-    An element whose analytic value is 0 has no relative error to speak of, so the
-    typical element is the median among the nonzero, finite ones. Infinite when there is
-    no such element.
-    """
-    mag = np.abs(np.asarray(a))
-    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
-    if keep.size == 0:
-        return math.inf, math.inf
-    order = keep[np.argsort(mag[keep], kind="stable")]
-    return float(per_element[order[(order.size - 1) // 2]]), float(per_element[order[-1]])
 
 
 def _g(x, width=9) -> str:

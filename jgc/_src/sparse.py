@@ -32,10 +32,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend import core as jcore
 
-from . import compat
+from .jaxprs import interpret
 
 # Off switch for A/B measurements and as a safety valve: JGC_SPARSE=0.
 ENABLED = os.environ.get("JGC_SPARSE", "1") != "0"
@@ -342,28 +341,12 @@ def _rule(eqn, vals):
 
 def evaluate(jaxpr, consts, args):
     """Interpret ``jaxpr`` on Plain/Batched/Sparse values; return its outputs."""
-    env = {}
 
-    def read(v):
-        if isinstance(v, jcore.Literal):
-            return Plain(v.val)
-        return env[v]
-
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        vals = [read(v) for v in eqn.invars]
+    def apply(eqn, vals):
         outs = _rule(eqn, vals)
-        if outs is None:
-            outs = _generic(eqn, vals)
-        else:
-            outs = [_tidy(o) for o in outs]
-        for var, val in zip(eqn.outvars, outs):
-            if not isinstance(var, compat.DropVar):
-                env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+        return _generic(eqn, vals) if outs is None else [_tidy(o) for o in outs]
+
+    return interpret(jaxpr, consts, args, apply, literal=Plain)
 
 
 def _tidy(x):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, policy, stencils, trees
+from .names import short_name
 from .problem import OutputFormError, Scoped, drop_aux, precision_scope
 
 PRECISIONS = ("auto", "float64", "native")
@@ -49,11 +50,6 @@ class NoForwardRule(TypeError):
 
 class NoReverseRule(ValueError):
     """f has no VJP (e.g. ``lax.while_loop`` with a dynamic trip count)."""
-
-
-def fname(fn) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    return name or type(fn).__name__
 
 
 def normalize_argnums(argnums, n: int, api: str) -> tuple[int, ...]:
@@ -135,7 +131,7 @@ class OutLeaf:
 class VectorProblem(Scoped):
     """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
 
-    def __init__(self, f: Callable, primals: tuple, *, argnums, has_aux: bool = False,
+    def __init__(self, f: Callable, primals: tuple, *, argnums=None, has_aux: bool = False,
                  precision: str = "auto", api: str, chunk_size: int | None = None,
                  in_label: Callable[[int], str] | None = None, out_name: str = "out",
                  allow_nonfinite: bool = False, absolute_step: bool = False):
@@ -155,6 +151,7 @@ class VectorProblem(Scoped):
                 "derivative check needs concrete numbers: call it outside transformations."
             )
         self.f, self.api, self.has_aux = f, api, has_aux
+        self.fn = f  # as Problem names it (reports read it)
         # With allow_nonfinite, NaN/Inf in the primals or in f(*primals) is compared as
         # jax.test_util.check_grads compares it (see jgc.check_grads) instead of refused.
         self.allow_nonfinite = allow_nonfinite
@@ -247,7 +244,7 @@ class VectorProblem(Scoped):
         except OutputFormError:
             raise
         except Exception as e:  # re-raised with context, same type
-            e.add_note(f"{self.api}: raised while evaluating {fname(self.f)}(*primals) at the given point.")
+            e.add_note(f"{self.api}: raised while evaluating {short_name(self.f)}(*primals) at the given point.")
             raise
 
     def _layout(self, out):
@@ -266,7 +263,7 @@ class VectorProblem(Scoped):
             start += n
         if not self.out_leaves:
             raise ValueError(
-                f"{self.api}: {fname(self.f)} returned no floating-point output (outputs seen: "
+                f"{self.api}: {short_name(self.f)} returned no floating-point output (outputs seen: "
                 f"{[d for _, d in self.out_skipped] or 'none'}), so there is no derivative to "
                 "check. Return float or complex arrays."
             )
@@ -313,7 +310,7 @@ class VectorProblem(Scoped):
             j = int(np.argmax(bad))
             ol, idx = self.locate_output(j)
             raise ValueError(
-                f"{self.api}: {fname(self.f)} returned a non-finite value at output {ol.path}"
+                f"{self.api}: {short_name(self.f)} returned a non-finite value at output {ol.path}"
                 f"{list(idx)} at the given point; a derivative check needs finite outputs. Check "
                 "for log(0), division by zero or overflow there."
             )
@@ -618,7 +615,7 @@ class VectorProblem(Scoped):
             except TypeError as e:
                 if user_jvp is None and "custom_vjp" in str(e):
                     raise NoForwardRule(str(e)) from e
-                e.add_note(f"{self.api}: raised while computing JVPs of {fname(self.f)}.")
+                e.add_note(f"{self.api}: raised while computing JVPs of {short_name(self.f)}.")
                 raise
         return run
 
@@ -660,6 +657,6 @@ class VectorProblem(Scoped):
             except ValueError as e:
                 if user_vjp is None and "Reverse-mode differentiation does not work" in str(e):
                     raise NoReverseRule(str(e)) from e
-                e.add_note(f"{self.api}: raised while computing VJPs of {fname(self.f)}.")
+                e.add_note(f"{self.api}: raised while computing VJPs of {short_name(self.f)}.")
                 raise
         return run

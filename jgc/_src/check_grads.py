@@ -45,9 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import GradCheckError
-from .jacobian import directional_checks, rng_from_key
+from .names import short_name
+from .products import Plan, run
 from .report import Report
-from .vector import NoForwardRule, as_array_primal, fname
+from .sampling import rng_from_key
+from .vector import NoForwardRule, as_array_primal
 
 MODE_NAMES = ("fwd", "rev", "lin")
 
@@ -94,7 +96,7 @@ def _jvp_function(f, n, lin=False):
             out, f_lin = jax.linearize(f, *prim)
             return out, f_lin(*tang)
         return jax.jvp(f, prim, tang)
-    g.__qualname__ = f"jvp({fname(f)})"
+    g.__qualname__ = f"jvp({short_name(f)})"
     return g
 
 
@@ -104,7 +106,7 @@ def _vjp_function(f, ct_tree):
         out, fn = jax.vjp(f, *a)
         ct = jax.tree_util.tree_map(_cast_cotangent, ct_tree, out)
         return fn(ct)
-    h.__qualname__ = f"vjp({fname(f)})"
+    h.__qualname__ = f"vjp({short_name(f)})"
     return h
 
 
@@ -179,19 +181,24 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
                             or not (eps > 0 and math.isfinite(eps))):
         raise ValueError(f"{api}: eps must be a positive step (as in JAX: x moves by eps·t for a "
                          f"direction t ~ N(0, 1)) or None, got {eps!r}.")
-    opts = {"atol": _resolve_tol(atol, args, "atol"), "rtol": _resolve_tol(rtol, args, "rtol"),
-            "step": None if eps is None else float(eps), "precision": precision, "strict": strict,
-            "nd": num_directions, "chunk_size": None}
+    # Every check of every order shares these settings; each level says what it compares.
+    # allow_nonfinite: outputs NaN at x compare as JAX compares them; absolute_step: eps
+    # moves x by eps·t for an unscaled t, as in JAX.
+    base = Plan(api=api, rtol=_resolve_tol(rtol, args, "rtol"), atol=_resolve_tol(atol, args, "atol"),
+                step=None if eps is None else float(eps), strict=strict, directions=num_directions,
+                problem=dict(precision=precision, allow_nonfinite=True, absolute_step=eps is not None))
     rng = rng_from_key(key, api)
     parts, notes = [], []
-    _check_level(f, args, int(order), modes, "", rng, opts, parts, notes)
+    _check_level(f, args, int(order), modes, prefix="", rng=rng, base=base, found=(parts, notes))
     rep = _merge(parts, notes, order, modes)
     if not rep.ok:
         raise GradCheckError(failure_message(rep, err_msg), rep)
     return rep
 
 
-def _check_level(f, args, order, modes, prefix, rng, opts, parts, notes):
+def _check_level(f, args, order, modes, *, prefix, rng, base, found):
+    """Check derivatives of ``f`` of this order, then recurse on its JVP and VJP functions."""
+    parts, notes = found
     k_fwd, k_lin = (int(s) for s in rng.integers(2**31, size=2))
     of = f" of {prefix}" if prefix else ""
     want_fwd, want_rev = "fwd" in modes, "rev" in modes
@@ -200,10 +207,10 @@ def _check_level(f, args, order, modes, prefix, rng, opts, parts, notes):
         # One preparation and one finite-difference pass serve the JVP and the VJP. When
         # the JVP is compared with finite differences already, the transpose identity
         # adds nothing the numerical VJP check does not: skip its compile.
-        rep, did_fwd, did_rev = directional_checks(
-            "jgc.check_grads", f, args, do_jvp=want_fwd, do_vjp=want_rev, jvp=None, vjp=None,
-            against="numerical" if want_fwd else "auto", fallback=True, argnums=None, has_aux=False,
-            allow_nonfinite=True, absolute_step=opts["step"] is not None, key=k_fwd, nc=opts["nd"], labels=(f"JVP{of}: ", f"VJP{of}: "), **opts)
+        plan = dataclasses.replace(base, jvp=want_fwd, vjp=want_rev, against="numerical" if want_fwd else "auto",
+                                   fallback=True, key=k_fwd, cotangents=base.directions,
+                                   labels=(f"JVP{of}: ", f"VJP{of}: "))
+        rep, did_fwd, did_rev = run(f, args, plan)
         parts.append(rep)
     if "lin" in modes:
         def lin(p, t):
@@ -211,27 +218,24 @@ def _check_level(f, args, order, modes, prefix, rng, opts, parts, notes):
             return out, f_lin(*t)
 
         try:
-            rep, _, _ = directional_checks(
-                "jgc.check_grads", f, args, do_jvp=True, do_vjp=False, jvp=lin, vjp=None,
-                against="numerical", fallback=False, argnums=None, has_aux=False, allow_nonfinite=True,
-                absolute_step=opts["step"] is not None, key=k_lin,
-                nc=1, labels=(f"LIN{of}: ", ""), **opts)
-            parts.append(rep)
+            plan = dataclasses.replace(base, jvp=True, user_jvp=lin, key=k_lin, labels=(f"LIN{of}: ", ""))
+            parts.append(run(f, args, plan)[0])
             did_fwd = True
         except NoForwardRule:
-            notes.append(f"{fname(f)} is a custom_vjp function (no JVP): mode 'lin' was skipped.")
+            notes.append(f"{short_name(f)} is a custom_vjp function (no JVP): mode 'lin' was skipped.")
     if order <= 1:
         return
     if did_fwd:
         tangents = tuple(_random_like(rng, a) for a in args)
         g = _jvp_function(f, len(args), lin="fwd" not in modes)
-        _check_level(g, args + tangents, order - 1, modes, f"JVP{of}", rng, opts, parts, notes)
+        _check_level(g, args + tangents, order - 1, modes, prefix=f"JVP{of}", rng=rng, base=base, found=found)
     if did_rev:
         out = jax.eval_shape(f, *args)
         leaves, treedef = jax.tree_util.tree_flatten(out)
         ct = jax.tree_util.tree_unflatten(treedef, [_random_like(rng, np.zeros(o.shape, o.dtype))
                                                     for o in leaves])
-        _check_level(_vjp_function(f, ct), args, order - 1, modes, f"VJP{of}", rng, opts, parts, notes)
+        _check_level(_vjp_function(f, ct), args, order - 1, modes, prefix=f"VJP{of}", rng=rng, base=base,
+                     found=found)
 
 
 def _merge(parts, notes, order, modes) -> Report:

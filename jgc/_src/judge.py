@@ -1,0 +1,326 @@
+"""The judge: from analytic values and finite-difference estimates to a status per element.
+
+One sequence serves every check, scalar costs and vector functions alike:
+
+1. a cheap pass classifies every element against atol + rtol·max(|a|, |n|) plus the
+   error the method can explain (``compare.classify``);
+2. elements that fail it are re-estimated with a Richardson table (steps h, 2h, 4h),
+   whose one-sided differences feed the kink test, and re-classified; the refined
+   figures are spliced back in place of the cheap ones (:func:`refine`).
+
+A scalar cost's leaf (:func:`judge_leaf`) then takes two further looks that only a
+scalar cost affords: a step ladder on confirmed mismatches (is the numerical value
+stable in h?) and a complex-step probe of derivatives too small for central
+differences to resolve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import compare, policy, stencils
+from .problem import to_elements
+from .report import LeafReport, Report
+from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, OK
+from .summary import assemble, summarize
+
+
+@dataclasses.dataclass
+class Judged:
+    """Per-element figures of a judgement, arrays of one shape (updated in place by refine)."""
+
+    num: np.ndarray  # the numerical derivative
+    err: np.ndarray  # the error the method can explain
+    tol: np.ndarray  # the tolerance of the analytic side
+    finite: np.ndarray  # every J value behind num was finite
+    codes: np.ndarray  # status codes (see statuses.py)
+
+    @property
+    def bound(self) -> np.ndarray:
+        """The allowed difference |a − n|: tolerance plus method error."""
+        return self.tol + self.err
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The analytic side's tolerance for a group of elements (scalars or arrays like them)."""
+
+    rtol: float | np.ndarray
+    atol: float | np.ndarray
+    floor: float | np.ndarray  # derivatives below it are judged against it (inconclusive)
+    tiny: float = 0.0  # below it a value cannot hold full relative precision
+
+    def at(self, idx: np.ndarray) -> Limits:
+        """The limits of the elements at flat indices ``idx``."""
+        pick = (lambda v: np.ravel(v)[idx] if np.ndim(v) else v)
+        return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny)
+
+
+@dataclasses.dataclass
+class Refined:
+    """A Richardson re-estimate of some elements, flat, in the order of their indices."""
+
+    value: np.ndarray
+    err: np.ndarray
+    finite: np.ndarray
+    # For the kink test (None: not tested, e.g. complex coordinates): one-sided
+    # differences and the central table at h, 2h, 4h, and the noise of each element.
+    onesided: np.ndarray | None = None
+    table: np.ndarray | None = None
+    noise: np.ndarray | None = None
+
+
+def classify(a, num, err, finite, lim: Limits, *, kink=None, imprecise: bool = True) -> Judged:
+    """Classify every element; ``imprecise`` also flags precision lost under atol."""
+    tol = compare.tolerance(a, num, lim.rtol, lim.atol)
+    rel = lim.rtol * np.maximum(np.abs(a), np.abs(num)) if imprecise else None
+    codes = compare.classify(a, num, err, tol, finite, kink=kink, floor=lim.floor, rel=rel, tiny=lim.tiny)
+    return Judged(num, err, tol, finite, codes)
+
+
+def suspects(judged: Judged, a) -> np.ndarray:
+    """Flat indices of the elements worth refining: mismatches with a finite analytic value."""
+    return np.flatnonzero((np.ravel(judged.codes) == MISMATCH) & np.isfinite(np.ravel(a)))
+
+
+def refine(judged: Judged, a, idx: np.ndarray, est: Refined, lim: Limits, *, imprecise: bool = True) -> None:
+    """Re-classify elements ``idx`` (flat) from a refined estimate; splice in the mismatches.
+
+    Only elements still a mismatch after the cheap pass take the refined figures (a
+    caller may re-estimate whole rows or columns around its suspects).
+    """
+    a2 = np.ravel(a)[idx]
+    lim2 = lim.at(idx)
+    kink = None
+    if est.onesided is not None:
+        t2 = compare.tolerance(a2, est.value, lim2.rtol, lim2.atol)
+        kink = stencils.kink(est.onesided, est.table, est.noise, a2, t2)
+    new = classify(a2, est.value, est.err, est.finite, lim2, kink=kink, imprecise=imprecise)
+    sel = np.ravel(judged.codes)[idx] == MISMATCH
+    at = idx[sel]
+    for name in ("num", "err", "tol", "finite", "codes"):
+        getattr(judged, name).flat[at] = getattr(new, name)[sel]
+
+
+# -- a scalar cost's leaf -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the elements of one leaf of a scalar cost are judged."""
+
+    stencil: str  # of the cheap pass
+    h_rel: float  # its relative step
+    step: float | None  # the user's step (None: chosen from the measured noise)
+    rtol: float | None  # the user's tolerances (None: per dtype)
+    atol: float | None
+    g_ref: float  # the leaf's largest |g| (the check's when the leaf's is 0)
+
+
+def _fold(est: stencils.Estimate, sigma: float, m: int, is_c: bool):
+    """(value, err, finite) per element from an estimate over an element's coordinates."""
+    err_c = compare.method_error(est.err_round, est.err_trunc, sigma)
+    err = err_c[:m] + (err_c[m:] if is_c else 0.0)
+    finite = est.finite[:m] & (est.finite[m:] if is_c else True)
+    return to_elements(est.value, m, is_c), err, finite
+
+
+def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: Plan):
+    """Estimate, compare and refine the elements behind real coordinates ``coords`` of leaf k.
+
+    ``a``: their analytic values (complex leaves: both halves of each element are in
+    ``coords``). Returns (elements, Judged, one-sided slopes of refined elements or None).
+    """
+    x = problem.dyn[k]
+    m, is_c = x.size, np.iscomplexobj(x)
+    elems = np.unique(coords % m)
+    num, err, finite = _fold(problem.estimate(k, coords, plan.stencil, plan.h_rel), problem.sigma,
+                             elems.size, is_c)
+    adtype = problem.orig_dtypes[k] if a.dtype == problem.orig_dtypes[k] else a.dtype
+    rt, at = policy.default_tolerances(adtype, plan.g_ref, plan.rtol, plan.atol)
+    lim = Limits(rt, at, 1e-3 * plan.g_ref, float(np.finfo(adtype).tiny))
+    judged = classify(a, num, err, finite, lim)
+    onesided = None
+    # Refine only what failed the cheap pass: Richardson over h, 2h, 4h for an error
+    # estimate with truncation, plus one-sided differences for the kink test.
+    cand = suspects(judged, a)
+    if cand.size and plan.stencil != "richardson":
+        sel = elems[cand]
+        rc = np.concatenate([sel, sel + m]) if is_c else sel
+        rich = problem.estimate(k, rc, "richardson", steps.relative("richardson", plan.step))
+        value, e2, f2 = _fold(rich, problem.sigma, sel.size, is_c)
+        refined = Refined(value, e2, f2)
+        if not is_c:
+            refined = Refined(value, e2, f2, rich.onesided, rich.table, problem.sigma * rich.err_round / 1.65)
+            onesided = (cand, rich.onesided)
+        refine(judged, a, cand, refined, lim)
+        if not is_c:
+            _step_ladder(problem, steps, k, elems, a, judged, cand=cand, h_rel=plan.h_rel, floor=lim.floor)
+    if not is_c and plan.stencil != "complex":
+        _complex_probe(problem, steps, k, elems, a, judged, lim=lim)
+    return elems, judged, onesided
+
+
+def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, *, stencil: str,
+                   step: float | None, rtol: float | None, atol: float | None, g_all: float,
+                   h_rel: float | None = None) -> tuple[LeafReport, float]:
+    """Judge elements ``elems`` of leaf k individually and summarise them: (LeafReport, h/s).
+
+    ``g_all`` stands in for the leaf's largest |g| when that is 0; ``h_rel`` is the
+    first pass's relative step (default: calibrated on the leaf's pilots).
+    """
+    a_full = a_leaves[k].ravel()
+    g_leaf = float(np.max(np.abs(a_full[np.isfinite(a_full)]), initial=0.0))
+    g_ref = g_leaf if g_leaf > 0 else g_all
+    x = problem.dyn[k]
+    where = dict(path=problem.paths[k], shape=tuple(x.shape), dtype=problem.orig_dtypes[k].name,
+                 size=int(x.size), g_ref=g_ref)
+    if elems.size == 0:
+        e = np.zeros(0)
+        return summarize(e, e, e, e.astype(np.int8), indices=np.zeros(0, np.int64), step=math.nan,
+                         **where), steps.relative(stencil, step)
+    h_rel = steps.leaf(k, stencil, step, a_full) if h_rel is None else h_rel
+    m = x.size
+    elems = np.unique(elems % m)
+    is_c = np.iscomplexobj(x)
+    coords = np.concatenate([elems, elems + m]) if is_c else elems  # both parts of a complex element
+    a = a_full[elems]
+    if is_c and not np.iscomplexobj(a):
+        a = a.astype(np.complex128)
+    plan = Plan(stencil, h_rel, step, rtol, atol, g_ref)
+    elems, judged, onesided = judge_leaf(problem, steps, k, coords, a, plan)
+    return summarize(a, judged.num, judged.bound, judged.codes, indices=elems, onesided=onesided,
+                     step=float(np.median(h_rel * problem.scales[k][elems])), **where), h_rel
+
+
+def judge_all(problem, steps, a_leaves: list, elems: list, *, stencil: str, step: float | None,
+              rtol: float | None, atol: float | None, strict: bool, mode: str, notes=()) -> Report:
+    """Judge elements ``elems[k]`` of every leaf k and assemble the report."""
+    g_all = max((float(np.max(np.abs(a), initial=0.0)) for a in a_leaves), default=0.0)
+    g_all = g_all if np.isfinite(g_all) else 0.0
+    leaves, h = [], []
+    for k, e in enumerate(elems):
+        leaf, h_rel = judge_elements(problem, steps, a_leaves, k, e, stencil=stencil, step=step,
+                                     rtol=rtol, atol=atol, g_all=g_all)
+        leaves.append(leaf)
+        h.append(h_rel)
+    return assemble(problem, leaves, stencil=stencil, step=float(np.median(h)), strict=strict, mode=mode,
+                    notes=notes, cost=problem.j0)
+
+
+# Elements per leaf probed with the complex step (1 evaluation each, plus 2 at the
+# validation elements): enough for the saturated tails of a layer, bounded for leaves
+# full of exact zeros (dead ReLU units), which the probe confirms as zeros.
+COMPLEX_PROBES = 256
+
+
+def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) -> None:
+    """Resolve tiny derivatives that central differences cannot, with the complex step.
+
+    An element hidden under the absolute tolerance (|a| ≤ atol) whose central
+    difference does not resolve it (error bar above ``compare.RESOLVED`` of its value)
+    may still be a derivative that the analytic side rounded away: σ' = σ(1 − σ) is 0
+    at x = 40 in float64, where the truth is 4e-18, far below the ≈1e-13 that central
+    differences resolve. Im J(θ + ih)/h has no subtraction, so it resolves such values
+    when the cost is complex-safe. Whether it is, we test on the same leaf: the complex
+    step at the two largest-|a| elements must agree with their resolved analytic values
+    (an abs, conj or real-only op breaks that). A cost that is not complex-safe, or
+    that fails with complex inputs, is left as it was, without a note. The probe only
+    ever adds ``IMPRECISE``: it never turns a pass into a mismatch.
+    """
+    num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
+    rt, at = lim.rtol, lim.atol
+    mag = np.maximum(np.abs(a), np.abs(num))
+    unresolved = (err > compare.RESOLVED * mag) & np.isfinite(a) & (np.abs(a) <= at)
+    cand = np.flatnonzero(unresolved & ((codes == OK) | (codes == INCONCLUSIVE)))
+    if cand.size == 0 or at <= 0:
+        return
+    if cand.size > COMPLEX_PROBES:
+        cand = cand[np.linspace(0, cand.size - 1, COMPLEX_PROBES).astype(np.int64)]
+    m = problem.dyn[k].size
+    a_flat = np.abs(np.asarray(a))
+    good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol))
+    check_at = good[np.argsort(-a_flat[good])[:2]]
+    if check_at.size == 0:
+        return  # nothing resolved to validate the complex step against
+    h = steps.relative("complex", None)
+    rows = np.concatenate([elems[check_at], elems[cand]]) % m
+    try:
+        with np.errstate(all="ignore"):
+            e1 = problem.estimate(k, rows, "complex", h)
+            e3 = problem.estimate(k, elems[cand] % m, "complex", 3.0 * h)
+    except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
+        return
+    v = np.concatenate([e1.value, e3.value])
+    fin = np.concatenate([e1.finite, e3.finite])
+    vc, v1, v3 = v[: check_at.size], v[check_at.size: check_at.size + cand.size], v[check_at.size + cand.size:]
+    # Complex-safe only if the probe reproduces the resolved elements.
+    if not np.all(fin[: check_at.size]) or np.any(
+            np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
+        return
+    # Rounding of the imaginary part is relative to the terms summed for that element,
+    # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
+    # round-off safety) measures it; 16u|v| covers a chain of complex operations.
+    e_c = policy.ROUNDOFF_SAFETY * np.abs(v1 - v3) + 16.0 * problem.u * np.abs(v1)
+    ok_fin = fin[check_at.size: check_at.size + cand.size] & fin[check_at.size + cand.size:]
+    rel = rt * np.maximum(np.abs(a[cand]), np.abs(v1))
+    passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt, at) + e_c
+    flag = compare.imprecise(a[cand], v1, e_c, rel, passed & ok_fin, lim.tiny)
+    idx = cand[flag]
+    num[idx], err[idx] = v1[flag], e_c[flag]
+    codes[idx] = IMPRECISE
+
+
+# Rungs of the step ladder: h/4, h/16, ... down to the step that balances the dtype's
+# own round-off, at most this many (2 evaluations per rung and suspect element).
+LADDER_RUNGS = 6
+
+
+def _step_ladder(problem, steps, k, elems, a, judged: Judged, *, cand, h_rel, floor) -> None:
+    """Last look at confirmed mismatches: is the numerical derivative stable in h?
+
+    A function that varies on a scale shorter than the step (cos(w⁹) at |w| = 2, a
+    high-frequency feature) can make both the central difference and its Richardson
+    table wrong while looking self-consistent, and it inflates the measured noise
+    (the probe sees its fast variation). So before we call a mismatch, we shrink the
+    step by 4 per rung down to the round-off-balanced step. Rung j's truncation error is
+    estimated from the next rung, |D_j − D_(j+1)|·16/15, plus 8σ/h_j for round-off. If a
+    rung agrees with the analytic value within that bar, the bar is conclusive (below
+    half the derivative) *and* the rung contradicts the refined estimate beyond both
+    their bars, the refined estimate was unreliable and the element is ok at that
+    rung; otherwise the mismatch stands. A wide bar never excuses a disagreement.
+    """
+    num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
+    bad = cand[codes[cand] == MISMATCH]
+    if bad.size == 0:
+        return
+    lo = policy.relative_step("central", problem.u)
+    ladder = [h_rel / 4.0**j for j in range(1, LADDER_RUNGS + 1) if h_rel / 4.0**j >= lo] or [lo]
+    if len(ladder) < 2:
+        ladder = [ladder[0], ladder[0] / 4.0]
+    ests = [problem.estimate(k, elems[bad], "central", h) for h in ladder]
+    values = np.stack([e.value for e in ests])
+    gains = np.stack([e.err_round for e in ests])
+    finite = np.stack([e.finite for e in ests])
+    trunc = np.empty_like(values)
+    trunc[:-1] = np.abs(values[:-1] - values[1:]) * 16.0 / 15.0
+    trunc[-1] = np.abs(values[-1] - values[-2])
+    bars = policy.ROUNDOFF_SAFETY * problem.sigma * gains + trunc
+    ab = a[bad]
+    t = tol[bad]
+    # A rung may overrule the refined estimate R only if the two are inconsistent
+    # with each other (R was unreliable); a noisier rung whose bar merely covers both
+    # R and the analytic value proves nothing.
+    r, e_r = num[bad], err[bad]
+    agree = finite & (np.abs(values - ab) <= t + bars) & (
+        bars <= 0.5 * np.maximum(np.maximum(np.abs(ab), np.abs(values)), floor)) & (
+        np.abs(values - r) > e_r + bars)
+    rescued = agree.any(axis=0)
+    if rescued.any():
+        best = np.argmax(agree, axis=0)  # the largest agreeing step (least round-off)
+        cols = np.arange(bad.size)
+        idx = bad[rescued]
+        num[idx] = values[best, cols][rescued]
+        err[idx] = bars[best, cols][rescued]
+        codes[idx] = OK

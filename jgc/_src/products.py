@@ -1,0 +1,394 @@
+"""Directional product checks: Jacobian-vector products J·t and vector-Jacobian products uᵀJ.
+
+* :func:`check_jvp` — J·t for random tangents t (per input leaf, so a failure names
+  the leaf), all directions in one vmapped batch, against central differences.
+* :func:`check_vjp` — ⟨u, J t⟩ for random cotangents u (per output leaf) and tangents t
+  (per input leaf): the VJP side computes ⟨Jᵀu, t⟩, the numerical side ⟨u, (J t)_fd⟩;
+  and, where f also has a JVP, the exact transpose identity ⟨u, J t⟩ = ⟨Jᵀu, t⟩.
+
+Both, ``check_hvp`` and the ``check_grads`` drop-in run through :func:`run`, which a
+frozen :class:`Plan` configures: one preparation, one noise probe and one
+finite-difference pass serve every comparison of a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import compare, validate
+from .blocks import block_report, gref, limits, make_report
+from .judge import Limits, Refined, classify, refine
+from .names import short_name
+from .report import Report
+from .sampling import rng_from_key
+from .statuses import MISMATCH
+from .vector import NoForwardRule, NoReverseRule, VectorProblem
+
+VJP_AGAINST = ("auto", "numerical", "jvp")
+# Random directions per input leaf (and cotangents per output leaf). Four directions
+# cost 8 evaluations per leaf; a wrong rule that is wrong in a random direction with
+# probability one is caught by the first, the others guard against unlucky
+# near-cancellations (a rule wrong only on a small part of the leaf).
+DEFAULT_DIRECTIONS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run of product checks compares, and how."""
+
+    api: str  # the front door, for messages and the report
+    jvp: bool = False  # J·t from the JVP against finite differences
+    vjp: bool = False  # ⟨Jᵀu, t⟩ from the VJP, against ``against``
+    against: str = "numerical"  # "numerical", "jvp" or "auto" (both where f has a JVP)
+    # A custom_vjp function (no JVP) is checked in reverse mode instead, and a function
+    # without reverse mode in forward mode; the notes say so.
+    fallback: bool = False
+    user_jvp: Callable | None = None  # jvp(primals, tangents), as jax.jvp (None: jax.jvp)
+    user_vjp: Callable | None = None  # vjp(*primals) -> (out, vjp_fn), as jax.vjp (None: jax.vjp)
+    key: Any = None  # seeds tangents and cotangents
+    directions: int = DEFAULT_DIRECTIONS  # tangents per input leaf
+    cotangents: int = 1  # cotangents per output leaf
+    rtol: float | None = None
+    atol: float | None = None
+    step: float | None = None
+    strict: bool = False
+    labels: tuple = ("", "")  # row prefixes of the JVP and the VJP blocks
+    # Options of the VectorProblem: argnums, has_aux, precision, chunk_size, in_label,
+    # out_name, allow_nonfinite, absolute_step.
+    problem: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pairing:
+    """The VJP side of ⟨u, J t⟩: per input leaf, ⟨Jᵀu, t⟩ for every (cotangent, tangent)."""
+
+    A: list  # (L·nc, nd) per input leaf
+    U: np.ndarray  # cotangents (L·nc, n_out)
+    Wc: list  # Jᵀu in real coordinates, per input leaf
+    Tc: list  # tangents in real coordinates, per input leaf
+
+
+def _tangent_bank(vp: VectorProblem, rng, nd: int):
+    """Per-leaf random tangents: bank row 1 + k·nd + d is direction d of leaf k (zero elsewhere)."""
+    return [vp.random_tangents(rng, k, nd) for k in range(len(vp.dyn))]
+
+
+def _setup_directions(vp, rng, nd):
+    T = _tangent_bank(vp, rng, nd)
+    vp.set_bank(T)
+    vp.measure_noise()
+    return T, np.arange(1, len(vp.dyn) * nd + 1)
+
+
+def _directional_pass(vp: VectorProblem, B: int, h: float):
+    """Central differences of J·t for bank rows 1..B, as (B, n_out) arrays (value, error, finite)."""
+    dirs = np.arange(1, B + 1)
+    est = vp.directional(dirs, "central", h)
+    N = est.value.reshape(B, vp.n_out)
+    E = compare.method_error(est.err_round, est.err_trunc, vp.sigma_rows(B)).reshape(B, vp.n_out)
+    Fin = est.finite.reshape(B, vp.n_out)
+    return N, E, Fin
+
+
+def _richardson_rows(vp: VectorProblem, rows: np.ndarray, step) -> Refined:
+    """Richardson re-estimate of J·t for bank rows ``rows + 1``, as (rows, n_out[, 3]) arrays."""
+    r = vp.directional(rows + 1, "richardson", vp.relative_step("richardson", step))
+    shp = (rows.size, vp.n_out)
+    E = compare.method_error(r.err_round, r.err_trunc, vp.sigma_rows(rows.size)).reshape(shp)
+    noise = (vp.sigma_rows(rows.size) * r.err_round / 1.65).reshape(shp)
+    return Refined(r.value.reshape(shp), E, r.finite.reshape(shp), r.onesided.reshape(rows.size, vp.n_out, -1),
+                   r.table.reshape(rows.size, vp.n_out, -1), noise)
+
+
+def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, has_aux: bool = False,
+              key=None, num_directions: int = DEFAULT_DIRECTIONS, precision: str = "auto",
+              rtol: float | None = None, atol: float | None = None, step: float | None = None,
+              strict: bool = False, chunk_size: int | None = None) -> Report:
+    """Check Jacobian-vector products J·t of ``f`` against directional finite differences.
+
+    For every checked input leaf, ``num_directions`` random tangents t (normal, scaled
+    by each element's scale, zero on the other leaves) are drawn from ``key``; all of
+    them go through one compiled, vmapped batch: (f(x + h·t) − f(x − h·t)) / 2h. Each
+    output element of each J·t is compared as in :func:`check_jacobian`.
+
+    Args:
+      f: ``f(*primals)`` returning any pytree of arrays.
+      *primals: the point.
+      jvp: None for ``jax.jvp(f, ...)``, or a callable ``jvp(primals, tangents) ->
+        (primals_out, tangents_out)`` with ``jax.jvp``'s convention (tangents of
+        unchecked primals are zeros; integer ones float0).
+      argnums, has_aux: as in :func:`check_jacobian`.
+      key: a ``jax.random.key`` (or int seed) for the tangents; default key(0).
+      num_directions: random tangents per input leaf.
+      precision, rtol, atol, step, strict, chunk_size: as in :func:`jgc.check`.
+
+    Returns:
+      A :class:`jgc.Report`, one block per (input leaf, output leaf) of shape
+      ``(num_directions, *output_shape)``: ``input_index`` is ``(direction,)``.
+
+    Raises:
+      TypeError: when f is a ``jax.custom_vjp`` function (it has no JVP): use
+        :func:`check_vjp`.
+
+    Example:
+      >>> import jax.numpy as jnp, jgc
+      >>> jgc.check_jvp(lambda x, y: (x * y, jnp.exp(x)), jnp.ones(3), jnp.arange(3.0)).ok
+      True
+    """
+    api = "jgc.check_jvp"
+    validate.tolerances(api, rtol, atol)
+    validate.count(api, "num_directions", num_directions)
+    plan = Plan(api=api, jvp=True, user_jvp=jvp, key=key, directions=num_directions, rtol=rtol, atol=atol,
+                step=step, strict=strict,
+                problem=dict(argnums=argnums, has_aux=has_aux, precision=precision, chunk_size=chunk_size))
+    return run(f, primals, plan)[0]
+
+
+def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
+    """Run the product checks of ``plan`` on ``f`` at ``primals``: (report, did JVP, did VJP)."""
+    api, nd, nc, against = plan.api, plan.directions, plan.cotangents, plan.against
+    do_jvp, do_vjp = plan.jvp, plan.vjp
+    rng = rng_from_key(plan.key, api)
+    notes = []
+    with VectorProblem(f, primals, api=api, **plan.problem) as vp:
+        T, rows = _setup_directions(vp, rng, nd)
+        h = vp.relative_step("central", plan.step)
+        name = short_name(f)
+        JT = None
+        if do_jvp or (do_vjp and against in ("auto", "jvp")):
+            try:
+                JT = vp.jvp_batch(plan.user_jvp, from_bank=True)(rows)
+            except NoForwardRule:
+                if do_jvp and not plan.fallback:
+                    raise NoForwardRule(
+                        f"{api}: {name} is a jax.custom_vjp function, which has no JVP (JAX raises "
+                        "on forward mode). Check its rule with jgc.check_vjp, or jgc.check_grads "
+                        "(which picks reverse mode by itself)."
+                    ) from None
+                if do_vjp and not do_jvp and against == "jvp":
+                    raise NoForwardRule(
+                        f"{api}: against='jvp' needs a JVP, but {name} is a jax.custom_vjp "
+                        "function. Use against='numerical'."
+                    ) from None
+                if do_jvp:
+                    notes.append(f"{name} is a custom_vjp function (no JVP): mode 'fwd' was replaced by 'rev'.")
+                    do_jvp, do_vjp = False, True
+                else:
+                    notes.append(f"{name} is a custom_vjp function (no JVP): its VJP was checked "
+                                 "against finite differences only.")
+        K, L = len(vp.dyn), len(vp.out_leaves)
+        if do_vjp:
+            U = np.zeros((L * nc, vp.n_out))
+            z = rng.standard_normal((L * nc, vp.n_out))
+            for li, ol in enumerate(vp.out_leaves):
+                U[li * nc:(li + 1) * nc, ol.start:ol.stop] = z[li * nc:(li + 1) * nc, ol.start:ol.stop]
+            try:
+                W = vp.vjp_batch(plan.user_vjp)(U)
+            except NoReverseRule:
+                if not plan.fallback:
+                    raise NoReverseRule(
+                        f"{api}: {name} has no reverse-mode derivative (JAX: lax.while_loop or "
+                        "fori_loop with a dynamic trip count). Check it with jgc.check_jvp."
+                    ) from None
+                do_vjp = False
+                if do_jvp:
+                    notes.append(f"{name} has no reverse-mode derivative: mode 'rev' was skipped.")
+                else:
+                    notes.append(f"{name} has no reverse-mode derivative: mode 'rev' was replaced by 'fwd'.")
+                    do_jvp = True
+                    if JT is None:
+                        JT = vp.jvp_batch(plan.user_jvp, from_bank=True)(rows)
+        need_fd = do_jvp or (do_vjp and against in ("auto", "numerical"))
+        fd = _directional_pass(vp, K * nd, h) if need_fd else None
+        leaves = []
+        if do_jvp:
+            leaves += _judge_directions(vp, JT, fd, plan, h)
+        if do_vjp:
+            Wc = [vp.to_coords(k, w) for k, w in enumerate(W)]
+            Tc = [vp.tangent_coords(k, t) for k, t in enumerate(T)]
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite pairs get their own status
+                A = [w @ t.T for w, t in zip(Wc, Tc)]  # (L·nc, nd) per input leaf: ⟨Jᵀu, t⟩
+            pairing = _Pairing(A, U, Wc, Tc)
+            if against in ("auto", "numerical"):
+                leaves += _judge_pairs_numerical(vp, pairing, fd, plan, h)
+            if JT is not None and against in ("auto", "jvp"):
+                leaves += _judge_pairs_identity(vp, pairing, JT, plan, h)
+        mode = " + ".join(([f"jvp ({nd} directions per leaf)"] if do_jvp else [])
+                          + ([f"vjp ({against})"] if do_vjp else []))
+        rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=plan.strict,
+                          notes=notes, prefixes={"JVP": plan.labels[0], "VJP": plan.labels[1]})
+        return rep, do_jvp, do_vjp
+
+
+def _judge_directions(vp, JT, fd, plan: Plan, h: float) -> list:
+    """Judge J·t from the JVP (rows: tangents, columns: outputs) against finite differences ``fd``."""
+    nd = plan.directions
+    N, E, Fin = (x.copy() for x in fd)
+    g_all = gref(JT, 1.0)
+    RT, AT, FL = (np.zeros_like(JT) for _ in range(3))
+    GR = {}  # (input leaf, output leaf start) -> g_ref (a dict: empty leaves have no column)
+    for k in range(len(vp.dyn)):
+        r = slice(k * nd, (k + 1) * nd)
+        for ol in vp.out_leaves:
+            c = slice(ol.start, ol.stop)
+            g = gref(JT[r, c], g_all)
+            lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
+            RT[r, c], AT[r, c], FL[r, c] = lim.rtol, lim.atol, lim.floor
+            GR[k, ol.start] = g
+    lim = Limits(RT, AT, FL)
+    judged = classify(JT, N, E, Fin, lim)
+    bad_rows = np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(JT), axis=1))
+    if bad_rows.size:
+        r2 = _richardson_rows(vp, bad_rows, plan.step)
+        side = (lambda v: v.reshape(-1, v.shape[-1]))
+        refined = Refined(r2.value.ravel(), r2.err.ravel(), r2.finite.ravel(), side(r2.onesided),
+                          side(r2.table), r2.noise.ravel())
+        idx = np.ravel_multi_index(np.ix_(bad_rows, np.arange(JT.shape[1])), JT.shape).ravel()
+        refine(judged, JT, idx, refined, lim, imprecise=False)
+    leaves = []
+    for k in range(len(vp.dyn)):
+        r = slice(k * nd, (k + 1) * nd)
+        for ol in vp.out_leaves:
+            c = slice(ol.start, ol.stop)
+            leaves.append(block_report(
+                JT[r, c], judged.num[r, c], judged.bound[r, c], judged.codes[r, c],
+                path=vp.paths[k], label=f"{plan.labels[0]}{ol.path} · t[{vp.paths[k]}]", output_path=ol.path,
+                shape=(nd,) + ol.block_shape, dtype=vp.orig_dtypes[k].name,
+                split_index=lambda w: (w[1:], w[:1]), step=h, g_ref=float(GR[k, ol.start]),
+            ))
+    return leaves
+
+
+def _pair_blocks(vp, nd, nc):
+    """Yield (input leaf k, output leaf, direction rows, cotangent rows, output columns)."""
+    for k in range(len(vp.dyn)):
+        r = slice(k * nd, (k + 1) * nd)
+        for li, ol in enumerate(vp.out_leaves):
+            yield k, ol, r, slice(li * nc, (li + 1) * nc), slice(ol.start, ol.stop)
+
+
+def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> list:
+    """Judge ⟨Jᵀu, t⟩ against ⟨u, (J t)_fd⟩, block by block."""
+    nd, nc = plan.directions, plan.cotangents
+    N, E, Fin = fd
+    absU = np.abs(pairing.U)
+    leaves = []
+    for k, ol, r, cu, c in _pair_blocks(vp, nd, nc):
+        # one (input leaf, output leaf) block of the pairing ⟨u, J t⟩
+        a = pairing.A[k][cu]
+        Uc = pairing.U[cu, c]
+        n = Uc @ N[r, c].T
+        err = absU[cu, c] @ E[r, c].T
+        fin = np.broadcast_to(np.all(Fin[r, c], axis=1)[None, :], a.shape).copy()
+        # Magnitude of the terms of the pairing: its rounding scale for atol.
+        g = gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
+        lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
+        judged = classify(a, n, err, fin, lim)
+        bad_d = np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(a), axis=0))
+        if bad_d.size:
+            r2 = _richardson_rows(vp, k * nd + bad_d, plan.step)
+            n2 = Uc @ r2.value[:, c].T
+            o2 = np.einsum("uj,djs->uds", Uc, r2.onesided[:, c, :])
+            tb2 = np.einsum("uj,djs->uds", Uc, r2.table[:, c, :])
+            refined = Refined(
+                n2.ravel(), (absU[cu, c] @ r2.err[:, c].T).ravel(),
+                np.broadcast_to(np.all(r2.finite[:, c], axis=1)[None, :], n2.shape).ravel(),
+                o2.reshape(-1, o2.shape[-1]), tb2.reshape(-1, tb2.shape[-1]),
+                (absU[cu, c] @ r2.noise[:, c].T).ravel())
+            idx = np.ravel_multi_index(np.ix_(np.arange(a.shape[0]), bad_d), a.shape).ravel()
+            refine(judged, a, idx, refined, lim, imprecise=False)
+        leaves.append(block_report(
+            a, judged.num, judged.bound, judged.codes,
+            path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
+            shape=(nc, nd), dtype=vp.orig_dtypes[k].name, split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
+        ))
+    return leaves
+
+
+def _judge_pairs_identity(vp, pairing: _Pairing, JT, plan: Plan, h: float) -> list:
+    """Judge ⟨Jᵀu, t⟩ against ⟨u, J t⟩ from the JVP: the transpose identity, exact up to rounding."""
+    nd, nc = plan.directions, plan.cotangents
+    absU = np.abs(pairing.U)
+    leaves = []
+    for k, ol, r, cu, c in _pair_blocks(vp, nd, nc):
+        # one (input leaf, output leaf) block of the pairing ⟨u, J t⟩
+        a = pairing.A[k][cu]
+        b = pairing.U[cu, c] @ JT[r, c].T
+        # Both sides are exact up to rounding: scale atol by the size of the terms.
+        terms = absU[cu, c] @ np.abs(JT[r, c]).T + np.abs(pairing.Wc[k][cu]) @ np.abs(pairing.Tc[k]).T
+        g = gref(terms, 1.0)
+        judged = classify(a, b, np.zeros_like(a), np.isfinite(b), limits(vp, k, ol, plan.rtol, plan.atol, g),
+                          imprecise=False)
+        leaves.append(block_report(
+            a, b, judged.tol, judged.codes,
+            path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩ transpose",
+            output_path=ol.path, shape=(nc, nd), dtype=vp.orig_dtypes[k].name,
+            split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
+        ))
+    return leaves
+
+
+def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable | None = None,
+              argnums=None, has_aux: bool = False, key=None, num_directions: int = DEFAULT_DIRECTIONS,
+              num_cotangents: int = DEFAULT_DIRECTIONS, against: str = "auto", precision: str = "auto",
+              rtol: float | None = None, atol: float | None = None, step: float | None = None,
+              strict: bool = False, chunk_size: int | None = None) -> Report:
+    """Check vector-Jacobian products uᵀJ of ``f`` through ⟨u, J t⟩ = ⟨Jᵀu, t⟩.
+
+    Random cotangents u (``num_cotangents`` per output leaf, zero on the other output
+    leaves) and tangents t (``num_directions`` per input leaf) are drawn from ``key``.
+    For every pair, the VJP side ⟨Jᵀu, t⟩ (one vmapped batch of VJPs) is compared with
+
+    * "numerical": ⟨u, (J t)_fd⟩ from central differences along t (one vmapped batch
+      of 2 evaluations per direction); its error bar is Σ_j |u_j|·err_j. Catches any
+      wrong VJP, including a wrong ``custom_jvp`` rule transposed by JAX.
+    * "jvp": ⟨u, J t⟩ from the JVP (``jax.jvp`` or ``jvp``): the exact transpose
+      identity, no finite differences, tolerance rtol only. Catches a VJP that is not
+      the transpose of the JVP (a missing transpose, a wrong hand-written ``vjp``), but
+      not a JVP and VJP that are wrong together.
+
+    Complex numbers follow JAX: ⟨a, b⟩ = Re Σ a·b over (Re, Im) coordinates, i.e.
+    ``jax.vjp``'s cotangent of an output is paired bilinearly, not conjugated.
+
+    Args:
+      f: ``f(*primals)`` returning any pytree of arrays.
+      *primals: the point.
+      vjp: None for ``jax.vjp(f, ...)``, or ``vjp(*primals) -> (primals_out, vjp_fn)``
+        with ``jax.vjp``'s convention (vjp_fn returns one cotangent per primal).
+      jvp: for against="jvp"/"auto": None for ``jax.jvp``, or as in :func:`check_jvp`.
+      argnums, has_aux: as in :func:`check_jacobian`.
+      key: a ``jax.random.key`` or int seed; default key(0).
+      num_directions, num_cotangents: tangents per input leaf, cotangents per output leaf.
+      against: "auto" (numerical, plus the transpose identity where f has a JVP),
+        "numerical" or "jvp".
+      precision, rtol, atol, step, strict, chunk_size: as in :func:`jgc.check`.
+
+    Returns:
+      A :class:`jgc.Report`, one block per (output leaf, input leaf) and check, of shape
+      ``(num_cotangents, num_directions)``: ``output_index`` is ``(cotangent,)`` and
+      ``input_index`` ``(direction,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jgc
+      >>> @jax.custom_vjp
+      ... def square(x):
+      ...     return x ** 2
+      >>> square.defvjp(lambda x: (x ** 2, x), lambda x, g: (2 * x * g,))
+      >>> jgc.check_vjp(square, jnp.array([1.0, -2.0])).ok
+      True
+    """
+    api = "jgc.check_vjp"
+    validate.tolerances(api, rtol, atol)
+    validate.count(api, "num_directions", num_directions)
+    validate.count(api, "num_cotangents", num_cotangents)
+    if against not in VJP_AGAINST:
+        raise ValueError(f"{api}: against must be one of {VJP_AGAINST}, got {against!r}.")
+    plan = Plan(api=api, vjp=True, against=against, user_jvp=jvp, user_vjp=vjp, key=key,
+                directions=num_directions, cotangents=num_cotangents, rtol=rtol, atol=atol, step=step,
+                strict=strict,
+                problem=dict(argnums=argnums, has_aux=has_aux, precision=precision, chunk_size=chunk_size))
+    return run(f, primals, plan)[0]

@@ -1,0 +1,242 @@
+"""Directional screening: random directions over whole leaves, and group testing to localise.
+
+A screen compares the derivative of J along a random direction v (v_i = ±s_i, s the
+parameter scale) with ⟨g, v⟩ for every leaf at once, at a cost independent of the
+leaf's size. A single wrong element e_i shows as |e_i|·s_i in *every* direction
+(random signs cannot hide one term). When a screen fails, group testing localises the
+culprit: the failing range is split into parts, each tested with its own direction,
+and the failing parts are split again (``localise``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import compare, engine, policy, stencils
+from .statuses import MISMATCH
+
+# Random directions per leaf: a single wrong element fails every direction; for two
+# equal errors, random signs cancel them in one direction with probability 1/2, so
+# in all 8 with 1/256. 6 x 8 = 48 evaluations per leaf (SCREEN_EVALS), one compiled
+# function for every leaf and localisation level.
+DEFAULT_DIRECTIONS = 8
+# Evaluations per screening direction: J(θ ± T·v), J(θ ± 2T·v), J(θ ± 4T·v) (a
+# Richardson table), plus 2 at ±t* where the curvature along v calls for a shorter step.
+SCREEN_EVALS = 6
+# Parts per localisation level. A level costs 4 evaluations per part (the five-point
+# estimate) and there are ⌈log_p m⌉ levels: p/ln p is smallest near p = 3, and p = 4
+# needs 25% fewer evaluations than 8-way splits for one wrong element in 10⁶.
+LOCALISE_SPLIT = 4
+# Wrong elements localised per failing leaf before stopping (each costs
+# ≈ 2k·⌈log_k m⌉ evaluations); the report says when more may remain.
+DEFAULT_LOCATE = 4
+# Standard deviations of the analytic side's allowed error along a direction. With
+# random signs, Σ e_i v_i for per-element errors |e_i| ≤ rtol·|g_i| is a sum of
+# independent symmetric terms: Hoeffding gives P(|Σ| > 6‖rtol·g∘v‖₂) ≤ 2e^(-18) ≈ 3e-8.
+DIRECTION_Z = 6.0
+# Rounding per element, in units of the analytic dtype's unit round-off (relative to
+# |g_i|, and absolute relative to the leaf's max |g|), that a directional screen allows
+# the analytic side (capped by rtol and atol). The user's rtol (float64: 1e-7 ≈ 1e9·u)
+# is a per-element worst case; summed over 10⁶ random signs it would allow 6·rtol·‖g∘v‖
+# and hide a single element wrong by a relative 10⁻³. Backprop's real rounding is a
+# few u per operation on the path times the conditioning; 2^10·u covers both (float64:
+# 1.1e-13; in float32 it is 6e-5, close to rtol = 1e-4, so float32 gradients keep the
+# power their own rounding allows). A screen beyond it only starts the search: what it
+# finds is judged with rtol, and a range fails by itself only beyond rtol summed over
+# it, so no false alarm comes from here.
+SCREEN_ROUNDING = 2.0**10
+@dataclasses.dataclass
+class Tests:
+    codes: np.ndarray  # against the screening allowance (guides localisation)
+    fails: np.ndarray  # beyond the user's tolerance summed over the range (a mismatch by itself)
+    ratio: np.ndarray  # |a − D| / allowed
+    analytic: np.ndarray  # ⟨g, v⟩
+    numeric: np.ndarray  # the directional derivative of J
+    bound: np.ndarray  # allowed difference (screening allowance + method error)
+    diff: np.ndarray  # |a − D|
+    trunc: np.ndarray  # |R − D₄| of the Richardson table: the five-point estimate's error
+
+
+class Directions:
+    """Directional tests over all real leaves: rows of (leaf, seed, lo, hi), batched.
+
+    One compiled function (``engine.DirectionEvaluator``) serves every leaf, every
+    screen and every localisation level.
+
+    Each test chooses its own step along its own direction v (v_i = ±s_i on the range):
+    J(θ ± T·v), J(θ ± 2T·v), J(θ ± 4T·v) give a Richardson estimate of φ'(0), φ(t) =
+    J(θ + t·v), with a truncation estimate, and the curvature c = |D_T − D_2T| / 3T²
+    measured along v; where that curvature makes t* = (σ / 2c)^(1/3) shorter than T, a
+    central difference at ±t* (error 8σ/t* + 2c·t*²) is taken too, and the test keeps the
+    estimate with the smaller error bar. T is the five-point step full mode refines
+    with: every coordinate of the range moves as far as in full mode, so the round-off
+    σ/T does not grow with the size of the range (a step shrunk by √c would grow it
+    by √c, 1000× at 10⁶ elements).
+    """
+
+    def __init__(self, problem, steps, a_leaves, *, movable, seed, k_dirs, tols, step):
+        self.problem, self.k_dirs, self.tols = problem, k_dirs, tols
+        self.sizes = [x.size for x in problem.dyn]
+        grads = [np.where(np.isfinite(a), a, 0).real.astype(np.float64) if mv else np.zeros(1)
+                 for a, mv in zip(a_leaves, movable)]
+        # Pilot and Richardson step along a direction (a user's step is taken as given);
+        # the lower guard for t*: the central step balancing the dtype's own round-off.
+        self.T = steps.relative("richardson", step)
+        self.t_min = min(policy.relative_step("central", problem.u), self.T)
+        self.fixed = step is not None
+        self.ev = engine.DirectionEvaluator(
+            problem.full_cost, problem.dyn, problem.argarr, problem.scales,
+            [g.reshape(x.shape) if mv else g for g, x, mv in zip(grads, problem.dyn, movable)], movable,
+            # One call holds a localisation level (4 evaluations per part); a screen of
+            # k directions (6 each) takes a few calls of the same compiled shape.
+            key=seed, rows=4 * LOCALISE_SPLIT, counter=problem.counter,
+        )
+        self.offsets = self.ev.offsets
+        self.next_seed = 0
+        # |g_i v_i| = |g_i|·s_i and |v_i| = s_i whatever the signs, so the norms of every
+        # range come from prefix sums on the host (no device work per row).
+        self.gs = [np.abs(g.ravel()) * s if mv else np.zeros(1) for g, s, mv in
+                   zip(grads, problem.scales, movable)]
+        self.cum = [(_prefix(gs**2), _prefix(s**2), _prefix(gs)) for gs, s in zip(self.gs, problem.scales)]
+
+    def norms(self, leaf, lo, hi):
+        """‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i| over each range (from prefix sums)."""
+        out = np.zeros((3, len(leaf)))
+        for r, (k, a, b) in enumerate(zip(leaf, lo, hi)):
+            for q in range(3):
+                c = self.cum[k][q]
+                out[q, r] = c[b] - c[a]
+        return np.sqrt(np.maximum(out[0], 0)), np.sqrt(np.maximum(out[1], 0)), out[2]
+
+    def _eval(self, seeds, glo, ghi, steps):
+        """J and ⟨g, Δ⟩ at θ + t·v for each test and each of its signed steps (n, p)."""
+        p = steps.shape[1]
+        rep = lambda a: np.repeat(a, p)
+        J, dots = self.ev(rep(seeds), rep(glo), rep(ghi), steps.ravel())
+        return J.reshape(-1, p), dots.reshape(-1, p)
+
+    def run(self, leaf, lo, hi, trunc=None) -> Tests:
+        """Test ranges [lo, hi) of leaves ``leaf`` (one random direction each).
+
+        With ``trunc`` (localisation levels) a test takes the five-point estimate at T
+        (4 evaluations), its truncation bounded by ``trunc``: the screen's measure of that
+        estimate's error along a direction over the whole leaf, which a random direction
+        over part of it does not exceed in expectation. An underestimate there only makes
+        a part look suspect (its elements are then judged individually); it cannot
+        fail a check by itself.
+        """
+        p = self.problem
+        leaf, lo, hi = np.asarray(leaf), np.asarray(lo), np.asarray(hi)
+        seeds = np.arange(self.next_seed, self.next_seed + lo.size)
+        self.next_seed += lo.size
+        glo, ghi = lo + self.offsets[leaf], hi + self.offsets[leaf]
+        gv2, v2, gv1 = self.norms(leaf, lo, hi)
+        rt = np.array([self.tols[k][0] for k in leaf])
+        at = np.array([self.tols[k][1] for k in leaf])
+        rs = np.array([self.tols[k][2] for k in leaf])
+        as_ = np.array([self.tols[k][3] for k in leaf])
+        # Rounding of the float64 dot product ⟨g, Δ⟩ itself.
+        dot_round = 4 * policy.unit_roundoff(np.float64) * gv1
+        # Screening allowance: the analytic side's own rounding (rs per element, see
+        # SCREEN_ROUNDING) combined over random signs (DIRECTION_Z). A test that fails
+        # it only starts a search; the elements found are then judged with the user's
+        # tolerance, and a range fails by itself only beyond that tolerance summed the
+        # same way (the Hoeffding bound of DIRECTION_Z).
+        screen_tol = DIRECTION_Z * (rs * gv2 + as_ * v2) + dot_round
+        user_tol = DIRECTION_Z * (rt * gv2 + at * v2) + dot_round
+        stencil = "richardson" if trunc is None else "central4"
+        offs = stencils.offsets(stencil)
+        T = np.full(lo.size, self.T)
+        steps = T[:, None] * offs[None, :]
+        J, dots = self._eval(seeds, glo, ghi, steps)
+        a = (dots[:, 0] - dots[:, 1]) / (2 * T)  # offsets start +1, −1
+        est = stencils.estimate(stencil, p.j0, J, np.abs(steps))
+        num = est.value
+        if trunc is not None:
+            est.err_trunc = np.full(lo.size, trunc)
+        err = compare.method_error(est.err_round, est.err_trunc, p.sigma)
+        finite = est.finite
+        if trunc is None and not self.fixed:
+            # Curvature along v: |D_T − D_2T|/3 is D_T's truncation, c·T²; resolved only
+            # above the noise (the same floor as full mode's step pilots).
+            d1, d2 = est.table[:, 0], est.table[:, 1]
+            c = np.maximum(np.abs(d1 - d2) / (3 * T**2), 4.0 * p.sigma / T**3)
+            t_star = np.clip((p.sigma / (2.0 * c)) ** (1.0 / 3.0), self.t_min, self.T)
+            short = np.flatnonzero(finite & (t_star < 0.5 * self.T))
+            if short.size:
+                ts = t_star[short]
+                Js, ds = self._eval(seeds[short], glo[short], ghi[short], np.stack([ts, -ts], 1))
+                e2 = stencils.estimate("central", p.j0, Js, np.abs(np.stack([ts, -ts], 1)))
+                err2 = compare.method_error(e2.err_round, c[short] * ts**2, p.sigma)
+                better = e2.finite & (err2 < err[short])
+                idx = short[better]
+                num[idx], err[idx] = e2.value[better], err2[better]
+                a[idx] = ((ds[:, 0] - ds[:, 1]) / (2 * ts))[better]
+        floor = 1e-3 * gv2
+        codes = compare.classify(a, num, err, screen_tol, finite, floor=floor)
+        fails = compare.classify(a, num, err, user_tol, finite, floor=floor) == MISMATCH
+        bound = screen_tol + err
+        diff = np.abs(a - num)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(bound > 0, diff / bound, np.inf)
+        return Tests(codes, fails, np.nan_to_num(ratio, nan=np.inf), a, num, bound, diff,
+                      est.err_trunc)
+
+    def power(self, k: int, res: Tests, sl: slice, elems: np.ndarray) -> np.ndarray:
+        """Smallest relative error in each of ``elems`` of leaf k that the screen catches.
+
+        A wrong element e_i adds |e_i|·|g_i|·s_i to |⟨g,v⟩ − D| in every direction, so
+        a direction r fails once that exceeds its allowance plus the difference it
+        already shows, (bound_r + diff_r) / (|g_i|·s_i). The search that follows must
+        then single it out in parts of the leaf against differences like these, so the
+        worst direction is the figure: where the analytic side carries errors spread
+        over many elements (a float32-rounded gradient checked in float64), those set
+        the power, not the allowance.
+        """
+        need = float(np.max(res.bound[sl] + res.diff[sl]))
+        with np.errstate(divide="ignore"):
+            return need / self.gs[k][elems]
+
+    def screen(self, leaves) -> Tests:
+        """k directions over the whole of each leaf in ``leaves``, one batch."""
+        leaf = np.repeat(np.asarray(leaves, np.int64), self.k_dirs)
+        hi = np.asarray([self.sizes[k] for k in leaf], np.int64)
+        return self.run(leaf, np.zeros_like(hi), hi)
+
+    def localise(self, k: int, locate: int, trunc: float) -> tuple[list[int], bool]:
+        """Group testing in leaf k: (elements isolated, whether the search was exhausted).
+
+        ``trunc``: the screen's truncation measure for this leaf (see ``run``).
+        """
+        m = self.sizes[k]
+        found: list[int] = []
+        stack = [(0, m)]
+        levels = max(1, math.ceil(math.log(max(m, 2), LOCALISE_SPLIT)))
+        calls_left = locate * (levels + 2)  # bounds the search even for spread errors
+        while stack and len(found) < locate and calls_left > 0:
+            lo, hi = stack.pop()
+            if hi - lo == 1:
+                found.append(lo)
+                continue
+            edges = np.linspace(lo, hi, min(LOCALISE_SPLIT, hi - lo) + 1).astype(np.int64)
+            res = self.run(np.full(edges.size - 1, k), edges[:-1], edges[1:], trunc=trunc)
+            calls_left -= 1
+            bad = np.flatnonzero(res.codes == MISMATCH)
+            for j in bad[np.argsort(res.ratio[bad])]:  # the worst part ends on top
+                stack.append((int(edges[j]), int(edges[j + 1])))
+        return sorted(found), not stack
+
+
+def tolerances(problem, k, a_flat, rtol, atol, g_ref):
+    """(rtol, atol, screening rtol, screening atol) of leaf k: see SCREEN_ROUNDING for the last two."""
+    adtype = problem.orig_dtypes[k] if a_flat.dtype == problem.orig_dtypes[k] else a_flat.dtype
+    rt, at = policy.default_tolerances(adtype, g_ref, rtol, atol)
+    ua = SCREEN_ROUNDING * policy.unit_roundoff(adtype)
+    return rt, at, min(rt, ua), min(at, ua * g_ref)
+
+
+def _prefix(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.asarray(a, np.float64).ravel())])

@@ -1,0 +1,98 @@
+"""Summaries: judged elements become a :class:`LeafReport`, leaves become a :class:`Report`.
+
+One summary serves every check: a scalar cost's leaf, a Jacobian block and the
+blocks of JVP, VJP and HVP checks differ only in where their elements sit (a flat
+index into the leaf, or into an output × input block) and in their labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .names import function_name
+from .report import LeafReport, Report, verdict
+from .statuses import MISMATCH, STATUS_NAMES
+
+
+def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
+    """A per-element figure at the typical element (median nonzero |a|) and at the largest |a|.
+
+    An element whose analytic value is 0 has no relative error to speak of, so the
+    typical element is the median among the nonzero, finite ones. Infinite when there is
+    no such element.
+    """
+    mag = np.abs(np.asarray(a))
+    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
+    if keep.size == 0:
+        return math.inf, math.inf
+    order = keep[np.argsort(mag[keep], kind="stable")]
+    return float(per_element[order[(order.size - 1) // 2]]), float(per_element[order[-1]])
+
+
+def _scalar(v):
+    return complex(v) if np.iscomplexobj(v) else float(v)
+
+
+def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size: int,
+              indices: np.ndarray, step: float, g_ref: float, onesided=None, split_index=None,
+              output_path: str = "", label: str = "") -> LeafReport:
+    """A LeafReport for judged elements (flat arrays; ``indices`` their flat index in ``shape``).
+
+    The worst element is the mismatch (or, without one, the element) that most exceeds
+    its allowed difference. ``split_index`` splits its index into (output, input)
+    parts for blocks of vector checks. Non-finite pairs are left out of the normwise
+    figure.
+    """
+    a, num, bound, codes = (np.ravel(x) for x in (a, num, bound, codes))
+    d = np.abs(a - num)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bound > 0, d / bound, np.where(d > 0, np.inf, 0.0))
+        ratio = np.where(np.isnan(ratio), np.inf, ratio)
+        mag = np.maximum(np.abs(a), np.abs(num))
+        rel = np.where((mag >= 1e-3 * g_ref) & (mag > 0), d / mag, 0.0)
+        det = np.where(np.abs(a) > 0, (bound + np.where(d <= bound, d, 0.0)) / np.abs(a), np.inf)
+    w = 0
+    if d.size:
+        pool = np.flatnonzero(codes == MISMATCH)
+        pool = pool if pool.size else np.arange(d.size)
+        w = int(pool[np.argmax(ratio[pool])])
+    nrm = float(np.linalg.norm(np.where(np.isfinite(a + num), a + num, 0)))
+    dn = float(np.linalg.norm(np.where(np.isfinite(d), d, 0)))
+    worst = tuple(int(i) for i in np.unravel_index(int(indices[w]), shape)) if d.size else ()
+    out_idx, in_idx = split_index(worst) if (split_index is not None and d.size) else ((), ())
+    fin = d[np.isfinite(d)]
+    typical, largest = typical_and_largest(a, det)
+    return LeafReport(
+        path=path, shape=tuple(shape), dtype=dtype, size=size, checked=int(d.size),
+        status=STATUS_NAMES[int(codes.max())] if codes.size else "ok",
+        counts={nm: int(np.sum(codes == i)) for i, nm in enumerate(STATUS_NAMES)},
+        max_abs_err=float(fin.max()) if fin.size else (math.nan if d.size else 0.0),
+        max_rel_err=float(np.max(rel[np.isfinite(rel)], initial=0.0)),
+        worst_index=worst, worst_analytic=_scalar(a[w]) if d.size else math.nan,
+        worst_numeric=_scalar(num[w]) if d.size else math.nan,
+        worst_bound=float(bound[w]) if d.size else math.nan,
+        normwise=dn / nrm if nrm > 0 else (0.0 if dn == 0 else math.inf),
+        detectable_rel=typical, detectable_rel_largest=largest, step=step,
+        indices=indices, analytic=a, numeric=num, bound=bound, codes=codes, onesided=onesided,
+        output_path=output_path, output_index=tuple(out_idx), input_index=tuple(in_idx), label=label,
+    )
+
+
+def assemble(source, leaves: list, *, stencil: str, step: float, strict: bool, mode: str,
+             notes=(), skipped=None, noise: float | None = None, cost: float = math.nan,
+             api: str = "jgc.check") -> Report:
+    """The Report of a check over ``leaves``, with the facts of its problem ``source``.
+
+    ``source`` is a scalar or a vector problem: its counter, clock, precision, notes
+    and function are read from it; ``skipped`` and ``noise`` default to its own.
+    """
+    ok, normwise = verdict(leaves, strict)
+    return Report(
+        ok=ok, leaves=tuple(leaves), skipped=tuple(source.skipped if skipped is None else skipped),
+        normwise=normwise, evaluations=source.counter.evaluations, seconds=source.elapsed(),
+        precision=source.precision, stencil=stencil, step=step,
+        noise=source.sigma if noise is None else noise, cost=cost, mode=mode, strict=strict,
+        notes=tuple(source.notes) + tuple(notes), function=function_name(source.fn), api=api,
+    )

@@ -1,0 +1,41 @@
+"""Validation of the option values every front door shares: tolerances, counts and steps.
+
+Each validator names the front door (``api``) and the option in its message, so a
+bad value is reported where the user wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def tolerances(api: str, rtol, atol) -> None:
+    """rtol and atol: non-negative finite numbers, or None (the per-dtype defaults)."""
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if v is not None and not (_is_number(v) and v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{api}: {name} must be a non-negative number or None, got {v!r}.")
+
+
+def count(api: str, name: str, v, minimum: int = 1) -> int | None:
+    """An int option of at least ``minimum`` (None passes through as "not given")."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        what = "a positive int" if minimum == 1 else f"an integer ≥ {minimum}"
+        raise ValueError(f"{api}: {name} must be {what}, got {v!r}.")
+    return int(v)
+
+
+def step(api: str, v) -> float | None:
+    """The user's relative step h/s: a positive finite number (None: chosen by jgc)."""
+    if v is None:
+        return None
+    if not (_is_number(v) and v > 0 and math.isfinite(v)):
+        raise ValueError(f"{api}: step must be a positive relative step h/s, got {v!r}.")
+    return float(v)
