@@ -91,8 +91,8 @@ def test_direction_evaluator_matches_explicit_directions(rng):
 
         scales = [np.full(12, 2.0), np.ones(1), np.full(5, 0.5)]
         grads = [np.asarray(rng.normal(size=(3, 4))), np.zeros(1), np.asarray(rng.normal(size=5))]
-        ev = engine.DirectionEvaluator(cost, leaves, [jnp.asarray(3.0)], scales, grads,
-                                       [True, False, True], key=5, rows=4)
+        ev = engine.DirectionEvaluator(cost, leaves, [jnp.asarray(3.0)], scales, grads=grads,
+                                       movable=[True, False, True], key=5, rows=4)
         assert list(ev.offsets) == [0, 12, 13, 18]
         seed, lo, hi = np.array([0, 1, 2]), np.array([0, 2, 13]), np.array([18, 7, 16])
         t = np.array([1e-3, -2e-3, 1e-2])

@@ -51,10 +51,10 @@ SCRIPT = textwrap.dedent(
         from jgc._src import engine as E
         args = (lambda leaves, a: loss(dict(zip(["W1", "b1", "W2"], leaves)), *a),
                 [p["W1"], p["b1"], p["W2"]], (x, y),
-                [np.ones(120), np.ones(10), np.ones(30)],
-                [np.ones((12, 10)), np.ones(10), np.ones((10, 3))], [True, True, True])
-        dsh = E.DirectionEvaluator(*args, rows=6)
-        d1 = E.DirectionEvaluator(*args, rows=6, devices=False)
+                [np.ones(120), np.ones(10), np.ones(30)])
+        kw = dict(grads=[np.ones((12, 10)), np.ones(10), np.ones((10, 3))], movable=[True, True, True])
+        dsh = E.DirectionEvaluator(*args, rows=6, **kw)
+        d1 = E.DirectionEvaluator(*args, rows=6, devices=False, **kw)
         assert dsh.shard is not None and dsh.rows == 24 and d1.shard is None
         seeds, lo, hi = np.arange(24), np.zeros(24), np.full(24, 160)
         t = np.full(24, 1e-3)

@@ -11,6 +11,7 @@ from . import policy, validate
 from .analytic import analytic_gradient
 from .errors import GradCheckError
 from .judge import judge_all
+from .messages import failure_message, where
 from .modes import run_mode
 from .problem import Problem, to_elements
 from .progress import attached
@@ -175,19 +176,6 @@ def assert_grads_close(fn: Callable, params: Any, *args, grad=None, custom_messa
     """
     rep = check(fn, params, *args, grad=grad, **options)
     if not rep.ok:
-        raise GradCheckError(failure_message("jgc.assert_grads_close", rep, custom_message), rep)
+        head = f"jgc.assert_grads_close: gradients disagree{where(rep)}."
+        raise GradCheckError(failure_message(head, rep, custom_message=custom_message), rep)
     return rep
-
-
-def failure_message(api: str, rep: Report, custom_message: str | None = None) -> str:
-    worst = rep.failing()[0] if rep.failing() else None
-    where = ""
-    if worst is not None:
-        where = (f" at {worst.path}{list(worst.worst_index)}: analytic {worst.worst_analytic:.6g} "
-                 f"vs numerical {worst.worst_numeric:.6g}")
-    head = f"{api}: gradients disagree{where}."
-    for rule in rep.rules.failing() if rep.rules is not None else ():
-        head += f" Wrong custom rule: {rule.name} ({rule.primal_at}), rule {rule.rule_name} ({rule.rule_at})."
-    if custom_message:
-        head += f" {custom_message}"
-    return f"{head}\n{rep}"

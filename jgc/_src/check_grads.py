@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import GradCheckError
+from .messages import failure_message, where
 from .names import short_name
 from .products import Plan, run
 from .report import Report
@@ -192,7 +193,8 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
     _check_level(f, args, int(order), modes, prefix="", rng=rng, base=base, found=(parts, notes))
     rep = _merge(parts, notes, order, modes)
     if not rep.ok:
-        raise GradCheckError(failure_message(rep, err_msg), rep)
+        head = f"jgc.check_grads: derivatives disagree{where(rep, _position)}."
+        raise GradCheckError(failure_message(head, rep, custom_message=err_msg or None, hint=HINT), rep)
     return rep
 
 
@@ -258,22 +260,17 @@ def _merge(parts, notes, order, modes) -> Report:
     )
 
 
-def failure_message(rep: Report, err_msg: str = "") -> str:
-    worst = rep.failing()[0] if rep.failing() else None
-    where = ""
-    if worst is not None:
-        check, _, block = worst.name.partition(": ")
-        if worst.shape and len(worst.shape) == 2 and worst.label.count("⟨"):
-            pos = f"cotangent {worst.output_index[0]}, direction {worst.input_index[0]}"
-        else:
-            pos = (f"element {list(worst.output_index)} of {worst.output_path}, direction "
-                   f"{worst.input_index[0] if worst.input_index else 0}")
-        where = (f" in {check} — {block} ({pos}): analytic {worst.worst_analytic:.6g} vs numerical "
-                 f"{worst.worst_numeric:.6g} (allowed ±{worst.worst_bound:.3g})")
-    head = f"jgc.check_grads: derivatives disagree{where}."
-    if err_msg:
-        head += f" {err_msg}"
-    hint = (" To find the wrong element, run jgc.check_jacobian on the same function "
-            "(every entry is checked and located).")
-    return f"{head}{hint}\n{rep}"
+def _position(lf) -> str:
+    """Where a block of check_grads fails: the check, the block, and the cotangent or direction."""
+    check, _, block = lf.name.partition(": ")
+    if lf.shape and len(lf.shape) == 2 and lf.label.count("⟨"):
+        pos = f"cotangent {lf.output_index[0]}, direction {lf.input_index[0]}"
+    else:
+        pos = (f"element {list(lf.output_index)} of {lf.output_path}, direction "
+               f"{lf.input_index[0] if lf.input_index else 0}")
+    return f" in {check} — {block} ({pos})"
 
+
+# Where to look next when check_grads fails: it checks random directions, not elements.
+HINT = (" To find the wrong element, run jgc.check_jacobian on the same function "
+        "(every entry is checked and located).")

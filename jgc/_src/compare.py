@@ -51,7 +51,7 @@ def imprecise(a, n, err, rel, passed, tiny=0.0) -> np.ndarray:
     return passed & resolved & (d > rel + err) & np.isfinite(a)
 
 
-def classify(a, n, err, tol, finite, kink=None, floor=0.0, rel=None, tiny=0.0) -> np.ndarray:
+def classify(a, n, err, tol, finite, *, kink=None, floor=0.0, rel=None, tiny=0.0) -> np.ndarray:
     """Return a status code per element.
 
     Args:

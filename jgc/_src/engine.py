@@ -291,7 +291,7 @@ class DirectionEvaluator:
     Δ = (θ + t·v) − θ actually taken (one extra dot product per row).
     """
 
-    def __init__(self, cost: Callable, leaves, operands, scales, grads, movable, *,
+    def __init__(self, cost: Callable, leaves, operands, scales, *, grads, movable,
                  key: int = 0, rows: int = 16, counter: Counter | None = None, devices=None):
         self.counter = counter if counter is not None else Counter()
         # With several devices each batch's rows are split across them (as in

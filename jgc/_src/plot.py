@@ -98,7 +98,7 @@ def _find_leaf(params, path: str):
     return paths.index(path), [leaf for _, leaf in path_leaves], treedef
 
 
-def _central(fn, params, args, path, flat, hs, dtype) -> np.ndarray:
+def _central(fn, params, args, path, flat, *, hs, dtype) -> np.ndarray:
     """Central differences of J along element ``flat`` of leaf ``path`` at steps ``hs``,
     with every floating leaf of params cast to ``dtype``'s precision."""
     pos, leaves, treedef = _find_leaf(params, path)
@@ -173,7 +173,7 @@ def step_curve(fn: Callable, params: Any, *args, path: str, index, steps=None,
     numeric = {}
     with compat.enable_x64(True):
         for name in precisions:
-            numeric[name] = _central(fn, params, args, path, flat, steps, name)
+            numeric[name] = _central(fn, params, args, path, flat, hs=steps, dtype=name)
     index = tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
     return StepCurve(path=path, index=index, steps=steps, numeric=numeric, scale=scale)
 

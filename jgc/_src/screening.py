@@ -89,7 +89,8 @@ class Directions:
         self.fixed = step is not None
         self.ev = engine.DirectionEvaluator(
             problem.full_cost, problem.dyn, problem.argarr, problem.scales,
-            [g.reshape(x.shape) if mv else g for g, x, mv in zip(grads, problem.dyn, movable)], movable,
+            grads=[g.reshape(x.shape) if mv else g for g, x, mv in zip(grads, problem.dyn, movable)],
+            movable=movable,
             # One call holds a localisation level (4 evaluations per part); a screen of
             # k directions (6 each) takes a few calls of the same compiled shape.
             key=seed, rows=4 * LOCALISE_SPLIT, counter=problem.counter,

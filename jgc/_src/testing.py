@@ -21,16 +21,14 @@ import jax
 
 from .check import check
 from .errors import GradCheckError
+from .messages import failure_message, where
 from .report import Report
 
 PREFIX = "[jgc] Assertion "
 
 
-def _message(name: str, what: str, custom_message: str | None, report: Report | None) -> str:
-    head = f"{PREFIX}{name} failed: {what}"
-    if custom_message:
-        head += f" [{custom_message}]"
-    return head if report is None else f"{head}\n{report}"
+def _message(name: str, what: str, custom_message: str | None, report) -> str:
+    return failure_message(f"{PREFIX}{name} failed: {what}", report, custom_message=custom_message)
 
 
 def _paths(paths) -> str:
@@ -46,18 +44,6 @@ def _refuse_tracers(name: str, params, args) -> None:
             "concrete numbers. Jit the function under test instead and call the assertion "
             "outside it: jgc.testing." + name + "(self.variant(loss), params, batch)."
         )
-
-
-def _where(report: Report) -> str:
-    failing = report.failing()
-    if not failing:
-        return ""
-    lf = failing[0]
-    more = f" (and {len(failing) - 1} more leaves)" if len(failing) > 1 else ""
-    return (
-        f" at {lf.path}{list(lf.worst_index)}: analytic {lf.worst_analytic:.6g} vs "
-        f"numerical {lf.worst_numeric:.6g}, allowed difference {lf.worst_bound:.3g}{more}"
-    )
 
 
 def assert_grads_close(fn: Callable, params: Any, *args, grad=None,
@@ -108,7 +94,7 @@ def assert_grads_close(fn: Callable, params: Any, *args, grad=None,
     _refuse_tracers("assert_grads_close", params, args)
     report = check(fn, params, *args, grad=grad, **options)
     if not report.ok:
-        msg = _message("assert_grads_close", "gradients disagree" + _where(report) + ".",
+        msg = _message("assert_grads_close", "gradients disagree" + where(report) + ".",
                        custom_message, report)
         raise GradCheckError(msg, report)
     return report
@@ -197,7 +183,7 @@ def assert_report_ok(report: Report, custom_message: str | None = None) -> Repor
         )
     if not report.ok:
         raise GradCheckError(
-            _message("assert_report_ok", "the check failed" + _where(report) + ".",
+            _message("assert_report_ok", "the check failed" + where(report) + ".",
                      custom_message, report), report)
     return report
 

@@ -23,6 +23,7 @@ import jax
 
 from .check import check
 from .errors import GradCheckError
+from .messages import failure_message, where
 from .report import Report
 
 ON_FAILURE = ("raise", "warn")
@@ -51,7 +52,7 @@ class CheckedStep:
       done: True once every scheduled check has run.
     """
 
-    def __init__(self, step, loss_fn, at_steps, on_failure, select, has_aux, options):
+    def __init__(self, step, loss_fn, *, at_steps, on_failure, select, has_aux, options):
         self.step = step
         self.loss_fn = loss_fn
         self.calls = 0
@@ -112,12 +113,8 @@ class CheckedStep:
         report = check(self.loss_fn, params, *loss_args, has_aux=self._has_aux, **self._options)
         self.reports.append((i, report))
         if not report.ok:
-            where = ""
-            if report.failing():
-                lf = report.failing()[0]
-                where = f" at {lf.path}{list(lf.worst_index)}"
-            msg = (f"jgc.with_grad_check: the gradient of the loss disagrees with finite "
-                   f"differences at training step {i}{where}.\n{report}")
+            msg = failure_message(f"jgc.with_grad_check: the gradient of the loss disagrees with finite "
+                                  f"differences at training step {i}{where(report)}.", report)
             if self._on_failure == "raise":
                 raise GradCheckError(msg, report)
             warnings.warn(msg, UserWarning, stacklevel=3)
@@ -204,5 +201,5 @@ def with_grad_check(step: Callable, loss_fn: Callable, *, at_steps: Sequence[int
             "select must be a callable select(*step_args) -> (params, loss_args), got "
             f"{type(select).__name__}."
         ))
-    return CheckedStep(step, loss_fn, at_steps, on_failure, select or default_select, has_aux,
-                       check_options)
+    return CheckedStep(step, loss_fn, at_steps=at_steps, on_failure=on_failure,
+                       select=select or default_select, has_aux=has_aux, options=check_options)
