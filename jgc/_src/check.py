@@ -12,11 +12,11 @@ from .analytic import analytic_gradient
 from .errors import GradCheckError
 from .judge import judge_all
 from .messages import failure_message, where
-from .modes import run_mode
 from .problem import Problem, to_elements
 from .progress import attached
 from .report import Report
 from .steps import Steps, gradient_scale
+from .strategies import run_mode
 
 MODES = ("full", "sampled", "directional", "auto")
 

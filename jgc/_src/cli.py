@@ -170,78 +170,78 @@ def _inputs(ns) -> tuple:
     return fn, params, args
 
 
-def _check(ns) -> int:
+def _run(command: str, ns, make_report) -> int:
+    """Run one subcommand: bad input exits 2, a failed check 1, a passed one 0."""
     try:
-        fn, params, args = _inputs(ns)
-        grad = None
-        if ns.grad is not None:
-            grad = resolve(ns.grad, "--grad")
-            if not callable(grad):
-                raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
-                                 "grad(params, *args) returning a pytree like params.")
-        options = {k: getattr(ns, k) for k in ("stencil", "precision", "rtol", "atol", "step")
-                   if getattr(ns, k) is not None}
-        for k in ("samples", "budget", "directions"):
-            if getattr(ns, k) is not None:
-                options[k] = getattr(ns, k)
-        if ns.seed is not None:
-            options["key"] = ns.seed
-        import jgc
+        report = make_report(ns)
+    except InputError as e:
+        print(f"jgc {command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.to_json(indent=2) if ns.json else report)
+    return EXIT_OK if report.ok else EXIT_MISMATCH
 
+
+def _options(ns, names) -> dict:
+    """The options given on the command line among ``names``, and --seed as ``key``."""
+    options = {k: getattr(ns, k) for k in names if getattr(ns, k) is not None}
+    if ns.seed is not None:
+        options["key"] = ns.seed
+    return options
+
+
+def _check(ns):
+    fn, params, args = _inputs(ns)
+    grad = None
+    if ns.grad is not None:
+        grad = resolve(ns.grad, "--grad")
+        if not callable(grad):
+            raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
+                             "grad(params, *args) returning a pytree like params.")
+    options = _options(ns, ("stencil", "precision", "rtol", "atol", "step", "samples", "budget", "directions"))
+    import jgc
+
+    try:
+        report = jgc.check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
+                           strict=ns.strict, **options)
+    except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+        from .problem import OutputFormError
+
+        notes = " ".join(getattr(e, "__notes__", ()))
+        hint = " On the command line that is --has-aux." if (
+            isinstance(e, OutputFormError) and not ns.has_aux) else ""
+        raise InputError(
+            f"checking {ns.fn} with {len(args)} extra argument(s) raised "
+            f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}{hint}"
+        ) from e
+    if ns.plot is not None:
+        cost = fn
+        if ns.has_aux:  # the step-size curve differences the cost alone
+            from .problem import drop_aux
+
+            def cost(p, *a):
+                return drop_aux(fn(p, *a), True, api="jgc check --plot", fn=fn)
         try:
-            report = jgc.check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
-                               strict=ns.strict, **options)
-        except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
-            from .problem import OutputFormError
-
-            notes = " ".join(getattr(e, "__notes__", ()))
-            hint = " On the command line that is --has-aux." if (
-                isinstance(e, OutputFormError) and not ns.has_aux) else ""
+            report.plot(ns.plot, fn=cost, params=params, args=args)
+        except ImportError as e:
+            raise InputError(f"--plot {ns.plot}: {e}") from e
+        except OSError as e:
             raise InputError(
-                f"checking {ns.fn} with {len(args)} extra argument(s) raised "
-                f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}{hint}"
+                f"--plot {ns.plot}: cannot write the picture ({e}). Choose a writable path "
+                "ending in .png, .pdf or .svg."
             ) from e
-        if ns.plot is not None:
-            cost = fn
-            if ns.has_aux:  # the step-size curve differences the cost alone
-                from .problem import drop_aux
-
-                def cost(p, *a):
-                    return drop_aux(fn(p, *a), True, api="jgc check --plot", fn=fn)
-            try:
-                report.plot(ns.plot, fn=cost, params=params, args=args)
-            except ImportError as e:
-                raise InputError(f"--plot {ns.plot}: {e}") from e
-            except OSError as e:
-                raise InputError(
-                    f"--plot {ns.plot}: cannot write the picture ({e}). Choose a writable path "
-                    "ending in .png, .pdf or .svg."
-                ) from e
-    except InputError as e:
-        print(f"jgc check: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(report.to_json(indent=2) if ns.json else report)
-    return EXIT_OK if report.ok else EXIT_MISMATCH
+    return report
 
 
-def _rules(ns) -> int:
+def _rules(ns):
+    fn, params, args = _inputs(ns)
+    options = _options(ns, ("precision", "rtol", "atol", "step"))
+    import jgc
+
     try:
-        fn, params, args = _inputs(ns)
-        options = {k: getattr(ns, k) for k in ("precision", "rtol", "atol", "step") if getattr(ns, k) is not None}
-        if ns.seed is not None:
-            options["key"] = ns.seed
-        import jgc
-
-        try:
-            report = jgc.check_rules(fn, params, *args, **options)
-        except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
-            raise InputError(f"checking the rules of {ns.fn} with {len(args)} extra argument(s) raised "
-                             f"{type(e).__name__}: {e}") from e
-    except InputError as e:
-        print(f"jgc rules: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(report.to_json(indent=2) if ns.json else report)
-    return EXIT_OK if report.ok else EXIT_MISMATCH
+        return jgc.check_rules(fn, params, *args, **options)
+    except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+        raise InputError(f"checking the rules of {ns.fn} with {len(args)} extra argument(s) raised "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _add_inputs(parser) -> None:
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--strict", action="store_true", help="also fail on inconclusive / non-finite")
     chk.add_argument("--json", action="store_true", help="print the report as JSON")
     chk.add_argument("--plot", metavar="OUT.png", help="draw the report (needs matplotlib)")
-    chk.set_defaults(run=_check)
+    chk.set_defaults(run=lambda ns: _run("check", ns, _check))
 
     rls = sub.add_parser(
         "rules", help="check every custom_jvp / custom_vjp rule inside fn on the inputs it receives",
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     rls.add_argument("--step", type=float, help="relative step h/s")
     rls.add_argument("--seed", type=int, help="seed of the random directions for large operands")
     rls.add_argument("--json", action="store_true", help="print the report as JSON")
-    rls.set_defaults(run=_rules)
+    rls.set_defaults(run=lambda ns: _run("rules", ns, _rules))
     return parser
 
 

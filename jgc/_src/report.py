@@ -209,10 +209,8 @@ class Report:
         return tuple(sorted(leaves, key=lambda lf: -STATUS_NAMES.index(lf.status)))
 
     def leaf(self, path: str) -> LeafReport:
-        for leaf in self.leaves:
-            if leaf.path == path:
-                return leaf
-        raise KeyError(f"No checked leaf at path {path!r}; paths: {[lf.path for lf in self.leaves]}")
+        """The report of the checked leaf at ``path`` (its ``jax.tree_util.keystr``)."""
+        return find(self.leaves, "path", path, "Report.leaf: no checked leaf")
 
     # ---- output ----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -249,6 +247,14 @@ class Report:
         from .plot import plot_report
 
         return plot_report(self, path, **kwargs)
+
+
+def find(items, attr: str, value, what: str):
+    """The first of ``items`` whose ``attr`` equals ``value``; a KeyError that lists them otherwise."""
+    for item in items:
+        if getattr(item, attr) == value:
+            return item
+    raise KeyError(f"{what} with {attr} {value!r}; found {[getattr(i, attr) for i in items]}.")
 
 
 def verdict(leaves, strict: bool) -> tuple[bool, float]:

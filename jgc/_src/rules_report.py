@@ -7,6 +7,8 @@ import json
 import math
 from typing import Any
 
+from .report import find
+
 # Rule statuses, most severe first (the text report lists rules in this order).
 RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not executed")
 FAILING = ("mismatch",)
@@ -216,10 +218,7 @@ class RulesReport:
 
     def rule(self, name: str) -> RuleReport:
         """The report of the rule whose primal is called ``name``."""
-        for r in self.rules:
-            if r.name == name:
-                return r
-        raise KeyError(f"RulesReport.rule: no rule named {name!r}; found {[r.name for r in self.rules]}.")
+        return find(self.rules, "name", name, "RulesReport.rule: no rule")
 
     def summary(self) -> str:
         bad = self.failing()
