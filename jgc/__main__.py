@@ -1,3 +1,5 @@
+"""``python -m jgc``: the command line (see ``jgc --help``)."""
+
 import sys
 
 from jgc._src.cli import main

@@ -130,7 +130,7 @@ def check_taylor(fn, params, *args, grad=None, has_aux: bool = False, key=0,
             vals = np.asarray(compat.host(jax.jit(jax.vmap(at, in_axes=(0, None, None)))(
                 jax.device_put(np.asarray(np.concatenate([[0.0], steps]), wide)), problem.dyn,
                 problem.argarr)), np.float64)
-        problem.counter.evaluations += steps.size + 1
+        problem.counter.add(steps.size + 1)
         j0, vals = vals[0], vals[1:]
         r = np.abs(vals - j0 - steps * slope)
         resolved = np.isfinite(r) & (r > 100.0 * problem.sigma)
