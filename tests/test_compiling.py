@@ -130,6 +130,20 @@ def test_a_second_check_of_the_same_model_reuses_every_program(rng):
     assert a == b  # the same executables: the same values, bit for bit
 
 
+def test_a_second_directional_check_reuses_the_screening_program(rng):
+    p, x, y = _model(rng, width=7)
+    first = jgc.check(_mlp, p, x, y, mode="directional")
+    before = dict(compiling.stats)
+    second = jgc.check(_mlp, p, x, y, mode="directional")
+    # All four programs from the cache: the noise probe, jax.grad, the directional
+    # screen and the merged evaluator of this small model (its step pilots).
+    assert compiling.stats["compiled"] == before["compiled"]
+    assert compiling.stats["reused"] - before["reused"] == 4
+    a, b = first.to_dict(), second.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
 def test_a_program_is_reused_only_for_the_same_computation():
     def run(c, n=3):
         f = jax.jit(lambda v: v * c)

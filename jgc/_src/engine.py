@@ -340,6 +340,12 @@ class DirectionEvaluator:
         self.x0, self.operands = list(leaves), (operands, aux)
         if self.shard:
             self.x0, self.operands = self.shard.replicate((self.x0, self.operands))
+        else:
+            # Through the process's program cache (compiling.Ahead): a later check of the
+            # same model and key, as a test suite makes, reuses the compiled screen.
+            col = (lambda dtype: jax.ShapeDtypeStruct((self.rows,), dtype))
+            self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32), col(np.int32),
+                                         col(self.dtype), self.operands, background=False)
 
     per_call = LeafEvaluator.per_call
 
