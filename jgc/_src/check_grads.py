@@ -50,7 +50,8 @@ from .names import short_name
 from .products import Plan, run
 from .report import Report
 from .sampling import rng_from_key
-from .vector import NoForwardRule, as_array_primal
+from .vector import as_array_primal
+from .vector_analytic import NoForwardRule
 
 MODE_NAMES = ("fwd", "rev", "lin")
 

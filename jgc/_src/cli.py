@@ -204,7 +204,7 @@ def _check(ns):
         report = jgc.check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
                            strict=ns.strict, **options)
     except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
-        from .problem import OutputFormError
+        from .outputs import OutputFormError
 
         notes = " ".join(getattr(e, "__notes__", ()))
         hint = " On the command line that is --has-aux." if (
@@ -216,7 +216,7 @@ def _check(ns):
     if ns.plot is not None:
         cost = fn
         if ns.has_aux:  # the step-size curve differences the cost alone
-            from .problem import drop_aux
+            from .outputs import drop_aux
 
             def cost(p, *a):
                 return drop_aux(fn(p, *a), True, api="jgc check --plot", fn=fn)

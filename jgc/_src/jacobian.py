@@ -23,7 +23,8 @@ from .judge import Limits, Refined, classify, refine
 from .names import short_name
 from .report import Report
 from .statuses import MISMATCH
-from .vector import NoForwardRule, NoReverseRule, VectorProblem, to_device
+from .vector import VectorProblem, to_device
+from .vector_analytic import NoForwardRule, NoReverseRule
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 

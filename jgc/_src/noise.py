@@ -21,7 +21,7 @@ again with finer spacings and keep a finer result only when it is clearly smalle
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,6 +45,14 @@ def spacing(u: float) -> float:
     return max(u ** (1.0 / 3.0), 1e-5)
 
 
+def _rms_difference(f: np.ndarray, axis: int) -> np.ndarray:
+    """σ along ``axis`` of equally spaced values: the RMS of their ORDER-th differences,
+    divided by √C(2·ORDER, ORDER) (the variance factor of differenced independent noise)."""
+    d = np.diff(f, n=ORDER, axis=axis)
+    gamma = math.factorial(ORDER) ** 2 / math.factorial(2 * ORDER)
+    return np.sqrt(gamma * np.mean(d * d, axis=axis))
+
+
 def estimate(values: np.ndarray) -> float:
     """σ from J on ``LINES`` lines of ``POINTS`` equally spaced points, shape (L, P).
 
@@ -53,10 +61,16 @@ def estimate(values: np.ndarray) -> float:
     f = np.asarray(values, np.float64)
     if not np.all(np.isfinite(f)):
         return math.nan
-    d = np.diff(f, n=ORDER, axis=1)
-    gamma = math.factorial(ORDER) ** 2 / math.factorial(2 * ORDER)
-    per_line = np.sqrt(gamma * np.mean(d * d, axis=1))
-    return float(np.median(per_line))
+    return float(np.median(_rms_difference(f, axis=1)))
+
+
+def per_column(values: np.ndarray) -> np.ndarray:
+    """σ of every column of finite values at equally spaced points, shape (P, n) -> (n,).
+
+    A vector-valued f has one noise level per output element: each column is one
+    element along the probe line (see jgc/_src/vector.py).
+    """
+    return _rms_difference(np.asarray(values, np.float64), axis=0)
 
 
 # Finer probes: each level divides the spacing by REFINE; at most LEVELS levels in all.

@@ -3,24 +3,25 @@
 :class:`Problem` is built once per check. It owns the scoped x64 context, the copies
 of the parameters at evaluation precision, the compiled evaluators per leaf, the
 measured noise of J and the step of every coordinate. Front doors (``check``,
-``numerical_grad`` and the directional and Jacobian checks) build on it.
+``numerical_grad`` and the directional and Jacobian checks) build on it. What it
+shares with the vector-valued checks (options, precision, scales) is in
+``preparation.py``; the form of fn's result is checked in ``outputs.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, engine, noise, policy, stencils, trees
+from . import compat, compiling, engine, noise, stencils, trees
 from .names import short_name
+from .outputs import OutputFormError, cost_of
+from .preparation import Prepared, precision_scope, unit_roundoff, validate
 
-PRECISIONS = ("auto", "float64", "native")
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
 # In larger models, leaves of at most this many elements share one raveled evaluator
@@ -29,49 +30,6 @@ MERGE_LIMIT = 4096
 # CPU: the transformer block of bench_arch.py at n ≈ 1e4 compiled 17 programs, 15 of
 # them for leaves, 13 of which are of at most 1024 elements).
 SMALL_LEAF = 1024
-
-
-def precision_scope(precision: str, orig_dtypes, notes: list):
-    """Decide whether to evaluate in float64 and return (widen, x64 context manager).
-
-    "auto" widens wherever the backend has float64 (not on TPU, where a note says so);
-    the scope enables x64 only inside the check, so no global flag is left behind.
-    """
-    if precision == "auto":
-        widen = jax.default_backend() != "tpu"
-        if not widen and any(policy.unit_roundoff(d) > 1e-12 for d in orig_dtypes):
-            notes.append("float64 is not available on TPU: checked in native precision with "
-                         "tolerances and steps for that precision.")
-    else:
-        widen = precision == "float64"
-    needs_x64 = widen or any(d in (np.float64, np.complex128) for d in orig_dtypes)
-    return widen, (compat.enable_x64(True) if needs_x64 else contextlib.nullcontext())
-
-
-class Scoped:
-    """A context manager that enters ``self._scope`` (x64 or not), then ``_prepare()``.
-
-    Subclasses set ``_scope`` (see :func:`precision_scope`) and define ``_prepare``;
-    the scope is left again if preparation fails, so no flag is ever left behind.
-    """
-
-    def __enter__(self):
-        self._scope.__enter__()
-        try:
-            self._prepare()
-        except BaseException:
-            self._scope.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        return self._scope.__exit__(*exc)
-
-
-def _is_cost_and_aux(out) -> bool:
-    """True for a pair (scalar, anything): what a has_aux loss returns."""
-    return (isinstance(out, (tuple, list)) and len(out) == 2
-            and (isinstance(out[0], (int, float)) or getattr(out[0], "shape", None) == ()))
 
 
 def _as_complex(x):
@@ -89,40 +47,7 @@ def _require_finite(api, value):
         )
 
 
-class OutputFormError(TypeError):
-    """fn's result has the wrong form for its ``has_aux`` setting (found while tracing)."""
-
-
-def _describe_output(out) -> str:
-    if isinstance(out, (tuple, list)):
-        return f"a {type(out).__name__} of {len(out)} elements"
-    shape = getattr(out, "shape", None)
-    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
-
-
-def drop_aux(out, has_aux: bool, *, api: str, fn, arg: str = "fn", first: str = "cost"):
-    """Return the part of ``fn``'s result that is differentiated: all of it, or ``out[0]``.
-
-    With ``has_aux`` (as in ``jax.grad``) ``fn`` returns a pair ``(output, aux)``, a tuple
-    or a list. aux may hold anything (arrays, ints, PRNG keys, strings) and is dropped
-    here, inside the traced function, so it is never perturbed, compared, converted or
-    returned from a transformation.
-
-    Raises:
-      OutputFormError: a ``TypeError``, when ``has_aux`` is set and ``out`` is not a pair.
-    """
-    if not has_aux:
-        return out
-    if isinstance(out, (tuple, list)) and len(out) == 2:
-        return out[0]
-    raise OutputFormError(
-        f"{api}: has_aux=True expects {arg} to return a pair ({first}, aux), as "
-        f"jax.grad(..., has_aux=True) does, but {short_name(fn)} returned {_describe_output(out)}. "
-        f"Return ({first}, aux), or pass has_aux=False."
-    )
-
-
-class Problem(Scoped):
+class Problem(Prepared):
     """Inputs of a check, validated and converted to the evaluation precision.
 
     Use as a context manager: inside it, x64 is enabled when the check evaluates in
@@ -132,18 +57,10 @@ class Problem(Scoped):
     def __init__(self, fn: Callable, params, args: tuple, *, precision: str = "auto",
                  api: str = "jgc.check", chunk_size: int | None = None,
                  ahead: tuple[str, ...] = (), has_aux: bool = False):
-        if not callable(fn):
-            raise TypeError(f"{api}: fn must be callable as fn(params, *args) -> scalar, got {type(fn).__name__}.")
-        if not isinstance(has_aux, bool):
-            raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
-        if precision not in PRECISIONS:
-            raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
-        if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves((params, args))):
-            raise TypeError(
-                f"{api} got traced values (it was called inside jit, vmap or grad). A "
-                "gradient check needs concrete numbers: call it outside transformations, "
-                "e.g. in a test or once before the training loop."
-            )
+        validate(api, fn, signature="fn(params, *args) -> scalar", has_aux=has_aux,
+                 precision=precision, leaves=(params, args),
+                 traced_hint="A gradient check needs concrete numbers: call it outside transformations, "
+                             "e.g. in a test or once before the training loop.")
         self.fn, self.params, self.args, self.api = fn, params, args, api
         self.has_aux = has_aux
         self.chunk_size = chunk_size
@@ -151,13 +68,8 @@ class Problem(Scoped):
         # probe runs: "grad" (jax.grad of the cost), "evaluators" (every leaf's).
         self.ahead = ahead
         self._grad = None
-        self.counter = engine.Counter()
-        self.t0 = time.perf_counter()
-        self.notes: list[str] = []
-        orig = [x for x in jax.tree_util.tree_leaves(params) if trees.is_inexact_array(x)]
-        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
         self.precision_asked = precision
-        self.widen, self._scope = precision_scope(precision, self.orig_dtypes, self.notes)
+        self._scope = self._begin(params, precision)
 
     def __enter__(self):
         try:
@@ -177,24 +89,10 @@ class Problem(Scoped):
     # -- preparation -----------------------------------------------------------
     def _prepare(self):
         self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
-        # Casts run on the host (NumPy), not as one compiled XLA program per shape.
-        if self.widen:
-            dyn = [jax.device_put(compat.host(x).astype(trees.wide_dtype(x.dtype))) for x in dyn]
-        elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
-            # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of
-            # θ, so a numerical derivative in bfloat16 is mostly 0 or garbage. The
-            # reference is therefore always evaluated in float32 at least.
-            dyn = [jax.device_put(compat.host(x).astype(np.float32)) if policy.unit_roundoff(x.dtype) > 1e-6
-                   else x for x in dyn]
-            self.notes.append("bfloat16/float16 parameters were evaluated in float32 (the "
-                              "narrowest precision in which finite differences resolve).")
-        self.dyn = dyn
-        self.eval_dtypes = [np.dtype(x.dtype) for x in dyn]
-        self.precision = (
-            "float64" if all(policy.unit_roundoff(d) < 1e-12 for d in self.eval_dtypes)
-            else "native (" + ", ".join(sorted({d.name for d in self.eval_dtypes})) + ")"
-        )
-        self.u = max(policy.unit_roundoff(d) for d in self.eval_dtypes)
+        self._at_eval_precision(dyn, narrowed_note=(
+            "bfloat16/float16 parameters were evaluated in float32 (the narrowest precision "
+            "in which finite differences resolve)."))
+        self.u = unit_roundoff(self.eval_dtypes)
         # Floating data is widened with the parameters (exact casts of copies): code that
         # checks its own dtypes (Equinox's State.set, a scan carry started from the data)
         # would otherwise meet float64 values computed from params next to float32 data.
@@ -208,23 +106,11 @@ class Problem(Scoped):
 
         def full_cost(dyn, argarr):
             out = self.fn(self.split.combine(dyn), *self.rebuild_args(argarr))
-            if not self.has_aux and _is_cost_and_aux(out):
-                raise OutputFormError(
-                    f"{self.api}: fn must return a scalar cost J, but {short_name(self.fn)} returned "
-                    f"{_describe_output(out)}, the first a scalar: a (cost, aux) pair. Pass "
-                    "has_aux=True to check the cost and ignore aux, as jax.grad(fn, has_aux=True) "
-                    "does, or return the cost alone."
-                )
-            return drop_aux(out, self.has_aux, api=self.api, fn=self.fn)
+            return cost_of(out, self.has_aux, api=self.api, fn=self.fn)
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
-        abs_all = np.concatenate([np.abs(compat.host(x)).ravel() for x in self.dyn])
-        rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
-        self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
-        self.scales = [
-            policy.coordinate_scale(np.abs(compat.host(x)).ravel(), self.global_scale) for x in self.dyn
-        ]
+        self._set_scales()
         self._compile_ahead()
         self.sigma = self._measure_noise()
 
@@ -254,7 +140,7 @@ class Problem(Scoped):
             for ev in evaluators:
                 try:
                     ev.compile_ahead()
-                except Exception:  # noqa: BLE001 - compiled (and raised) on first call
+                except Exception:  # noqa: BLE001, S110 - compiled (and raised) on first call
                     pass
 
     def _jitted_grad(self):
@@ -496,9 +382,6 @@ class Problem(Scoped):
         # |taken| is the real step, or the imaginary one for an i·h perturbation.
         taken = np.abs(engine.actual_steps(x0, elem, deltas))
         return stencils.estimate(stencil, self.j0, np.real(jv), taken)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
 
     @property
     def skipped(self) -> tuple:

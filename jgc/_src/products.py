@@ -26,7 +26,8 @@ from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
 from .statuses import MISMATCH
-from .vector import NoForwardRule, NoReverseRule, VectorProblem
+from .vector import VectorProblem
+from .vector_analytic import NoForwardRule, NoReverseRule
 
 VJP_AGAINST = ("auto", "numerical", "jvp")
 # Random directions per input leaf (and cotangents per output leaf). Four directions

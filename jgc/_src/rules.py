@@ -45,7 +45,7 @@ from . import trees
 from .intended import _library_intended, _user_intended, intended
 from .jacobian import check_jacobian
 from .names import function_name
-from .problem import precision_scope
+from .preparation import precision_scope
 from .products import check_jvp, check_vjp
 from .rule_eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .rule_sites import VJP_CALL, _Collector, _short, _Site, _site_base

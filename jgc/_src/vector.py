@@ -11,25 +11,27 @@ second-order checks (``jacobian.py``) all work on this real view, which is also 
 JAX's convention for complex derivatives is honoured: a complex number is a point of
 R², tangents are R-linear, and ``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i)
 is c_r − i·c_i.
+
+What it shares with Problem (options, precision, scales) is in ``preparation.py``; the
+layout of y in ``vector_layout.py``; the analytic side (JVPs, VJPs) in
+``vector_analytic.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import engine, policy, stencils, trees
+from . import compat, engine, noise, policy, stencils, trees, vector_analytic
 from .names import short_name
-from .problem import OutputFormError, Scoped, drop_aux, precision_scope
-
-PRECISIONS = ("auto", "float64", "native")
+from .outputs import OutputFormError, drop_aux
+from .preparation import Prepared, unit_roundoff, validate, validate_chunk_size
+from .vector_layout import Layout
 
 # Points on the noise probe line; 16 points give 10 sixth differences per output
 # element (jgc/_src/noise.py explains the method).
@@ -42,14 +44,6 @@ def _quiet_nonfinite(scope):
     legitimately not finite is part of the check (a non-finite status), not an error."""
     with scope, jax.debug_nans(False), jax.debug_infs(False):
         yield
-
-
-class NoForwardRule(TypeError):
-    """f has no JVP (a ``jax.custom_vjp`` function): only reverse mode can be checked."""
-
-
-class NoReverseRule(ValueError):
-    """f has no VJP (e.g. ``lax.while_loop`` with a dynamic trip count)."""
 
 
 def normalize_argnums(argnums, n: int, api: str) -> tuple[int, ...]:
@@ -86,70 +80,23 @@ def as_array_primal(x):
     return x
 
 
-def to_host(x) -> np.ndarray:
-    """A device array (or a NumPy one) as NumPy: an explicit transfer, allowed under
-    ``jax.transfer_guard("disallow")``."""
-    return np.asarray(jax.device_get(x))
-
-
 def to_device(x, dtype=None):
     """A host array on the default device: an explicit transfer (``jax.transfer_guard``)."""
     return jax.device_put(np.asarray(x, dtype))
 
 
-def _zero_tangent(x):
-    """A zero tangent for a primal leaf (float0 for integer/bool leaves, as JAX wants)."""
-    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jnp.zeros(x.shape, x.dtype)
-        return np.zeros(x.shape, dtype=jax.dtypes.float0)
-    if isinstance(x, (float, complex)):
-        return type(x)(0)
-    if isinstance(x, (int, bool)):
-        return np.zeros((), dtype=jax.dtypes.float0)
-    return x
-
-
-@dataclasses.dataclass(frozen=True)
-class OutLeaf:
-    """One floating output leaf and its slice of the real output vector y."""
-
-    pos: int  # position among the output tree's leaves
-    path: str
-    shape: tuple
-    dtype: np.dtype  # as evaluated
-    is_complex: bool
-    start: int
-    stop: int
-
-    @property
-    def block_shape(self) -> tuple:
-        """Shape of this leaf in y's real view: complex leaves gain a trailing (Re, Im) axis."""
-        return self.shape + ((2,) if self.is_complex else ())
-
-
-class VectorProblem(Scoped):
+class VectorProblem(Prepared):
     """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
 
     def __init__(self, f: Callable, primals: tuple, *, argnums=None, has_aux: bool = False,
                  precision: str = "auto", api: str, chunk_size: int | None = None,
                  in_label: Callable[[int], str] | None = None, out_name: str = "out",
                  allow_nonfinite: bool = False, absolute_step: bool = False):
-        if not callable(f):
-            raise TypeError(f"{api}: f must be callable as f(*primals), got {type(f).__name__}.")
-        if precision not in PRECISIONS:
-            raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
-        if not isinstance(has_aux, bool):
-            raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
-        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-            raise ValueError(f"{api}: chunk_size must be a positive int or None, got {chunk_size!r}.")
+        validate(api, f, signature="f(*primals)", has_aux=has_aux, precision=precision, leaves=primals,
+                 traced_hint="A derivative check needs concrete numbers: call it outside transformations.")
+        validate_chunk_size(api, chunk_size)
         if not primals:
             raise TypeError(f"{api}: pass the point to check at, f(*primals); no primals were given.")
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(primals)):
-            raise TypeError(
-                f"{api} got traced values (it was called inside jit, vmap or grad). A "
-                "derivative check needs concrete numbers: call it outside transformations."
-            )
         self.f, self.api, self.has_aux = f, api, has_aux
         self.fn = f  # as Problem names it (reports read it)
         # With allow_nonfinite, NaN/Inf in the primals or in f(*primals) is compared as
@@ -163,14 +110,8 @@ class VectorProblem(Scoped):
         self.chunk_size = chunk_size
         self.in_label = in_label or (lambda i: f"args[{i}]")
         self.out_name = out_name
-        self.counter = engine.Counter()
-        self.t0 = time.perf_counter()
-        self.notes: list[str] = []
         checked = tuple(self.primals[i] for i in self.argnums)
-        orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
-        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
-        self.widen, scope = precision_scope(precision, self.orig_dtypes, self.notes)
-        self._scope = _quiet_nonfinite(scope)
+        self._scope = _quiet_nonfinite(self._begin(checked, precision))
 
     # -- preparation -------------------------------------------------------------
     def _relabel(self, p: str) -> str:
@@ -183,15 +124,9 @@ class VectorProblem(Scoped):
         checked = tuple(self.primals[i] for i in nums)
         self.split, dyn = trees.split_params(checked, what=f"{self.api}: the primals at argnums {nums}",
                                              finite=not self.allow_nonfinite)
-        if self.widen:
-            dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
-        elif any(policy.unit_roundoff(x.dtype) > 1e-6 for x in dyn):
-            # bfloat16/float16 steps round to 0 or to coarse multiples of θ; float32 is the
-            # narrowest precision in which differences resolve (as in Problem).
-            dyn = [x.astype(jnp.float32) if policy.unit_roundoff(x.dtype) > 1e-6 else x for x in dyn]
-            self.notes.append("bfloat16/float16 primals were evaluated in float32.")
-        self.dyn = dyn
-        self.eval_dtypes = [np.dtype(x.dtype) for x in dyn]
+        # bfloat16/float16 steps round to 0 or to coarse multiples of θ; float32 is the
+        # narrowest precision in which differences resolve (as in Problem).
+        self._at_eval_precision(dyn, narrowed_note="bfloat16/float16 primals were evaluated in float32.")
         self.paths = [self._relabel(p) for p in self.split.dynamic_paths]
         self.skipped = tuple((self._relabel(p), d) for p, d in self.split.skipped)
         others = tuple(None if i in nums else p for i, p in enumerate(self.primals))
@@ -200,17 +135,12 @@ class VectorProblem(Scoped):
         # Shapes only (a trace, no compile): the first value comes from the compiled noise
         # probe at t = 0, so checking a function costs no op-by-op eager run.
         out = self._first_output()
-        self._layout(out)
+        self.layout = Layout.of(out, name=self.out_name, api=self.api, f=self.f)
+        self.out_leaves, self.out_skipped = self.layout.leaves, self.layout.skipped
+        self.n_out, self.out_dtype = self.layout.size, self.layout.dtype
         self.y0 = None
-        u = max(policy.unit_roundoff(d) for d in self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
-        self.u = u
-        abs_all = np.concatenate([np.abs(to_host(x)).ravel() for x in self.dyn])
-        rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
-        self.global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
-        self.scales = [
-            np.ones(x.size) if self.absolute_step
-            else policy.coordinate_scale(np.abs(to_host(x)).ravel(), self.global_scale) for x in self.dyn
-        ]
+        self.u = unit_roundoff(self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
+        self._set_scales(absolute=self.absolute_step)
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise (needs the direction bank)
 
@@ -226,18 +156,6 @@ class VectorProblem(Scoped):
             prims[i] = tree[j]
         return prims
 
-    def tangents_from(self, tdyn) -> tuple:
-        """Full tangent tuple for ``jax.jvp``-style user rules: zeros off the checked leaves."""
-        prims = self.primals_from(self.dyn, self.argarr)
-        tang = [jax.tree_util.tree_map(_zero_tangent, p) for p in prims]
-        leaves = [_zero_tangent(x) for x in self.split.leaves]
-        for pos, t in zip(self.split.dynamic_index, tdyn):
-            leaves[pos] = t
-        tree = jax.tree_util.tree_unflatten(self.split.treedef, leaves)
-        for j, i in enumerate(self.argnums):
-            tang[i] = tree[j]
-        return tuple(tang)
-
     def _first_output(self):
         try:
             return jax.eval_shape(self.call, self.dyn, self.argarr)
@@ -247,58 +165,12 @@ class VectorProblem(Scoped):
             e.add_note(f"{self.api}: raised while evaluating {short_name(self.f)}(*primals) at the given point.")
             raise
 
-    def _layout(self, out):
-        wp, _ = jax.tree_util.tree_flatten_with_path(out)
-        self.out_leaves, self.out_skipped, start = [], [], 0
-        for pos, (path, leaf) in enumerate(wp):
-            p = self.out_name + jax.tree_util.keystr(path)
-            arr = leaf if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)) else None
-            if arr is None or not jnp.issubdtype(arr.dtype, jnp.inexact):
-                desc = trees.describe(leaf)
-                self.out_skipped.append((p, desc))
-                continue
-            is_c = bool(jnp.issubdtype(arr.dtype, jnp.complexfloating))
-            n = int(np.prod(arr.shape, dtype=np.int64)) * (2 if is_c else 1)
-            self.out_leaves.append(OutLeaf(pos, p, tuple(arr.shape), np.dtype(arr.dtype), is_c, start, start + n))
-            start += n
-        if not self.out_leaves:
-            raise ValueError(
-                f"{self.api}: {short_name(self.f)} returned no floating-point output (outputs seen: "
-                f"{[d for _, d in self.out_skipped] or 'none'}), so there is no derivative to "
-                "check. Return float or complex arrays."
-            )
-        self.n_out = start
-        reals = [np.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype for ol in self.out_leaves]
-        self.out_dtype = np.result_type(*reals)
-
     def vec(self, out):
-        """The real output vector y of an output pytree (linear in the output)."""
-        leaves = jax.tree_util.tree_leaves(out)
-        parts = []
-        for ol in self.out_leaves:
-            x = jnp.asarray(leaves[ol.pos])
-            if ol.is_complex:
-                x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
-            parts.append(x.ravel().astype(self.out_dtype))
-        return jnp.concatenate(parts)
+        """The real output vector y of an output pytree (see vector_layout.Layout.vec)."""
+        return self.layout.vec(out)
 
     def unvec_cotangent(self, c, out):
-        """The output cotangent whose pairing with a tangent gives c·vec(tangent).
-
-        JAX pairs cotangents bilinearly: for a (Re, Im) pair the cotangent is c_r − i·c_i
-        (the transpose of vec, as jax.vjp computes it). Integer outputs get float0 zeros.
-        """
-        leaves, treedef = jax.tree_util.tree_flatten(out)
-        cts = [_zero_tangent(x) for x in leaves]
-        for ol in self.out_leaves:
-            seg = c[ol.start:ol.stop]
-            if ol.is_complex:
-                seg = seg.reshape(-1, 2)
-                v = (seg[:, 0] - 1j * seg[:, 1]).astype(ol.dtype)
-            else:
-                v = seg.astype(ol.dtype)
-            cts[ol.pos] = v.reshape(ol.shape)
-        return jax.tree_util.tree_unflatten(treedef, cts)
+        return self.layout.unvec_cotangent(c, out)
 
     def _check_first(self):
         y = self.y0
@@ -307,12 +179,11 @@ class VectorProblem(Scoped):
             self.notes.append(f"f is not finite at {int(bad.sum())} output element(s) at the given point: "
                               "they are compared as NaN == NaN, as jax.test_util.check_grads does.")
         elif bad.any():
-            j = int(np.argmax(bad))
-            ol, idx = self.locate_output(j)
+            _, at = self.layout.first(bad)
             raise ValueError(
-                f"{self.api}: {short_name(self.f)} returned a non-finite value at output {ol.path}"
-                f"{list(idx)} at the given point; a derivative check needs finite outputs. Check "
-                "for log(0), division by zero or overflow there."
+                f"{self.api}: {short_name(self.f)} returned a non-finite value at output {at} at the "
+                "given point; a derivative check needs finite outputs. Check for log(0), division "
+                "by zero or overflow there."
             )
 
     def primal_bound(self) -> float:
@@ -346,12 +217,11 @@ class VectorProblem(Scoped):
         again = np.asarray(again, np.float64)
         bad = self._differs(again)
         if user is not None and np.any(bad):
-            j = int(np.argmax(bad))
-            ol, idx = self.locate_output(j)
+            j, at = self.layout.first(bad)
             raise ValueError(
-                f"{self.api}: the primal output of {user} differs from f at output {ol.path}"
-                f"{list(idx)}: {again[j]!r} against f's {y[j]!r}. A rule must return f(*primals) "
-                "as its primal output (check the forward function of the custom rule)."
+                f"{self.api}: the primal output of {user} differs from f at output {at}: {again[j]!r} "
+                f"against f's {y[j]!r}. A rule must return f(*primals) as its primal output (check "
+                "the forward function of the custom rule)."
             )
         if np.any(bad) and not np.any(self._differs(self._fresh_value())):
             self.__dict__.setdefault("primal_mismatches", {}).setdefault(label, again)
@@ -366,13 +236,7 @@ class VectorProblem(Scoped):
     def _fresh_value(self) -> np.ndarray:
         """f at the point from a new trace and compilation (its own jit), as y."""
         fresh = jax.jit(lambda d, a: self.F(d, a))
-        return to_host(fresh(self.dyn, self.argarr)).astype(np.float64)
-
-    def locate_output(self, j: int) -> tuple[OutLeaf, tuple]:
-        for ol in self.out_leaves:
-            if ol.start <= j < ol.stop:
-                return ol, tuple(int(i) for i in np.unravel_index(j - ol.start, ol.block_shape))
-        raise IndexError(j)
+        return compat.host(fresh(self.dyn, self.argarr)).astype(np.float64)
 
     # -- coordinates -------------------------------------------------------------
     def is_complex(self, k: int) -> bool:
@@ -457,14 +321,14 @@ class VectorProblem(Scoped):
         self.tangent_of = tangent_of
         self._dir_batch = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
 
-    def _chunked(self, fn, rows: np.ndarray, *operands):
+    def chunked(self, fn, rows: np.ndarray, *operands):
         """Run a vmapped fn over bank rows in fixed-size chunks (one compile, bounded memory)."""
         c = self.rows
         n = rows.size
         nch = max(1, math.ceil(n / c))
         rows = np.concatenate([rows, np.repeat(rows[-1:], nch * c - n)]).astype(np.int32)
         outs = [fn(to_device(rows[i * c:(i + 1) * c]), *operands) for i in range(nch)]
-        return jax.tree_util.tree_map(lambda *xs: np.concatenate([to_host(x) for x in xs])[:n], *outs)
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate([compat.host(x) for x in xs])[:n], *outs)
 
     def eval_rows(self, s: np.ndarray, b: np.ndarray) -> np.ndarray:
         """y at x + s_r·bank[b_r] for every row r: shape (rows, n_out)."""
@@ -479,7 +343,7 @@ class VectorProblem(Scoped):
                                 self.dyn, self.argarr)
                 for i in range(nch)]
         self.counter.evaluations += total
-        return np.concatenate([to_host(o).astype(np.float64) for o in outs])[:total]
+        return np.concatenate([compat.host(o).astype(np.float64) for o in outs])[:total]
 
     def measure_noise(self):
         """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
@@ -500,9 +364,7 @@ class VectorProblem(Scoped):
             self.notes.append("f was not finite along the noise probe; noise taken as u·|y|.")
             self.sigma = floor
         else:
-            d = np.diff(vals, n=6, axis=0)
-            gamma = math.factorial(6) ** 2 / math.factorial(12)
-            self.sigma = np.maximum(np.sqrt(gamma * np.mean(d * d, axis=0)), floor)
+            self.sigma = np.maximum(noise.per_column(vals), floor)
         ref = np.maximum(absy, 1e-3 * float(np.max(absy, initial=0.0)))
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(ref > 0, self.sigma / ref, 0.0)
@@ -549,7 +411,7 @@ class VectorProblem(Scoped):
             cache[k] = engine.LeafEvaluator(cost, x.ravel(), (self.dyn, self.argarr),
                                             chunk_size=self.chunk_size, counter=self.counter)
         m = x.size
-        x0 = to_host(x).ravel()
+        x0 = compat.host(x).ravel()
         elem = coords % m
         unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
         h = h_rel * self.scales[k][elem]
@@ -565,98 +427,11 @@ class VectorProblem(Scoped):
     def sigma_rows(self, n: int) -> np.ndarray:
         return np.tile(self.sigma, n)
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    @property
-    def precision(self) -> str:
-        if all(policy.unit_roundoff(d) < 1e-12 for d in self.eval_dtypes):
-            return "float64"
-        return "native (" + ", ".join(sorted({d.name for d in self.eval_dtypes})) + ")"
-
     # -- analytic side ---------------------------------------------------------------
     def jvp_batch(self, user_jvp: Callable | None, from_bank: bool = False):
-        """Return g(T) = (J·t for each tangent t in the batch T), as (B, n_out) arrays.
-
-        T is a list of per-leaf tangent batches, or (``from_bank``) an array of bank rows
-        (see :meth:`set_bank`), evaluated in chunks. ``user_jvp(primals, tangents) ->
-        (primals_out, tangents_out)`` follows ``jax.jvp``'s convention.
-        """
-        if user_jvp is None:
-            def one_t(t, dyn, argarr):
-                return jax.jvp(lambda d: self.F(d, argarr), (dyn,), (t,))
-        else:
-            def one_t(t, dyn, argarr):
-                res = user_jvp(tuple(self.primals_from(dyn, argarr)), self.tangents_from(t))
-                if not (isinstance(res, (tuple, list)) and len(res) == 2):
-                    raise TypeError(
-                        f"{self.api}: jvp(primals, tangents) must return a pair (primals_out, "
-                        f"tangents_out) like jax.jvp, got {type(res).__name__}."
-                    )
-                return self.vec(res[0]), self.vec(res[1])
-        if from_bank:
-            def one(b, bank, dyn, argarr):
-                return one_t(self.tangent_of(b, bank), dyn, argarr)
-            vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
-
-            def fn(rows, dyn, argarr):
-                return self._chunked(vfn, np.asarray(rows), self.bank, dyn, argarr)
-        else:
-            vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
-
-            def fn(T, dyn, argarr):
-                return vfn([to_device(t) if isinstance(t, np.ndarray) else t for t in T], dyn, argarr)
-
-        def run(T):
-            try:
-                prim, tout = fn(T, self.dyn, self.argarr)
-                self.check_primal(to_host(prim)[0], None if user_jvp is None else "jvp")
-                return to_host(tout).astype(np.float64)
-            except TypeError as e:
-                if user_jvp is None and "custom_vjp" in str(e):
-                    raise NoForwardRule(str(e)) from e
-                e.add_note(f"{self.api}: raised while computing JVPs of {short_name(self.f)}.")
-                raise
-        return run
+        """g(T) = J·t for each tangent t of a batch (see vector_analytic.jvp_batch)."""
+        return vector_analytic.jvp_batch(self, user_jvp, from_bank)
 
     def vjp_batch(self, user_vjp: Callable | None):
-        """Return g(C) = per-leaf cotangents (B, *leaf) for a batch C (B, n_out) of real cotangents.
-
-        ``user_vjp(*primals) -> (primals_out, vjp_fn)`` follows ``jax.vjp``'s convention;
-        vjp_fn returns one cotangent per primal.
-        """
-        if user_vjp is None:
-            def one(c, dyn, argarr):
-                out, fn = jax.vjp(lambda d: self.F(d, argarr), dyn)
-                return out, fn(c)[0]
-        else:
-            def one(c, dyn, argarr):
-                res = user_vjp(*self.primals_from(dyn, argarr))
-                if not (isinstance(res, (tuple, list)) and len(res) == 2 and callable(res[1])):
-                    raise TypeError(
-                        f"{self.api}: vjp(*primals) must return a pair (primals_out, vjp_fn) like "
-                        f"jax.vjp, got {type(res).__name__}."
-                    )
-                out, fn = res
-                w = fn(self.unvec_cotangent(c, out))
-                w = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-                if len(w) != len(self.primals):
-                    raise ValueError(
-                        f"{self.api}: vjp_fn returned {len(w)} cotangent(s) for {len(self.primals)} "
-                        "primals; return one per primal, as jax.vjp does."
-                    )
-                per = self.split.treedef.flatten_up_to(tuple(w[i] for i in self.argnums))
-                return self.vec(out), [per[pos] for pos in self.split.dynamic_index]
-        fn = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
-
-        def run(C):
-            try:
-                prim, W = fn(to_device(C, self.out_dtype), self.dyn, self.argarr)
-                self.check_primal(to_host(prim)[0], None if user_vjp is None else "vjp", label="VJP")
-                return [to_host(w) for w in W]
-            except ValueError as e:
-                if user_vjp is None and "Reverse-mode differentiation does not work" in str(e):
-                    raise NoReverseRule(str(e)) from e
-                e.add_note(f"{self.api}: raised while computing VJPs of {short_name(self.f)}.")
-                raise
-        return run
+        """g(C) = per-leaf cotangents of a batch of real cotangents (see vector_analytic.vjp_batch)."""
+        return vector_analytic.vjp_batch(self, user_vjp)

@@ -1,0 +1,163 @@
+"""Preparation shared by every check: validated options, evaluation precision and step scales.
+
+:class:`jgc._src.problem.Problem` (a scalar cost) and
+:class:`jgc._src.vector.VectorProblem` (a vector function) both derive from
+:class:`Prepared`. It owns what the two have in common: the check of the options they
+share, the scoped x64 context, the perturbed leaves cast to their evaluation precision
+(float64 where available, never below float32), the precision label of the report,
+the unit round-off u and the scale s_i that sizes the step of every element.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import jax
+import numpy as np
+
+from . import compat, engine, policy, trees
+
+PRECISIONS = ("auto", "float64", "native")
+
+
+def validate(api: str, fn, *, signature: str, has_aux, precision, leaves, traced_hint: str) -> None:
+    """Refuse options every check refuses: a non-callable fn, a non-bool has_aux, an
+    unknown precision, and traced values among ``leaves``.
+
+    ``signature`` is how fn is called (``"fn(params, *args) -> scalar"``); its name is
+    the option named in the message. ``traced_hint`` follows the traced-values message.
+    """
+    if not callable(fn):
+        name = signature.split("(", 1)[0]
+        raise TypeError(f"{api}: {name} must be callable as {signature}, got {type(fn).__name__}.")
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
+    if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves(leaves)):
+        raise TypeError(f"{api} got traced values (it was called inside jit, vmap or grad). {traced_hint}")
+
+
+def validate_chunk_size(api: str, chunk_size) -> None:
+    """chunk_size: a positive int, or None (chosen from a memory budget)."""
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{api}: chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+
+def precision_scope(precision: str, orig_dtypes, notes: list):
+    """Decide whether to evaluate in float64 and return (widen, x64 context manager).
+
+    "auto" widens wherever the backend has float64 (not on TPU, where a note says so);
+    the scope enables x64 only inside the check, so no global flag is left behind.
+    """
+    if precision == "auto":
+        widen = jax.default_backend() != "tpu"
+        if not widen and any(policy.unit_roundoff(d) > 1e-12 for d in orig_dtypes):
+            notes.append("float64 is not available on TPU: checked in native precision with "
+                         "tolerances and steps for that precision.")
+    else:
+        widen = precision == "float64"
+    needs_x64 = widen or any(d in (np.float64, np.complex128) for d in orig_dtypes)
+    return widen, (compat.enable_x64(True) if needs_x64 else contextlib.nullcontext())
+
+
+class Scoped:
+    """A context manager that enters ``self._scope`` (x64 or not), then ``_prepare()``.
+
+    Subclasses set ``_scope`` (see :func:`precision_scope`) and define ``_prepare``;
+    the scope is left again if preparation fails, so no flag is ever left behind.
+    """
+
+    def __enter__(self):
+        self._scope.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        return self._scope.__exit__(*exc)
+
+
+def _narrow(dtype) -> bool:
+    """True for bfloat16/float16 (and narrower): too coarse for finite differences."""
+    return policy.unit_roundoff(dtype) > 1e-6
+
+
+def evaluation_leaves(dyn: list, widen: bool) -> tuple[list, bool]:
+    """The perturbed leaves at evaluation precision, and whether narrow ones were raised.
+
+    With ``widen`` every leaf becomes float64 (complex128); otherwise bfloat16/float16
+    leaves become float32. Casts run on the host (NumPy), not as one compiled XLA
+    program per shape, and are exact.
+    """
+    if widen:
+        return [jax.device_put(compat.host(x).astype(trees.wide_dtype(x.dtype))) for x in dyn], False
+    if not any(_narrow(x.dtype) for x in dyn):
+        return dyn, False
+    # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of θ, so
+    # a numerical derivative in bfloat16 is mostly 0 or garbage. The reference is
+    # therefore always evaluated in float32 at least.
+    return [jax.device_put(compat.host(x).astype(np.float32)) if _narrow(x.dtype) else x for x in dyn], True
+
+
+def precision_label(eval_dtypes) -> str:
+    """The report's precision: "float64", or "native (float32, ...)"."""
+    if all(policy.unit_roundoff(d) < 1e-12 for d in eval_dtypes):
+        return "float64"
+    return "native (" + ", ".join(sorted({np.dtype(d).name for d in eval_dtypes})) + ")"
+
+
+def unit_roundoff(dtypes) -> float:
+    """u of the coarsest of ``dtypes``: the round-off every evaluation carries."""
+    return max(policy.unit_roundoff(d) for d in dtypes)
+
+
+def step_scales(dyn: list, *, absolute: bool = False) -> tuple[float, list[np.ndarray]]:
+    """(global scale, per-leaf scales s_i): the RMS of every element, and per element
+    max(|θ_i|, rms(leaf)) (see policy.coordinate_scale); ``absolute``: every s_i is 1."""
+    abs_all = np.concatenate([np.abs(compat.host(x)).ravel() for x in dyn])
+    rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
+    global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
+    scales = [
+        np.ones(x.size) if absolute
+        else policy.coordinate_scale(np.abs(compat.host(x)).ravel(), global_scale) for x in dyn
+    ]
+    return global_scale, scales
+
+
+class Prepared(Scoped):
+    """The state every prepared check holds: notes, evaluation counter and clock, the
+    dtypes of the checked leaves, and (once prepared) those leaves at evaluation
+    precision with their scales."""
+
+    def _begin(self, checked, precision: str):
+        """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
+        self.counter = engine.Counter()
+        self.t0 = time.perf_counter()
+        self.notes: list[str] = []
+        orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
+        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
+        self.widen, scope = precision_scope(precision, self.orig_dtypes, self.notes)
+        return scope
+
+    def _at_eval_precision(self, dyn: list, *, narrowed_note: str) -> None:
+        """Set ``dyn`` and ``eval_dtypes`` (see :func:`evaluation_leaves`)."""
+        self.dyn, narrowed = evaluation_leaves(dyn, self.widen)
+        if narrowed:
+            self.notes.append(narrowed_note)
+        self.eval_dtypes = [np.dtype(x.dtype) for x in self.dyn]
+
+    def _set_scales(self, *, absolute: bool = False) -> None:
+        self.global_scale, self.scales = step_scales(self.dyn, absolute=absolute)
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.eval_dtypes)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
