@@ -196,7 +196,7 @@ class Problem(Prepared):
             value = float(compat.host(lowered.compile()(self.dyn, self.argarr)))
             _require_finite(self.api, value)
             again = float(compat.host(second.compile()(self.dyn, self.argarr)))
-        self.counter.evaluations += 2
+        self.counter.add(2)
         if again != value and abs(again - value) > 1e3 * self.u * max(abs(value), 1e-30):
             raise ValueError(
                 f"{self.api}: fn is not deterministic: two evaluations at the same params gave "
@@ -236,7 +236,7 @@ class Problem(Prepared):
                                          self.argarr))
 
         sigma, values, kept = noise.measure(cost_lines, self.u)
-        self.counter.evaluations += noise.LINES * noise.POINTS * len(probes)
+        self.counter.add(noise.LINES * noise.POINTS * len(probes))
         if kept < noise.spacing(self.u):
             # At spacing 8·kept J's variation swamped its noise: J changes shape on that
             # scale, so no step should be longer than the spacing that resolved it.

@@ -342,7 +342,7 @@ class VectorProblem(Prepared):
         outs = [self._dir_batch(to_device(s[i * c:(i + 1) * c]), to_device(b[i * c:(i + 1) * c]), self.bank,
                                 self.dyn, self.argarr)
                 for i in range(nch)]
-        self.counter.evaluations += total
+        self.counter.add(total)
         return np.concatenate([compat.host(o).astype(np.float64) for o in outs])[:total]
 
     def measure_noise(self):
