@@ -188,7 +188,7 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
     # moves x by eps·t for an unscaled t, as in JAX.
     base = Plan(api=api, rtol=_resolve_tol(rtol, args, "rtol"), atol=_resolve_tol(atol, args, "atol"),
                 step=None if eps is None else float(eps), strict=strict, directions=num_directions,
-                problem=dict(precision=precision, allow_nonfinite=True, absolute_step=eps is not None))
+                problem={"precision": precision, "allow_nonfinite": True, "absolute_step": eps is not None})
     rng = rng_from_key(key, api)
     parts, notes = [], []
     _check_level(f, args, int(order), modes, prefix="", rng=rng, base=base, found=(parts, notes))

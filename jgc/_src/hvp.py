@@ -116,8 +116,8 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
     validate.count(api, "num_directions", num_directions)
     plan = Plan(api=api, jvp=True, user_jvp=user_jvp, key=seed, directions=num_directions, rtol=rtol,
                 atol=atol, step=step, strict=strict,
-                problem=dict(argnums=0, precision=precision, chunk_size=chunk_size,
-                             in_label=lambda i: "params", out_name="grad"))
+                problem={"argnums": 0, "precision": precision, "chunk_size": chunk_size,
+                             "in_label": lambda i: "params", "out_name": "grad"})
     rep = run(derivative, (params, *args), plan)[0]
     return dataclasses.replace(rep, mode=f"hvp (order {order}, {num_directions} directions per leaf)",
                                function=function_name(f))

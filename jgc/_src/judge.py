@@ -174,8 +174,8 @@ def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, *,
     g_leaf = float(np.max(np.abs(a_full[np.isfinite(a_full)]), initial=0.0))
     g_ref = g_leaf if g_leaf > 0 else g_all
     x = problem.dyn[k]
-    where = dict(path=problem.paths[k], shape=tuple(x.shape), dtype=problem.orig_dtypes[k].name,
-                 size=int(x.size), g_ref=g_ref)
+    where = {"path": problem.paths[k], "shape": tuple(x.shape), "dtype": problem.orig_dtypes[k].name,
+                 "size": int(x.size), "g_ref": g_ref}
     if elems.size == 0:
         e = np.zeros(0)
         return summarize(e, e, e, e.astype(np.int8), indices=np.zeros(0, np.int64), step=math.nan,

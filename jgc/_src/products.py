@@ -145,7 +145,7 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
     validate.count(api, "num_directions", num_directions)
     plan = Plan(api=api, jvp=True, user_jvp=jvp, key=key, directions=num_directions, rtol=rtol, atol=atol,
                 step=step, strict=strict,
-                problem=dict(argnums=argnums, has_aux=has_aux, precision=precision, chunk_size=chunk_size))
+                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size})
     return run(f, primals, plan)[0]
 
 
@@ -391,5 +391,5 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
     plan = Plan(api=api, vjp=True, against=against, user_jvp=jvp, user_vjp=vjp, key=key,
                 directions=num_directions, cotangents=num_cotangents, rtol=rtol, atol=atol, step=step,
                 strict=strict,
-                problem=dict(argnums=argnums, has_aux=has_aux, precision=precision, chunk_size=chunk_size))
+                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size})
     return run(f, primals, plan)[0]

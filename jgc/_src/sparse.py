@@ -73,7 +73,7 @@ class Batched:
 
 
 class Sparse:
-    __slots__ = ("base", "pos", "new")
+    __slots__ = ("base", "new", "pos")
 
     def __init__(self, base, pos, new):
         self.base, self.pos, self.new = base, pos, new
@@ -298,7 +298,7 @@ def _generic(eqn, vals):
     if not any(batched):
         out = _bind(eqn, *args)
         return [Plain(o) for o in out] if prim.multiple_results else [Plain(out)]
-    fun = lambda *a: _bind(eqn, *a)  # noqa: E731
+    fun = lambda *a: _bind(eqn, *a)
     out = jax.vmap(fun, in_axes=[0 if b else None for b in batched])(*args)
     return [Batched(o) for o in out] if prim.multiple_results else [Batched(out)]
 

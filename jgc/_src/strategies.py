@@ -144,17 +144,17 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
     sizes = [x.size for x in problem.dyn]
     n = sum(sizes)
     coords = [problem.coordinates(k) for k in range(len(sizes))]
-    kw = dict(stencil=stencil, rtol=rtol, atol=atol, step=step, strict=strict)
+    kw = {"stencil": stencil, "rtol": rtol, "atol": atol, "step": step, "strict": strict}
 
     if mode == "sampled":
         total = None if budget is None else max(len(sizes), budget // 2)  # 2 evaluations per element
         counts = samples_per_leaf(sizes, samples, total)
         elems = [sample_elements(a.ravel(), c, rng) for a, c in zip(a_leaves, counts)]
         picked = sum(e.size for e in elems)
-        notes = (f"sampled: {picked} of {n} elements checked individually (per leaf the largest-|g| "
-                 f"elements plus a stratified sample, key={key!r}); the other {n - picked} were not "
-                 "checked, so 'detect' is inf for a leaf not checked in full (a typical element "
-                 "was most likely not in the sample).",)
+        notes = ((f"sampled: {picked} of {n} elements checked individually (per leaf the largest-|g| "
+                  f"elements plus a stratified sample, key={key!r}); the other {n - picked} were not "
+                  "checked, so 'detect' is inf for a leaf not checked in full (a typical element "
+                  "was most likely not in the sample)."),)
         with progress.attached(problem.counter, 2 * picked + PILOT_EVALS * len(sizes)):
             rep = judge_all(problem, steps, a_leaves, elems, mode="sampled", notes=notes, **kw)
         # The largest-|g| element is always sampled; a typical one only by chance.

@@ -110,7 +110,7 @@ def check_taylor(fn, params, *args, grad=None, has_aux: bool = False, key=0,
                     for gi, v in zip(g, direction))
         if num_steps is None:
             h_min = math.sqrt(1e3 * Steps(problem).u_eff)
-            num_steps = max(6, int(math.ceil(math.log2(largest_step / h_min))) + 1)
+            num_steps = max(6, math.ceil(math.log2(largest_step / h_min)) + 1)
         steps = largest_step * 0.5 ** np.arange(num_steps)
         dirs = [jax.device_put(np.asarray(v, x.dtype)) for v, x in zip(direction, problem.dyn)]
 

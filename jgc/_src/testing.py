@@ -15,7 +15,8 @@ assertion itself evaluates concrete numbers and must be called outside ``jit``,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 

@@ -17,7 +17,8 @@ step itself, so a call costs what calling the step costs.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 

@@ -11,7 +11,8 @@ so they are passed on as the (immutable) JAX arrays they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
