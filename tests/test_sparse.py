@@ -137,6 +137,8 @@ CASES = [_mlp, _bias, _second_layer, _weight_decay_and_transpose, _leaf_on_the_l
 def _evaluate(cost, x0, ops, idx, d, enabled, monkeypatch):
     monkeypatch.setattr(sparse, "ENABLED", enabled)
     monkeypatch.setattr(engine, "SPARSE_LEAF", 1)
+    # The interpreter itself, also where the evaluator would leave it for vmap.
+    monkeypatch.setattr(engine, "WHOLE_LEAF_COPY", float("inf"))
     ev = engine.LeafEvaluator(cost, x0, ops, chunk_size=8)
     assert ev.sparse == enabled, engine.SPARSE_FALLBACKS
     return ev(idx, d)
@@ -188,6 +190,23 @@ def test_single_entry_perturbation_through_a_matmul_stays_sparse():
         finally:
             sparse._rule = original
     assert env_kinds[:2] == [("dot_general", "Sparse"), ("tanh", "Sparse")], env_kinds
+
+
+@pytest.mark.parametrize("case, stays_sparse", [(_mlp, True), (_second_layer, True), (_scan_rnn, False),
+                                                 (_conv, False)])
+def test_the_sparse_path_is_left_where_its_trace_copies_the_whole_leaf(case, stays_sparse, monkeypatch):
+    # A leaf carried whole into a scan, or convolved by, is copied densely per row by the
+    # interpreter: no cheaper than vmap, and vmap's cache-sized batches are faster.
+    monkeypatch.setattr(engine, "SPARSE_LEAF", 1)
+    with jax.enable_x64(True):
+        cost, x0, ops = case(np.random.default_rng(0))
+        x0, ops = jnp.asarray(x0), jax.tree_util.tree_map(jnp.asarray, ops)
+        ev = engine.LeafEvaluator(cost, x0, ops)
+        fast = sparse.batched_single_entry(cost, x0, ops)
+        jax.eval_shape(fast, x0, jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2,), x0.dtype),
+                       ops)
+    assert ev.sparse == stays_sparse
+    assert (fast.densified >= x0.size) == (not stays_sparse), fast.densified
 
 
 def test_gradient_check_agrees_with_and_without_the_sparse_evaluator(monkeypatch):

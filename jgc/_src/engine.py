@@ -67,6 +67,13 @@ FAST_CALLS = 32
 SPARSE_LEAF = 2**12
 # Rows per batch on the sparse path (see LeafEvaluator).
 SPARSE_BATCH = 512
+# The sparse path is left for plain vmap when its trace copies a one-entry change of at
+# least this fraction of the leaf's size per row (the perturbation meets an op without a
+# sparse rule while the leaf is still whole: a lax.scan carrying it, a convolution by
+# it). Its rows would cost what vmap's do, in batches of SPARSE_BATCH rather than the
+# dense layout's cache-sized ones. Measured on bench_arch.py's ~1e4 float64 models: the
+# RNN's check 3.7 → 2.1 s cold, the CNN's 4.3 → 3.2 s; the MLPs keep the sparse path.
+WHOLE_LEAF_COPY = 1.0
 # The last few errors that sent a leaf back to plain vmap (for tests and debugging).
 SPARSE_FALLBACKS: list[str] = []
 
@@ -165,7 +172,8 @@ class LeafEvaluator:
                 got = jax.eval_shape(fast, x0, *probe, operands)
                 want = [(2,) + tuple(o.shape) for o in jax.tree_util.tree_leaves(fast.out_shape)]
                 if (jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(fast.out_shape)
-                        and [tuple(a.shape) for a in jax.tree_util.tree_leaves(got)] == want):
+                        and [tuple(a.shape) for a in jax.tree_util.tree_leaves(got)] == want
+                        and fast.densified < WHOLE_LEAF_COPY * self.m):
                     batch, self.sparse = fast, True
             except Exception as e:  # noqa: BLE001 - any interpreter gap: use vmap
                 SPARSE_FALLBACKS.append(f"{type(e).__name__}: {e}"[:500])

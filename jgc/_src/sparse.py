@@ -27,6 +27,7 @@ For a two-sided difference this cancels the base's rounding, which only helps.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import jax
@@ -83,8 +84,16 @@ class Sparse:
         return self.base.shape
 
 
+# Per thread, while a batch is traced: the largest value, in elements, that still differed
+# from θ's in one entry per row and yet had to be copied densely (see
+# ``batched_single_entry``).
+_trace = threading.local()
+
+
 def densify(x: Sparse) -> Batched:
     c = x.pos.shape[0]
+    if x.pos.shape[1] == 1:
+        _trace.densified = max(getattr(_trace, "densified", 0), int(x.base.size))
     flat = jnp.broadcast_to(x.base.reshape(-1), (c, x.base.size))
     rows = jnp.arange(c, dtype=jnp.int32)[:, None]
     flat = flat.at[rows, x.pos].set(x.new.astype(x.base.dtype))
@@ -371,7 +380,9 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
         new = (x[i] + d.astype(x.dtype)).reshape(c, 1)
         leaves = jax.tree_util.tree_leaves(ops)
         args = [Sparse(x, i.astype(jnp.int32).reshape(c, 1), new)] + [Plain(a) for a in leaves]
+        _trace.densified = 0
         outs = evaluate(jaxpr, [Plain(v) for v in consts], args)
+        run.densified = _trace.densified
         res = []
         for o, var in zip(outs, jaxpr.outvars):
             if isinstance(o, Sparse):
@@ -382,4 +393,9 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
         return jax.tree_util.tree_unflatten(out_tree, res)
 
     run.out_shape = out_shape  # the cost's output for one row (from the jaxpr's trace)
+    # Set by each trace of ``run``: the largest one-entry change it copied densely per row.
+    # One as large as the leaf means the perturbation met an op without a sparse rule (a
+    # scan carrying the leaf, a convolution by it) before it spread: every row then holds
+    # a dense copy of the leaf, as under vmap.
+    run.densified = 0
     return run
