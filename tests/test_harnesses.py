@@ -90,6 +90,9 @@ CASES = [
     ("top_k_dtypes_inshape_float32_5_3_k_2", False, (FAIL, PASS), INT_OUTPUT),
     ("sin_shape_float16_20_20_", False, (FAIL, PASS), F16_STEP),
     ("cholesky_shape_float32_4_4_", False, (FAIL, FAIL), CHOLESKY),
+    # NaN and inf inputs: max's output at the point is NaN in one compilation of f and
+    # not in another (NaN propagation is not fixed by XLA); compared as NaN.
+    ("max_inf_nan_float16", False, (FAIL, PASS), F16_STEP),
     ("asin_shape_complex64_20_20_", True, (PASS, PASS), None),
     ("qr_multi_array_shape_float32_1_1_fullmatrices_False", True, (PASS, PASS), None),
     (("triangular_solve_dtypes_a_float32_4_4_b_float32_4_1_leftside_True_lower_False_transposea_False_"
