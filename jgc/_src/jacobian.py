@@ -19,10 +19,9 @@ import numpy as np
 
 from . import compare, validate
 from .blocks import block_report, gref, limits, make_report
-from .judge import Limits, Refined, classify, refine
+from .judge import Limits, Refined, classify, line_indices, refine, suspect_lines
 from .names import short_name
 from .report import Report
-from .statuses import MISMATCH
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
 
@@ -231,7 +230,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol) -> l
             GR[ol.start:ol.stop] = g
         lim = Limits(RT, AT, FL)
         judged = classify(a, by_row(est.value), by_row(err), by_row(est.finite), lim)
-        bad_cols = np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(a), axis=0))
+        bad_cols = suspect_lines(judged, a, axis=0)
         if bad_cols.size:
             r = vp.coordinate(k, bad_cols, "richardson", vp.relative_step("richardson", step))
             flat = (lambda v, n=bad_cols.size: v.reshape(n, vp.n_out).T.ravel())
@@ -243,7 +242,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol) -> l
                 noise = vp.sigma_rows(bad_cols.size) * r.err_round / 1.65
                 refined = Refined(refined.value, refined.err, refined.finite, side(r.onesided), side(r.table),
                                   flat(noise))
-            idx = np.ravel_multi_index(np.ix_(np.arange(vp.n_out), bad_cols), a.shape).ravel()
+            idx = line_indices(a.shape, bad_cols, axis=0)
             refine(judged, a, idx, refined, lim, imprecise=False)
         perm = vp.block_columns(k)
         for ol in vp.out_leaves:

@@ -86,6 +86,17 @@ def suspects(judged: Judged, a) -> np.ndarray:
     return np.flatnonzero((np.ravel(judged.codes) == MISMATCH) & np.isfinite(np.ravel(a)))
 
 
+def suspect_lines(judged: Judged, a, axis: int) -> np.ndarray:
+    """Columns (``axis=0``) or rows (``axis=1``) of a 2-D block that hold a suspect."""
+    return np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(a), axis=axis))
+
+
+def line_indices(shape: tuple, lines: np.ndarray, axis: int) -> np.ndarray:
+    """Flat indices (row-major) of every element of the columns (``axis=0``) or rows (``axis=1``)."""
+    rows, cols = (np.arange(shape[0]), lines) if axis == 0 else (lines, np.arange(shape[1]))
+    return np.ravel_multi_index(np.ix_(rows, cols), shape).ravel()
+
+
 def refine(judged: Judged, a, idx: np.ndarray, est: Refined, lim: Limits, *, imprecise: bool = True) -> None:
     """Re-classify elements ``idx`` (flat) from a refined estimate; splice in the mismatches.
 

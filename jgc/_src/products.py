@@ -21,11 +21,10 @@ import numpy as np
 
 from . import compare, validate
 from .blocks import block_report, gref, limits, make_report
-from .judge import Limits, Refined, classify, refine
+from .judge import Limits, Refined, classify, line_indices, refine, suspect_lines
 from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
-from .statuses import MISMATCH
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
 
@@ -242,13 +241,13 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float) -> list:
             GR[k, ol.start] = g
     lim = Limits(RT, AT, FL)
     judged = classify(JT, N, E, Fin, lim)
-    bad_rows = np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(JT), axis=1))
+    bad_rows = suspect_lines(judged, JT, axis=1)
     if bad_rows.size:
         r2 = _richardson_rows(vp, bad_rows, plan.step)
         side = (lambda v: v.reshape(-1, v.shape[-1]))
         refined = Refined(r2.value.ravel(), r2.err.ravel(), r2.finite.ravel(), side(r2.onesided),
                           side(r2.table), r2.noise.ravel())
-        idx = np.ravel_multi_index(np.ix_(bad_rows, np.arange(JT.shape[1])), JT.shape).ravel()
+        idx = line_indices(JT.shape, bad_rows, axis=1)
         refine(judged, JT, idx, refined, lim, imprecise=False)
     leaves = []
     for k in range(len(vp.dyn)):
@@ -289,7 +288,7 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
         g = gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
         lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
         judged = classify(a, n, err, fin, lim)
-        bad_d = np.flatnonzero(np.any((judged.codes == MISMATCH) & np.isfinite(a), axis=0))
+        bad_d = suspect_lines(judged, a, axis=0)
         if bad_d.size:
             r2 = _richardson_rows(vp, k * nd + bad_d, plan.step)
             n2 = Uc @ r2.value[:, c].T
@@ -300,7 +299,7 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
                 np.broadcast_to(np.all(r2.finite[:, c], axis=1)[None, :], n2.shape).ravel(),
                 o2.reshape(-1, o2.shape[-1]), tb2.reshape(-1, tb2.shape[-1]),
                 (absU[cu, c] @ r2.noise[:, c].T).ravel())
-            idx = np.ravel_multi_index(np.ix_(np.arange(a.shape[0]), bad_d), a.shape).ravel()
+            idx = line_indices(a.shape, bad_d, axis=0)
             refine(judged, a, idx, refined, lim, imprecise=False)
         leaves.append(block_report(
             a, judged.num, judged.bound, judged.codes,
