@@ -8,10 +8,6 @@ and ``" failed: "``. They work in ``chex.TestCase`` and under
 ``self.variant`` and call the assertion outside it.
 """
 
-from ._src.testing import PREFIX as PREFIX
-from ._src.testing import assert_grads_close as assert_grads_close
-from ._src.testing import assert_grads_differ as assert_grads_differ
-from ._src.testing import assert_report_ok as assert_report_ok
-from ._src.testing import assert_rules_ok as assert_rules_ok
+from ._src.testing import PREFIX, assert_grads_close, assert_grads_differ, assert_report_ok, assert_rules_ok
 
 __all__ = ["PREFIX", "assert_grads_close", "assert_grads_differ", "assert_report_ok", "assert_rules_ok"]

@@ -293,3 +293,65 @@ def test_eps_is_an_absolute_step_as_in_jax():
         jax_check_grads(jnp.log, (x,), 1, eps=1e-4)
         rep = jgc.check_grads(jnp.log, (x,), 1, eps=1e-4, strict=True)
     assert rep.ok and rep.counts()["non-finite"] == 0
+
+
+SPD3 = _spd(3)
+
+
+def _f16_fixed(x):
+    """A float16 constant of f's own: lax.concatenate refuses to mix it with wider inputs."""
+    return jnp.sin(jax.lax.concatenate([x, jnp.ones((1, 6), jnp.float16)], 0)) * 2
+
+
+def test_code_that_fixes_its_float16_dtype_is_checked_at_the_dtype_given():
+    x = jnp.asarray(RNG.standard_normal((4, 6)), jnp.float16)
+
+    @jax.custom_jvp
+    def wrong(x):
+        return _f16_fixed(x)
+
+    wrong.defjvp(lambda p, t: (wrong(p[0]), 1.1 * jax.jvp(_f16_fixed, p, t)[1]))
+    with jax.numpy_dtype_promotion("strict"):
+        rep = jgc.check_grads(_f16_fixed, (x,), 1)
+        with pytest.raises(jgc.GradCheckError):
+            jgc.check_grads(wrong, (x,), 1, modes=("fwd",))
+        # An explicit float64 is kept: f's own error surfaces.
+        with pytest.raises(TypeError, match="same dtypes"):
+            jgc.check_grads(_f16_fixed, (x,), 1, precision="float64")
+    assert rep.ok and rep.precision == "native (float16)"
+    assert any("refused its inputs at float64" in n for n in rep.notes), rep.notes
+
+
+def test_a_function_that_changes_with_the_dtype_is_checked_at_the_dtype_given():
+    # bitcast_convert_type of a float64 to float32 splits every element in two: widened,
+    # f computes something else. jgc sees the output shapes change and checks float32.
+    # JAX defines the derivative of a bitcast as zero; the float32 identity's slope is 1.
+    x = np.asarray(RNG.standard_normal((2, 3)), np.float32)
+
+    def same_bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.float32)
+
+    with pytest.raises(jgc.GradCheckError) as info:
+        jgc.check_grads(same_bits, (x,), 1)
+    rep = info.value.report
+    assert rep.precision == "native (float32)"
+    assert any("computes something else at float64" in n for n in rep.notes), rep.notes
+
+
+@pytest.mark.parametrize("name,f", [
+    # reduce_window with a non-identity init value has a JVP, no transpose.
+    ("reduce_window", lambda x: jax.lax.reduce_window(x, jnp.asarray(1.0, x.dtype), jax.lax.add, (2,), (1,),
+                                                      "VALID")),
+    # custom_linear_solve without transpose_solve.
+    ("custom_linear_solve", lambda b: jax.lax.custom_linear_solve(
+        lambda v: SPD3 @ v, b, lambda mv, r: jnp.linalg.solve(SPD3, r))),
+])
+def test_rev_falls_back_to_fwd_where_jax_has_no_reverse_rule(name, f):
+    x = np.asarray(RNG.standard_normal(3))
+    with jax.enable_x64(True):
+        with pytest.raises((ValueError, TypeError)):
+            out, pullback = jax.vjp(f, x)
+            pullback(out)
+        rep = jgc.check_grads(f, (x,), 1, modes=("rev",))
+    assert rep.ok and all(lf.name.startswith("JVP") for lf in rep.leaves)
+    assert any("no reverse-mode derivative (JAX says:" in n for n in rep.notes), rep.notes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads as jax_check_grads
@@ -60,6 +61,11 @@ INT_OUTPUT = ("JAX false alarm: top_k also returns integer indices, and JAX's ch
               "as skipped")
 F16_STEP = ("JAX false alarm: eps=1e-4 is below float16's resolution (u ≈ 5e-4), so its "
             "differences are rounding noise; jgc evaluates 16-bit inputs in float64")
+F16_GIVEN = ("JAX false alarm: eps=1e-4 is below float16's resolution; jgc, refused wider inputs by "
+             "f's float16 constant, checks at float16 with a step sized for it, and skips the "
+             "reverse mode JAX has no rule for")
+NONFINITE = ("inf and NaN inputs: JAX's differences there are NaN or inf − inf; jgc reports those "
+             "elements as non-finite (a failure only with strict=True)")
 CHOLESKY = ("both fail, rightly: on a non-symmetric input lax.linalg.cholesky's primal output "
             "keeps the upper triangle, its JVP rule's does not (and it differentiates the "
             "symmetrized input)")
@@ -93,6 +99,18 @@ CASES = [
     # NaN and inf inputs: max's output at the point is NaN in one compilation of f and
     # not in another (NaN propagation is not fixed by XLA); compared as NaN.
     ("max_inf_nan_float16", False, (FAIL, PASS), F16_STEP),
+    # rem jumps wherever x/y crosses an integer, and the noise probe crosses a few jumps:
+    # finer probes tell them from noise, so the step stays small.
+    ("rem_broadcast_lhs_float32_2_4_3_rhs_float32_2_1_3_", False, (PASS, PASS), None),
+    # Two singular values 1% apart: the singular vectors vary on a short scale, and
+    # Richardson's larger step is unreliable there; the step ladder settles it.
+    ("svd_shape_float32_2_3_53_fullmatrices_False_computeuv_True", False, (PASS, PASS), None),
+    # inf and NaN inputs: their scale stays finite, so the point itself is evaluated as given.
+    ("sort_edge_cases_num_arrays_1_shape_float32_5_axis_0_isstable_False_num_keys_1", False, (FAIL, PASS),
+     NONFINITE),
+    # A float16 init value: jgc checks at float16; no transpose for a non-identity init.
+    (("reduce_window_add_dtypes_shape_float16_4_6_initvalue_1_windowdimensions_2_2_windowstrides_1_1_"
+      "padding_0_0_0_0_basedilation_1_1_windowdilation_1_1_enablexla_True"), False, (FAIL, PASS), F16_GIVEN),
     ("asin_shape_complex64_20_20_", True, (PASS, PASS), None),
     ("qr_multi_array_shape_float32_1_1_fullmatrices_False", True, (PASS, PASS), None),
     (("triangular_solve_dtypes_a_float32_4_4_b_float32_4_1_leftside_True_lower_False_transposea_False_"
@@ -127,3 +145,15 @@ def test_harness_drop_in(name, x64_mode, expected, reason):
     theirs = _outcome(jax_check_grads, g, args)
     ours = _outcome(jgc.check_grads, g, args)  # any exception other than a verdict fails the test
     assert (theirs, ours) == expected, reason
+
+
+def test_a_wrong_rule_next_to_jumps_is_still_caught():
+    g, args = harness_case(_harnesses()["rem_broadcast_lhs_float32_2_4_3_rhs_float32_2_1_3_"])
+
+    @jax.custom_jvp
+    def wrong_rem(x, y):
+        return jax.lax.rem(x, y)
+
+    wrong_rem.defjvp(lambda p, t: (wrong_rem(*p), t[0] - 0.9 * jnp.trunc(p[0] / p[1]) * t[1]))
+    with pytest.raises(jgc.GradCheckError):
+        jgc.check_grads(wrong_rem, args, 1, modes=("fwd",))

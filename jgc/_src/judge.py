@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -167,7 +168,13 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
             onesided = (cand, rich.onesided)
         refine(judged, a, cand, refined, lim)
         if not is_c:
-            _step_ladder(problem, steps, k, elems, a, judged, cand=cand, h_rel=plan.h_rel, floor=lim.floor)
+            bad = cand[judged.codes[cand] == MISMATCH]
+
+            def central_at(h):
+                est = problem.estimate(k, elems[bad], "central", h)
+                return est.value, problem.sigma * est.err_round, est.finite
+
+            step_ladder(judged, a, bad, central_at, h_rel=plan.h_rel, u=problem.u, floor=lim.floor)
     if not is_c and plan.stencil != "complex":
         _complex_probe(problem, steps, k, elems, a, judged, lim=lim)
     return elems, judged, onesided
@@ -288,42 +295,42 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
 LADDER_RUNGS = 6
 
 
-def _step_ladder(problem, steps, k, elems, a, judged: Judged, *, cand, h_rel, floor) -> None:
-    """Last look at confirmed mismatches: is the numerical derivative stable in h?
+def step_ladder(judged: Judged, a, bad: np.ndarray, central_at: Callable, *, h_rel: float, u: float,
+                floor) -> None:
+    """Last look at confirmed mismatches ``bad`` (flat indices): is the numerical derivative stable in h?
 
     A function that varies on a scale shorter than the step (cos(w⁹) at |w| = 2, a
-    high-frequency feature) can make both the central difference and its Richardson
-    table wrong while looking self-consistent, and it inflates the measured noise
-    (the probe sees its fast variation). So before we call a mismatch, we shrink the
-    step by 4 per rung down to the round-off-balanced step. Rung j's truncation error is
-    estimated from the next rung, |D_j − D_(j+1)|·16/15, plus 8σ/h_j for round-off. If a
-    rung agrees with the analytic value within that bar, the bar is conclusive (below
-    half the derivative) *and* the rung contradicts the refined estimate beyond both
-    their bars, the refined estimate was unreliable and the element is ok at that
-    rung; otherwise the mismatch stands. A wide bar never excuses a disagreement.
+    high-frequency feature, singular vectors next to a small gap) can make both the
+    central difference and its Richardson table wrong while looking self-consistent,
+    and it inflates the measured noise (the probe sees its fast variation). So before
+    we call a mismatch, we shrink the step by 4 per rung down to the step that balances
+    the dtype's round-off u. ``central_at(h)`` returns (value, round-off scale σ·gain,
+    finite) of the central difference at relative step h for the elements ``bad``.
+    Rung j's truncation error is estimated from the next rung, |D_j − D_(j+1)|·16/15,
+    plus the round-off safety factor times σ·gain. If a rung agrees with the analytic
+    value within that bar, the bar is conclusive (below half the derivative) *and* the
+    rung contradicts the refined estimate beyond both their bars, the refined estimate
+    was unreliable and the element is ok at that rung; otherwise the mismatch stands.
+    A wide bar never excuses a disagreement.
     """
-    num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
-    bad = cand[codes[cand] == MISMATCH]
     if bad.size == 0:
         return
-    lo = policy.relative_step("central", problem.u)
+    lo = policy.relative_step("central", u)
     ladder = [h_rel / 4.0**j for j in range(1, LADDER_RUNGS + 1) if h_rel / 4.0**j >= lo] or [lo]
     if len(ladder) < 2:
         ladder = [ladder[0], ladder[0] / 4.0]
-    ests = [problem.estimate(k, elems[bad], "central", h) for h in ladder]
-    values = np.stack([e.value for e in ests])
-    gains = np.stack([e.err_round for e in ests])
-    finite = np.stack([e.finite for e in ests])
+    rungs = [central_at(h) for h in ladder]
+    values, rounding, finite = (np.stack([np.asarray(r[i]) for r in rungs]) for i in range(3))
     trunc = np.empty_like(values)
     trunc[:-1] = np.abs(values[:-1] - values[1:]) * 16.0 / 15.0
     trunc[-1] = np.abs(values[-1] - values[-2])
-    bars = policy.ROUNDOFF_SAFETY * problem.sigma * gains + trunc
-    ab = a[bad]
-    t = tol[bad]
+    bars = policy.ROUNDOFF_SAFETY * rounding + trunc
+    ab = np.ravel(a)[bad]
+    t = np.ravel(judged.tol)[bad]
     # A rung may overrule the refined estimate R only if the two are inconsistent
     # with each other (R was unreliable); a noisier rung whose bar merely covers both
     # R and the analytic value proves nothing.
-    r, e_r = num[bad], err[bad]
+    r, e_r = np.ravel(judged.num)[bad], np.ravel(judged.err)[bad]
     agree = finite & (np.abs(values - ab) <= t + bars) & (
         bars <= 0.5 * np.maximum(np.maximum(np.abs(ab), np.abs(values)), floor)) & (
         np.abs(values - r) > e_r + bars)
@@ -332,6 +339,6 @@ def _step_ladder(problem, steps, k, elems, a, judged: Judged, *, cand, h_rel, fl
         best = np.argmax(agree, axis=0)  # the largest agreeing step (least round-off)
         cols = np.arange(bad.size)
         idx = bad[rescued]
-        num[idx] = values[best, cols][rescued]
-        err[idx] = bars[best, cols][rescued]
-        codes[idx] = OK
+        judged.num.flat[idx] = values[best, cols][rescued]
+        judged.err.flat[idx] = bars[best, cols][rescued]
+        judged.codes.flat[idx] = OK

@@ -64,13 +64,24 @@ def estimate(values: np.ndarray) -> float:
     return float(np.median(_rms_difference(f, axis=1)))
 
 
-def per_column(values: np.ndarray) -> np.ndarray:
-    """σ of every column of finite values at equally spaced points, shape (P, n) -> (n,).
+def per_output(values: np.ndarray, y0: np.ndarray, u: float) -> tuple[np.ndarray, float]:
+    """(σ_j of every output element, the effective u) of a vector-valued f.
 
-    A vector-valued f has one noise level per output element: each column is one
-    element along the probe line (see jgc/_src/vector.py).
+    ``values``: f at equally spaced points along one line, shape (P, n_out); each column
+    is one output element (see jgc/_src/vector.py). σ_j is floored at u·|y_j|, the
+    rounding of y_j = f(x)_j itself; non-finite outputs add no noise, and a line with a
+    non-finite value leaves every σ_j at its floor. The step serves every output at
+    once, so the effective u is sized for the noisier outputs: the 90th percentile of
+    σ_j/|y_j| (|y_j| at least 1e-3 of the largest), never below u.
     """
-    return _rms_difference(np.asarray(values, np.float64), axis=0)
+    absy = np.where(np.isfinite(y0), np.abs(y0), 0.0)
+    floor = u * absy
+    values = np.asarray(values, np.float64)
+    sigma = np.maximum(_rms_difference(values, axis=0), floor) if np.all(np.isfinite(values)) else floor
+    ref = np.maximum(absy, 1e-3 * float(np.max(absy, initial=0.0)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(ref > 0, sigma / ref, 0.0)
+    return sigma, max(u, float(np.quantile(rel, 0.9)) if rel.size else 0.0)
 
 
 # Finer probes: each level divides the spacing by REFINE; at most LEVELS levels in all.
@@ -93,6 +104,30 @@ def staircase(values: np.ndarray) -> bool:
     return bool(np.mean(np.diff(values, axis=1) == 0) >= STAIRCASE)
 
 
+def finest(probe: Callable[[float], tuple[np.ndarray, float]], h: float):
+    """Coarse-to-fine probing: the values and spacing of the finest level worth keeping.
+
+    ``probe(spacing)`` evaluates J along its lines at that spacing and returns the
+    values, shape (lines, points), and their excess: the measured noise in units of
+    the dtype's rounding (σ / (u·|J|)). When the first excess is above SUSPICIOUS, finer
+    spacings are probed; a finer level is kept only when its excess drops by more than
+    DROP and its lines are not a staircase. Returns (first values, kept values, kept
+    spacing).
+    """
+    first, excess = probe(h)
+    values, kept = first, h
+    if math.isfinite(excess) and excess > SUSPICIOUS:
+        for level in range(1, LEVELS):
+            finer = h / REFINE**level
+            fine_values, fine = probe(finer)
+            if not (math.isfinite(fine) and fine < excess / DROP) or staircase(fine_values):
+                break
+            values, excess, kept = fine_values, fine, finer
+            if excess <= SUSPICIOUS:
+                break
+    return first, values, kept
+
+
 def measure(cost_lines: Callable, u: float) -> tuple[float, np.ndarray, float]:
     """Evaluate ``cost_lines(t)`` (J at θ + t_j·v_l, shape (L, P)); return σ, values, spacing.
 
@@ -102,19 +137,11 @@ def measure(cost_lines: Callable, u: float) -> tuple[float, np.ndarray, float]:
     that the first one was resolving a short wave, not noise.
     """
     base = np.arange(POINTS, dtype=np.float64)
-    h = spacing(u)
-    values = np.asarray(cost_lines(base * h), np.float64)
-    sigma = estimate(values)
-    floor = u * abs(values[0, 0])
-    kept = h
-    if math.isfinite(sigma) and floor > 0 and sigma > SUSPICIOUS * floor:
-        for level in range(1, LEVELS):
-            finer = h / REFINE**level
-            fine_values = np.asarray(cost_lines(base * finer), np.float64)
-            fine = estimate(fine_values)
-            if not (math.isfinite(fine) and fine < sigma / DROP) or staircase(fine_values):
-                break
-            sigma, kept = fine, finer
-            if sigma <= SUSPICIOUS * floor:
-                break
-    return sigma, values, kept
+
+    def probe(h):
+        values = np.asarray(cost_lines(base * h), np.float64)
+        floor = u * abs(values[0, 0])
+        return values, (estimate(values) / floor if floor > 0 else 0.0)
+
+    first, values, kept = finest(probe, spacing(u))
+    return estimate(values), first, kept

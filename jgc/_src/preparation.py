@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from . import compat, engine, policy, trees
+from .outputs import OutputFormError
 
 PRECISIONS = ("auto", "float64", "native")
 
@@ -88,16 +89,16 @@ def _narrow(dtype) -> bool:
     return policy.unit_roundoff(dtype) > 1e-6
 
 
-def evaluation_leaves(dyn: list, widen: bool) -> tuple[list, bool]:
+def evaluation_leaves(dyn: list, widen: bool, as_given: bool = False) -> tuple[list, bool]:
     """The perturbed leaves at evaluation precision, and whether narrow ones were raised.
 
     With ``widen`` every leaf becomes float64 (complex128); otherwise bfloat16/float16
-    leaves become float32. Casts run on the host (NumPy), not as one compiled XLA
-    program per shape, and are exact.
+    leaves become float32, unless ``as_given`` (fn accepts no other dtype). Casts run
+    on the host (NumPy), not as one compiled XLA program per shape, and are exact.
     """
     if widen:
         return [jax.device_put(compat.host(x).astype(trees.wide_dtype(x.dtype))) for x in dyn], False
-    if not any(_narrow(x.dtype) for x in dyn):
+    if as_given or not any(_narrow(x.dtype) for x in dyn):
         return dyn, False
     # bfloat16 carries 8 bits: steps near θ round to 0 or to a coarse multiple of θ, so
     # a numerical derivative in bfloat16 is mostly 0 or garbage. The reference is
@@ -119,15 +120,23 @@ def unit_roundoff(dtypes) -> float:
 
 def step_scales(dyn: list, *, absolute: bool = False) -> tuple[float, list[np.ndarray]]:
     """(global scale, per-leaf scales s_i): the RMS of every element, and per element
-    max(|θ_i|, rms(leaf)) (see policy.coordinate_scale); ``absolute``: every s_i is 1."""
-    abs_all = np.concatenate([np.abs(compat.host(x)).ravel() for x in dyn])
+    max(|θ_i|, rms(leaf)) (see policy.coordinate_scale); ``absolute``: every s_i is 1.
+
+    Non-finite elements (inf or NaN inputs, allowed by jgc.check_grads) count as 0: their
+    scale stays finite, so the point itself (t = 0 on every line) is evaluated as given.
+    """
+    mags = [np.abs(compat.host(x)).ravel() for x in dyn]
+    mags = [np.where(np.isfinite(m), m, 0.0) for m in mags]
+    abs_all = np.concatenate(mags) if mags else np.zeros(0)
     rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
     global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
-    scales = [
-        np.ones(x.size) if absolute
-        else policy.coordinate_scale(np.abs(compat.host(x)).ravel(), global_scale) for x in dyn
-    ]
+    scales = [np.ones(m.size) if absolute else policy.coordinate_scale(m, global_scale) for m in mags]
     return global_scale, scales
+
+
+class ChangedByWidening(TypeError):
+    """fn's result at evaluation precision differs in form from its result at the dtypes
+    given (``lax.bitcast_convert_type`` of a float64 splits every element in two)."""
 
 
 class Prepared(Scoped):
@@ -135,19 +144,59 @@ class Prepared(Scoped):
     dtypes of the checked leaves, and (once prepared) those leaves at evaluation
     precision with their scales."""
 
+    FN = "fn"  # how notes name the checked function
+
     def _begin(self, checked, precision: str):
         """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
         self.counter = engine.Counter()
         self.t0 = time.perf_counter()
         self.notes: list[str] = []
+        self.precision_asked = precision
+        self.as_given = False
         orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
         self.widen, scope = precision_scope(precision, self.orig_dtypes, self.notes)
         return scope
 
+    def __enter__(self):
+        """Prepare at evaluation precision; if fn refuses its inputs there, at the dtypes given.
+
+        Code that fixes its own dtypes (a float32 constant under strict promotion, a
+        float16 init value of ``lax.reduce_window``) cannot take float64 (or float32 for
+        16-bit) inputs: the first trace raises a TypeError. Unless float64 was asked
+        for explicitly, the check is then prepared again at the dtypes given, with steps
+        and tolerances for that precision, and a note says so. An error at the dtypes
+        given is fn's own and is raised.
+        """
+        kept = len(self.notes)
+        try:
+            return super().__enter__()
+        except OutputFormError:
+            raise  # the form of fn's result, the same at every precision
+        except (TypeError, compat.TypePromotionError) as e:
+            changed = self.widen or any(_narrow(d) for d in self.orig_dtypes)
+            if self.precision_asked == "float64" or self.as_given or not changed:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
+            wider = "float64" if self.widen else "float32"
+            if isinstance(e, compat.TypePromotionError):
+                refused = f"{self.FN} did not accept float64 inputs under strict dtype promotion"
+            elif isinstance(e, ChangedByWidening):
+                refused = f"{self.FN} computes something else at {wider}: {e}"
+            else:
+                refused = f"{self.FN} refused its inputs at {wider} ({type(e).__name__}: {first})"
+        del self.notes[kept:]
+        self.widen, self._scope = precision_scope("native", self.orig_dtypes, self.notes)
+        self.as_given = True
+        self.counter = engine.Counter()
+        given = ", ".join(sorted({d.name for d in self.orig_dtypes}))
+        self.notes.append(f"{refused}: checked at the dtypes given ({given}), with steps and "
+                          "tolerances for that precision.")
+        return super().__enter__()
+
     def _at_eval_precision(self, dyn: list, *, narrowed_note: str) -> None:
         """Set ``dyn`` and ``eval_dtypes`` (see :func:`evaluation_leaves`)."""
-        self.dyn, narrowed = evaluation_leaves(dyn, self.widen)
+        self.dyn, narrowed = evaluation_leaves(dyn, self.widen, self.as_given)
         if narrowed:
             self.notes.append(narrowed_note)
         self.eval_dtypes = [np.dtype(x.dtype) for x in self.dyn]

@@ -20,7 +20,7 @@ import numpy as np
 from . import compat, compiling, engine, noise, stencils, trees
 from .names import short_name
 from .outputs import OutputFormError, cost_of
-from .preparation import Prepared, precision_scope, unit_roundoff, validate
+from .preparation import Prepared, unit_roundoff, validate
 
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
@@ -68,23 +68,7 @@ class Problem(Prepared):
         # probe runs: "grad" (jax.grad of the cost), "evaluators" (every leaf's).
         self.ahead = ahead
         self._grad = None
-        self.precision_asked = precision
         self._scope = self._begin(params, precision)
-
-    def __enter__(self):
-        try:
-            return super().__enter__()
-        except compat.TypePromotionError:
-            # Under strict promotion, fn may mix its params with float32 data or
-            # constants; widening params alone then fails inside fn. Check in native
-            # precision instead (precision="auto" only: an explicit choice is kept).
-            if not (self.widen and self.precision_asked == "auto"):
-                raise
-        self.widen, self._scope = precision_scope("native", self.orig_dtypes, self.notes)
-        self.notes.append("Under strict dtype promotion fn did not accept float64 parameters: "
-                          "checked in native precision, with tolerances for that precision.")
-        self.counter = engine.Counter()
-        return super().__enter__()
 
     # -- preparation -----------------------------------------------------------
     def _prepare(self):

@@ -14,6 +14,7 @@ finite-difference pass serve every comparison of a call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,11 @@ import numpy as np
 
 from . import compare, validate
 from .blocks import block_report, gref, limits, make_report
-from .judge import Limits, Refined, classify, line_indices, refine, suspect_lines
+from .judge import Limits, Refined, classify, line_indices, refine, step_ladder, suspect_lines
 from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
+from .statuses import MISMATCH
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
 
@@ -188,17 +190,19 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
                 U[li * nc:(li + 1) * nc, ol.start:ol.stop] = z[li * nc:(li + 1) * nc, ol.start:ol.stop]
             try:
                 W = vp.vjp_batch(plan.user_vjp)(U)
-            except NoReverseRule:
+            except NoReverseRule as e:
+                why = str(e).strip().splitlines()[0][:160]
                 if not plan.fallback:
                     raise NoReverseRule(
-                        f"{api}: {name} has no reverse-mode derivative (JAX: lax.while_loop or "
-                        "fori_loop with a dynamic trip count). Check it with jgc.check_jvp."
+                        f"{api}: {name} has no reverse-mode derivative (JAX says: {why}). "
+                        "Check it with jgc.check_jvp."
                     ) from None
                 do_vjp = False
                 if do_jvp:
-                    notes.append(f"{name} has no reverse-mode derivative: mode 'rev' was skipped.")
+                    notes.append(f"{name} has no reverse-mode derivative (JAX says: {why}): mode 'rev' was skipped.")
                 else:
-                    notes.append(f"{name} has no reverse-mode derivative: mode 'rev' was replaced by 'fwd'.")
+                    notes.append(f"{name} has no reverse-mode derivative (JAX says: {why}): "
+                                 "mode 'rev' was replaced by 'fwd'.")
                     do_jvp = True
                     if JT is None:
                         JT = vp.jvp_batch(plan.user_jvp, from_bank=True)(rows)
@@ -249,6 +253,16 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float) -> list:
                           side(r2.table), r2.noise.ravel())
         idx = line_indices(JT.shape, bad_rows, axis=1)
         refine(judged, JT, idx, refined, lim, imprecise=False)
+        bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
+        rows, cols = np.unravel_index(bad, JT.shape)
+        urows, where = np.unique(rows, return_inverse=True)
+        pick = where * vp.n_out + cols  # (row, output) of each mismatch in a (urows · n_out) estimate
+
+        def central_at(h_rel):
+            est = vp.directional(urows + 1, "central", h_rel)
+            return est.value[pick], vp.sigma[cols] * est.err_round[pick], est.finite[pick]
+
+        step_ladder(judged, JT, bad, central_at, h_rel=h, u=vp.u, floor=np.ravel(FL)[bad])
     leaves = []
     for k in range(len(vp.dyn)):
         r = slice(k * nd, (k + 1) * nd)
@@ -269,6 +283,16 @@ def _pair_blocks(vp, nd, nc):
         r = slice(k * nd, (k + 1) * nd)
         for li, ol in enumerate(vp.out_leaves):
             yield k, ol, r, slice(li * nc, (li + 1) * nc), slice(ol.start, ol.stop)
+
+
+def _paired_central(h_rel, *, vp, rows, cols, U, absU, picks):
+    """Central differences of the pairing ⟨u, J t⟩ at relative step h_rel, for the step
+    ladder: (value, round-off scale, finite) of the pairs ``picks`` = (cotangent, index
+    into ``rows``), where ``rows`` are bank rows and ``cols`` the output leaf's columns."""
+    us, where = picks
+    est = vp.directional(rows, "central", h_rel)
+    v, g, f = (x.reshape(rows.size, vp.n_out)[:, cols] for x in (est.value, est.err_round, est.finite))
+    return (U @ v.T)[us, where], (absU @ (g * vp.sigma[cols]).T)[us, where], np.all(f, axis=1)[where]
 
 
 def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> list:
@@ -301,6 +325,13 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
                 (absU[cu, c] @ r2.noise[:, c].T).ravel())
             idx = line_indices(a.shape, bad_d, axis=0)
             refine(judged, a, idx, refined, lim, imprecise=False)
+            bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
+            us, ds = np.unravel_index(bad, a.shape)
+            uds, where = np.unique(ds, return_inverse=True)
+
+            central_at = functools.partial(_paired_central, vp=vp, rows=k * nd + uds + 1, cols=c, U=Uc,
+                                           absU=absU[cu, c], picks=(us, where))
+            step_ladder(judged, a, bad, central_at, h_rel=h, u=vp.u, floor=lim.floor)
         leaves.append(block_report(
             a, judged.num, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,

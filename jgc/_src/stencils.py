@@ -54,7 +54,14 @@ def estimate(stencil: str, j0: float, jv: np.ndarray, hv: np.ndarray) -> Estimat
       j0: J(θ).
       jv: (n, p) J values at the offsets ``offsets(stencil)``.
       hv: (n, p) representable signed offsets actually taken.
+
+    Rows with a non-finite value are flagged in ``finite`` (their arithmetic warns not).
     """
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _estimate(stencil, j0, jv, hv)
+
+
+def _estimate(stencil: str, j0: float, jv: np.ndarray, hv: np.ndarray) -> Estimate:
     jv = np.asarray(jv, np.float64)
     hv = np.abs(np.asarray(hv, np.float64))
     finite = np.all(np.isfinite(jv), axis=1) & np.isfinite(j0)

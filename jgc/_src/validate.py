@@ -1,4 +1,4 @@
-"""Validation of the option values every front door shares: tolerances, counts and steps.
+"""Validation of the option values every front door shares: tolerances, counts, steps, argnums.
 
 Each validator names the front door (``api``) and the option in its message, so a
 bad value is reported where the user wrote it.
@@ -39,3 +39,30 @@ def step(api: str, v) -> float | None:
     if not (_is_number(v) and v > 0 and math.isfinite(v)):
         raise ValueError(f"{api}: step must be a positive relative step h/s, got {v!r}.")
     return float(v)
+
+
+def argnums(argnums, n: int, api: str) -> tuple[int, ...]:
+    """Return argnums as a sorted tuple of non-negative ints (None: every primal)."""
+    if argnums is None:
+        return tuple(range(n))
+    single = isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool)
+    nums = (argnums,) if single else argnums
+    if not isinstance(nums, (tuple, list)) or not all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums
+    ):
+        raise TypeError(
+            f"{api}: argnums must be None (every primal), an int or a tuple of ints, got "
+            f"{argnums!r}. Example: argnums=(0, 2) checks the first and third arguments."
+        )
+    out = []
+    for i in nums:
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise ValueError(
+                f"{api}: argnums={argnums!r} refers to argument {int(i)}, but f was given "
+                f"{n} primal(s). Pass an index below {n}."
+            )
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{api}: argnums={argnums!r} repeats an argument; list each once.")
+    return tuple(sorted(out))

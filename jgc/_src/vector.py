@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import compat, engine, noise, policy, stencils, trees, vector_analytic
+from . import validate as validate_options
 from .names import short_name
 from .outputs import OutputFormError, drop_aux
-from .preparation import Prepared, unit_roundoff, validate, validate_chunk_size
+from .preparation import ChangedByWidening, Prepared, unit_roundoff, validate, validate_chunk_size
 from .vector_layout import Layout
 
 # Points on the noise probe line; 16 points give 10 sixth differences per output
@@ -44,33 +45,6 @@ def _quiet_nonfinite(scope):
     legitimately not finite is part of the check (a non-finite status), not an error."""
     with scope, jax.debug_nans(False), jax.debug_infs(False):
         yield
-
-
-def normalize_argnums(argnums, n: int, api: str) -> tuple[int, ...]:
-    """Return argnums as a sorted tuple of non-negative ints (None: every primal)."""
-    if argnums is None:
-        return tuple(range(n))
-    single = isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool)
-    nums = (argnums,) if single else argnums
-    if not isinstance(nums, (tuple, list)) or not all(
-        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums
-    ):
-        raise TypeError(
-            f"{api}: argnums must be None (every primal), an int or a tuple of ints, got "
-            f"{argnums!r}. Example: argnums=(0, 2) checks the first and third arguments."
-        )
-    out = []
-    for i in nums:
-        j = int(i) + n if int(i) < 0 else int(i)
-        if not 0 <= j < n:
-            raise ValueError(
-                f"{api}: argnums={argnums!r} refers to argument {int(i)}, but f was given "
-                f"{n} primal(s). Pass an index below {n}."
-            )
-        out.append(j)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{api}: argnums={argnums!r} repeats an argument; list each once.")
-    return tuple(sorted(out))
 
 
 def as_array_primal(x):
@@ -87,6 +61,8 @@ def to_device(x, dtype=None):
 
 class VectorProblem(Prepared):
     """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
+
+    FN = "f"
 
     def __init__(self, f: Callable, primals: tuple, *, argnums=None, has_aux: bool = False,
                  precision: str = "auto", api: str, chunk_size: int | None = None,
@@ -105,7 +81,7 @@ class VectorProblem(Prepared):
         # absolute_step: every element's scale is 1, so a step h moves x by h·t with t
         # an unscaled N(0, 1) direction: jax.test_util.check_grads's meaning of eps.
         self.absolute_step = absolute_step
-        self.argnums = normalize_argnums(argnums, len(primals), api)
+        self.argnums = validate_options.argnums(argnums, len(primals), api)
         self.primals = tuple(as_array_primal(p) if i in self.argnums else p for i, p in enumerate(primals))
         self.chunk_size = chunk_size
         self.in_label = in_label or (lambda i: f"args[{i}]")
@@ -135,6 +111,7 @@ class VectorProblem(Prepared):
         # Shapes only (a trace, no compile): the first value comes from the compiled noise
         # probe at t = 0, so checking a function costs no op-by-op eager run.
         out = self._first_output()
+        self._same_form_as_given(out, dyn, others)
         self.layout = Layout.of(out, name=self.out_name, api=self.api, f=self.f)
         self.out_leaves, self.out_skipped = self.layout.leaves, self.layout.skipped
         self.n_out, self.out_dtype = self.layout.size, self.layout.dtype
@@ -143,6 +120,24 @@ class VectorProblem(Prepared):
         self._set_scales(absolute=self.absolute_step)
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise (needs the direction bank)
+
+    def _same_form_as_given(self, out, dyn, others) -> None:
+        """Raise ChangedByWidening when f's outputs at evaluation precision have other
+        shapes than at the dtypes given (one more trace, only when the dtypes changed)."""
+        if [x.dtype for x in self.dyn] == [x.dtype for x in dyn] and not self.widen:
+            return
+        rebuild, argarr = trees.split_args(others, widen=False)
+        saved = self.rebuild_args
+        self.rebuild_args = rebuild
+        try:
+            given = jax.eval_shape(self.call, dyn, argarr)
+        except Exception:  # noqa: BLE001 - f runs at its evaluation precision; that is what counts
+            return
+        finally:
+            self.rebuild_args = saved
+        shapes = [jax.tree_util.tree_map(lambda o: tuple(o.shape), t) for t in (out, given)]
+        if shapes[0] != shapes[1]:
+            raise ChangedByWidening(f"output shapes {shapes[0]}, against {shapes[1]} at the dtypes given")
 
     def call(self, dyn, argarr):
         """f at the given perturbed leaves, aux dropped."""
@@ -357,26 +352,34 @@ class VectorProblem(Prepared):
         Per element: sixth differences of 16 equally spaced values (see
         jgc/_src/noise.py), floored at u·|y_j| — the rounding of y_j itself, which the
         probe cannot go below. With 10 differences per element the estimate is good to
-        ~25%; the comparison's 8σ safety factor covers that spread.
+        ~25%; the comparison's 8σ safety factor covers that spread. When the elements
+        look far noisier than the dtype, finer probes tell rounding noise from jumps or
+        short waves crossed by the line (a remainder, a floor): see noise.finest.
         """
-        t = np.arange(NOISE_POINTS, dtype=np.float64) * self.u**0.25
-        vals = self.eval_rows(t, np.zeros(t.size, np.int64))
-        self.y0 = vals[0].copy()  # t = 0: f at the point itself
-        self._check_first()
-        fin0 = np.isfinite(self.y0)
-        absy = np.where(fin0, np.abs(self.y0), 0.0)  # non-finite outputs (allow_nonfinite) add no noise
-        floor = self.u * absy
+        points = np.arange(NOISE_POINTS, dtype=np.float64)
+        seen = {}
+
+        def probe(h):
+            vals = self.eval_rows(points * h, np.zeros(points.size, np.int64))
+            if not seen:
+                self.y0 = vals[0].copy()  # t = 0: f at the point itself
+                self._check_first()
+                # Outputs that move along the probe (a constant output is no staircase).
+                with np.errstate(invalid="ignore"):
+                    seen["moving"] = np.any(np.diff(vals, axis=0) != 0, axis=0)
+            seen[h] = vals
+            return vals.T[seen["moving"]], noise.per_output(vals, self.y0, self.u)[1] / self.u
+
+        base = self.u**0.25
+        _, _, kept = noise.finest(probe, base)
+        vals = seen[kept]
         if not np.all(np.isfinite(vals)):
             self.notes.append("f was not finite along the noise probe; noise taken as u·|y|.")
-            self.sigma = floor
-        else:
-            self.sigma = np.maximum(noise.per_column(vals), floor)
-        ref = np.maximum(absy, 1e-3 * float(np.max(absy, initial=0.0)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(ref > 0, self.sigma / ref, 0.0)
-        # The step serves every output at once: size it for the noisier outputs (90th
-        # percentile of σ_j/|y_j|), never below the dtype's u.
-        self.u_eff = max(self.u, float(np.quantile(rel, 0.9)) if rel.size else 0.0)
+        self.sigma, self.u_eff = noise.per_output(vals, self.y0, self.u)
+        if kept < base:
+            self.notes.append(
+                f"f jumps or varies on a scale shorter than the default noise probe ({base:.1e}·s); "
+                f"noise measured at spacing {kept:.1e}·s.")
         if self.u_eff > 64 * self.u:
             self.notes.append(
                 f"f is noisier than its dtype (σ/|y| ≈ {self.u_eff:.1e} against u = {self.u:.1e}); "

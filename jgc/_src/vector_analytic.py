@@ -27,6 +27,14 @@ class NoReverseRule(ValueError):
     """f has no VJP (e.g. ``lax.while_loop`` with a dynamic trip count)."""
 
 
+# How JAX says that f has no reverse-mode derivative: a while_loop with a dynamic trip
+# count, an op with a JVP but no transpose (reduce_window with a non-identity init
+# value), custom_linear_solve without transpose_solve.
+NO_REVERSE = ("Reverse-mode differentiation does not work",
+              "does not support reverse-mode autodiff",
+              "required for backwards mode automatic differentiation")
+
+
 def tangents_from(vp, tdyn) -> tuple:
     """Full tangent tuple for ``jax.jvp``-style user rules: zeros off the checked leaves."""
     prims = vp.primals_from(vp.dyn, vp.argarr)
@@ -74,7 +82,7 @@ def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False):
                        dyn, argarr)
 
     return _run(vp, fn, lambda tout: compat.host(tout).astype(np.float64), kind="JVP",
-                user=None if user_jvp is None else "jvp", caught=TypeError, says="custom_vjp",
+                user=None if user_jvp is None else "jvp", caught=TypeError, says=("custom_vjp",),
                 missing=NoForwardRule)
 
 
@@ -111,17 +119,18 @@ def vjp_batch(vp, user_vjp: Callable | None):
     def fn(C, dyn, argarr):
         return vfn(jax.device_put(np.asarray(C, vp.out_dtype)), dyn, argarr)
     return _run(vp, fn, lambda W: [compat.host(w) for w in W], kind="VJP",
-                user=None if user_vjp is None else "vjp", caught=ValueError,
-                says="Reverse-mode differentiation does not work", missing=NoReverseRule)
+                user=None if user_vjp is None else "vjp", caught=(ValueError, TypeError),
+                says=NO_REVERSE, missing=NoReverseRule)
 
 
-def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught: type, says: str, missing: type):
+def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says: tuple, missing: type):
     """run(batch): ``fn(batch, dyn, argarr) -> (primal out, result)`` at the point, its
     primal output checked against f(x) (``user`` names the user's rule, None for JAX's),
     then ``finish(result)``.
 
-    Without a user rule, an error of type ``caught`` that ``says`` JAX has no rule of this
-    ``kind`` becomes ``missing`` (NoForwardRule, NoReverseRule); other such errors get a note.
+    Without a user rule, an error of type ``caught`` with a phrase of ``says`` (JAX has
+    no rule of this ``kind``) becomes ``missing`` (NoForwardRule, NoReverseRule); other
+    such errors get a note.
     """
     def run(batch):
         try:
@@ -129,7 +138,7 @@ def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught: type,
             vp.check_primal(compat.host(prim)[0], user, label=kind)
             return finish(result)
         except caught as e:
-            if user is None and says in str(e):
+            if user is None and any(phrase in str(e) for phrase in says):
                 raise missing(str(e)) from e
             e.add_note(f"{vp.api}: raised while computing {kind}s of {short_name(vp.f)}.")
             raise
