@@ -15,7 +15,10 @@ reshapes, transposes, broadcasts, static slices and sums keep it Sparse at the c
 touching the s changed entries. A matrix product of a one-entry Sparse operand with a
 Plain one is the product of the bases plus a rank-one correction, δ times one row or
 column of the other operand, so the changed entries of ``X @ (W + δ·e_ij)`` are one
-column of 64 values, not a 64×w block and a w×w copy. Anything else turns the Sparse
+column of 64 values, not a 64×w block and a w×w copy. A ``lax.scan`` closing over a
+Sparse value (an RNN's weights) runs once for the whole batch, with a Batched carry:
+its products with the Sparse weights are one shared product plus rank-one
+corrections, where vmap would multiply c different weight copies. Anything else turns the Sparse
 value into dense Batched copies and is evaluated as vmap would (the batching rule of
 the primitive), so every cost is supported; the sparse rules only make it cheaper.
 
@@ -27,7 +30,6 @@ For a two-sided difference this cancels the base's rounding, which only helps.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 
 import jax
@@ -36,6 +38,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from .jaxprs import interpret
+from .sparse_values import Batched, Plain, Sparse, as_batched, at, densify, ravel, trace, unravel
 
 # Off switch for A/B measurements and as a safety valve: JGC_SPARSE=0.
 ENABLED = os.environ.get("JGC_SPARSE", "1") != "0"
@@ -59,73 +62,13 @@ CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_v
          "remat", "checkpoint"}
 
 
-class Plain:
-    __slots__ = ("v",)
-
-    def __init__(self, v):
-        self.v = v
-
-
-class Batched:
-    __slots__ = ("v",)
-
-    def __init__(self, v):
-        self.v = v
-
-
-class Sparse:
-    __slots__ = ("base", "new", "pos")
-
-    def __init__(self, base, pos, new):
-        self.base, self.pos, self.new = base, pos, new
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-
-# Per thread, while a batch is traced: the largest value, in elements, that still differed
-# from θ's in one entry per row and yet had to be copied densely (see
-# ``batched_single_entry``).
-_trace = threading.local()
-
-
-def densify(x: Sparse) -> Batched:
-    c = x.pos.shape[0]
-    if x.pos.shape[1] == 1:
-        _trace.densified = max(getattr(_trace, "densified", 0), int(x.base.size))
-    flat = jnp.broadcast_to(x.base.reshape(-1), (c, x.base.size))
-    rows = jnp.arange(c, dtype=jnp.int32)[:, None]
-    flat = flat.at[rows, x.pos].set(x.new.astype(x.base.dtype))
-    return Batched(flat.reshape((c,) + x.base.shape))
-
-
-def _unravel(pos, shape):
-    """Multi-index of flat positions: a tuple of int32 arrays shaped like ``pos``."""
-    if not shape:
-        return ()
-    return tuple(jnp.asarray(a, jnp.int32) for a in jnp.unravel_index(pos, shape))
-
-
-def _ravel(index, shape):
-    flat = jnp.zeros_like(index[0]) if index else jnp.zeros((), jnp.int32)
-    for a, n in zip(index, shape):
-        flat = flat * n + a
-    return flat
-
-
-def _at(x, pos):
-    """Values of a Plain array at flat positions ``pos`` (of its own shape)."""
-    return x.reshape(-1)[pos]
-
-
 def _expand(x: Sparse, out_shape, dims):
     """Broadcast a Sparse value to ``out_shape``; operand dim d goes to output dim dims[d].
 
     Output dims not in ``dims``, and operand dims of size 1 stretched to a larger size,
     enumerate every coordinate: each changed entry becomes prod(sizes) changed entries.
     """
-    index = _unravel(x.pos, x.shape)
+    index = unravel(x.pos, x.shape)
     fixed = {}
     for d, o in enumerate(dims):
         if x.shape[d] == out_shape[o]:
@@ -143,7 +86,7 @@ def _expand(x: Sparse, out_shape, dims):
         else:
             g = jnp.asarray(grids[free.index(o)], jnp.int32)
             out_index.append(jnp.broadcast_to(g[None, None, :], (c, s, k)))
-    pos = _ravel(out_index, out_shape).reshape(c, s * k)
+    pos = ravel(out_index, out_shape).reshape(c, s * k)
     new = jnp.broadcast_to(x.new[:, :, None], (c, s, k)).reshape(c, s * k)
     return pos, new
 
@@ -182,7 +125,7 @@ def _nary(eqn, vals):
             bases.append(v.v)
             # Scalars (weakly typed literals included) are passed as they are, so the
             # primitive sees the same operand types as in the jaxpr.
-            news.append(v.v if np.ndim(v.v) == 0 else _at(jnp.broadcast_to(v.v, out_shape), pos))
+            news.append(v.v if np.ndim(v.v) == 0 else at(jnp.broadcast_to(v.v, out_shape), pos))
     base = _bind(eqn, *bases)
     new = _bind(eqn, *news)
     return Sparse(base, pos, new)
@@ -200,6 +143,8 @@ def _dot_general(eqn, lhs, rhs):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     sp_is_lhs = isinstance(lhs, Sparse)
     sp, other = (lhs, rhs) if sp_is_lhs else (rhs, lhs)
+    if isinstance(other, Batched):
+        return _dot_batched(eqn, sp, other, sp_is_lhs)
     if not isinstance(other, Plain):
         return None
     sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
@@ -217,8 +162,8 @@ def _dot_general(eqn, lhs, rhs):
         return None  # corrections would cost about as much as dense products
     base_out = _bind(eqn, lhs.base if sp_is_lhs else lhs.v, rhs.v if sp_is_lhs else rhs.base)
     out_shape = base_out.shape
-    index = _unravel(sp.pos, sp.shape)  # each (c, s)
-    delta = (sp.new - _at(sp.base, sp.pos)).astype(base_out.dtype)
+    index = unravel(sp.pos, sp.shape)  # each (c, s)
+    delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
     # The other operand's slab at each entry's batch and contraction coordinates.
     ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
     slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
@@ -228,12 +173,89 @@ def _dot_general(eqn, lhs, rhs):
     fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
     enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
     out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
-    pos = _ravel(out_index, out_shape).reshape(c, s * k)
+    pos = ravel(out_index, out_shape).reshape(c, s * k)
     if s == 1:
-        return Sparse(base_out, pos, _at(base_out, pos) + corr)
+        return Sparse(base_out, pos, at(base_out, pos) + corr)
     dense = jnp.broadcast_to(base_out.reshape(-1), (c, base_out.size))
     dense = dense.at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
     return Batched(dense.reshape((c,) + out_shape))
+
+
+def _dot_batched(eqn, sp: Sparse, other: Batched, sp_is_lhs: bool):
+    """dot_general of a Sparse operand and a Batched one (an RNN's perturbed recurrent
+    matrix times its per-row hidden states): one product of the shared base with every
+    row's operand (a single large matrix product, not c small ones), plus each row's
+    corrections δ times its own operand's slab, scatter-added. Batched."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
+    sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
+    o = other.v  # (c, *operand)
+    c, s = sp.pos.shape
+    nd = o.ndim - 1
+    ofree = [d for d in range(nd) if d not in oc and d not in ob]
+    sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
+    k = int(np.prod([o.shape[1 + d] for d in ofree])) if ofree else 1
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    contraction = int(np.prod([o.shape[1 + d] for d in oc])) if oc else 1
+    if s * k > int(np.prod(out_shape)) * contraction // 4:
+        return None  # corrections would cost about as much as dense products
+    if sp_is_lhs:
+        base_out = jax.vmap(lambda r: _bind(eqn, sp.base, r))(o)
+    else:
+        base_out = jax.vmap(lambda r: _bind(eqn, r, sp.base))(o)
+    index = unravel(sp.pos, sp.shape)  # each (c, s)
+    delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
+    ot = jnp.transpose(o, [0] + [1 + d for d in list(ob) + list(oc) + ofree])
+    rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, s))
+    slab = ot[(rows,) + tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
+    corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
+    grids = (np.indices([o.shape[1 + d] for d in ofree]).reshape(len(ofree), -1) if ofree
+             else np.zeros((0, 1)))
+    fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
+    fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
+    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
+    out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
+    pos = ravel(out_index, out_shape).reshape(c, s * k)
+    flat = base_out.reshape(c, -1).at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
+    return Batched(flat.reshape((c,) + out_shape))
+
+
+def _scan(eqn, vals):
+    """lax.scan closing over a Sparse value (the perturbed leaf is a constant of the body).
+
+    Under vmap every row would carry its own dense copy of the leaf into the loop, and
+    each step would multiply c different matrices by c hidden states. Here the loop
+    runs once for the whole batch: its carry is Batched (c rows), the leaf stays Sparse
+    inside the body, and its products take the sparse rules (one shared base product
+    plus rank-one corrections, see ``_dot_batched``).
+    """
+    prm = eqn.params
+    nc, nk = prm["num_consts"], prm["num_carry"]
+    consts, init, xs = vals[:nc], vals[nc:nc + nk], vals[nc + nk:]
+    sparse = [v for v in consts if isinstance(v, Sparse)]
+    if not sparse:
+        return None
+    c = sparse[0].pos.shape[0]
+    body = prm["jaxpr"]
+    in_avals = [v.aval for v in body.jaxpr.invars]
+    out_avals = [v.aval for v in body.jaxpr.outvars]
+    carry0 = [as_batched(v, c, a) for v, a in zip(init, in_avals[nc:nc + nk])]
+    plain_x = [isinstance(v, Plain) for v in xs]
+    # Batched xs: the row axis goes second, so that the scan slices time, not rows.
+    xs_in = [v.v if isinstance(v, Plain) else jnp.moveaxis(as_batched(v, c, a.update(
+        shape=(prm["length"],) + tuple(a.shape))), 0, 1)
+             for v, a in zip(xs, in_avals[nc + nk:])]
+
+    def step(carry, x):
+        xv = [Plain(xi) if p else Batched(xi) for xi, p in zip(x, plain_x)]
+        outs = evaluate(body.jaxpr, [Plain(k) for k in body.consts], list(consts) + [Batched(h) for h in carry] + xv)
+        new = [as_batched(o, c, a) for o, a in zip(outs[:nk], out_avals[:nk])]
+        ys = [as_batched(o, c, a) for o, a in zip(outs[nk:], out_avals[nk:])]
+        return new, ys
+
+    carry, ys = jax.lax.scan(step, carry0, xs_in, length=prm["length"], reverse=prm["reverse"],
+                             unroll=prm["unroll"])
+    return [Batched(h) for h in carry] + [Batched(jnp.moveaxis(y, 0, 1)) for y in ys]
 
 
 def _reduce_sum(eqn, x: Sparse):
@@ -241,19 +263,19 @@ def _reduce_sum(eqn, x: Sparse):
         return None
     axes = tuple(eqn.params["axes"])
     base = _bind(eqn, x.base)
-    index = _unravel(x.pos, x.shape)
+    index = unravel(x.pos, x.shape)
     keep = [d for d in range(len(x.shape)) if d not in axes]
-    pos = _ravel([index[d] for d in keep], base.shape) if keep else jnp.zeros_like(x.pos)
-    old = _at(x.base, x.pos)
-    new = _at(base, pos) + (x.new - old).astype(base.dtype)
+    pos = ravel([index[d] for d in keep], base.shape) if keep else jnp.zeros_like(x.pos)
+    old = at(x.base, x.pos)
+    new = at(base, pos) + (x.new - old).astype(base.dtype)
     return Sparse(base, pos, new)
 
 
 def _transpose(eqn, x: Sparse):
     perm = tuple(eqn.params["permutation"])
     base = _bind(eqn, x.base)
-    index = _unravel(x.pos, x.shape)
-    return Sparse(base, _ravel([index[p] for p in perm], base.shape), x.new)
+    index = unravel(x.pos, x.shape)
+    return Sparse(base, ravel([index[p] for p in perm], base.shape), x.new)
 
 
 def _slice(eqn, x: Sparse):
@@ -261,13 +283,13 @@ def _slice(eqn, x: Sparse):
         return None
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
     base = _bind(eqn, x.base)
-    index = _unravel(x.pos, x.shape)
+    index = unravel(x.pos, x.shape)
     inside = jnp.ones(x.pos.shape, bool)
     local = []
     for a, lo, hi in zip(index, start, limit):
         inside = inside & (a >= lo) & (a < hi)
         local.append(jnp.clip(a - lo, 0, max(hi - lo - 1, 0)))
-    pos = jnp.where(inside, _ravel(local, base.shape), 0)
+    pos = jnp.where(inside, ravel(local, base.shape), 0)
     # Outside the slice the entry is a no-op: position 0 keeps its base value.
     new = jnp.where(inside, x.new, base.reshape(-1)[0]) if base.size else x.new
     return Sparse(base, pos, new)
@@ -323,6 +345,8 @@ def _rule(eqn, vals):
     sp = [v for v in vals if isinstance(v, Sparse)]
     if not sp:
         return None
+    if name == "scan":
+        return _scan(eqn, vals)
     if name in UNARY and len(vals) == 1:
         x = vals[0]
         return [Sparse(_bind(eqn, x.base), x.pos,
@@ -380,9 +404,9 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
         new = (x[i] + d.astype(x.dtype)).reshape(c, 1)
         leaves = jax.tree_util.tree_leaves(ops)
         args = [Sparse(x, i.astype(jnp.int32).reshape(c, 1), new)] + [Plain(a) for a in leaves]
-        _trace.densified = 0
+        trace.densified = 0
         outs = evaluate(jaxpr, [Plain(v) for v in consts], args)
-        run.densified = _trace.densified
+        run.densified = trace.densified
         res = []
         for o, var in zip(outs, jaxpr.outvars):
             if isinstance(o, Sparse):
