@@ -203,6 +203,19 @@ def test_strict_promotion_falls_back_to_native_precision_when_fn_fixes_its_dtype
         jgc.check(fixed_dtype, MLP_PARAMS, precision="float64")
 
 
+def test_a_cost_that_fixes_its_float16_dtype_is_checked_at_float16():
+    # lax.concatenate refuses to mix fn's float16 constant with float32 or float64
+    # parameters, in any promotion mode: the check runs at float16, with a note.
+    x = jnp.asarray([[0.3, -1.2, 0.8], [1.5, 0.1, -0.4]], jnp.float16)
+
+    def cost(x):
+        return jnp.sum(jnp.sin(jax.lax.concatenate([x, jnp.ones((1, 3), jnp.float16)], 0)) ** 2)
+
+    rep = jgc.check(cost, x)
+    assert rep.ok and rep.precision == "native (float16)"
+    assert any("refused its inputs at float64" in n for n in rep.notes), rep.notes
+
+
 def test_plot_step_curve_under_modes():
     pytest.importorskip("matplotlib")
     from jgc._src.plot import step_curve
