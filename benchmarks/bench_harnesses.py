@@ -463,63 +463,67 @@ def write_report(cmd: str, seconds: float):
     print("wrote", MD)
 
 
+# Explanations of disagreements, written after reading the cases: (group or None for
+# any, kind or None for any, extra condition, text). The first rule that applies wins.
+CASE_RULES = [
+    ("stop_gradient", None, None,
+     ("stop_gradient's derivative is zero by definition, not f's: jgc reports that as a mismatch, as it "
+     "should for code that did not mean it; JAX's float16 tolerance (1e-2 × size = 4 here) passes anything")),
+    ("tan", "bug jgc misses", None,
+     ("not a bug: the arbiter's own five-point difference (relative error 5e-5) is limited next to tan's "
+     "poles, where |f⁽⁵⁾| is huge; jax.jvp's sec² is exact there. JAX's failure is float16 rounding "
+     "(see the float16 rows)")),
+    ("bitcast_convert_type", None, lambda r: r["jgc"] == "fail",
+     ("jgc right: JAX defines bitcast's derivative as zero, but reading float16 bits as another 16-bit "
+     "float is piecewise linear with a non-zero slope (float16 to float16 is the identity). f computes "
+     "something else in float64 (the arbiter cannot widen it), so jgc checks at float16; JAX's float16 "
+     "tolerance (× size) passes it")),
+    ("sign", "bug JAX misses", None,
+     ("jgc right: for complex z, sign(z) = z/|z| moves along the unit circle, but JAX's rule for sign is "
+     "zero; JAX's checker passes it in complex128, and fails it in complex64 (both fail there)")),
+    ("svd", "bug jgc misses", None,
+     ("not a bug: LAPACK picks each singular vector's sign afresh, and at the arbiter's step 1e-4 one of "
+     "them flips (29×29: raw differences off by 2.5e3; with signs aligned they agree with jax.jvp to "
+     "3e-7, and to 4e-9 at step 1e-6). jgc's steps are smaller; JAX's failure is its float32 step")),
+    ("lgamma", "bug jgc misses", None,
+     ("not a bug: JAX's derivative equals scipy's digamma to 6e-14 at every input; one input lies 6.5e-4 "
+     "from a pole of Γ, inside the arbiter's steps (≥ 1e-5·max|x|, five-point), not inside jgc's "
+     "per-element steps")),
+    (None, "undecided", lambda r: "arbiter raised TypeError" in r.get("arbiter_msg", "") and "float16" in r["dtype"],
+     ("f accepts float16 only (a float16 init value or preferred type of its own), so no float64 arbiter "
+     "exists; JAX's failure is its eps below float16's resolution; jgc checks at float16 with a step "
+     "sized for it (a note says so)")),
+    (("reduce_precision", "convert_element_type"), "bug jgc misses", None,
+     ("not a bug: a rounding op is a staircase (slope 0 between its steps); JAX defines its derivative as "
+     "the identity (straight-through, as mixed-precision training wants). The arbiter's small steps in "
+     "float64 resolve the stairs; jgc's step, sized by the measured noise of the stairs, spans many and "
+     "sees their slope, 1, as JAX defines it. JAX's fixed step resolves some stairs and fails")),
+    (None, "JAX false alarm", lambda r: r["jax_msg"] == "AssertionError",
+     ("JAX's checker raised a bare AssertionError: its dtype check fails on integer outputs (their "
+     "tangents are float0); jgc lists integer outputs as skipped")),
+    (None, "JAX false alarm", lambda r: "float16" in r["dtype"], "F16_STEP"),  # float16 and bfloat16
+    (None, "JAX false alarm", lambda r: "float32" in r["dtype"] or "complex64" in r["dtype"], "F32_STEP"),
+    (None, "JAX false alarm", None,
+     ("JAX false alarm: its fixed eps=1e-4 leaves O(eps²·|f⁽³⁾|) truncation error, beyond its float64 "
+     "tolerance where third derivatives are large; jgc extrapolates (Richardson)")),
+    (None, "undecided", lambda r: "non-finite" in r.get("arbiter_msg", ""),
+     ("f or its derivative is not finite at the point (a pole, or inf/NaN inputs): jgc reports those "
+     "elements as non-finite, failing only with strict=True; JAX compares them against its differences "
+     "(inf − inf = 0, NaN == NaN)")),
+    (None, "bug JAX misses", None,
+     "the float64 arbiter confirms the derivative is wrong here; JAX's tolerance (× size) lets it pass"),
+]
+
+
 def explain(r: dict) -> str:
-    """Why the two checkers disagree on record r (rules written after reading the cases)."""
+    """Why the two checkers disagree on record r: the first of CASE_RULES that applies."""
     from tests import test_harnesses as th
 
-    dt = r["dtype"]
-    if r["group"] == "stop_gradient":
-        return ("stop_gradient's derivative is zero by definition, not f's: jgc reports that as a "
-                "mismatch, as it should for code that did not mean it; JAX's float16 tolerance "
-                "(1e-2 × size = 4 here) passes anything")
-    if r["kind"] == "bug jgc misses" and r["group"] == "tan":
-        return ("not a bug: the arbiter's own five-point difference (relative error 5e-5) is "
-                "limited next to tan's poles, where |f⁽⁵⁾| is huge; jax.jvp's sec² is exact there. "
-                "JAX's failure is float16 rounding (see the float16 rows)")
-    if r["group"] == "bitcast_convert_type" and r["jgc"] == "fail":
-        return ("jgc right: JAX defines bitcast's derivative as zero, but reading float16 bits as "
-                "another 16-bit float is piecewise linear with a non-zero slope (float16 to float16 "
-                "is the identity). f computes something else in float64 (the arbiter cannot "
-                "widen it), so jgc checks at float16; JAX's float16 tolerance (× size) passes it")
-    if r["group"] == "sign" and r["kind"] == "bug JAX misses":
-        return ("jgc right: for complex z, sign(z) = z/|z| moves along the unit circle, but JAX's "
-                "rule for sign is zero; JAX's checker passes it in complex128, and fails it in "
-                "complex64 (both fail there)")
-    if r["kind"] == "bug jgc misses" and r["group"] == "svd":
-        return ("not a bug: LAPACK picks each singular vector's sign afresh, and at the arbiter's "
-                "step 1e-4 one of them flips (29×29: raw differences off by 2.5e3; with signs "
-                "aligned they agree with jax.jvp to 3e-7, and to 4e-9 at step 1e-6). jgc's steps "
-                "are smaller; JAX's failure is its float32 step")
-    if r["kind"] == "bug jgc misses" and r["group"] == "lgamma":
-        return ("not a bug: JAX's derivative equals scipy's digamma to 6e-14 at every input; one "
-                "input lies 6.5e-4 from a pole of Γ, inside the arbiter's steps (≥ 1e-5·max|x|, "
-                "five-point), not inside jgc's per-element steps")
-    if r["kind"] == "undecided" and "arbiter raised TypeError" in r.get("arbiter_msg", "") and "float16" in dt:
-        return ("f accepts float16 only (a float16 init value or preferred type of its own), so "
-                "no float64 arbiter exists; JAX's failure is its eps below float16's resolution; "
-                "jgc checks at float16 with a step sized for it (a note says so)")
-    if r["kind"] == "bug jgc misses" and r["group"] in ("reduce_precision", "convert_element_type"):
-        return ("not a bug: a rounding op is a staircase (slope 0 between its steps); JAX defines "
-                "its derivative as the identity (straight-through, as mixed-precision training "
-                "wants). The arbiter's small steps in float64 resolve the stairs; jgc's step, "
-                "sized by the measured noise of the stairs, spans many and sees their slope, 1, "
-                "as JAX defines it. JAX's fixed step resolves some stairs and fails")
-    if r["kind"] == "JAX false alarm":
-        if r["jax_msg"] == "AssertionError":
-            return ("JAX's checker raised a bare AssertionError: its dtype check fails on integer "
-                    "outputs (their tangents are float0); jgc lists integer outputs as skipped")
-        if "float16" in dt:  # float16 and bfloat16
-            return th.F16_STEP
-        if "float32" in dt or "complex64" in dt:
-            return th.F32_STEP
-        return ("JAX false alarm: its fixed eps=1e-4 leaves O(eps²·|f⁽³⁾|) truncation error, beyond "
-                "its float64 tolerance where third derivatives are large; jgc extrapolates (Richardson)")
-    if r["kind"] == "undecided" and "non-finite" in r.get("arbiter_msg", ""):
-        return ("f or its derivative is not finite at the point (a pole, or inf/NaN inputs): jgc "
-                "reports those elements as non-finite, failing only with strict=True; JAX compares "
-                "them against its differences (inf − inf = 0, NaN == NaN)")
-    if r["kind"] == "bug JAX misses":
-        return "the float64 arbiter confirms the derivative is wrong here; JAX's tolerance (× size) lets it pass"
+    for group, kind, cond, text in CASE_RULES:
+        groups = (group,) if isinstance(group, str) else group
+        if ((groups is None or r["group"] in groups) and (kind is None or r["kind"] == kind)
+                and (cond is None or cond(r))):
+            return {"F16_STEP": th.F16_STEP, "F32_STEP": th.F32_STEP}.get(text, text)
     return "not yet explained: read the case"
 
 
