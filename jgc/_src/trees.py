@@ -119,6 +119,16 @@ def wide_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, jax.Array))
+
+
+def array_leaves(args: tuple) -> list:
+    """The array leaves of ``args`` as given (not copied), in the order of split_args'
+    traced leaves: its ``rebuild`` takes them in place of its copies."""
+    return [x for x in jax.tree_util.tree_leaves(args) if _is_array(x)]
+
+
 def split_args(args: tuple, *, widen: bool = False) -> tuple[Callable[[Any], tuple], list]:
     """Separate array leaves of ``args`` (traced under jit) from static ones.
 
@@ -132,7 +142,7 @@ def split_args(args: tuple, *, widen: bool = False) -> tuple[Callable[[Any], tup
     data) sees one precision. Integer, bool and key leaves are never cast.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    is_arr = [isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves]
+    is_arr = [_is_array(x) for x in leaves]
 
     def copy(x):
         if is_typed_key(x):

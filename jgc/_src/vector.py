@@ -123,18 +123,14 @@ class VectorProblem(Prepared):
 
     def _same_form_as_given(self, out, dyn, others) -> None:
         """Raise ChangedByWidening when f's outputs at evaluation precision have other
-        shapes than at the dtypes given (one more trace, only when the dtypes changed)."""
-        if [x.dtype for x in self.dyn] == [x.dtype for x in dyn] and not self.widen:
+        shapes than at the dtypes given (one more trace, only when some dtype changed)."""
+        given_args = trees.array_leaves(others)
+        if all(a.dtype == b.dtype for a, b in zip(list(self.dyn) + list(self.argarr), list(dyn) + given_args)):
             return
-        rebuild, argarr = trees.split_args(others, widen=False)
-        saved = self.rebuild_args
-        self.rebuild_args = rebuild
         try:
-            given = jax.eval_shape(self.call, dyn, argarr)
+            given = jax.eval_shape(self.call, dyn, given_args)
         except Exception:  # noqa: BLE001 - f runs at its evaluation precision; that is what counts
             return
-        finally:
-            self.rebuild_args = saved
         shapes = [jax.tree_util.tree_map(lambda o: tuple(o.shape), t) for t in (out, given)]
         if shapes[0] != shapes[1]:
             raise ChangedByWidening(f"output shapes {shapes[0]}, against {shapes[1]} at the dtypes given")
