@@ -355,3 +355,15 @@ def test_rev_falls_back_to_fwd_where_jax_has_no_reverse_rule(name, f):
         rep = jgc.check_grads(f, (x,), 1, modes=("rev",))
     assert rep.ok and all(lf.name.startswith("JVP") for lf in rep.leaves)
     assert any("no reverse-mode derivative (JAX says:" in n for n in rep.notes), rep.notes
+
+
+def test_the_float16_fallback_keeps_debug_nans_quiet_at_perturbed_points():
+    # sqrt is NaN at the negative elements: reported as non-finite, as in the widened check.
+    x = jnp.asarray(RNG.standard_normal((4, 6)), jnp.float16)
+
+    def f(x):
+        return jnp.sqrt(jax.lax.concatenate([x, jnp.ones((1, 6), jnp.float16)], 0))
+
+    with jax.debug_nans(True), jax.numpy_dtype_promotion("strict"):
+        rep = jgc.check_grads(f, (x,), 1)
+    assert rep.precision == "native (float16)" and rep.counts()["non-finite"] > 0

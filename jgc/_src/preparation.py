@@ -186,13 +186,18 @@ class Prepared(Scoped):
             else:
                 refused = f"{self.FN} refused its inputs at {wider} ({type(e).__name__}: {first})"
         del self.notes[kept:]
-        self.widen, self._scope = precision_scope("native", self.orig_dtypes, self.notes)
+        self.widen, scope = precision_scope("native", self.orig_dtypes, self.notes)
+        self._scope = self._scoped(scope)
         self.as_given = True
         self.counter = engine.Counter()
         given = ", ".join(sorted({d.name for d in self.orig_dtypes}))
         self.notes.append(f"{refused}: checked at the dtypes given ({given}), with steps and "
                           "tolerances for that precision.")
         return super().__enter__()
+
+    def _scoped(self, scope):
+        """The context a check runs in, given its precision scope (subclasses add to it)."""
+        return scope
 
     def _at_eval_precision(self, dyn: list, *, narrowed_note: str) -> None:
         """Set ``dyn`` and ``eval_dtypes`` (see :func:`evaluation_leaves`)."""

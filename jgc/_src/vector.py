@@ -87,7 +87,10 @@ class VectorProblem(Prepared):
         self.in_label = in_label or (lambda i: f"args[{i}]")
         self.out_name = out_name
         checked = tuple(self.primals[i] for i in self.argnums)
-        self._scope = _quiet_nonfinite(self._begin(checked, precision))
+        self._scope = self._scoped(self._begin(checked, precision))
+
+    def _scoped(self, scope):
+        return _quiet_nonfinite(scope)
 
     # -- preparation -------------------------------------------------------------
     def _relabel(self, p: str) -> str:
