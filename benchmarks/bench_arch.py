@@ -418,7 +418,10 @@ def main():
     if os.path.exists(store):
         with open(store) as f:
             old = json.load(f)
-    rows = [r for r in old["rows"] if r.get("size") not in sizes]
+    # Rows of the (size, model, dtype) combinations run now are replaced; the rest are kept.
+    rows = [r for r in old["rows"] if not (r.get("size") in sizes and r.get("model") in args.models
+                                           and r.get("dtype") in args.dtypes)]
+    partial = args.models != MODELS or len(args.dtypes) < 2
     t_start = time.time()
     facts = bench_speed.machine_facts()
     peak = bench_speed.matmul_peak()
@@ -427,13 +430,16 @@ def main():
         " --nice" if args.nice else "") + (f" --models {' '.join(args.models)}" if args.models != MODELS else "") + (
         f" --dtypes {' '.join(args.dtypes)}" if len(args.dtypes) < 2 else "") + (" --no-torch" if args.no_torch else "")
     runs = dict(old.get("runs", {}))
+    before = dict(runs)
 
     def save(done):
         # Written after every model, so a long run that is stopped keeps what it measured.
         for s in sizes:
-            runs[s] = (f"`{cmd}` ({time.time() - t_start:.0f} s{'' if done else ', stopped early'}; load "
-                       f"average {os.getloadavg()[0]:.1f}; matmul peak float64 {peak['float64'] / 1e9:.1f}, "
-                       f"float32 {peak['float32'] / 1e9:.1f} GFLOP/s)")
+            text = (f"`{cmd}` ({time.time() - t_start:.0f} s{'' if done else ', stopped early'}; load "
+                    f"average {os.getloadavg()[0]:.1f}; matmul peak float64 {peak['float64'] / 1e9:.1f}, "
+                    f"float32 {peak['float32'] / 1e9:.1f} GFLOP/s)")
+            # A run of some models or dtypes only: its rows replace theirs, the rest stay.
+            runs[s] = f"{before[s]}; then {text}" if partial and s in before else text
         with open(store, "w") as f:
             json.dump({"rows": rows, "runs": runs, "facts": facts}, f, indent=1)
         write_markdown(os.path.join(HERE, "results", "arch.md"), rows, runs, facts)

@@ -141,6 +141,20 @@ def _conv(rng):
     return cost, rng.normal(size=54), ops
 
 
+def _conv_strided_nhwc(rng):
+    # Channels last (as Flax writes it), strides, a dilated kernel, uneven padding.
+    ops = (rng.normal(size=(2, 9, 9, 3)),)
+
+    def cost(flat, ops):
+        (x,) = ops
+        k = flat.reshape(3, 3, 3, 4)
+        y = jax.lax.conv_general_dilated(x, k, (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    return cost, rng.normal(size=108) * 0.5, ops
+
+
 def _array_output(rng):
     ops = (rng.normal(size=(4, 3)),)
 
@@ -152,7 +166,7 @@ def _array_output(rng):
 
 
 CASES = [_mlp, _bias, _second_layer, _weight_decay_and_transpose, _leaf_on_the_left,
-         _batched_matmul, _slices_of_a_flat_vector, _scan_rnn, _scan_everything, _conv, _array_output]
+         _batched_matmul, _slices_of_a_flat_vector, _scan_rnn, _scan_everything, _conv, _conv_strided_nhwc, _array_output]
 
 
 def _evaluate(cost, x0, ops, idx, d, enabled, monkeypatch):
@@ -213,12 +227,24 @@ def test_single_entry_perturbation_through_a_matmul_stays_sparse():
     assert env_kinds[:2] == [("dot_general", "Sparse"), ("tanh", "Sparse")], env_kinds
 
 
+def _grouped_conv(rng):
+    ops = (rng.normal(size=(1, 4, 6, 6)),)
+
+    def cost(flat, ops):
+        (x,) = ops
+        k = flat.reshape(4, 2, 3, 3)
+        return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", feature_group_count=2)))
+
+    return cost, rng.normal(size=72), ops
+
+
 @pytest.mark.parametrize("case, stays_sparse", [(_mlp, True), (_second_layer, True), (_scan_rnn, True),
-                                                 (_conv, False)])
+                                                 (_conv, True), (_grouped_conv, False)])
 def test_the_sparse_path_is_left_where_its_trace_copies_the_whole_leaf(case, stays_sparse, monkeypatch):
-    # A leaf convolved by is copied densely per row by the interpreter: no cheaper than
-    # vmap, and vmap's cache-sized batches are faster. A scan's recurrent matrix stays
-    # sparse: the loop runs once for the batch, its products are shared.
+    # A leaf used by an op without a sparse rule (a grouped convolution) is copied
+    # densely per row by the interpreter: no cheaper than vmap, and vmap's cache-sized
+    # batches are faster. A scan's recurrent matrix and a plain convolution's kernel
+    # stay sparse: shared base products plus per-row corrections.
     monkeypatch.setattr(engine, "SPARSE_LEAF", 1)
     with jax.enable_x64(True):
         cost, x0, ops = case(np.random.default_rng(0))

@@ -15,7 +15,9 @@ reshapes, transposes, broadcasts, static slices and sums keep it Sparse at the c
 touching the s changed entries. A matrix product of a one-entry Sparse operand with a
 Plain one is the product of the bases plus a rank-one correction, δ times one row or
 column of the other operand, so the changed entries of ``X @ (W + δ·e_ij)`` are one
-column of 64 values, not a 64×w block and a w×w copy. A ``lax.scan`` closing over a
+column of 64 values, not a 64×w block and a w×w copy; a convolution by a kernel
+changed in one entry is the base convolution plus δ times one input window, one output
+feature map (``sparse_products.py``). A ``lax.scan`` closing over a
 Sparse value (an RNN's weights) runs once for the whole batch, with a Batched carry:
 its products with the Sparse weights are one shared product plus rank-one
 corrections, where vmap would multiply c different weight copies. Anything else turns the Sparse
@@ -37,14 +39,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from . import sparse_products
 from .jaxprs import interpret
-from .sparse_values import Batched, Plain, Sparse, as_batched, at, densify, ravel, trace, unravel
+from .sparse_values import (
+    DENSE_FRACTION,
+    Batched,
+    Plain,
+    Sparse,
+    as_batched,
+    at,
+    bind,
+    densify,
+    ravel,
+    trace,
+    unravel,
+)
 
 # Off switch for A/B measurements and as a safety valve: JGC_SPARSE=0.
 ENABLED = os.environ.get("JGC_SPARSE", "1") != "0"
-# A Sparse value with more changed entries than this fraction of its size is made
-# dense: past it, gathers and scatters cost more than dense batched arithmetic.
-DENSE_FRACTION = 0.25
 
 UNARY = {
     "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan",
@@ -126,98 +138,9 @@ def _nary(eqn, vals):
             # Scalars (weakly typed literals included) are passed as they are, so the
             # primitive sees the same operand types as in the jaxpr.
             news.append(v.v if np.ndim(v.v) == 0 else at(jnp.broadcast_to(v.v, out_shape), pos))
-    base = _bind(eqn, *bases)
-    new = _bind(eqn, *news)
+    base = bind(eqn, *bases)
+    new = bind(eqn, *news)
     return Sparse(base, pos, new)
-
-
-def _dot_general(eqn, lhs, rhs):
-    """dot_general of a Sparse operand and a Plain one: the base product plus corrections.
-
-    Each changed entry (δ = new − old at batch/contraction/free coordinates a) adds δ
-    times the other operand's slab at (a_batch, a_contraction) to the output at
-    (a_batch, a_free, every free coordinate of the other operand). With one entry the
-    result stays Sparse; with several, entries may hit the same outputs, so the
-    corrections are scatter-added into dense copies of the base product.
-    """
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    sp_is_lhs = isinstance(lhs, Sparse)
-    sp, other = (lhs, rhs) if sp_is_lhs else (rhs, lhs)
-    if isinstance(other, Batched):
-        return _dot_batched(eqn, sp, other, sp_is_lhs)
-    if not isinstance(other, Plain):
-        return None
-    sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
-    sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
-    o = jnp.asarray(other.v)
-    ofree = [d for d in range(o.ndim) if d not in oc and d not in ob]
-    sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
-    c, s = sp.pos.shape
-    k = int(np.prod([o.shape[d] for d in ofree])) if ofree else 1
-    out_size = int(np.prod(eqn.outvars[0].aval.shape))
-    contraction = int(np.prod([o.shape[d] for d in oc])) if oc else 1
-    if s == 1 and k > DENSE_FRACTION * max(1, out_size):
-        return None
-    if s > 1 and s * k > out_size * contraction // 4:
-        return None  # corrections would cost about as much as dense products
-    base_out = _bind(eqn, lhs.base if sp_is_lhs else lhs.v, rhs.v if sp_is_lhs else rhs.base)
-    out_shape = base_out.shape
-    index = unravel(sp.pos, sp.shape)  # each (c, s)
-    delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
-    # The other operand's slab at each entry's batch and contraction coordinates.
-    ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
-    slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
-    corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
-    grids = np.indices([o.shape[d] for d in ofree]).reshape(len(ofree), -1) if ofree else np.zeros((0, 1))
-    fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
-    fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
-    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
-    out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
-    pos = ravel(out_index, out_shape).reshape(c, s * k)
-    if s == 1:
-        return Sparse(base_out, pos, at(base_out, pos) + corr)
-    dense = jnp.broadcast_to(base_out.reshape(-1), (c, base_out.size))
-    dense = dense.at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
-    return Batched(dense.reshape((c,) + out_shape))
-
-
-def _dot_batched(eqn, sp: Sparse, other: Batched, sp_is_lhs: bool):
-    """dot_general of a Sparse operand and a Batched one (an RNN's perturbed recurrent
-    matrix times its per-row hidden states): one product of the shared base with every
-    row's operand (a single large matrix product, not c small ones), plus each row's
-    corrections δ times its own operand's slab, scatter-added. Batched."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
-    sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
-    o = other.v  # (c, *operand)
-    c, s = sp.pos.shape
-    nd = o.ndim - 1
-    ofree = [d for d in range(nd) if d not in oc and d not in ob]
-    sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
-    k = int(np.prod([o.shape[1 + d] for d in ofree])) if ofree else 1
-    out_shape = tuple(eqn.outvars[0].aval.shape)
-    contraction = int(np.prod([o.shape[1 + d] for d in oc])) if oc else 1
-    if s * k > int(np.prod(out_shape)) * contraction // 4:
-        return None  # corrections would cost about as much as dense products
-    if sp_is_lhs:
-        base_out = jax.vmap(lambda r: _bind(eqn, sp.base, r))(o)
-    else:
-        base_out = jax.vmap(lambda r: _bind(eqn, r, sp.base))(o)
-    index = unravel(sp.pos, sp.shape)  # each (c, s)
-    delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
-    ot = jnp.transpose(o, [0] + [1 + d for d in list(ob) + list(oc) + ofree])
-    rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, s))
-    slab = ot[(rows,) + tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
-    corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
-    grids = (np.indices([o.shape[1 + d] for d in ofree]).reshape(len(ofree), -1) if ofree
-             else np.zeros((0, 1)))
-    fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
-    fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
-    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
-    out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
-    pos = ravel(out_index, out_shape).reshape(c, s * k)
-    flat = base_out.reshape(c, -1).at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
-    return Batched(flat.reshape((c,) + out_shape))
 
 
 def _scan(eqn, vals):
@@ -262,7 +185,7 @@ def _reduce_sum(eqn, x: Sparse):
     if x.pos.shape[1] != 1:
         return None
     axes = tuple(eqn.params["axes"])
-    base = _bind(eqn, x.base)
+    base = bind(eqn, x.base)
     index = unravel(x.pos, x.shape)
     keep = [d for d in range(len(x.shape)) if d not in axes]
     pos = ravel([index[d] for d in keep], base.shape) if keep else jnp.zeros_like(x.pos)
@@ -273,7 +196,7 @@ def _reduce_sum(eqn, x: Sparse):
 
 def _transpose(eqn, x: Sparse):
     perm = tuple(eqn.params["permutation"])
-    base = _bind(eqn, x.base)
+    base = bind(eqn, x.base)
     index = unravel(x.pos, x.shape)
     return Sparse(base, ravel([index[p] for p in perm], base.shape), x.new)
 
@@ -282,7 +205,7 @@ def _slice(eqn, x: Sparse):
     if x.pos.shape[1] != 1 or eqn.params.get("strides") not in (None, (1,) * len(x.shape)):
         return None
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    base = _bind(eqn, x.base)
+    base = bind(eqn, x.base)
     index = unravel(x.pos, x.shape)
     inside = jnp.ones(x.pos.shape, bool)
     local = []
@@ -300,7 +223,7 @@ def _broadcast(eqn, x: Sparse):
     e = _expand(x, out_shape, tuple(eqn.params["broadcast_dimensions"]))
     if e is None:
         return None
-    return Sparse(_bind(eqn, x.base), *e)
+    return Sparse(bind(eqn, x.base), *e)
 
 
 def _call_jaxpr(eqn):
@@ -311,15 +234,6 @@ def _call_jaxpr(eqn):
     return None
 
 
-def _bind(eqn, *args):
-    """Apply the equation's primitive (call primitives carry their functions as subfuns)."""
-    got = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(got, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = got
-        return eqn.primitive.bind(*subfuns, *args, **params)
-    return eqn.primitive.bind(*args, **got)
-
-
 def _generic(eqn, vals):
     """What vmap does: dense copies for Sparse inputs, the primitive's batching rule."""
     vals = [densify(v) if isinstance(v, Sparse) else v for v in vals]
@@ -327,9 +241,9 @@ def _generic(eqn, vals):
     args = [v.v for v in vals]
     prim = eqn.primitive
     if not any(batched):
-        out = _bind(eqn, *args)
+        out = bind(eqn, *args)
         return [Plain(o) for o in out] if prim.multiple_results else [Plain(out)]
-    fun = lambda *a: _bind(eqn, *a)
+    fun = lambda *a: bind(eqn, *a)
     out = jax.vmap(fun, in_axes=[0 if b else None for b in batched])(*args)
     return [Batched(o) for o in out] if prim.multiple_results else [Batched(out)]
 
@@ -349,18 +263,20 @@ def _rule(eqn, vals):
         return _scan(eqn, vals)
     if name in UNARY and len(vals) == 1:
         x = vals[0]
-        return [Sparse(_bind(eqn, x.base), x.pos,
-                       _bind(eqn, x.new))]
+        return [Sparse(bind(eqn, x.base), x.pos,
+                       bind(eqn, x.new))]
     if name in NARY:
         r = _nary(eqn, vals)
         return None if r is None else [r]
     if name in SHAPE_ONLY and len(vals) == 1:
         x = vals[0]
-        return [Sparse(_bind(eqn, x.base), x.pos, x.new)]
+        return [Sparse(bind(eqn, x.base), x.pos, x.new)]
     r = None
     if name == "dot_general" and len(vals) == 2 and len(sp) == 1:
-        r = _dot_general(eqn, *vals)
+        r = sparse_products.dot_general(eqn, *vals)
         return None if r is None else [r]
+    elif name == "conv_general_dilated" and len(vals) == 2:
+        r = sparse_products.conv(eqn, *vals)
     elif name == "reduce_sum" and len(vals) == 1:
         r = _reduce_sum(eqn, vals[0])
     elif name == "transpose":

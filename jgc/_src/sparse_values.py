@@ -14,6 +14,10 @@ import threading
 
 import jax.numpy as jnp
 
+# A Sparse value with more changed entries than this fraction of its size is made
+# dense: past it, gathers and scatters cost more than dense batched arithmetic.
+DENSE_FRACTION = 0.25
+
 
 class Plain:
     """A value shared by every perturbation of the batch."""
@@ -89,3 +93,12 @@ def as_batched(v, c: int, aval):
     if isinstance(v, Plain):
         return jnp.broadcast_to(jnp.asarray(v.v, aval.dtype), (c,) + tuple(aval.shape))
     return v.v.astype(aval.dtype)
+
+
+def bind(eqn, *args):
+    """Apply the equation's primitive (call primitives carry their functions as subfuns)."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = got
+        return eqn.primitive.bind(*subfuns, *args, **params)
+    return eqn.primitive.bind(*args, **got)
