@@ -17,92 +17,62 @@ from .sparse_values import DENSE_FRACTION, Batched, Plain, Sparse, at, bind, rav
 
 
 def dot_general(eqn, lhs, rhs):
-    """dot_general of a Sparse operand and a Plain one: the base product plus corrections.
+    """dot_general of a Sparse operand and a Plain or Batched one: base product plus corrections.
 
     Each changed entry (δ = new − old at batch/contraction/free coordinates a) adds δ
     times the other operand's slab at (a_batch, a_contraction) to the output at
-    (a_batch, a_free, every free coordinate of the other operand). With one entry the
-    result stays Sparse; with several, entries may hit the same outputs, so the
-    corrections are scatter-added into dense copies of the base product.
+    (a_batch, a_free, every free coordinate of the other operand). With a Plain other
+    operand and one entry the result stays Sparse; with several, entries may hit the
+    same outputs, so the corrections are scatter-added into dense copies of the base
+    product. With a Batched other operand (an RNN's perturbed recurrent matrix times its
+    per-row hidden states) the base is multiplied with every row's operand in one large
+    product, not c small ones, and each row's corrections use its own operand's slab.
     """
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     sp_is_lhs = isinstance(lhs, Sparse)
     sp, other = (lhs, rhs) if sp_is_lhs else (rhs, lhs)
-    if isinstance(other, Batched):
-        return _dot_batched(eqn, sp, other, sp_is_lhs)
-    if not isinstance(other, Plain):
+    if not isinstance(other, (Plain, Batched)):
         return None
+    batched = isinstance(other, Batched)
     sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
     sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
-    o = jnp.asarray(other.v)
-    ofree = [d for d in range(o.ndim) if d not in oc and d not in ob]
+    o = jnp.asarray(other.v)  # Batched: (c, *operand)
+    lead = 1 if batched else 0
+    size = [o.shape[lead + d] for d in range(o.ndim - lead)]
+    ofree = [d for d in range(len(size)) if d not in oc and d not in ob]
     sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
     c, s = sp.pos.shape
-    k = int(np.prod([o.shape[d] for d in ofree])) if ofree else 1
-    out_size = int(np.prod(eqn.outvars[0].aval.shape))
-    contraction = int(np.prod([o.shape[d] for d in oc])) if oc else 1
-    if s == 1 and k > DENSE_FRACTION * max(1, out_size):
+    k = int(np.prod([size[d] for d in ofree])) if ofree else 1
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    out_size = int(np.prod(out_shape))
+    contraction = int(np.prod([size[d] for d in oc])) if oc else 1
+    if not batched and s == 1 and k > DENSE_FRACTION * max(1, out_size):
         return None
-    if s > 1 and s * k > out_size * contraction // 4:
+    if (batched or s > 1) and s * k > out_size * contraction // 4:
         return None  # corrections would cost about as much as dense products
-    base_out = bind(eqn, lhs.base if sp_is_lhs else lhs.v, rhs.v if sp_is_lhs else rhs.base)
-    out_shape = base_out.shape
+
+    def product(r):
+        return bind(eqn, sp.base, r) if sp_is_lhs else bind(eqn, r, sp.base)
+
+    base_out = jax.vmap(product)(o) if batched else product(o)
     index = unravel(sp.pos, sp.shape)  # each (c, s)
     delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
     # The other operand's slab at each entry's batch and contraction coordinates.
-    ot = jnp.transpose(o, list(ob) + list(oc) + ofree)
-    slab = ot[tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
+    ot = jnp.transpose(o, list(range(lead)) + [lead + d for d in list(ob) + list(oc) + ofree])
+    rows = (jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, s)),) if batched else ()
+    slab = ot[rows + tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
     corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
-    grids = np.indices([o.shape[d] for d in ofree]).reshape(len(ofree), -1) if ofree else np.zeros((0, 1))
+    grids = np.indices([size[d] for d in ofree]).reshape(len(ofree), -1) if ofree else np.zeros((0, 1))
     fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
     fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
     enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
     out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
     pos = ravel(out_index, out_shape).reshape(c, s * k)
-    if s == 1:
+    if not batched and s == 1:
         return Sparse(base_out, pos, at(base_out, pos) + corr)
-    dense = jnp.broadcast_to(base_out.reshape(-1), (c, base_out.size))
+    dense = base_out.reshape(c, -1) if batched else jnp.broadcast_to(base_out.reshape(-1), (c, out_size))
     dense = dense.at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
     return Batched(dense.reshape((c,) + out_shape))
-
-
-def _dot_batched(eqn, sp: Sparse, other: Batched, sp_is_lhs: bool):
-    """dot_general of a Sparse operand and a Batched one (an RNN's perturbed recurrent
-    matrix times its per-row hidden states): one product of the shared base with every
-    row's operand (a single large matrix product, not c small ones), plus each row's
-    corrections δ times its own operand's slab, scatter-added. Batched."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    sc, oc = (lc, rc) if sp_is_lhs else (rc, lc)
-    sb, ob = (lb, rb) if sp_is_lhs else (rb, lb)
-    o = other.v  # (c, *operand)
-    c, s = sp.pos.shape
-    nd = o.ndim - 1
-    ofree = [d for d in range(nd) if d not in oc and d not in ob]
-    sfree = [d for d in range(len(sp.shape)) if d not in sc and d not in sb]
-    k = int(np.prod([o.shape[1 + d] for d in ofree])) if ofree else 1
-    out_shape = tuple(eqn.outvars[0].aval.shape)
-    contraction = int(np.prod([o.shape[1 + d] for d in oc])) if oc else 1
-    if s * k > int(np.prod(out_shape)) * contraction // 4:
-        return None  # corrections would cost about as much as dense products
-    if sp_is_lhs:
-        base_out = jax.vmap(lambda r: bind(eqn, sp.base, r))(o)
-    else:
-        base_out = jax.vmap(lambda r: bind(eqn, r, sp.base))(o)
-    index = unravel(sp.pos, sp.shape)  # each (c, s)
-    delta = (sp.new - at(sp.base, sp.pos)).astype(base_out.dtype)
-    ot = jnp.transpose(o, [0] + [1 + d for d in list(ob) + list(oc) + ofree])
-    rows = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[:, None], (c, s))
-    slab = ot[(rows,) + tuple(index[d] for d in sb) + tuple(index[d] for d in sc)]  # (c, s, *ofree)
-    corr = (delta.reshape((c, s) + (1,) * len(ofree)) * slab.astype(base_out.dtype)).reshape(c, s * k)
-    grids = (np.indices([o.shape[1 + d] for d in ofree]).reshape(len(ofree), -1) if ofree
-             else np.zeros((0, 1)))
-    fixed_b = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sb]
-    fixed_f = [jnp.broadcast_to(index[d][:, :, None], (c, s, k)) for d in sfree]
-    enum = [jnp.broadcast_to(jnp.asarray(g, jnp.int32)[None, None, :], (c, s, k)) for g in grids]
-    out_index = fixed_b + (fixed_f + enum if sp_is_lhs else enum + fixed_f)
-    pos = ravel(out_index, out_shape).reshape(c, s * k)
-    flat = base_out.reshape(c, -1).at[jnp.arange(c, dtype=jnp.int32)[:, None], pos].add(corr)
-    return Batched(flat.reshape((c,) + out_shape))
 
 
 def conv(eqn, lhs, rhs):
