@@ -293,7 +293,11 @@ def evaluate(jaxpr, consts, args):
 
     def apply(eqn, vals):
         outs = _rule(eqn, vals)
-        return _generic(eqn, vals) if outs is None else [_tidy(o) for o in outs]
+        outs = _generic(eqn, vals) if outs is None else [_tidy(o) for o in outs]
+        for o in outs:
+            if isinstance(o, Batched) and o.v.ndim:
+                trace.dense_row = max(getattr(trace, "dense_row", 0), int(o.v[0].size))
+        return outs
 
     return interpret(jaxpr, consts, args, apply, literal=Plain)
 
@@ -320,9 +324,9 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
         new = (x[i] + d.astype(x.dtype)).reshape(c, 1)
         leaves = jax.tree_util.tree_leaves(ops)
         args = [Sparse(x, i.astype(jnp.int32).reshape(c, 1), new)] + [Plain(a) for a in leaves]
-        trace.densified = 0
+        trace.densified = trace.dense_row = 0
         outs = evaluate(jaxpr, [Plain(v) for v in consts], args)
-        run.densified = trace.densified
+        run.densified, run.dense_row = trace.densified, trace.dense_row
         res = []
         for o, var in zip(outs, jaxpr.outvars):
             if isinstance(o, Sparse):
@@ -338,4 +342,7 @@ def batched_single_entry(cost: Callable, x0, operands) -> Callable:
     # scan carrying the leaf, a convolution by it) before it spread: every row then holds
     # a dense copy of the leaf, as under vmap.
     run.densified = 0
+    # Also set by each trace: the largest value that went dense, in elements per row (rows
+    # downstream of a layer that mixes the perturbed entry into every unit).
+    run.dense_row = 0
     return run
