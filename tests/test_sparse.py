@@ -292,3 +292,27 @@ def test_zoo_verdicts_hold_on_the_sparse_path(monkeypatch):
                 assert not rep.ok, f"{case.name}: {name}\n{rep}"
                 assert rep.leaf(bug.leaf).status == "mismatch", f"{case.name}: {name}\n{rep}"
     assert engine.SPARSE_FALLBACKS == []
+
+
+def test_batches_are_smaller_where_rows_go_dense_downstream():
+    # A one-layer MLP stays sparse to its scalar output: big batches share the base pass.
+    # In a deep MLP the second layer mixes the perturbed entry into every unit: the rows
+    # go dense, and batches are sized so that their dense values stay in cache.
+    rng = np.random.default_rng(0)
+    x, W = rng.normal(size=(64, 96)), rng.normal(size=(96, 96)) / 10
+
+    def shallow(flat, ops):
+        return jnp.sum(jnp.tanh(ops @ flat.reshape(96, 96)))
+
+    def deep(flat, ops):
+        h = jnp.tanh(ops @ flat.reshape(96, 96))
+        for _ in range(3):
+            h = jnp.tanh(h @ W)
+        return jnp.sum(h)
+
+    with jax.enable_x64(True):
+        x, W = jnp.asarray(x), jnp.asarray(W)
+        evs = {f.__name__: engine.LeafEvaluator(f, W.ravel(), x) for f in (shallow, deep)}
+    assert evs["shallow"].sparse and evs["deep"].sparse
+    dense_row = 64 * 96  # the deep model's hidden layer, per row
+    assert evs["deep"].rows == max(16, engine.DENSE_ROWS_BYTES // (dense_row * 8)) < evs["shallow"].rows
