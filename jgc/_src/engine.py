@@ -74,10 +74,11 @@ SPARSE_BATCH = 512
 DENSE_ROWS_BYTES = 4 * 2**20
 # The sparse path is left for plain vmap when its trace copies a one-entry change of at
 # least this fraction of the leaf's size per row (the perturbation meets an op without a
-# sparse rule while the leaf is still whole: a lax.scan carrying it, a convolution by
-# it). Its rows would cost what vmap's do, in batches of SPARSE_BATCH rather than the
-# dense layout's cache-sized ones. Measured on bench_arch.py's ~1e4 float64 models: the
-# RNN's check 3.7 → 2.1 s cold, the CNN's 4.3 → 3.2 s; the MLPs keep the sparse path.
+# sparse rule while the leaf is still whole: a grouped convolution by it, a scan that
+# carries it). Its rows would cost what vmap's do, in batches of SPARSE_BATCH rather
+# than the dense layout's cache-sized ones. Measured on bench_arch.py's ~1e4 float64
+# models before scans and convolutions had sparse rules: the RNN's check 3.7 → 2.1 s
+# cold, the CNN's 4.3 → 3.2 s; the MLPs keep the sparse path.
 WHOLE_LEAF_COPY = 1.0
 # The last few errors that sent a leaf back to plain vmap (for tests and debugging).
 SPARSE_FALLBACKS: list[str] = []

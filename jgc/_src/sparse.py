@@ -17,11 +17,11 @@ Plain one is the product of the bases plus a rank-one correction, δ times one r
 column of the other operand, so the changed entries of ``X @ (W + δ·e_ij)`` are one
 column of 64 values, not a 64×w block and a w×w copy; a convolution by a kernel
 changed in one entry is the base convolution plus δ times one input window, one output
-feature map (``sparse_products.py``). A ``lax.scan`` closing over a
-Sparse value (an RNN's weights) runs once for the whole batch, with a Batched carry:
-its products with the Sparse weights are one shared product plus rank-one
-corrections, where vmap would multiply c different weight copies. Anything else turns the Sparse
-value into dense Batched copies and is evaluated as vmap would (the batching rule of
+feature map (``sparse_products.py``). A ``lax.scan`` closing over a Sparse value (an
+RNN's weights) runs once for the whole batch, with a Batched carry: its products with
+the Sparse weights are one shared product plus rank-one corrections, where vmap would
+multiply c different weight copies. Anything else turns the Sparse value into dense
+Batched copies and is evaluated as vmap would (the batching rule of
 the primitive), so every cost is supported; the sparse rules only make it cheaper.
 
 Numerically the two evaluations differ only in rounding: the shared base is rounded
@@ -150,7 +150,7 @@ def _scan(eqn, vals):
     each step would multiply c different matrices by c hidden states. Here the loop
     runs once for the whole batch: its carry is Batched (c rows), the leaf stays Sparse
     inside the body, and its products take the sparse rules (one shared base product
-    plus rank-one corrections, see ``_dot_batched``).
+    plus rank-one corrections, see ``sparse_products.dot_general``).
     """
     prm = eqn.params
     nc, nk = prm["num_consts"], prm["num_carry"]

@@ -356,30 +356,30 @@ class VectorProblem(Prepared):
         short waves crossed by the line (a remainder, a floor): see noise.finest.
         """
         points = np.arange(NOISE_POINTS, dtype=np.float64)
-        seen = {}
+        levels = {}  # spacing -> (values, (σ_j, effective u))
+        moving = None  # outputs that move along the first probe (a constant one is no staircase)
 
         def probe(h):
+            nonlocal moving
             vals = self.eval_rows(points * h, np.zeros(points.size, np.int64))
-            if not seen:
+            if moving is None:
                 self.y0 = vals[0].copy()  # t = 0: f at the point itself
                 self._check_first()
-                # Outputs that move along the probe (a constant output is no staircase).
                 with np.errstate(invalid="ignore"):
-                    seen["moving"] = np.any(np.diff(vals, axis=0) != 0, axis=0)
-            seen[h] = vals
-            return vals.T[seen["moving"]], noise.per_output(vals, self.y0, self.u)[1] / self.u
+                    moving = np.any(np.diff(vals, axis=0) != 0, axis=0)
+            levels[h] = (vals, noise.per_output(vals, self.y0, self.u))
+            return vals.T[moving], levels[h][1][1] / self.u
 
         base = self.u**0.25
         _, _, kept = noise.finest(probe, base)
-        vals = seen[kept]
+        vals, (self.sigma, self.u_eff) = levels[kept]
         if not np.all(np.isfinite(vals)):
             self.notes.append("f was not finite along the noise probe; noise taken as u·|y|.")
-        self.sigma, self.u_eff = noise.per_output(vals, self.y0, self.u)
         if kept < base:
             self.notes.append(
                 f"f jumps or varies on a scale shorter than the default noise probe ({base:.1e}·s); "
                 f"noise measured at spacing {kept:.1e}·s.")
-        if self.u_eff > 64 * self.u:
+        if self.u_eff > noise.SUSPICIOUS * self.u:
             self.notes.append(
                 f"f is noisier than its dtype (σ/|y| ≈ {self.u_eff:.1e} against u = {self.u:.1e}); "
                 "steps and error bars were sized for the measured noise."
