@@ -30,7 +30,9 @@ def method_error(gain: np.ndarray, trunc: np.ndarray, sigma: float) -> np.ndarra
 
 
 def tolerance(a: np.ndarray, n: np.ndarray, rtol: float, atol: float) -> np.ndarray:
-    return atol + rtol * np.maximum(np.abs(a), np.abs(n))
+    # fmax: a NaN on one side (a derivative rule that returned NaN) leaves the other
+    # side's tolerance to report, not NaN; such an element fails on finiteness anyway.
+    return atol + rtol * np.fmax(np.abs(a), np.abs(n))
 
 
 def imprecise(a, n, err, rel, passed, tiny=0.0) -> np.ndarray:
