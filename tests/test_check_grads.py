@@ -338,6 +338,35 @@ def test_a_function_that_changes_with_the_dtype_is_checked_at_the_dtype_given():
     assert any("computes something else at float64" in n for n in rep.notes), rep.notes
 
 
+@jax.custom_jvp
+def _callback_tangent(x):
+    return jnp.sin(x)
+
+
+@_callback_tangent.defjvp
+def _callback_tangent_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    dt = jax.pure_callback(lambda a, b: np.cos(a) * b, jax.ShapeDtypeStruct(t.shape, t.dtype), x, t,
+                           vmap_method="sequential")
+    return jnp.sin(x), dt
+
+
+@jax.custom_vjp
+def _scale(t, c):
+    return t * c
+
+
+_scale.defvjp(lambda t, c: (t * c, c), lambda c, g: (g * c, jnp.zeros_like(c)))
+
+
+@jax.custom_jvp
+def _custom_vjp_tangent(x):
+    return jnp.sin(x)
+
+
+_custom_vjp_tangent.defjvp(lambda p, t: (jnp.sin(p[0]), _scale(t[0], jnp.cos(p[0]))))
+
+
 @pytest.mark.parametrize("name,f", [
     # reduce_window with a non-identity init value has a JVP, no transpose.
     ("reduce_window", lambda x: jax.lax.reduce_window(x, jnp.asarray(1.0, x.dtype), jax.lax.add, (2,), (1,),
@@ -345,11 +374,15 @@ def test_a_function_that_changes_with_the_dtype_is_checked_at_the_dtype_given():
     # custom_linear_solve without transpose_solve.
     ("custom_linear_solve", lambda b: jax.lax.custom_linear_solve(
         lambda v: SPD3 @ v, b, lambda mv, r: jnp.linalg.solve(SPD3, r))),
+    # A JVP rule whose tangent goes through a callback (JAX cannot transpose callbacks).
+    ("pure_callback in a JVP rule", lambda x: _callback_tangent(x)),
+    # A JVP rule whose tangent goes through a custom_vjp function (no transpose rule).
+    ("custom_vjp in a JVP rule", lambda x: _custom_vjp_tangent(x)),
 ])
 def test_rev_falls_back_to_fwd_where_jax_has_no_reverse_rule(name, f):
     x = np.asarray(RNG.standard_normal(3))
     with jax.enable_x64(True):
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises((ValueError, TypeError, NotImplementedError)):
             out, pullback = jax.vjp(f, x)
             pullback(out)
         rep = jgc.check_grads(f, (x,), 1, modes=("rev",))
@@ -367,3 +400,66 @@ def test_the_float16_fallback_keeps_debug_nans_quiet_at_perturbed_points():
     with jax.debug_nans(True), jax.numpy_dtype_promotion("strict"):
         rep = jgc.check_grads(f, (x,), 1)
     assert rep.precision == "native (float16)" and rep.counts()["non-finite"] > 0
+
+
+def _bwd_with_two_cotangents():
+    # A backward rule that returns a cotangent per output and residual instead of one
+    # per primal input: JAX raises TypeError as soon as the VJP is evaluated.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (g * c, g))
+    return f
+
+
+def _jvp_with_wrong_shape():
+    # A JVP rule whose tangent has the wrong shape: JAX raises in forward and reverse mode.
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), (jnp.cos(p[0]) * t[0])[:2]))
+    return f
+
+
+@pytest.mark.parametrize("make,failing", [(_bwd_with_two_cotangents, {"VJP"}),
+                                          (_jvp_with_wrong_shape, {"JVP", "VJP"})],
+                         ids=["custom_vjp bwd", "custom_jvp rule"])
+def test_a_derivative_jax_cannot_compute_fails_the_check(make, failing):
+    f = make()
+    x = jnp.asarray(RNG.standard_normal(3))
+    with pytest.raises(TypeError):  # what JAX's own derivative does at the point
+        out, pullback = jax.vjp(f, x)
+        pullback(out)
+    with pytest.raises(jgc.GradCheckError) as info:
+        jgc.check_grads(f, (x,), 1)
+    rep = info.value.report
+    assert {lf.name.split(":")[0] for lf in rep.failing()} == failing, rep
+    assert any("eagerly too (no jit, no vmap): TypeError" in n and "taken as NaN" in n for n in rep.notes), rep.notes
+    assert "analytic nan vs numerical" in str(info.value)
+
+
+def test_other_checks_raise_the_error_of_a_derivative_jax_cannot_compute():
+    f, x = _bwd_with_two_cotangents(), jnp.asarray(RNG.standard_normal(3))
+    with pytest.raises(TypeError) as info:
+        jgc.check_vjp(f, x)
+    assert any("the VJP of f cannot be computed there" in n for n in info.value.__notes__)
+
+
+def test_an_error_of_batching_a_rule_is_raised_and_said_to_be_batching():
+    # jax.vmap cannot batch a pure_callback without vmap_method; JAX's own VJP at the
+    # point, unbatched, works. That is no verdict on the rule: the error is raised.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)),
+             lambda c, g: (jax.pure_callback(lambda a, b: np.asarray(a * b), jax.ShapeDtypeStruct(g.shape, g.dtype),
+                                             g, c),))
+    x = jnp.asarray(RNG.standard_normal(3))
+    out, pullback = jax.vjp(f, x)
+    pullback(out)
+    with pytest.raises(NotImplementedError) as info:
+        jgc.check_grads(f, (x,), 1)
+    assert any("works at the point without them" in n for n in info.value.__notes__)

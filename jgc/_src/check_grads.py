@@ -11,7 +11,8 @@ What differs, on purpose:
 * ``jax.custom_vjp`` functions have no JVP. JAX's default modes raise TypeError on
   them; here "fwd" is skipped for such a function (with a note) and its VJP is
   checked. Likewise "rev" is skipped where reverse mode is undefined (a
-  ``while_loop`` with a dynamic trip count) and "fwd" is checked.
+  ``while_loop`` with a dynamic trip count, an op without a transpose rule) and
+  "fwd" is checked.
 * Several random directions per input leaf (and cotangents per output leaf), not one.
 * Tolerances are per element: atol + rtol·max(|a|, |n|) plus the error the finite
   difference can explain (measured noise, Richardson truncation estimate). They are
@@ -29,6 +30,15 @@ What differs, on purpose:
   ``symmetrize_input=False`` symmetrizes inside its JVP rule) is a mismatch of the
   "primal output" block, as JAX's "JVP primal" check reports it; f itself is traced
   twice to tell that apart from randomness inside f, which is refused.
+* A derivative that JAX cannot compute at the point — its JVP or VJP raises there,
+  also without jit or vmap (a ``custom_vjp`` backward rule that returns the wrong
+  structure, a JVP rule whose tangent has the wrong shape, a primitive whose
+  transpose rule raises) — is a failure of that check, not an error: its values are
+  taken as NaN and a note quotes JAX's error. JAX's checker raises that error instead.
+  Where JAX declares a rule missing ("not implemented", "not supported"), a missing
+  VJP is a fallback to "fwd" as above, and a missing JVP is raised. So are errors of
+  tracing f itself (a tracer turned into a NumPy array) and errors that only batching
+  (``jax.vmap``) or compiling causes; the error's note says which.
 * A mismatch raises :class:`jgc.GradCheckError` (an ``AssertionError``) whose message
   names the check (e.g. "VJP of JVP"), the output and input leaves, the direction
   and cotangent, both values, and holds the full report; success returns the report.
@@ -211,7 +221,7 @@ def _check_level(f, args, order, modes, *, prefix, rng, base, found):
         # the JVP is compared with finite differences already, the transpose identity
         # adds nothing the numerical VJP check does not: skip its compile.
         plan = dataclasses.replace(base, jvp=want_fwd, vjp=want_rev, against="numerical" if want_fwd else "auto",
-                                   fallback=True, key=k_fwd, cotangents=base.directions,
+                                   fallback=True, broken_as_nan=True, key=k_fwd, cotangents=base.directions,
                                    labels=(f"JVP{of}: ", f"VJP{of}: "))
         rep, did_fwd, did_rev = run(f, args, plan)
         parts.append(rep)

@@ -49,6 +49,10 @@ class Plan:
     # A custom_vjp function (no JVP) is checked in reverse mode instead, and a function
     # without reverse mode in forward mode; the notes say so.
     fallback: bool = False
+    # Where JAX's own JVP or VJP of f raises at the point (eagerly too: the rule is
+    # broken, not its batching), its products are NaN and fail, with a note; otherwise
+    # that error is raised.
+    broken_as_nan: bool = False
     user_jvp: Callable | None = None  # jvp(primals, tangents), as jax.jvp (None: jax.jvp)
     user_vjp: Callable | None = None  # vjp(*primals) -> (out, vjp_fn), as jax.vjp (None: jax.vjp)
     key: Any = None  # seeds tangents and cotangents
@@ -163,7 +167,7 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
         JT = None
         if do_jvp or (do_vjp and against in ("auto", "jvp")):
             try:
-                JT = vp.jvp_batch(plan.user_jvp, from_bank=True)(rows)
+                JT = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)(rows)
             except NoForwardRule:
                 if do_jvp and not plan.fallback:
                     raise NoForwardRule(
@@ -189,7 +193,7 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
             for li, ol in enumerate(vp.out_leaves):
                 U[li * nc:(li + 1) * nc, ol.start:ol.stop] = z[li * nc:(li + 1) * nc, ol.start:ol.stop]
             try:
-                W = vp.vjp_batch(plan.user_vjp)(U)
+                W = vp.vjp_batch(plan.user_vjp, broken_as_nan=plan.broken_as_nan)(U)
             except NoReverseRule as e:
                 why = str(e).strip().splitlines()[0][:160]
                 if not plan.fallback:
@@ -205,7 +209,7 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
                                  "mode 'rev' was replaced by 'fwd'.")
                     do_jvp = True
                     if JT is None:
-                        JT = vp.jvp_batch(plan.user_jvp, from_bank=True)(rows)
+                        JT = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)(rows)
         need_fd = do_jvp or (do_vjp and against in ("auto", "numerical"))
         fd = _directional_pass(vp, K * nd, h) if need_fd else None
         leaves = []

@@ -436,10 +436,10 @@ class VectorProblem(Prepared):
         return np.tile(self.sigma, n)
 
     # -- analytic side ---------------------------------------------------------------
-    def jvp_batch(self, user_jvp: Callable | None, from_bank: bool = False):
+    def jvp_batch(self, user_jvp: Callable | None, from_bank: bool = False, broken_as_nan: bool = False):
         """g(T) = J·t for each tangent t of a batch (see vector_analytic.jvp_batch)."""
-        return vector_analytic.jvp_batch(self, user_jvp, from_bank)
+        return vector_analytic.jvp_batch(self, user_jvp, from_bank, broken_as_nan)
 
-    def vjp_batch(self, user_vjp: Callable | None):
+    def vjp_batch(self, user_vjp: Callable | None, broken_as_nan: bool = False):
         """g(C) = per-leaf cotangents of a batch of real cotangents (see vector_analytic.vjp_batch)."""
-        return vector_analytic.vjp_batch(self, user_vjp)
+        return vector_analytic.vjp_batch(self, user_vjp, broken_as_nan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import compat
@@ -29,10 +30,11 @@ class NoReverseRule(ValueError):
 
 # How JAX says that f has no reverse-mode derivative: a while_loop with a dynamic trip
 # count, an op with a JVP but no transpose (reduce_window with a non-identity init
-# value), custom_linear_solve without transpose_solve.
+# value), custom_linear_solve without transpose_solve, a pure_callback in a JVP rule.
 NO_REVERSE = ("Reverse-mode differentiation does not work",
               "does not support reverse-mode autodiff",
-              "required for backwards mode automatic differentiation")
+              "required for backwards mode automatic differentiation",
+              "callbacks do not support transpose")
 
 
 def tangents_from(vp, tdyn) -> tuple:
@@ -48,12 +50,13 @@ def tangents_from(vp, tdyn) -> tuple:
     return tuple(tang)
 
 
-def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False):
+def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False, broken_as_nan: bool = False):
     """Return g(T) = (J·t for each tangent t in the batch T), as (B, n_out) arrays.
 
     T is a list of per-leaf tangent batches, or (``from_bank``) an array of bank rows
     (see ``vp.set_bank``), evaluated in chunks. ``user_jvp(primals, tangents) ->
-    (primals_out, tangents_out)`` follows ``jax.jvp``'s convention.
+    (primals_out, tangents_out)`` follows ``jax.jvp``'s convention. ``broken_as_nan``:
+    see :func:`_run`.
     """
     if user_jvp is None:
         def one_t(t, dyn, argarr):
@@ -81,16 +84,19 @@ def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False):
             return vfn([jax.device_put(np.asarray(t)) if isinstance(t, np.ndarray) else t for t in T],
                        dyn, argarr)
 
+    def nan_of(batch):
+        return np.full((len(batch) if from_bank else np.shape(batch[0])[0], vp.n_out), np.nan)
+
     return _run(vp, fn, lambda tout: compat.host(tout).astype(np.float64), kind="JVP",
                 user=None if user_jvp is None else "jvp", caught=TypeError, says=("custom_vjp",),
-                missing=NoForwardRule)
+                missing=NoForwardRule, nan_of=nan_of, broken_as_nan=broken_as_nan)
 
 
-def vjp_batch(vp, user_vjp: Callable | None):
+def vjp_batch(vp, user_vjp: Callable | None, broken_as_nan: bool = False):
     """Return g(C) = per-leaf cotangents (B, *leaf) for a batch C (B, n_out) of real cotangents.
 
     ``user_vjp(*primals) -> (primals_out, vjp_fn)`` follows ``jax.vjp``'s convention;
-    vjp_fn returns one cotangent per primal.
+    vjp_fn returns one cotangent per primal. ``broken_as_nan``: see :func:`_run`.
     """
     if user_vjp is None:
         def one(c, dyn, argarr):
@@ -118,28 +124,99 @@ def vjp_batch(vp, user_vjp: Callable | None):
 
     def fn(C, dyn, argarr):
         return vfn(jax.device_put(np.asarray(C, vp.out_dtype)), dyn, argarr)
+    def nan_of(C):
+        return [np.full((len(C),) + tuple(d.shape), np.nan, d.dtype) for d in vp.dyn]
+
     return _run(vp, fn, lambda W: [compat.host(w) for w in W], kind="VJP",
                 user=None if user_vjp is None else "vjp", caught=(ValueError, TypeError),
-                says=NO_REVERSE, missing=NoReverseRule)
+                says=NO_REVERSE, missing=NoReverseRule, nan_of=nan_of, broken_as_nan=broken_as_nan)
 
 
-def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says: tuple, missing: type):
+def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says: tuple, missing: type,
+         nan_of: Callable, broken_as_nan: bool):
     """run(batch): ``fn(batch, dyn, argarr) -> (primal out, result)`` at the point, its
     primal output checked against f(x) (``user`` names the user's rule, None for JAX's),
     then ``finish(result)``.
 
     Without a user rule, an error of type ``caught`` with a phrase of ``says`` (JAX has
-    no rule of this ``kind``) becomes ``missing`` (NoForwardRule, NoReverseRule); other
-    such errors get a note.
+    no rule of this ``kind``) becomes ``missing`` (NoForwardRule, NoReverseRule). For
+    any other error, JAX's own ``jax.jvp``/``jax.vjp`` of f is tried at the point
+    without jit or vmap. If that raises too, the rule fails at the point: where JAX
+    declares it missing ("not implemented", "not supported"), a VJP becomes
+    NoReverseRule; otherwise the rule is broken, and with ``broken_as_nan`` its products
+    are NaN (``nan_of(batch)``, which the judges call a mismatch wherever f is finite
+    around x) with a note that quotes JAX's error. Every other error is raised with a
+    note that says what was computed and whether batching or the rule is to blame.
     """
+    eager_of = {}  # the error of the unbatched rule, asked once per run
+
     def run(batch):
         try:
             prim, result = fn(batch, vp.dyn, vp.argarr)
-            vp.check_primal(compat.host(prim)[0], user, label=kind)
-            return finish(result)
-        except caught as e:
-            if user is None and any(phrase in str(e) for phrase in says):
+        except Exception as e:
+            if user is None and isinstance(e, caught) and any(phrase in str(e) for phrase in says):
                 raise missing(str(e)) from e
-            e.add_note(f"{vp.api}: raised while computing {kind}s of {short_name(vp.f)}.")
+            name = short_name(vp.f)
+            if user is None and not _tracing_error(e) and "e" not in eager_of:
+                eager_of["e"] = _eager_error(vp, kind)
+            eager = eager_of.get("e")
+            if eager is _WORKS:
+                e.add_note(f"{vp.api}: raised while computing {kind}s of {name} batched (jax.vmap) and "
+                           f"compiled (jax.jit); JAX's own {kind} of {name} works at the point without "
+                           "them, so the error comes from batching or compiling f or its rule (a "
+                           "jax.pure_callback without vmap_method, for instance).")
+                raise
+            if eager is None or _tracing_error(eager):
+                e.add_note(f"{vp.api}: raised while computing {kind}s of {name}.")
+                raise
+            said = f"JAX's own {kind} of {name} raises at the point, eagerly too (no jit, no vmap): {_quote(eager)}"
+            if kind == "VJP" and _declared_missing(eager):
+                raise missing(str(eager)) from e
+            if broken_as_nan and not _declared_missing(eager):
+                if f"{said}. Its {kind}s are taken as NaN, so they fail." not in vp.notes:
+                    vp.notes.append(f"{said}. Its {kind}s are taken as NaN, so they fail.")
+                return finish(nan_of(batch))
+            e.add_note(f"{vp.api}: {said}; " + (f"JAX has no {kind} of f there." if _declared_missing(eager)
+                                                 else f"the {kind} of f cannot be computed there."))
             raise
+        vp.check_primal(compat.host(prim)[0], user, label=kind)
+        return finish(result)
     return run
+
+
+_WORKS = object()
+
+
+def _eager_error(vp, kind: str):
+    """The error JAX's own ``kind`` ("JVP" or "VJP") of f raises at the point without jit
+    or vmap, or ``_WORKS``. Asked after the batched, compiled one raised: an error here
+    means the rule itself fails at the point, not its batching or compilation."""
+    def F(d):
+        return vp.F(d, vp.argarr)
+
+    try:
+        if kind == "JVP":
+            jax.jvp(F, (vp.dyn,), (jax.tree_util.tree_map(jnp.ones_like, vp.dyn),))
+        else:
+            out, pull = jax.vjp(F, vp.dyn)
+            pull(jnp.ones_like(out))
+    except Exception as again:  # noqa: BLE001 - any error of the rule is the question asked
+        return again
+    return _WORKS
+
+
+def _tracing_error(e: Exception) -> bool:
+    """JAX's verdict on f, not on a rule: a tracer turned into a NumPy array or a Python bool."""
+    return isinstance(e, (jax.errors.JAXTypeError, jax.errors.JAXIndexError))
+
+
+def _declared_missing(e: Exception) -> bool:
+    """JAX says it has no such rule (a limitation it declares), rather than a rule that fails."""
+    text = str(e).lower()
+    return isinstance(e, NotImplementedError) or "not implemented" in text or "not supported" in text
+
+
+def _quote(e: Exception) -> str:
+    """``Type: first line of the message`` (cut at 240 characters)."""
+    line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
+    return type(e).__name__ + (f": {line[:240]}" + ("…" if len(line) > 240 else "") if line else "")
