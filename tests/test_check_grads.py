@@ -438,6 +438,7 @@ def test_a_derivative_jax_cannot_compute_fails_the_check(make, failing):
     assert {lf.name.split(":")[0] for lf in rep.failing()} == failing, rep
     assert any("eagerly too (no jit, no vmap): TypeError" in n and "taken as NaN" in n for n in rep.notes), rep.notes
     assert "analytic nan vs numerical" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)  # JAX's error, with its traceback
 
 
 def test_other_checks_raise_the_error_of_a_derivative_jax_cannot_compute():

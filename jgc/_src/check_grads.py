@@ -205,7 +205,9 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
     rep = _merge(parts, notes, order, modes)
     if not rep.ok:
         head = f"jgc.check_grads: derivatives disagree{where(rep, _position)}."
-        raise GradCheckError(failure_message(head, rep, custom_message=err_msg or None, hint=HINT), rep)
+        # A derivative JAX could not compute: its error (and traceback) is the cause.
+        raise GradCheckError(failure_message(head, rep, custom_message=err_msg or None, hint=HINT),
+                             rep) from (rep.rule_errors[0] if rep.rule_errors else None)
     return rep
 
 
@@ -267,7 +269,7 @@ def _merge(parts, notes, order, modes) -> Report:
         normwise=max(r.normwise for r in parts), evaluations=sum(r.evaluations for r in parts),
         seconds=sum(r.seconds for r in parts), step=float(np.median([r.step for r in parts])),
         noise=max(r.noise for r in parts), mode=f"check_grads(order={order}, modes={','.join(modes)})",
-        notes=tuple(allnotes), api="jgc.check_grads",
+        notes=tuple(allnotes), api="jgc.check_grads", rule_errors=tuple(e for r in parts for e in r.rule_errors),
     )
 
 

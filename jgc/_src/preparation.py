@@ -151,6 +151,9 @@ class Prepared(Scoped):
         self.counter = engine.Counter()
         self.t0 = time.perf_counter()
         self.notes: list[str] = []
+        # Errors of JAX's own derivative rules that a check took as NaN values (see
+        # vector_analytic); the Report keeps them, and check_grads' failure names the first.
+        self.rule_errors: list[Exception] = []
         self.precision_asked = precision
         self.as_given = False
         orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]

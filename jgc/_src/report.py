@@ -186,6 +186,9 @@ class Report:
     # jgc.check(..., rules=True) on a failing check: the jgc.RulesReport of every custom
     # rule inside the cost (None otherwise); its verdict is also in ``notes``.
     rules: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Errors that JAX's own JVP or VJP rules raised at the point, whose values the check
+    # took as NaN (jgc.check_grads; a note quotes each): kept for their tracebacks.
+    rule_errors: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     # ---- summaries -------------------------------------------------------------
     @property

@@ -175,6 +175,7 @@ def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says:
             if broken_as_nan and not _declared_missing(eager):
                 if f"{said}. Its {kind}s are taken as NaN, so they fail." not in vp.notes:
                     vp.notes.append(f"{said}. Its {kind}s are taken as NaN, so they fail.")
+                    vp.rule_errors.append(eager)
                 return finish(nan_of(batch))
             e.add_note(f"{vp.api}: {said}; " + (f"JAX has no {kind} of f there." if _declared_missing(eager)
                                                  else f"the {kind} of f cannot be computed there."))
