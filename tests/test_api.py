@@ -47,3 +47,38 @@ def test_check_signature():
     assert names[:3] == ["fn", "params", "args"]
     assert sig.parameters["grad"].default is None
     assert sig.parameters["grad"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_check_rules_runs_on_this_jax_or_names_the_oldest_jax_it_reads():
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from jgc._src.rule_sites import OLDEST_JAX, JaxInternalsChanged
+
+    @jax.custom_jvp
+    def bad_sin(x):
+        return jnp.sin(x)
+
+    bad_sin.defjvp(lambda p, t: (jnp.sin(p[0]), 2 * jnp.cos(p[0]) * t[0]))  # planted factor 2
+
+    @jax.custom_vjp
+    def good_sq(x):
+        return x * x
+
+    good_sq.defvjp(lambda x: (x * x, x), lambda x, g: (2 * x * g,))
+
+    def loss(w):
+        return jnp.sum(bad_sin(w)) + jnp.sum(good_sq(w))
+
+    def release(v):
+        return tuple(int(p) for p in v.split(".")[:3])
+
+    w = jnp.array([0.3, -1.2])
+    if release(jax.__version__) < release(OLDEST_JAX):
+        # Refused with the version it needs, never a report that misses a rule.
+        with pytest.raises(JaxInternalsChanged, match=f"JAX {OLDEST_JAX} and later"):
+            jgc.check_rules(loss, w)
+    else:
+        rep = jgc.check_rules(loss, w)
+        assert [r.name for r in rep.failing()] == ["bad_sin"] and rep.rule("good_sq").status == "ok"

@@ -22,9 +22,11 @@ JAX's modes, and what jgc does under each:
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import jax
 import numpy as np
+from jax._src import source_info_util  # private: pinned by tests/test_rules.py
 
 try:  # jax >= 0.8
     _enable_x64 = jax.enable_x64
@@ -95,3 +97,28 @@ def host(x) -> np.ndarray:
 
 def is_tracer(x) -> bool:
     return isinstance(x, Tracer)
+
+
+def bind(eqn, *args):
+    """Apply a jaxpr equation's primitive to ``args`` with the equation's params.
+
+    ``get_bind_params`` returns the params (JAX ≥ 0.9.2), or ``(subfuns, params)``
+    before, where call primitives carry their functions as subfuns.
+    """
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple):
+        subfuns, params = got
+        return eqn.primitive.bind(*subfuns, *args, **params)
+    return eqn.primitive.bind(*args, **got)
+
+
+# source_info_util.user_frames takes an equation's traceback (newer JAX) or its
+# whole SourceInfo (older JAX).
+_FRAMES_OF_INFO = next(iter(inspect.signature(source_info_util.user_frames).parameters)) == "source_info"
+
+
+def user_frames(source_info):
+    """The user's frames (JAX's own filtered out) of an equation's ``source_info``, innermost first."""
+    if source_info.traceback is None:
+        return iter(())
+    return source_info_util.user_frames(source_info if _FRAMES_OF_INFO else source_info.traceback)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from . import compat
 from .intended import _library_intended
 from .jaxprs import interpret
 from .sources import Where, _def_line, _is_wrapper_file, _parse_src_info, _see_through
@@ -32,6 +33,11 @@ RULE_PARAMS = {
 }
 # The parameter holding the rule function: its debug_info names the user's function.
 RULE_FUNCTION = {JVP_CALL: "jvp_jaxpr_fun", VJP_CALL: "bwd"}
+# Older names of these equations: a program that has one is read by no rule here, so
+# it is refused rather than reported as free of rules (custom_vjp before JAX 0.6.2).
+OLD_NAMES = {"custom_vjp_call_jaxpr": VJP_CALL}
+# The oldest JAX whose programs this module reads (checked release by release down to it).
+OLDEST_JAX = "0.6.2"
 CALL_PRIMS = ("jit", "pjit", "closed_call", "core_call")
 REMAT_PRIMS = ("checkpoint", "remat", "remat2")
 # Kernels run as one opaque call: rules inside a kernel body are not user-level calls.
@@ -50,8 +56,9 @@ class JaxInternalsChanged(RuntimeError):
 def _internals_changed(what: str) -> JaxInternalsChanged:
     return JaxInternalsChanged(
         f"jgc.check_rules reads JAX's traced programs (jaxprs), and {what} in JAX "
-        f"{jax.__version__}. It was written against JAX 0.10.2. Please report this with "
-        "your JAX version; jgc.check and jgc.check_vjp/check_jvp on a rule still work."
+        f"{jax.__version__}. It reads those of JAX {OLDEST_JAX} and later; with an older JAX, "
+        "upgrade to use it, else please report this with your JAX version. jgc.check and "
+        "jgc.check_vjp/check_jvp on a rule still work."
     )
 
 
@@ -72,13 +79,8 @@ def pin_equation(eqn) -> None:
 
 def _user_frame_in(jaxpr) -> Where | None:
     """The first frame outside JAX and Equinox among the equations of a primal's jaxpr."""
-    from jax._src import source_info_util  # private: pinned by tests/test_rules.py
-
     for eqn in _all_eqns(jaxpr):
-        tb = eqn.source_info.traceback
-        if tb is None:
-            continue
-        for fr in source_info_util.user_frames(tb):
+        for fr in compat.user_frames(eqn.source_info):
             if not _is_wrapper_file(fr.file_name):
                 return Where(fr.function_name, fr.file_name,
                              _def_line(fr.file_name, fr.function_name, fr.start_line))
@@ -94,9 +96,7 @@ def _all_eqns(jaxpr):
 
 def call_site(eqn) -> Where:
     """Where the rule is called: the user's frame of the equation."""
-    from jax._src import source_info_util  # private: pinned by tests/test_rules.py
-
-    fr = source_info_util.user_frame(eqn.source_info.traceback)
+    fr = next(compat.user_frames(eqn.source_info), None)
     if fr is None:
         return Where("?", "", 0)
     return Where(fr.function_name, fr.file_name, fr.start_line)
@@ -210,6 +210,8 @@ class _Collector:
     def discover(self, jaxpr, under=(), parent=None):
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
+            if name in OLD_NAMES:
+                raise _internals_changed(f"a {OLD_NAMES[name]} equation is named {name}")
             if name in KINDS:
                 site = self.site(eqn, under, parent)
                 self.discover(eqn.params["call_jaxpr"].jaxpr, under + (f"{KINDS[name]} {_short(eqn)}",), site.at)
@@ -233,7 +235,7 @@ class _Collector:
         return interpret(jaxpr, consts, args, apply)
 
     def _bind(self, eqn, vals):
-        return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+        return compat.bind(eqn, *vals)
 
     def _eqn(self, eqn, vals, under, steps, parent):
         name = eqn.primitive.name

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import trees
+from . import compat, trees
 from .intended import _library_intended, _user_intended, intended
 from .jacobian import check_jacobian
 from .names import function_name
@@ -79,7 +79,7 @@ def _site_function(eqn, consts_stacked):
     prim = eqn.primitive
 
     def one(consts, explicit):
-        out = prim.bind(*consts, *explicit, **prim.get_bind_params(eqn.params))
+        out = compat.bind(eqn, *consts, *explicit)
         return tuple(out) if prim.multiple_results else (out,)
 
     def rule_at_site(*explicit):

@@ -40,6 +40,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from . import sparse_products
+from .compat import bind
 from .jaxprs import interpret
 from .sparse_values import (
     DENSE_FRACTION,
@@ -48,7 +49,6 @@ from .sparse_values import (
     Sparse,
     as_batched,
     at,
-    bind,
     densify,
     ravel,
     trace,

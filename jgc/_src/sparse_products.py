@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sparse_values import DENSE_FRACTION, Batched, Plain, Sparse, at, bind, ravel, unravel
+from .compat import bind
+from .sparse_values import DENSE_FRACTION, Batched, Plain, Sparse, at, ravel, unravel
 
 
 def dot_general(eqn, lhs, rhs):

@@ -93,12 +93,3 @@ def as_batched(v, c: int, aval):
     if isinstance(v, Plain):
         return jnp.broadcast_to(jnp.asarray(v.v, aval.dtype), (c,) + tuple(aval.shape))
     return v.v.astype(aval.dtype)
-
-
-def bind(eqn, *args):
-    """Apply the equation's primitive (call primitives carry their functions as subfuns)."""
-    got = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(got, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = got
-        return eqn.primitive.bind(*subfuns, *args, **params)
-    return eqn.primitive.bind(*args, **got)
