@@ -439,6 +439,7 @@ def test_a_derivative_jax_cannot_compute_fails_the_check(make, failing):
     assert any("eagerly too (no jit, no vmap): TypeError" in n and "taken as NaN" in n for n in rep.notes), rep.notes
     assert "analytic nan vs numerical" in str(info.value)
     assert isinstance(info.value.__cause__, TypeError)  # JAX's error, with its traceback
+    assert "jgc.check_jacobian" not in str(info.value).splitlines()[0]  # it would raise the same
 
 
 def test_other_checks_raise_the_error_of_a_derivative_jax_cannot_compute():

@@ -206,8 +206,9 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
     if not rep.ok:
         head = f"jgc.check_grads: derivatives disagree{where(rep, _position)}."
         # A derivative JAX could not compute: its error (and traceback) is the cause.
-        raise GradCheckError(failure_message(head, rep, custom_message=err_msg or None, hint=HINT),
-                             rep) from (rep.rule_errors[0] if rep.rule_errors else None)
+        cause = rep.rule_errors[0] if rep.rule_errors else None
+        hint = HINT if cause is None else BROKEN_HINT
+        raise GradCheckError(failure_message(head, rep, custom_message=err_msg or None, hint=hint), rep) from cause
     return rep
 
 
@@ -287,3 +288,6 @@ def _position(lf) -> str:
 # Where to look next when check_grads fails: it checks random directions, not elements.
 HINT = (" To find the wrong element, run jgc.check_jacobian on the same function "
         "(every entry is checked and located).")
+# ... or, when JAX could not compute a derivative at all, its error.
+BROKEN_HINT = (" JAX's own derivative raised at the point (see the notes); its error, with "
+               "the traceback into the rule, is this failure's cause.")
