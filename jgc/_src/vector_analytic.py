@@ -207,8 +207,10 @@ def _eager_error(vp, kind: str):
 
 
 def _tracing_error(e: Exception) -> bool:
-    """JAX's verdict on f, not on a rule: a tracer turned into a NumPy array or a Python bool."""
-    return isinstance(e, (jax.errors.JAXTypeError, jax.errors.JAXIndexError))
+    """Not a verdict on a rule: JAX's on f (a tracer turned into a NumPy array or a Python
+    bool), or ``jax.debug_nans``/``debug_infs`` stopping at a non-finite value, which the
+    user asked to see."""
+    return isinstance(e, (jax.errors.JAXTypeError, jax.errors.JAXIndexError, FloatingPointError))
 
 
 def _declared_missing(e: Exception) -> bool:
