@@ -226,3 +226,16 @@ def test_plot_step_curve_under_modes():
     assert np.isnan(curve.numeric["float64"]).any()
     small = curve.numeric["float64"][curve.steps < 1e-7]
     np.testing.assert_allclose(small[np.isfinite(small)][-5:], 0.5 / np.sqrt(float(NEAR_ONE[0]) - 1.0), rtol=1e-3)
+
+
+def wrong_mlp_with_a_float32_constant(p, x):
+    """wrong_mlp with a float32 constant of its own (as Flax's LayerNorm has): float64
+    params and data meet it, which strict promotion refuses."""
+    return jnp.sum(_scaled_tanh(x @ p["w"] + p["b"] * jnp.float32(1.0)) ** 2)
+
+
+def test_check_rules_under_strict_promotion_checks_code_with_float32_constants_as_given():
+    with jax.numpy_dtype_promotion("strict"):
+        rep = jgc.check_rules(wrong_mlp_with_a_float32_constant, MLP_PARAMS, *MLP_DATA)
+    assert [r.name for r in rep.failing()] == ["_scaled_tanh"], str(rep)
+    assert any("strict dtype promotion: checked at the dtypes given (float32)" in n for n in rep.notes), rep.notes

@@ -139,6 +139,36 @@ class ChangedByWidening(TypeError):
     given (``lax.bitcast_convert_type`` of a float64 splits every element in two)."""
 
 
+def refused_widening(e: Exception, *, widened: bool, orig_dtypes, asked: str, fn: str) -> str | None:
+    """Why ``fn``'s error ``e`` at evaluation precision calls for a check at the dtypes
+    given (the start of a note), or None when ``e`` is to be raised.
+
+    Code that fixes its own dtypes (a float32 constant under strict promotion, a float16
+    init value of ``lax.reduce_window``) cannot take float64 (or float32 for 16-bit)
+    inputs: its first trace raises a TypeError. Unless float64 was asked for
+    explicitly, the check is then made at the dtypes given. The form of fn's result
+    (OutputFormError) is the same at every precision: raised.
+    """
+    if isinstance(e, OutputFormError) or not isinstance(e, (TypeError, compat.TypePromotionError)):
+        return None
+    changed = widened or any(_narrow(d) for d in orig_dtypes)
+    if asked == "float64" or not changed:
+        return None
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
+    wider = "float64" if widened else "float32"
+    if isinstance(e, compat.TypePromotionError):
+        return f"{fn} did not accept float64 inputs under strict dtype promotion"
+    if isinstance(e, ChangedByWidening):
+        return f"{fn} computes something else at {wider}: {e}"
+    return f"{fn} refused its inputs at {wider} ({type(e).__name__}: {first})"
+
+
+def as_given_note(refused: str, orig_dtypes) -> str:
+    """The note of a check made at the dtypes given (see :func:`refused_widening`)."""
+    given = ", ".join(sorted({np.dtype(d).name for d in orig_dtypes}))
+    return f"{refused}: checked at the dtypes given ({given}), with steps and tolerances for that precision."
+
+
 class Prepared(Scoped):
     """The state every prepared check holds: notes, evaluation counter and clock, the
     dtypes of the checked leaves, and (once prepared) those leaves at evaluation
@@ -174,28 +204,17 @@ class Prepared(Scoped):
         kept = len(self.notes)
         try:
             return super().__enter__()
-        except OutputFormError:
-            raise  # the form of fn's result, the same at every precision
         except (TypeError, compat.TypePromotionError) as e:
-            changed = self.widen or any(_narrow(d) for d in self.orig_dtypes)
-            if self.precision_asked == "float64" or self.as_given or not changed:
+            refused = None if self.as_given else refused_widening(
+                e, widened=self.widen, orig_dtypes=self.orig_dtypes, asked=self.precision_asked, fn=self.FN)
+            if refused is None:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
-            wider = "float64" if self.widen else "float32"
-            if isinstance(e, compat.TypePromotionError):
-                refused = f"{self.FN} did not accept float64 inputs under strict dtype promotion"
-            elif isinstance(e, ChangedByWidening):
-                refused = f"{self.FN} computes something else at {wider}: {e}"
-            else:
-                refused = f"{self.FN} refused its inputs at {wider} ({type(e).__name__}: {first})"
         del self.notes[kept:]
         self.widen, scope = precision_scope("native", self.orig_dtypes, self.notes)
         self._scope = self._scoped(scope)
         self.as_given = True
         self.counter = engine.Counter()
-        given = ", ".join(sorted({d.name for d in self.orig_dtypes}))
-        self.notes.append(f"{refused}: checked at the dtypes given ({given}), with steps and "
-                          "tolerances for that precision.")
+        self.notes.append(as_given_note(refused, self.orig_dtypes))
         return super().__enter__()
 
     def _scoped(self, scope):

@@ -45,7 +45,7 @@ from . import compat, trees
 from .intended import _library_intended, _user_intended, intended
 from .jacobian import check_jacobian
 from .names import function_name
-from .preparation import precision_scope
+from .preparation import as_given_note, precision_scope, refused_widening
 from .products import check_jvp, check_vjp
 from .rule_eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .rule_sites import VJP_CALL, _Collector, _short, _Site, _site_base
@@ -260,7 +260,25 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     t0 = time.perf_counter()
     notes: list[str] = []
     split, dyn = trees.split_params(params, what=f"{api}: params")
-    widen, scope = precision_scope(precision, [np.dtype(x.dtype) for x in dyn], notes)
+    orig_dtypes = [np.dtype(x.dtype) for x in dyn]
+    options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
+    widen, scope = precision_scope(precision, orig_dtypes, notes)
+    try:
+        rules = _rules_of(fn, split, dyn, args, widen, scope, options, key)
+    except (TypeError, compat.TypePromotionError) as e:
+        # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
+        refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
+        if refused is None:
+            raise
+        notes.clear()
+        widen, scope = precision_scope("native", orig_dtypes, notes)
+        notes.append(as_given_note(refused, orig_dtypes))
+        rules = _rules_of(fn, split, dyn, args, widen, scope, options, key)
+    return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _rules_of(fn, split, dyn: list, args: tuple, widen: bool, scope, options: dict, key) -> list:
+    """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``."""
     with scope:
         if widen:
             dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
@@ -275,9 +293,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         col = _Collector()
         col.discover(closed.jaxpr)
         col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
-        options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
-        rules = _judge(col, options, key, lambda: _eager_calls(fn, p, args))
-    return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
+        return _judge(col, options, key, lambda: _eager_calls(fn, p, args))
 
 
 def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> list:
