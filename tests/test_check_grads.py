@@ -465,3 +465,15 @@ def test_an_error_of_batching_a_rule_is_raised_and_said_to_be_batching():
     with pytest.raises(NotImplementedError) as info:
         jgc.check_grads(f, (x,), 1)
     assert any("works at the point without them" in n for n in info.value.__notes__)
+
+
+def test_a_function_that_rounds_in_bfloat16_inside_is_not_called_random():
+    # float32 params, bfloat16 data and matmul: two compilations of f round differently
+    # by about its own measured noise (σ/|y| ~ 6e-4). That is no randomness.
+    w = jnp.asarray(RNG.standard_normal((3, 2)), jnp.float32)
+    x = jnp.asarray(RNG.standard_normal((5, 3)), jnp.bfloat16)
+
+    def f(w):
+        return jnp.mean(jnp.tanh((x @ w.astype(jnp.bfloat16)).astype(jnp.float32)) ** 2)
+
+    assert jgc.check_grads(f, (w,), 1).ok

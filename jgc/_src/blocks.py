@@ -51,7 +51,7 @@ def primal_blocks(vp: VectorProblem, prefixes: dict) -> list:
         for ol in vp.out_leaves:
             c = slice(ol.start, ol.stop)
             out.append(block_report(
-                again[c], vp.y0[c], np.full(ol.stop - ol.start, vp.primal_bound()),
+                again[c], vp.y0[c], np.broadcast_to(vp.primal_bound(), vp.y0.shape)[c],
                 np.where(bad[c], MISMATCH, 0).astype(np.int8),
                 path=ol.path, label=f"{prefixes.get(which, which + ': ')}primal output {ol.path} (f(x) from "
                 f"jax.{which.lower()})", output_path=ol.path, shape=ol.block_shape, dtype=ol.dtype.name,

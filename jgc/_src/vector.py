@@ -180,14 +180,20 @@ class VectorProblem(Prepared):
                 "by zero or overflow there."
             )
 
-    def primal_bound(self) -> float:
-        """How far f(x) from two compilations may differ: 1e3·u·max|y|.
+    def primal_bound(self):
+        """How far f(x) from two compilations may differ, per output: 1e3·u·max|y|, and
+        at least 8σ_j once the noise is measured.
 
         Two compilations of the same f may fuse and round differently by a few u (and
-        an ill-conditioned f amplifies that); Python-level randomness differs by O(|y|).
+        an ill-conditioned f amplifies that); an f that computes in a coarser dtype
+        inside (bfloat16 matmuls of float32 params) rounds differently by a few of its
+        own noise σ_j, which the probe measured; Python-level randomness differs by O(|y|).
         """
         fin = np.abs(self.y0[np.isfinite(self.y0)])
-        return 1e3 * self.u * max(float(np.max(fin, initial=0.0)), 1e-30)
+        bound = 1e3 * self.u * max(float(np.max(fin, initial=0.0)), 1e-30)
+        if self.sigma is None:
+            return bound
+        return np.maximum(bound, 8.0 * np.where(np.isfinite(self.sigma), self.sigma, 0.0))
 
     def _differs(self, again) -> np.ndarray:
         y = self.y0
