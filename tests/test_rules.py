@@ -515,3 +515,17 @@ def test_cli_rules_exit_codes_and_json(tmp_path, monkeypatch, capsys, factor, co
     assert out["rules"][0]["primal_at"] == f"{name}.py:4"
     assert cli.main(["rules", f"{name}:nothing", "--params", f"{name}:make_params"]) == 2
     assert capsys.readouterr().err.startswith("jgc rules: ")
+
+
+def test_optax_ctc_loss_has_no_wrong_rule_in_float64():
+    # ctc's logaddexp runs inside a scan (some calls with equal operands: its kink) and
+    # once more after it. Their sites are checked together, and the kinks widen the
+    # shared step until Richardson misjudges the smooth call; the step ladder settles it.
+    def loss(p, lab):
+        return jnp.mean(optax.ctc_loss(p, jnp.zeros((2, 6)), lab, jnp.zeros((2, 3))))
+
+    with jax.enable_x64(True):
+        logits = jax.random.normal(jax.random.key(12), (2, 6, 5))
+        labels = jnp.array([[1, 2, 3], [2, 2, 4]])
+        rep = jgc.check_rules(loss, logits, labels)
+    assert rep.ok and [r.name for r in rep.rules] == ["logaddexp"], str(rep)

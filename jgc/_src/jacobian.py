@@ -19,9 +19,10 @@ import numpy as np
 
 from . import compare, validate
 from .blocks import block_report, gref, limits, make_report
-from .judge import Limits, Refined, classify, line_indices, refine, suspect_lines
+from .judge import Limits, Refined, classify, line_indices, refine, step_ladder, suspect_lines
 from .names import short_name
 from .report import Report
+from .statuses import MISMATCH
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
 
@@ -244,6 +245,16 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol) -> l
                                   flat(noise))
             idx = line_indices(a.shape, bad_cols, axis=0)
             refine(judged, a, idx, refined, lim, imprecise=False)
+            bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
+            rows, cols = np.unravel_index(bad, a.shape)
+            ucols, where = np.unique(cols, return_inverse=True)
+            pick = where * vp.n_out + rows  # (column, output) of each mismatch in a (ucols · n_out) estimate
+
+            def central_at(h_rel, k=k, ucols=ucols, pick=pick, rows=rows):
+                est = vp.coordinate(k, ucols, "central", h_rel)
+                return est.value[pick], vp.sigma[rows] * est.err_round[pick], est.finite[pick]
+
+            step_ladder(judged, a, bad, central_at, h_rel=h, u=vp.u, floor=np.ravel(FL)[bad])
         perm = vp.block_columns(k)
         for ol in vp.out_leaves:
             def blk(M, rows=slice(ol.start, ol.stop), perm=perm):
