@@ -98,3 +98,11 @@ def test_taylor_remainder_order():
     bad = jgc.check_taylor(c.cost, c.params, *c.args, grad=bug.grad)
     assert not bad.ok and abs(bad.order - 1) < 0.3
     assert "observed order" in str(bad) and bad.to_dict()["ok"] is False
+
+
+def test_a_nan_gradient_is_named_nan_in_the_report():
+    # jax.grad of the norm at 0 is NaN (0/0) where the norm itself is finite around 0.
+    rep = jgc.check(jnp.linalg.norm, jnp.zeros(3))
+    assert not rep.ok and np.isnan(rep.normwise)  # no finite pair to compare
+    text = str(rep)
+    assert ": nan vs 0 " in text and "non-finite analytic" in text and "optax.safe_norm" in text, text

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .statuses import IMPRECISE, STATUS_NAMES, fails
+from .statuses import IMPRECISE, MISMATCH, STATUS_NAMES, fails
 
 # What each status means and what would settle it, for the text report.
 STATUS_HELP = {
@@ -43,6 +43,12 @@ STATUS_HELP = {
         "non-differentiable op on the path."
     ),
 }
+# Added under "mismatch" when a mismatched analytic value is NaN or inf.
+NONFINITE_ANALYTIC_HELP = (
+    "the analytic derivative is NaN or inf where J is finite around the point: the rule "
+    "divides by zero or takes a log or sqrt of 0 there (jnp.linalg.norm at 0: use "
+    "optax.safe_norm; jnp.where whose unused branch is NaN: make that branch safe too)."
+)
 
 
 def _f(x) -> float | None:
@@ -271,14 +277,20 @@ def verdict(leaves, strict: bool) -> tuple[bool, float]:
     a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
     n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
     keep = np.isfinite(a) & np.isfinite(n)
+    if a.size and not keep.any():
+        return ok, math.nan  # no finite pair to compare
     den = float(np.linalg.norm(a[keep] + n[keep]))
     num = float(np.linalg.norm(a[keep] - n[keep]))
     return ok, (num / den if den > 0 else (0.0 if num == 0 else math.inf))
 
 
-def _g(x, width=9) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def _g(x, width=9, nan="-") -> str:
+    """A number in 3 significant digits; ``nan`` for NaN (a value: "nan"; a summary with
+    nothing behind it: "-") and "-" for None."""
+    if x is None:
         return "-".rjust(width)
+    if isinstance(x, float) and math.isnan(x):
+        return nan.rjust(width)
     if isinstance(x, complex) or np.iscomplexobj(x):
         return f"{complex(x):.3g}"
     return f"{float(x):.{3}g}".rjust(width)
@@ -334,8 +346,8 @@ def format_report(r: Report) -> str:
         worst = ""
         if lf.checked:
             worst = (
-                f"{list(lf.worst_index)}: {_g(lf.worst_analytic, 0)} vs "
-                f"{_g(lf.worst_numeric, 0)} (allowed ±{_g(lf.worst_bound, 0)})"
+                f"{list(lf.worst_index)}: {_g(lf.worst_analytic, 0, 'nan')} vs "
+                f"{_g(lf.worst_numeric, 0, 'nan')} (allowed ±{_g(lf.worst_bound, 0)})"
             )
         lines.append(
             f"  {lf.name:<{w}}  {lf.status:<12} {lf.checked:>4}/{lf.size:<4} "
@@ -348,6 +360,9 @@ def format_report(r: Report) -> str:
     for status in ("mismatch", "non-finite", "imprecise", "non-smooth", "inconclusive"):
         if status in seen:
             lines.append(f"  {status}: {STATUS_HELP[status]}")
+        if status == "mismatch" and "mismatch" in seen and any(
+                np.any(~np.isfinite(lf.analytic[lf.codes == MISMATCH])) for lf in r.leaves):
+            lines.append(f"  mismatch, non-finite analytic: {NONFINITE_ANALYTIC_HELP}")
     lines += _imprecise_lines(order)
     for note in r.notes:
         lines.append(f"  note: {note}")

@@ -69,7 +69,7 @@ def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size
         status=STATUS_NAMES[int(codes.max())] if codes.size else "ok",
         counts={nm: int(np.sum(codes == i)) for i, nm in enumerate(STATUS_NAMES)},
         max_abs_err=float(fin.max()) if fin.size else (math.nan if d.size else 0.0),
-        max_rel_err=float(np.max(rel[np.isfinite(rel)], initial=0.0)),
+        max_rel_err=float(np.max(rel[np.isfinite(rel)], initial=0.0)) if fin.size or not d.size else math.nan,
         worst_index=worst, worst_analytic=_scalar(a[w]) if d.size else math.nan,
         worst_numeric=_scalar(num[w]) if d.size else math.nan,
         worst_bound=float(bound[w]) if d.size else math.nan,
