@@ -182,13 +182,10 @@ class VectorProblem(Prepared):
 
     def primal_bound(self):
         """How far f(x) from two compilations may differ, per output: 1e3·u·max|y|, and
-        at least 8σ_j once the noise is measured.
-
-        Two compilations of the same f may fuse and round differently by a few u (and
-        an ill-conditioned f amplifies that); an f that computes in a coarser dtype
-        inside (bfloat16 matmuls of float32 params) rounds differently by a few of its
-        own noise σ_j, which the probe measured; Python-level randomness differs by O(|y|).
-        """
+        at least 8σ_j once the noise is measured. Two compilations may fuse and round
+        differently by a few u (an ill-conditioned f amplifies that), or by a few σ_j
+        where f rounds in a coarser dtype inside (bfloat16 matmuls of float32 params);
+        Python-level randomness differs by O(|y|)."""
         fin = np.abs(self.y0[np.isfinite(self.y0)])
         bound = 1e3 * self.u * max(float(np.max(fin, initial=0.0)), 1e-30)
         if self.sigma is None:
