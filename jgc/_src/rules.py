@@ -264,7 +264,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
     widen, scope = precision_scope(precision, orig_dtypes, notes)
     try:
-        rules = _rules_of(fn, split, dyn, args, widen, scope, options, key)
+        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key)
     except (TypeError, compat.TypePromotionError) as e:
         # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
         refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
@@ -273,11 +273,11 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         notes.clear()
         widen, scope = precision_scope("native", orig_dtypes, notes)
         notes.append(as_given_note(refused, orig_dtypes))
-        rules = _rules_of(fn, split, dyn, args, widen, scope, options, key)
+        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key)
     return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
 
-def _rules_of(fn, split, dyn: list, args: tuple, widen: bool, scope, options: dict, key) -> list:
+def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key) -> list:
     """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``."""
     with scope:
         if widen:
