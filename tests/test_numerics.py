@@ -158,3 +158,16 @@ def test_fast_oscillation_is_not_a_false_alarm_in_native_float32():
     g = jax.grad(f)(p)
     bad = jgc.check(f, p, grad={"w": g["w"] * 1.05}, precision="native")
     assert not bad.ok, bad
+
+
+def test_vector_steps_stop_growing_where_the_measured_noise_is_a_kink():
+    # Two elements sit on a clamp (|x| floored at 1e-3): the noise probe crosses its
+    # kinks and measures σ/|y| ≈ 1.6e-3. Steps sized for that would reach 0.17·s; as in
+    # jgc.check, they stop at the float16-sized 0.14·s and the error bars take the rest.
+    with jax.enable_x64(True):
+        x = jnp.array([0.0, 0.0, 1.3, -0.7, 2.1])
+        rep = jgc.check_jacobian(lambda x: jnp.sqrt(jnp.maximum(x**2, 1e-6)) * jnp.ones((3, 1)), x)
+    assert rep.ok and any("noisier than its dtype" in n for n in rep.notes)
+    from jgc._src import policy
+
+    assert rep.step <= (3 * policy.MAX_U_EFF) ** (1 / 3) * (1 + 1e-12)

@@ -25,6 +25,15 @@ def unit_roundoff(dtype) -> float:
     return float(ml_dtypes.finfo(dtype).eps) / 2.0
 
 
+# The largest effective unit round-off steps are sized for. Noise above it (a cost
+# that jumps or bends on a scale far below the parameter's, or a kink the noise probe
+# crossed) would ask for central steps beyond (3e-3)^(1/3) ≈ 0.14·s, where a difference
+# no longer describes the derivative at the point: steps stop growing there, and the
+# measured noise widens the error bars instead (inconclusive rather than a mismatch).
+# float16 (u ≈ 4.9e-4) stays below it.
+MAX_U_EFF = 1e-3
+
+
 def relative_step(stencil: str, u: float) -> float:
     """Return the step h/s that balances truncation against round-off for a stencil.
 

@@ -36,14 +36,14 @@ class Steps:
 
         The noise is taken relative to max(|J|, grad_scale): when J is a small
         difference of large terms (a confident cross-entropy), |J| alone would make the
-        relative noise look huge and the steps absurdly large. Capped at 1e-3, i.e.
-        central steps of at most (3e-3)^(1/3) ≈ 0.14·s.
+        relative noise look huge and the steps absurdly large. Capped at
+        policy.MAX_U_EFF (central steps of at most ≈ 0.14·s).
         """
         p = self.problem
         scale = max(abs(p.j0), self.grad_scale)
         if scale == 0:
             return p.u
-        return min(max(p.u, p.sigma / scale), 1e-3)
+        return min(max(p.u, p.sigma / scale), policy.MAX_U_EFF)
 
     def relative(self, stencil: str, step: float | None) -> float:
         """h/s for a stencil: given, or chosen from the effective precision of J."""

@@ -393,7 +393,7 @@ class VectorProblem(Prepared):
             if not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0 and math.isfinite(step)):
                 raise ValueError(f"{self.api}: step must be a positive relative step h/s, got {step!r}.")
             return float(step)
-        return policy.relative_step(stencil, self.u_eff)
+        return policy.relative_step(stencil, min(self.u_eff, policy.MAX_U_EFF))
 
     # -- finite differences --------------------------------------------------------
     def directional(self, dirs: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
