@@ -100,8 +100,18 @@ STAIRCASE = 0.25
 
 
 def staircase(values: np.ndarray) -> bool:
-    """True when at least STAIRCASE of the neighbouring values along the lines are equal."""
-    return bool(np.mean(np.diff(values, axis=1) == 0) >= STAIRCASE)
+    """True when at least STAIRCASE of the neighbouring values along the lines that move
+    are equal (along every line when none moves).
+
+    A line that does not move anywhere along a finer probe is flat there (an output
+    clamped near the point: ``optax.safe_norm`` of a zero row), not a staircase, as
+    long as other lines move; it is left out of the count. When none moves, a quantum
+    larger than the whole probe cannot be told from flatness: every line counts, and
+    all their neighbours are equal.
+    """
+    d = np.diff(values, axis=1)
+    moving = np.any(d != 0, axis=1)
+    return bool(np.mean((d[moving] if moving.any() else d) == 0) >= STAIRCASE)
 
 
 def finest(probe: Callable[[float], tuple[np.ndarray, float]], h: float):
