@@ -173,8 +173,9 @@ def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says:
             if kind == "VJP" and _declared_missing(eager):
                 raise missing(str(eager)) from e
             if broken_as_nan and not _declared_missing(eager):
-                if f"{said}. Its {kind}s are taken as NaN, so they fail." not in vp.notes:
-                    vp.notes.append(f"{said}. Its {kind}s are taken as NaN, so they fail.")
+                note = f"{said}. Its {kind}s are taken as NaN, so they fail."
+                if note not in vp.notes:  # once per run, not per batch
+                    vp.notes.append(note)
                     vp.rule_errors.append(eager)
                 return finish(nan_of(batch))
             e.add_note(f"{vp.api}: {said}; " + (f"JAX has no {kind} of f there." if _declared_missing(eager)
