@@ -1,5 +1,8 @@
 """Programs compiled ahead on worker threads, and cheaply where they run little."""
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,14 +110,17 @@ def test_fast_options_only_on_the_cpu_backend(monkeypatch):
     assert ev._options is None
 
 
-def test_a_forked_process_gets_its_own_workers(monkeypatch):
-    first = compiling._workers()
-    assert compiling._workers() is first
-    # As after os.fork(): same module state, another process id, no worker threads.
-    monkeypatch.setattr(compiling.os, "getpid", lambda: -12345)
-    second = compiling._workers()
-    assert second is not first
-    assert second.submit(lambda: 7).result(timeout=10) == 7
+def test_compilation_threads_end_with_their_work(rng):
+    # Background compilations run on threads of their own, not a pool: once the
+    # programs are compiled no jgc thread is left in the user's process (a pool's idle
+    # workers would outlive every check, and a forked child would inherit them dead).
+    assert compiling._submit(lambda: 7).result(timeout=10) == 7
+    p, x, y = _model(rng, width=5)
+    assert jgc.check(_mlp, p, x, y).ok
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(t.name == "jgc-compile" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "jgc-compile"]
 
 
 def test_a_second_check_of_the_same_model_reuses_every_program(rng):

@@ -50,9 +50,37 @@ except ImportError:  # older JAX: only in jax.core
 Tracer = jax.core.Tracer
 
 
+try:  # private: the Python-level tracing and compilation caches, nothing else
+    from jax._src.util import clear_all_caches as _clear_staging_caches
+except ImportError:  # pragma: no cover - a JAX without it: clear every cache instead
+    _clear_staging_caches = jax.clear_caches
+
+
+@contextlib.contextmanager
 def enable_x64(flag: bool = True):
-    """A context manager that turns 64-bit types on (or off) inside it only."""
-    return _enable_x64(flag)
+    """A context manager that turns 64-bit types on (or off) inside it only, isolated.
+
+    JAX keeps some tracing caches keyed without the x64 state (JAX 0.10.2:
+    ``pjit._infer_params_cached`` and ``partial_eval.trace_to_jaxpr``). A function traced
+    inside a scope that flips x64, for instance ``jnp.matmul`` with a NumPy float64
+    constant under ``jax.jit``, leaves an entry that the same call outside the scope
+    reuses with the other dtypes, and the user's next eager call raises
+    ``RuntimeProgramInputMismatch`` (f32 expected, f64 buffer given); entries made before
+    the scope are reused inside it the same way. So when the flag changes, those caches
+    are cleared on the way in and on the way out: nothing traced on one side is seen
+    on the other. The C++ caches of compiled executables (keyed with the x64 state)
+    are kept, so the user's jitted functions are not compiled again. A scope that
+    changes nothing (x64 already as asked) clears nothing.
+    """
+    if bool(flag) == x64_enabled():
+        yield
+        return
+    _clear_staging_caches()
+    try:
+        with _enable_x64(flag):
+            yield
+    finally:
+        _clear_staging_caches()
 
 
 def x64_enabled() -> bool:

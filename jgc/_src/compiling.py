@@ -30,7 +30,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -48,21 +48,30 @@ def fast() -> dict | None:
     return FAST if jax.default_backend() == "cpu" else None
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
+# At most one compilation per core at a time: the main thread mostly waits for these
+# programs, and more threads than cores only interleave compilations without finishing
+# any sooner.
+_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
 
 
-def _workers() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    # A forked child inherits the executor but not its threads: work submitted there
-    # would wait forever. A new process gets a new pool.
-    if _pool is None or _pool_pid != os.getpid():
-        _pool_pid = os.getpid()
-        # One worker per core: the main thread mostly waits for these programs. More
-        # threads than cores only interleave compilations without finishing any sooner.
-        n = max(1, min(4, os.cpu_count() or 1))
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jgc-compile")
-    return _pool
+def _submit(fn: Callable, *args) -> Future:
+    """Run ``fn(*args)`` on a thread of its own; the thread ends with the work.
+
+    No pool: a pool's idle threads would outlive the check in the user's process (and a
+    forked child inherits a pool without its threads, where work would wait forever).
+    A thread started per program costs microseconds next to a compilation.
+    """
+    future: Future = Future()
+
+    def work():
+        with _slots:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)
+
+    threading.Thread(target=work, name="jgc-compile", daemon=True).start()
+    return future
 
 
 def _signature(args) -> tuple:
@@ -132,7 +141,7 @@ class Ahead:
                 self._compiled = hit
                 return
             stats["compiled"] += 1
-            future = _workers().submit(_compile, lowered, options) if background else Future()
+            future = _submit(_compile, lowered, options) if background else Future()
             if key is not None:
                 _cache[key] = future
                 while len(_cache) > CACHE_SIZE:
