@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -34,6 +35,58 @@ DEFAULT_BATCH_EVALS = 128
 # Elements of perturbed leaf copies alive in one batch (2^24 float64 = 128 MiB): the
 # memory bound of a check whatever n.
 BATCH_ELEMENT_BUDGET = 2**24
+# ...and at most this fraction of the memory available when a batch is sized (host RAM
+# on a CPU, the device's free memory on an accelerator). The rest is left to the model's
+# own activations, the check's per-element arrays (parameters at evaluation precision,
+# gradient, scales: a few copies of n) and everything else running on the machine.
+MEMORY_FRACTION = 0.125
+# Steps one compiled call walks along one direction (see DirectionEvaluator's line
+# layout): the Richardson table of a screen takes 6, a localisation test 4, a short
+# central difference 2.
+LINE_STEPS = 6
+
+
+def available_bytes(device=None) -> int | None:
+    """Bytes of memory free for new arrays on ``device`` (default the first), or None.
+
+    An accelerator that reports ``memory_stats()`` gives its limit minus what is in use;
+    a CPU gives the host's available RAM (psutil when installed, else ``os.sysconf``).
+    """
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - a backend without memory statistics
+            stats = {}
+        if "bytes_limit" in stats:
+            return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported here
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def budget_elements() -> int:
+    """Elements of perturbed copies (8 bytes each) that one batch may hold.
+
+    ``BATCH_ELEMENT_BUDGET``, or less when ``MEMORY_FRACTION`` of the available memory
+    is smaller: a batch never holds more perturbed copies than the machine can spare.
+    """
+    free = available_bytes()
+    if free is None:
+        return BATCH_ELEMENT_BUDGET
+    return int(max(1, min(BATCH_ELEMENT_BUDGET, MEMORY_FRACTION * free // 8)))
+
+
+def rows_in_budget(copy_elements: int) -> int:
+    """Rows of ``copy_elements`` perturbed elements each that fit one batch (at least 1)."""
+    return max(1, budget_elements() // max(1, int(copy_elements)))
 # Rows per vmapped batch for leaves big enough to need many batches. Measured on a
 # 2-core CPU with a tanh MLP (n = 1e4 and 1e5): 16–32 rows per batch inside lax.map
 # ran as fast as any larger batch and 1.5–2.5x faster than a Python loop over 64–128
@@ -110,7 +163,7 @@ def choose_chunk(leaf_size: int, chunk_size: int | None) -> int:
     """
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, leaf_size))
+    by_memory = rows_in_budget(leaf_size)
     need = 1 << max(0, (2 * leaf_size - 1).bit_length())  # next power of two ≥ 2m
     return max(1, min(DEFAULT_BATCH_EVALS, by_memory, need))
 
@@ -328,30 +381,54 @@ class DirectionEvaluator:
                 jax.device_put(np.asarray(g, wide).reshape(x.shape))) if mv else None
                for x, s, g, mv in zip(leaves, scales, grads, movable)]
         # Each row holds a perturbed copy of the parameters and a direction.
-        by_memory = max(1, BATCH_ELEMENT_BUDGET // max(1, 2 * n))
+        by_memory = rows_in_budget(2 * n)
         self.rows, self.groups = max(1, min(rows, by_memory)) * ndev, 1
+        # Line layout: when a batch holds a single row (a model past ~8e6 parameters, or
+        # memory short), each call takes one direction, builds it once and walks its
+        # steps one after another (LINE_STEPS at most), instead of rebuilding the whole
+        # direction for every step: memory is a few copies of the parameters whatever n.
+        self.lines = by_memory == 1 and not self.shard
         salt = np.uint32(key & 0xFFFFFFFF)
         offs = [int(o) for o in self.offsets[:-1]]
 
-        def one(xs, seed, lo, hi, t, ops):
-            argarr, aux = ops
+        def direction(xs, aux, seed, lo, hi):
             seed = seed.astype(jnp.uint32) ^ salt
-            moved, dots = [], []
+            vs = []
             for x, a, off in zip(xs, aux, offs):
+                if a is None:
+                    vs.append(None)
+                    continue
+                i = jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape) + off
+                vs.append(jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * a[0],
+                                    jnp.zeros((), x.dtype)))
+            return vs
+
+        def at(xs, vs, aux, t, argarr):
+            moved, dots = [], []
+            for x, v, a in zip(xs, vs, aux):
                 if a is None:
                     moved.append(x)
                     continue
-                s, g = a
-                i = jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape) + off
-                v = jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * s,
-                              jnp.zeros((), x.dtype))
                 # Explicit casts: strict promotion has no implicit path between dtypes.
                 tv = compat.result_type(t.dtype, x.dtype)
                 xm = x + (t.astype(tv) * v.astype(tv)).astype(x.dtype)
                 moved.append(xm)
-                dots.append(jnp.vdot(g, (xm - x).astype(wide)))
+                dots.append(jnp.vdot(a[1], (xm - x).astype(wide)))
             j = cost(moved, argarr)
             return jnp.stack([j.astype(wide), sum(dots)])
+
+        def one(xs, seed, lo, hi, t, ops):
+            argarr, aux = ops
+            return at(xs, direction(xs, aux, seed, lo, hi), aux, t, argarr)
+
+        def line(xs, seed, lo, hi, ts, count, ops):
+            argarr, aux = ops
+            vs = direction(xs, aux, seed, lo, hi)
+
+            def step(r, out):
+                return out.at[r].set(at(xs, vs, aux, ts[r], argarr))
+
+            return jax.lax.fori_loop(0, count, step, jnp.zeros((LINE_STEPS, 2), wide))
 
         self._call = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
         self.x0, self.operands = list(leaves), (operands, aux)
@@ -361,8 +438,14 @@ class DirectionEvaluator:
             # Through the process's program cache (compiling.Ahead): a later check of the
             # same model and key, as a test suite makes, reuses the compiled screen.
             col = (lambda dtype: jax.ShapeDtypeStruct((self.rows,), dtype))
-            self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32), col(np.int32),
-                                         col(self.dtype), self.operands, background=False)
+            if self.lines:
+                one_of = (lambda dtype: jax.ShapeDtypeStruct((), dtype))
+                self._line = compiling.Ahead(jax.jit(line), self.x0, one_of(np.uint32), one_of(np.int32),
+                                             one_of(np.int32), jax.ShapeDtypeStruct((LINE_STEPS,), self.dtype),
+                                             one_of(np.int32), self.operands, background=False)
+            else:
+                self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32),
+                                             col(np.int32), col(self.dtype), self.operands, background=False)
 
     per_call = LeafEvaluator.per_call
 
@@ -377,8 +460,30 @@ class DirectionEvaluator:
         if seed.size == 0:
             return np.zeros(0), np.zeros(0)
         cols = (seed.astype(np.uint32), lo.astype(np.int32), hi.astype(np.int32), t)
-        out = _run_rows(self, cols, seed.size).astype(np.float64)
+        if self.lines:
+            out = self._run_lines(*cols)
+        else:
+            out = _run_rows(self, cols, seed.size).astype(np.float64)
         return out[:, 0], out[:, 1]
+
+    def _run_lines(self, seed, lo, hi, t) -> np.ndarray:
+        """The line layout: consecutive rows of one direction (same seed and range) in one call."""
+        new = np.flatnonzero(np.concatenate([[True], (seed[1:] != seed[:-1]) | (lo[1:] != lo[:-1])
+                                             | (hi[1:] != hi[:-1])]))
+        starts = []
+        for a, b in zip(new, np.append(new[1:], seed.size)):
+            starts += [(int(c), int(min(c + LINE_STEPS, b))) for c in range(a, b, LINE_STEPS)]
+        outs = []
+        with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
+            for a, b in starts:  # queued asynchronously, gathered in order below
+                ts = np.concatenate([t[a:b], np.repeat(t[b - 1:b], LINE_STEPS - (b - a))])
+                outs.append(self._line(self.x0, *jax.device_put((seed[a], lo[a], hi[a], ts, np.int32(b - a))),
+                                       self.operands))
+            values = []
+            for (a, b), o in zip(starts, outs):
+                values.append(np.asarray(compat.host(o), np.float64)[: b - a])
+                self.counter.add(b - a)
+        return np.concatenate(values)
 
 
 def signs(i, seed, dtype):

@@ -192,34 +192,17 @@ class Problem(Prepared):
 
     def _measure_noise(self) -> float:
         """σ of J's rounding noise, the median over a few random lines (see noise.py)."""
-        rng = np.random.default_rng(0)
-        directions = [
-            jax.device_put(np.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
-                                      .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
-            for x, s in zip(self.dyn, self.scales)
-        ]
-        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
-
-        def at(ti, dirs, dyn, argarr):
-            # Cast first: under strict promotion wide × x.dtype has no implicit path.
-            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
-            return self.full_cost(moved, argarr)
-
-        over_t = jax.vmap(at, in_axes=(0, None, None, None))
-        # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
-        # on this thread while the programs compiled ahead build on the workers.
-        lines = compiling.Ahead(jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None))),
-                                jax.ShapeDtypeStruct((noise.POINTS,), wide), directions,
-                                self.dyn, self.argarr, options=compiling.fast(), background=False)
+        n = sum(x.size for x in self.dyn)
+        fit = engine.rows_in_budget(n)
+        cost_lines = (self._probe_together() if fit >= noise.LINES * noise.POINTS
+                      else self._probe_line_by_line(fit))
         probes = []
 
-        def cost_lines(t):
+        def counted(t):
             probes.append(t)
-            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-                return compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
-                                         self.argarr))
+            return cost_lines(t)
 
-        sigma, values, kept = noise.measure(cost_lines, self.u)
+        sigma, values, kept = noise.measure(counted, self.u)
         self.counter.add(noise.LINES * noise.POINTS * len(probes))
         if kept < noise.spacing(self.u):
             # At spacing 8·kept J's variation swamped its noise: J changes shape on that
@@ -243,6 +226,80 @@ class Problem(Prepared):
                 "the measured noise."
             )
         return max(sigma, floor)
+
+    def _probe_together(self):
+        """cost_lines(t) with every line and point in one vmapped batch (LINES·POINTS copies)."""
+        rng = np.random.default_rng(0)
+        directions = [
+            jax.device_put(np.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
+                                      .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
+            for x, s in zip(self.dyn, self.scales)
+        ]
+        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
+
+        def at(ti, dirs, dyn, argarr):
+            # Cast first: under strict promotion wide × x.dtype has no implicit path.
+            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
+            return self.full_cost(moved, argarr)
+
+        over_t = jax.vmap(at, in_axes=(0, None, None, None))
+        # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
+        # on this thread while the programs compiled ahead build on the workers.
+        lines = compiling.Ahead(jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None))),
+                                jax.ShapeDtypeStruct((noise.POINTS,), wide), directions,
+                                self.dyn, self.argarr, options=compiling.fast(), background=False)
+
+        def cost_lines(t):
+            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
+                return compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
+                                         self.argarr))
+
+        return cost_lines
+
+    def _probe_line_by_line(self, fit: int):
+        """cost_lines(t) one line per call, ``fit`` points of it per vmapped batch.
+
+        The same lines as :meth:`_probe_together` (the same random signs, drawn in the
+        same order and kept as bits on the host), for models whose LINES·POINTS perturbed
+        copies would not fit the memory budget: a call holds at most ``fit`` copies, and
+        the points of a line are walked by ``lax.map`` in batches of ``per`` (a divisor
+        of POINTS, so no point is evaluated twice).
+        """
+        rng = np.random.default_rng(0)
+        bits = []
+        for s in self.scales:  # leaf after leaf, line after line: the order of one (LINES, m) draw
+            bits.append([np.packbits(_signs(rng, s.size) > 0) for _ in range(noise.LINES)])
+        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
+        per = max(d for d in range(1, noise.POINTS + 1) if noise.POINTS % d == 0 and d <= fit)
+
+        def at(ti, dirs, dyn, argarr):
+            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
+            return self.full_cost(moved, argarr)
+
+        batch = jax.vmap(at, in_axes=(0, None, None, None))
+
+        def line(t, dirs, dyn, argarr):
+            out = jax.lax.map(lambda ts: batch(ts, dirs, dyn, argarr), t.reshape(-1, per))
+            return out.reshape(-1)
+
+        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.dyn]
+        program = compiling.Ahead(jax.jit(line), jax.ShapeDtypeStruct((noise.POINTS,), wide), shapes,
+                                  self.dyn, self.argarr, options=compiling.fast(), background=False)
+
+        def direction(l):
+            return [jax.device_put(np.asarray((2.0 * np.unpackbits(b[l], count=s.size) - 1.0) * s,
+                                              dtype=x.dtype).reshape(x.shape))
+                    for b, x, s in zip(bits, self.dyn, self.scales)]
+
+        def cost_lines(t):
+            tt = jax.device_put(np.asarray(t, wide))
+            rows = []
+            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
+                for l in range(noise.LINES):
+                    rows.append(compat.host(program(tt, direction(l), self.dyn, self.argarr)))
+            return np.stack(rows)
+
+        return cost_lines
 
     # -- steps and evaluators ----------------------------------------------------
     # Largest relative step for which J is resolved (set by the noise probe when J
@@ -371,6 +428,13 @@ class Problem(Prepared):
     def skipped(self) -> tuple:
         """(path, description) of every leaf of params that is not perturbed."""
         return self.split.skipped
+
+
+def _signs(rng, m: int) -> np.ndarray:
+    """m random signs ±1.0, drawn as ``rng.choice([-1.0, 1.0], size=m)`` draws them, in pieces."""
+    piece = 2**22
+    return np.concatenate([rng.choice([-1.0, 1.0], size=min(piece, m - a)) for a in range(0, m, piece)]
+                          or [np.zeros(0)])
 
 
 def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:

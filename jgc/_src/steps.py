@@ -76,7 +76,7 @@ class Steps:
         rng = np.random.default_rng(k)
         picks = list(rng.choice(m, size=min(2, m), replace=False))
         if a_flat is not None and np.all(np.isfinite(a_flat)):
-            picks += list(np.argsort(-np.abs(a_flat))[:2])
+            picks += list(_two_largest(np.abs(a_flat)))
         pilots = np.unique(np.asarray(picks, dtype=np.int64))
         est = p.estimate(k, pilots, "central4", big)
         # est.err_trunc = |r1 − d1| = |D_H − D_2H|/3 for the five-point stencil.
@@ -94,3 +94,19 @@ class Steps:
         # of large terms, e.g. a confident cross-entropy).
         lower = min(policy.relative_step(stencil, p.u), big)
         return float(np.clip(h, lower, big))
+
+
+# Leaves from this size on find their two largest |g| by selection instead of a sort.
+SELECT_LEAF = 2**16
+
+
+def _two_largest(mag: np.ndarray) -> np.ndarray:
+    """Indices of the two largest entries, as ``np.argsort(-mag)[:2]`` gives them.
+
+    Large leaves use a selection (O(m)); it can order ties differently from a sort, so
+    it serves only leaves too large for a sort to be cheap.
+    """
+    if mag.size < SELECT_LEAF:
+        return np.argsort(-mag)[:2]
+    top = np.argpartition(-mag, 1)[:2]
+    return top[np.argsort(-mag[top], kind="stable")]

@@ -1,0 +1,105 @@
+"""Big models: batches sized from a memory budget, the same verdicts when memory is short."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+from jgc._src import engine, noise
+from jgc._src.problem import Problem
+
+
+def test_budget_follows_available_memory(monkeypatch):
+    monkeypatch.setattr(engine, "available_bytes", lambda device=None: 64 * 2**30)
+    assert engine.budget_elements() == engine.BATCH_ELEMENT_BUDGET  # plenty: the fixed cap
+    monkeypatch.setattr(engine, "available_bytes", lambda device=None: 80 * 2**20)
+    # An eighth of 80 MiB, in 8-byte elements.
+    assert engine.budget_elements() == int(engine.MEMORY_FRACTION * 80 * 2**20) // 8 == 1_310_720
+    assert engine.rows_in_budget(100_000) == 13
+    assert engine.rows_in_budget(10**8) == 1  # never fewer than one row
+    monkeypatch.setattr(engine, "available_bytes", lambda device=None: None)
+    assert engine.budget_elements() == engine.BATCH_ELEMENT_BUDGET
+
+
+def test_available_bytes_reads_the_machine():
+    free = engine.available_bytes()
+    assert free is None or free > 0
+
+
+def _mlp(seed=0, din=12, hid=10, dout=3):
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = {"W1": jax.random.normal(k[0], (din, hid)) / 3, "b1": jnp.full(hid, 0.1),
+              "W2": jax.random.normal(k[1], (hid, dout)) / 3}
+    x, y = jax.random.normal(k[2], (8, din)), jax.random.normal(k[3], (8, dout))
+
+    def loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] - y) ** 2)
+
+    return loss, params, x, y
+
+
+def test_direction_line_layout_matches_rows(monkeypatch):
+    loss, p, x, y = _mlp()
+    names = ["W1", "b1", "W2"]
+    with jax.enable_x64(True):
+        leaves = [jnp.asarray(p[k], jnp.float64) for k in names]
+        n = sum(v.size for v in leaves)
+        cost = lambda ls, a: loss(dict(zip(names, ls)), *a)  # noqa: E731
+        kw = dict(grads=[np.ones(v.shape) for v in leaves], movable=[True] * 3, key=3, rows=16)
+        args = (cost, leaves, (x.astype(jnp.float64), y.astype(jnp.float64)), [np.ones(v.size) for v in leaves])
+        rows = engine.DirectionEvaluator(*args, **kw)
+        monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # one row per batch
+        lines = engine.DirectionEvaluator(*args, **kw)
+        assert not rows.lines and rows.rows == 16 and lines.lines and lines.rows == 1
+        # A screen's 6 steps along each of 3 directions, then a localisation's 4 and 2
+        # short steps: runs of one direction, each one call in the line layout.
+        seed = np.repeat([0, 1, 2, 3, 4], [6, 6, 6, 4, 2])
+        lo = np.repeat([0, 120, 0, 5, 130], [6, 6, 6, 4, 2])
+        hi = np.repeat([120, 130, n, 60, 160], [6, 6, 6, 4, 2])
+        t = np.tile([1e-3, -1e-3, 2e-3, -2e-3, 4e-3, -4e-3], 5)[: seed.size]
+        (j1, d1), (j2, d2) = rows(seed, lo, hi, t), lines(seed, lo, hi, t)
+    np.testing.assert_allclose(j2, j1, rtol=1e-14)
+    np.testing.assert_allclose(d2, d1, rtol=1e-10, atol=1e-18)
+    assert rows.counter.evaluations == lines.counter.evaluations == seed.size
+
+
+def test_noise_probe_line_by_line_evaluates_the_same_points(monkeypatch):
+    loss, p, x, y = _mlp()
+    t = np.arange(noise.POINTS) * 1e-4
+    with Problem(loss, p, (x, y)) as problem:
+        n = sum(v.size for v in problem.dyn)
+        together = problem._probe_together()(t)
+        for fit in (1, 2, 5):
+            apart = problem._probe_line_by_line(fit)(t)
+            np.testing.assert_allclose(apart, together, rtol=1e-14)
+    assert together.shape == (noise.LINES, noise.POINTS)
+    # The check picks the line-by-line probe when the budget holds fewer than all points.
+    calls = []
+    monkeypatch.setattr(Problem, "_probe_line_by_line", lambda self, fit: calls.append(fit) or
+                        (lambda t: self._probe_together()(t)))
+    monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 3 * n)
+    with Problem(loss, p, (x, y)):
+        pass
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_short_memory_gives_the_same_verdict(mode, monkeypatch):
+    loss, p, x, y = _mlp(seed=1)
+    g = jax.grad(loss)(p, x, y)
+    i = np.unravel_index(int(np.argmax(np.abs(g["W1"]))), g["W1"].shape)
+    bad = dict(g, W1=g["W1"].at[i].multiply(1.01))  # a 1% error in one element
+    before = jgc.check(loss, p, x, y, grad=bad, mode=mode)
+    n = sum(v.size for v in p.values())
+    monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # a batch holds one copy
+    probe, fits = Problem._probe_line_by_line, []
+    monkeypatch.setattr(Problem, "_probe_line_by_line", lambda self, fit: fits.append(fit) or probe(self, fit))
+    after = jgc.check(loss, p, x, y, grad=bad, mode=mode)
+    assert fits == [2]  # the noise probe went line by line, two points per batch
+    assert not before.ok and not after.ok
+    for a, b in zip(before.leaves, after.leaves):
+        assert (a.path, a.status, a.checked) == (b.path, b.status, b.checked)
+        assert a.elements("mismatch") == b.elements("mismatch")
+    assert after.leaf("['W1']").elements("mismatch") == [tuple(int(v) for v in i)]
+    assert after.evaluations == before.evaluations
