@@ -17,7 +17,8 @@ from .problem import Problem, to_elements
 from .progress import attached
 from .report import Report
 from .steps import Steps, gradient_scale
-from .strategies import run_mode
+from .strategies import DEFAULT_BUDGET, default_full, run_mode
+from .trees import is_inexact_array
 
 MODES = ("full", "sampled", "directional", "auto")
 
@@ -25,14 +26,18 @@ MODES = ("full", "sampled", "directional", "auto")
 def _validate(stencil, mode, rtol, atol):
     if stencil not in policy.STENCILS:
         raise ValueError(f"jgc.check: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
-    if mode not in MODES:
-        raise ValueError(f"jgc.check: mode must be one of {MODES}, got {mode!r}.")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"jgc.check: mode must be None or one of {MODES}, got {mode!r}.")
     validate.tolerances("jgc.check", rtol, atol)
+
+
+def _size(params) -> int:
+    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params) if is_inexact_array(x))
 
 
 def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, stencil: str = "central",
           precision: str = "auto", rtol: float | None = None, atol: float | None = None,
-          step: float | None = None, strict: bool = False, mode: str = "full",
+          step: float | None = None, strict: bool = False, mode: str | None = None,
           chunk_size: int | None = None, rules: bool = False, **mode_options) -> Report:
     """Check the gradient of a scalar cost against finite differences, element by element.
 
@@ -81,8 +86,13 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       step: relative step h/s (s = max(|θ_i|, rms of the leaf)); default from the
         measured precision of J, e.g. ≈ 6.9e-6 for central differences in float64.
       strict: also fail on inconclusive and non-finite elements.
-      mode: "full" checks every coordinate. "sampled", "directional" and "auto"
-        (see ``jgc.check`` modes in the README) take ``key``, ``samples``, ``budget``.
+      mode: None (default): "full" when its estimated time (evaluations needed × the
+        measured time of one evaluation) fits ``DEFAULT_TIME_BUDGET`` (60 s, see
+        ``jgc/_src/policy.py``) or its evaluations fit the budget of "auto" (every
+        test-sized model), otherwise directional screening of every leaf plus a sample;
+        the report's first note says which. "full" checks every coordinate.
+        "sampled", "directional" and "auto" (see ``jgc.check`` modes in the README)
+        take ``key``, ``samples``, ``budget``.
       chunk_size: coordinates per vmapped batch (default from a memory budget).
       rules: when the check fails, also run :func:`jgc.check_rules` on ``fn``: the
         report's ``rules`` holds its :class:`jgc.RulesReport`, and the text names the
@@ -111,12 +121,16 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
         return rep if rep.ok else attach_rules(rep, fn, params, args, precision=precision)
     # Programs compiled on worker threads while the noise probe runs: jax.grad when it
     # is the analytic side, and in full mode every leaf's evaluator.
+    # Without a mode, evaluators are compiled ahead where full mode is certain to run.
+    likely_full = mode == "full" or (mode is None and 2 * _size(params) <= DEFAULT_BUDGET)
     ahead = (("grad",) if grad is None else ()) + (
-        ("evaluators",) if mode == "full" and stencil != "complex" else ())
+        ("evaluators",) if likely_full and stencil != "complex" else ())
     with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead,
                  has_aux=has_aux) as problem:
         a_leaves = analytic_gradient(problem, grad)
         steps = Steps(problem, gradient_scale(a_leaves, problem.scales))
+        if mode is None:
+            mode = "full" if default_full(problem, stencil) else "default"
         if mode != "full":
             return run_mode(problem, steps, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
                             atol=atol, step=step, strict=strict, **mode_options)

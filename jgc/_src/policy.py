@@ -128,3 +128,11 @@ ROUNDOFF_SAFETY = 8.0
 # Safety factor on the truncation estimate |D_h − D_2h|/3 (Richardson), which is a
 # direct estimate of the leading error term rather than a noise level.
 TRUNCATION_SAFETY = 2.0
+
+# Seconds a check may take by default (no ``mode=``): full mode runs when its estimated
+# time (the evaluations it needs × the measured time of one evaluation) fits, otherwise
+# directional screening plus a sample of elements, within about the same time. A minute
+# is what a check run once, before training or in a test, can cost without being turned
+# off: every test-sized model and the lecture's network check in full in seconds, while a
+# 10⁷-parameter model (2·10⁷ evaluations of ~10 ms: days) gets a screen of every leaf.
+DEFAULT_TIME_BUDGET = 60.0

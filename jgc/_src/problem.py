@@ -11,6 +11,7 @@ shares with the vector-valued checks (options, precision, scales) is in
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -194,13 +195,21 @@ class Problem(Prepared):
         """σ of J's rounding noise, the median over a few random lines (see noise.py)."""
         n = sum(x.size for x in self.dyn)
         fit = engine.rows_in_budget(n)
+        start = time.perf_counter()
         cost_lines = (self._probe_together() if fit >= noise.LINES * noise.POINTS
                       else self._probe_line_by_line(fit))
+        # What one program of the cost costs to build, and one evaluation to run: the
+        # default mode estimates the time of a full check from them (strategies.py).
+        self.compile_seconds = time.perf_counter() - start
         probes = []
 
         def counted(t):
             probes.append(t)
-            return cost_lines(t)
+            begin = time.perf_counter()
+            values = cost_lines(t)
+            if len(probes) == 1:
+                self.eval_seconds = (time.perf_counter() - begin) / (noise.LINES * noise.POINTS)
+            return values
 
         sigma, values, kept = noise.measure(counted, self.u)
         self.counter.add(noise.LINES * noise.POINTS * len(probes))

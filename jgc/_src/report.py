@@ -82,6 +82,10 @@ class LeafReport:
       step: median step h actually taken (absolute).
       detectable_rel_largest: the same figure for the element with the largest
         |analytic| (the easiest one to catch an error in).
+      directions: random directions the whole leaf was screened along (directional
+        modes; 0 otherwise). directional_rel: the largest relative disagreement
+        |⟨g,v⟩ − D_v J| / max(|⟨g,v⟩|, |D_v J|) over them; directional_ratio: the largest
+        disagreement over the difference allowed (above 1 a direction failed).
     """
 
     path: str
@@ -115,6 +119,9 @@ class LeafReport:
     input_index: tuple = ()
     label: str = ""  # row name in the text table; defaults to ``path``
     detectable_rel_largest: float = math.nan
+    directions: int = 0
+    directional_rel: float = math.nan
+    directional_ratio: float = math.nan
 
     @property
     def name(self) -> str:
@@ -155,6 +162,8 @@ class LeafReport:
             "detectable_rel": _f(self.detectable_rel),
             "detectable_rel_largest": _f(self.detectable_rel_largest),
             "step": _f(self.step),
+            **({"directions": self.directions, "directional_rel": _f(self.directional_rel),
+                "directional_ratio": _f(self.directional_ratio)} if self.directions else {}),
             "mismatched_indices": [list(i) for i in self.elements("mismatch")[:100]],
             "imprecise_indices": [list(i) for i in self.elements("imprecise")[:100]],
             **({"output_path": self.output_path, "output_index": list(self.output_index),
@@ -276,6 +285,8 @@ def verdict(leaves, strict: bool) -> tuple[bool, float]:
     ok = not any(fails(lf.status, lf.counts, strict) for lf in leaves)
     a = np.concatenate([lf.analytic.ravel() for lf in leaves]) if leaves else np.zeros(0)
     n = np.concatenate([lf.numeric.ravel() for lf in leaves]) if leaves else np.zeros(0)
+    if a.size == 0 and any(lf.directions for lf in leaves):
+        return ok, math.nan  # screened along directions only: no element compared
     keep = np.isfinite(a) & np.isfinite(n)
     if a.size and not keep.any():
         return ok, math.nan  # no finite pair to compare
@@ -323,22 +334,41 @@ def format_report(r: Report) -> str:
     verdict = "PASS" if r.ok else "FAIL"
     counts = r.counts()
     parts = [f"{v} {k}" for k, v in counts.items() if v and k != "ok"]
-    head = (
-        f"{r.api} {verdict}{': ' + r.function if r.function else ''} — "
-        f"{r.checked}/{r.size} elements checked, {counts['ok']} ok"
-        + (", " + ", ".join(parts) if parts else "")
-    )
+    screened = [lf for lf in r.leaves if lf.directions]
+    if screened:
+        dirs = sorted({lf.directions for lf in screened})
+        head = (
+            f"{r.api} {verdict}{': ' + r.function if r.function else ''} — "
+            f"{len(screened)}/{len(r.leaves)} leaves screened along "
+            f"{'/'.join(map(str, dirs))} random directions each (all {sum(lf.size for lf in screened)} "
+            f"of their elements at once), {r.checked}/{r.size} elements checked individually"
+            + (f", {counts['ok']} ok" if r.checked else "")
+            + (", " + ", ".join(parts) if parts else "")
+            + "; mode='full' checks every element"
+        )
+    else:
+        head = (
+            f"{r.api} {verdict}{': ' + r.function if r.function else ''} — "
+            f"{r.checked}/{r.size} elements checked, {counts['ok']} ok"
+            + (", " + ", ".join(parts) if parts else "")
+        )
     lines = [head]
+    if screened and r.checked == 0:
+        agree = max(lf.directional_rel for lf in screened)
+        compared = (f"no element compared individually; along directions max "
+                    f"|⟨g,v⟩−D_v J|/|D_v J| = {agree:.2e}")
+    else:
+        compared = f"normwise ‖a−n‖/‖a+n‖={r.normwise:.2e}"
     lines.append(
         f"  mode={r.mode} stencil={r.stencil} precision={r.precision} step={r.step:.2g}·s "
-        f"noise σ={r.noise:.2g} evaluations={r.evaluations} time={r.seconds:.2f}s "
-        f"normwise ‖a−n‖/‖a+n‖={r.normwise:.2e}"
+        f"noise σ={r.noise:.2g} evaluations={r.evaluations} time={r.seconds:.2f}s {compared}"
     )
     failing = r.failing()
     order = list(failing) + [lf for lf in r.leaves if lf not in failing]
     w = max([len("leaf")] + [len(lf.name) for lf in order])
+    along = (f" {'dirs':>4} {'dir rel':>9}") if screened else ""
     lines.append(
-        f"  {'leaf':<{w}}  {'status':<12} {'checked':>9} {'max abs':>9} {'max rel':>9} "
+        f"  {'leaf':<{w}}  {'status':<12}{along} {'checked':>9} {'max abs':>9} {'max rel':>9} "
         f"{'detect':>9}  worst element (analytic vs numeric)"
     )
     for lf in order:
@@ -349,9 +379,12 @@ def format_report(r: Report) -> str:
                 f"{list(lf.worst_index)}: {_g(lf.worst_analytic, 0, 'nan')} vs "
                 f"{_g(lf.worst_numeric, 0, 'nan')} (allowed ±{_g(lf.worst_bound, 0)})"
             )
+        along = (f" {lf.directions:>4} {_g(lf.directional_rel)}" if screened else "")
         lines.append(
-            f"  {lf.name:<{w}}  {lf.status:<12} {lf.checked:>4}/{lf.size:<4} "
-            f"{_g(lf.max_abs_err)} {_g(lf.max_rel_err)} {_g(lf.detectable_rel)}  "
+            f"  {lf.name:<{w}}  {lf.status:<12}{along} {lf.checked:>4}/{lf.size:<4} "
+            + (f"{_g(None)} {_g(None)} " if screened and not lf.checked else
+               f"{_g(lf.max_abs_err)} {_g(lf.max_rel_err)} ")
+            + f"{_g(lf.detectable_rel)}  "
             f"{worst}  [{shape} {lf.dtype}]"
         )
     for p, d in r.skipped:

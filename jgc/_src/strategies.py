@@ -76,7 +76,14 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
                 elems.append(np.asarray(found, np.int64))
                 w = sl.start + int(np.argmax(res.ratio[sl]))
                 unlocalised = (res.analytic[w], res.numeric[w], res.bound[w], exhausted, len(found))
-            h_rel = steps.leaf(k, stencil, step, a_flat)
+            if dirs.ev.lines and not any(e.size for e in elems) and step is None:
+                # A model too big for a batch of two copies, and nothing of this leaf to
+                # judge: no step pilots (an evaluator compiled per leaf, for 16
+                # evaluations). The power is stated for the shortest step the pilots
+                # could choose, so it is never better than what a judgement would give.
+                h_rel = min(policy.relative_step(stencil, problem.u), steps.relative("central4", None))
+            else:
+                h_rel = steps.leaf(k, stencil, step, a_flat)
             power = _stated_power(problem, steps, dirs, k, res=res, sl=sl, a_flat=a_flat, tols=tols[k],
                                   h_rel=h_rel, step=step)
         else:
@@ -99,6 +106,12 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
         if power is not None:
             lr = dataclasses.replace(lr, detectable_rel=power[0],
                                      detectable_rel_largest=min(power[1], lr.detectable_rel_largest))
+        if movable[k]:
+            a, d = res.analytic[sl], res.numeric[sl]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(res.diff[sl] > 0, res.diff[sl] / np.maximum(np.abs(a), np.abs(d)), 0.0)
+            lr = dataclasses.replace(lr, directions=k_dirs, directional_rel=float(np.max(rel)),
+                                     directional_ratio=float(np.max(res.ratio[sl])))
         leaves.append(dataclasses.replace(lr, status=STATUS_NAMES[status]))
     return leaves, notes, len(screened)
 
@@ -120,6 +133,29 @@ def _stated_power(problem, steps, dirs, k, *, res, sl, a_flat, tols, h_rel, step
         alone = (at + rt * g + policy.ROUNDOFF_SAFETY * problem.sigma * gain / s) / g
         per = np.maximum(dirs.power(k, res, sl, np.arange(g.size)), alone)
     return typical_and_largest(g, np.where(g > 0, per, np.inf))
+
+
+def full_cost(problem, stencil: str) -> tuple[int, float]:
+    """(evaluations, estimated seconds) of a full check: its passes and step pilots,
+    each evaluation at the time the noise probe measured for one."""
+    offs = stencils.offsets(stencil if stencil in ("central", "forward", "central4", "richardson") else "central")
+    need = offs.size * sum(problem.coordinates(k) for k in range(len(problem.dyn))) + PILOT_EVALS * len(problem.dyn)
+    return need, need * problem.eval_seconds
+
+
+def default_full(problem, stencil: str) -> bool:
+    """Whether a check without ``mode=`` runs in full: when its evaluations fit the
+    evaluation budget of ``mode="auto"`` (every test-sized model, whatever the machine's
+    speed) or its estimated time fits ``policy.DEFAULT_TIME_BUDGET``."""
+    need, seconds = full_cost(problem, stencil)
+    return need <= DEFAULT_BUDGET or seconds <= policy.DEFAULT_TIME_BUDGET
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step, strict, key=0, samples=None,
@@ -162,10 +198,28 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
                        for lf in rep.leaves)
         return dataclasses.replace(rep, leaves=leaves)
 
-    if mode == "auto":
+    if mode == "default":
+        # Full mode did not fit the time budget (see default_full): directional on every
+        # leaf, plus samples with what the budget leaves when per-leaf programs fit it.
+        need, seconds = full_cost(problem, stencil)
+        per = max(problem.eval_seconds, 1e-9)
+        budget = int(policy.DEFAULT_TIME_BUDGET / per)
+        levels = max(1, math.ceil(math.log(max(max(sizes), 2), LOCALISE_SPLIT)))
+        overhead = (problem.counter.evaluations + len(sizes) * SCREEN_EVALS * k_dirs
+                    + 4 * LOCALISE_SPLIT * (levels + 1) + 8)
+        # Each sampled leaf compiles an evaluator of its own (about what the noise probe's took).
+        left = policy.DEFAULT_TIME_BUDGET - overhead * per - len(sizes) * (
+            problem.compile_seconds + PILOT_EVALS * per)
+        if samples is not None:
+            counts = samples_per_leaf(sizes, samples, None)
+        elif left > 0:
+            counts = samples_per_leaf(sizes, None, max(len(sizes), int(left / per) // 2))
+        else:
+            counts = [0] * len(sizes)
+        mode_name = "default (directional+sampled)" if sum(counts) else "default (directional)"
+    elif mode == "auto":
         budget = DEFAULT_BUDGET if budget is None else budget
-        offs = stencils.offsets(stencil if stencil in ("central", "forward", "central4", "richardson") else "central")
-        need = offs.size * sum(coords) + PILOT_EVALS * len(sizes)
+        need = full_cost(problem, stencil)[0]
         if need <= budget and samples is None:
             notes = (f"auto: full mode, every element checked (≈{need} evaluations ≤ budget {budget}).",)
             with progress.attached(problem.counter, need):
@@ -198,6 +252,11 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
             + (" (largest-|g| and stratified samples, plus any localised)" if sum(counts) else
                " (those localised)")
             + f"; {used} evaluations.")
+    if mode == "default":
+        head = (f"checked by default along random directions, not element by element: full mode "
+                f"needs ≈{need} evaluations, ≈{_duration(seconds)} at {per * 1e3:.3g} ms each, over the "
+                f"{policy.DEFAULT_TIME_BUDGET:.0f} s default budget; mode='full' checks every element. "
+                + head)
     if mode == "auto":
         head += f" Full mode needs ≈{need} evaluations, over budget={budget}."
         if problem.counter.evaluations > budget:
