@@ -102,4 +102,73 @@ def test_short_memory_gives_the_same_verdict(mode, monkeypatch):
         assert (a.path, a.status, a.checked) == (b.path, b.status, b.checked)
         assert a.elements("mismatch") == b.elements("mismatch")
     assert after.leaf("['W1']").elements("mismatch") == [tuple(int(v) for v in i)]
-    assert after.evaluations == before.evaluations
+    # Directional mode also leaves out the step pilots of leaves with nothing to judge.
+    assert after.evaluations == before.evaluations if mode == "full" else after.evaluations < before.evaluations
+
+
+def test_default_mode_is_full_for_test_sized_models():
+    loss, p, x, y = _mlp()
+    rep = jgc.check(loss, p, x, y)
+    assert rep.mode == "full" and rep.checked == rep.size
+    assert "mode='full'" not in str(rep).splitlines()[0]
+
+
+def test_default_mode_screens_when_full_mode_would_take_too_long(monkeypatch):
+    from jgc._src import policy, strategies
+
+    loss, p, x, y = _mlp(seed=1)
+    g = jax.grad(loss)(p, x, y)
+    i = np.unravel_index(int(np.argmax(np.abs(g["W1"]))), g["W1"].shape)
+    bad = dict(g, W1=g["W1"].at[i].multiply(1.01))
+    # Models too big for the evaluation budget: the measured time decides.
+    monkeypatch.setattr(strategies, "DEFAULT_BUDGET", 10)
+    monkeypatch.setattr(Problem, "_measure_noise", _slow(Problem._measure_noise, 0.5))
+    rep = jgc.check(loss, p, x, y, grad=bad)
+    assert rep.mode.startswith("default (directional") and rep.checked < rep.size
+    head = str(rep).splitlines()[0]
+    assert "screened along 8 random directions" in head and "mode='full' checks every element" in head
+    assert any(n.startswith("checked by default along random directions") and "60 s default budget" in n
+               for n in rep.notes), rep.notes
+    assert not rep.ok and rep.leaf("['W1']").elements("mismatch") == [tuple(int(v) for v in i)]
+    # ...and a budget that holds the estimate gives full mode.
+    monkeypatch.setattr(policy, "DEFAULT_TIME_BUDGET", 1e9)
+    assert jgc.check(loss, p, x, y).mode == "full"
+
+
+def _slow(measure, seconds):
+    """_measure_noise that reports ``seconds`` per evaluation."""
+
+    def wrapped(self):
+        sigma = measure(self)
+        self.eval_seconds = seconds
+        return sigma
+
+    return wrapped
+
+
+def test_full_cost_is_evaluations_times_measured_time():
+    from jgc._src import strategies
+
+    loss, p, x, y = _mlp()
+    with Problem(loss, p, (x, y)) as problem:
+        assert problem.eval_seconds > 0 and problem.compile_seconds > 0
+        need, seconds = strategies.full_cost(problem, "central")
+    n = sum(v.size for v in p.values())
+    assert need == 2 * n + strategies.PILOT_EVALS * 3
+    assert seconds == pytest.approx(need * problem.eval_seconds)
+
+
+def test_directional_report_states_what_was_compared():
+    loss, p, x, y = _mlp()
+    rep = jgc.check(loss, p, x, y, mode="directional")
+    text = str(rep)
+    first, second = text.splitlines()[:2]
+    assert "3/3 leaves screened along 8 random directions each" in first
+    assert "0/" + str(rep.size) + " elements checked individually" in first
+    assert "elements checked, 0 ok" not in first
+    assert "normwise" not in second and "no element compared individually" in second
+    assert np.isnan(rep.normwise)
+    for lf in rep.leaves:
+        assert lf.directions == 8 and 0 <= lf.directional_rel < 1e-3 and lf.directional_ratio <= 1
+        assert lf.to_dict()["directions"] == 8
+    assert " dirs " in text.splitlines()[2]
