@@ -172,3 +172,73 @@ def test_directional_report_states_what_was_compared():
         assert lf.directions == 8 and 0 <= lf.directional_rel < 1e-3 and lf.directional_ratio <= 1
         assert lf.to_dict()["directions"] == 8
     assert " dirs " in text.splitlines()[2]
+
+
+def test_progress_writes_a_line_now_and_then_to_a_log(monkeypatch):
+    import io
+
+    from jgc._src import progress
+
+    monkeypatch.delenv("JGC_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    now = [0.0]
+    log = io.StringIO()  # a pipe or a log file: no terminal
+    bar = progress.Progress(400, "jgc.check", stream=log, clock=lambda: now[0])
+    bar(40)
+    now[0] = 5.0
+    bar(100)
+    assert log.getvalue() == ""  # short checks stay silent
+    now[0] = 10.5
+    bar(150)
+    assert log.getvalue() == "jgc.check: 38% (150/400 evaluations), 10 s, about 18 s left\n"
+    now[0] = 12.0
+    bar(200)
+    assert log.getvalue().count("\n") == 1  # one line per LOG_EVERY seconds
+    now[0] = 21.0
+    bar(300)
+    assert log.getvalue().count("\n") == 2 and "\r" not in log.getvalue()
+    bar.close()
+    monkeypatch.setenv("JGC_PROGRESS", "0")
+    quiet = io.StringIO()
+    bar = progress.Progress(400, stream=quiet, clock=lambda: now[0])
+    now[0] = 100.0
+    bar(200)
+    assert quiet.getvalue() == ""
+
+
+def test_progress_bar_uses_tqdm_on_a_terminal(monkeypatch):
+    import io
+
+    pytest.importorskip("tqdm")
+    from jgc._src import progress
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("JGC_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    now = [0.0]
+    out = TTY()
+    bar = progress.Progress(100, "jgc.check", stream=out, clock=lambda: now[0])
+    now[0] = 3.0
+    bar(50)
+    assert bar._bar is not None and bar._bar.n == 50
+    assert "jgc.check" in out.getvalue() and "50/100" in out.getvalue()
+    bar.close()
+
+
+def test_noise_probe_reports_progress(monkeypatch):
+    from jgc._src import progress
+
+    seen = []
+    real = progress.Progress.__call__
+    monkeypatch.setattr(progress.Progress, "__call__", lambda self, done: seen.append((self.label, done))
+                        or real(self, done))
+    monkeypatch.setenv("JGC_PROGRESS", "1")
+    loss, p, x, y = _mlp()
+    n = sum(v.size for v in p.values())
+    monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)
+    with Problem(loss, p, (x, y)):
+        pass
+    assert [d for label, d in seen if label == "jgc: noise probe"][:3] == [10, 20, 30]

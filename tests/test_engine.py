@@ -128,6 +128,7 @@ class _TTY(io.StringIO):
 def test_progress_bar_draws_only_on_a_terminal_after_the_delay(monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("JGC_PROGRESS", raising=False)
+    monkeypatch.setattr(progress, "_tqdm", lambda: None)  # the built-in bar (no tqdm installed)
     now = [0.0]
     out = _TTY()
     bar = progress.Progress(100, "jgc.check", stream=out, clock=lambda: now[0])

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, engine, noise, stencils, trees
+from . import compat, compiling, engine, noise, progress, stencils, trees
 from .names import short_name
 from .outputs import OutputFormError, cost_of
 from .preparation import Prepared, unit_roundoff, validate
@@ -211,8 +211,9 @@ class Problem(Prepared):
                 self.eval_seconds = (time.perf_counter() - begin) / (noise.LINES * noise.POINTS)
             return values
 
-        sigma, values, kept = noise.measure(counted, self.u)
-        self.counter.add(noise.LINES * noise.POINTS * len(probes))
+        # A big model's probe takes a while (70 evaluations, more if J is noisy).
+        with progress.attached(self.counter, noise.LINES * noise.POINTS, "jgc: noise probe"):
+            sigma, values, kept = noise.measure(counted, self.u)
         if kept < noise.spacing(self.u):
             # At spacing 8·kept J's variation swamped its noise: J changes shape on that
             # scale, so no step should be longer than the spacing that resolved it.
@@ -260,8 +261,10 @@ class Problem(Prepared):
 
         def cost_lines(t):
             with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-                return compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
-                                         self.argarr))
+                values = compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
+                                           self.argarr))
+            self.counter.add(noise.LINES * noise.POINTS)
+            return values
 
         return cost_lines
 
@@ -306,6 +309,7 @@ class Problem(Prepared):
             with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
                 for l in range(noise.LINES):
                     rows.append(compat.host(program(tt, direction(l), self.dyn, self.argarr)))
+                    self.counter.add(noise.POINTS)
             return np.stack(rows)
 
         return cost_lines
