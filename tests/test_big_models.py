@@ -84,12 +84,12 @@ def test_noise_probe_line_by_line_evaluates_the_same_points(monkeypatch):
     assert calls == [3]
 
 
-@pytest.mark.parametrize("mode", ["directional", "full"])
-def test_short_memory_gives_the_same_verdict(mode, monkeypatch):
+@pytest.mark.parametrize("mode,wrong", [("directional", "W1"), ("directional", "W2"), ("full", "W1")])
+def test_short_memory_gives_the_same_verdict(mode, wrong, monkeypatch):
     loss, p, x, y = _mlp(seed=1)
     g = jax.grad(loss)(p, x, y)
-    i = np.unravel_index(int(np.argmax(np.abs(g["W1"]))), g["W1"].shape)
-    bad = dict(g, W1=g["W1"].at[i].multiply(1.01))  # a 1% error in one element
+    i = np.unravel_index(int(np.argmax(np.abs(g[wrong]))), g[wrong].shape)
+    bad = dict(g, **{wrong: g[wrong].at[i].multiply(1.01)})  # a 1% error in one element
     before = jgc.check(loss, p, x, y, grad=bad, mode=mode)
     n = sum(v.size for v in p.values())
     monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # a batch holds one copy
@@ -101,7 +101,9 @@ def test_short_memory_gives_the_same_verdict(mode, monkeypatch):
     for a, b in zip(before.leaves, after.leaves):
         assert (a.path, a.status, a.checked) == (b.path, b.status, b.checked)
         assert a.elements("mismatch") == b.elements("mismatch")
-    assert after.leaf("['W1']").elements("mismatch") == [tuple(int(v) for v in i)]
+    assert after.leaf(f"['{wrong}']").elements("mismatch") == [tuple(int(v) for v in i)]
+    if mode == "directional":  # W2 (30) and b1 (10) were screened together
+        assert "in 2 groups of consecutive leaves" in after.notes[-1]
     # Directional mode also leaves out the step pilots of leaves with nothing to judge.
     assert after.evaluations == before.evaluations if mode == "full" else after.evaluations < before.evaluations
 

@@ -48,6 +48,10 @@ DIRECTION_Z = 6.0
 # finds is judged with rtol, and a range fails by itself only beyond rtol summed over
 # it, so no false alarm comes from here.
 SCREEN_ROUNDING = 2.0**10
+# Largest share of a big model's elements one screening group holds (see
+# Directions.groups): a handful of groups, so a transformer of 150 leaves costs 6k
+# evaluations per group instead of per leaf.
+SCREEN_GROUP_SHARE = 0.25
 @dataclasses.dataclass
 class Tests:
     codes: np.ndarray  # against the screening allowance (guides localisation)
@@ -101,14 +105,21 @@ class Directions:
         # range come from prefix sums on the host (no device work per row).
         self.gs = [np.abs(g.ravel()) * s if mv else np.zeros(1) for g, s, mv in
                    zip(grads, problem.scales, movable)]
-        self.cum = [(_prefix(gs**2), _prefix(s**2), _prefix(gs)) for gs, s in zip(self.gs, problem.scales)]
+        self._cum = {}  # built on first use of a leaf
+
+    def _prefix_sums(self, k):
+        if k not in self._cum:
+            gs, s = self.gs[k], self.problem.scales[k]
+            self._cum[k] = (_prefix(gs**2), _prefix(s**2), _prefix(gs))
+        return self._cum[k]
 
     def norms(self, leaf, lo, hi):
         """‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i| over each range (from prefix sums)."""
         out = np.zeros((3, len(leaf)))
         for r, (k, a, b) in enumerate(zip(leaf, lo, hi)):
+            cum = self._prefix_sums(k)
             for q in range(3):
-                c = self.cum[k][q]
+                c = cum[q]
                 out[q, r] = c[b] - c[a]
         return np.sqrt(np.maximum(out[0], 0)), np.sqrt(np.maximum(out[1], 0)), out[2]
 
@@ -119,7 +130,53 @@ class Directions:
         J, dots = self.ev(rep(seeds), rep(glo), rep(ghi), steps.ravel())
         return J.reshape(-1, p), dots.reshape(-1, p)
 
-    def run(self, leaf, lo, hi, trunc=None) -> Tests:
+    def _spanning(self, leaf, lo, hi, last):
+        """(‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i|, screening tolerance, user tolerance) of rows whose
+        range runs from [lo of leaf ``leaf``] to [hi of leaf ``last``] (see ``groups``).
+
+        Each leaf's part adds its norms; the allowances of the parts are independent
+        sums over random signs, so they combine as the root of their sum of squares.
+        """
+        out = np.zeros((7, len(leaf)))
+        for r, (k0, a, k1, b) in enumerate(zip(leaf, lo, last, hi)):
+            for k in range(int(k0), int(k1) + 1):
+                ka = int(a) if k == k0 else 0
+                kb = int(b) if k == k1 else self.sizes[k]
+                gv2, v2, gv1 = self.norms([k], [ka], [kb])
+                rt, at, rs, as_ = self.tols[k]
+                out[:, r] += [gv2[0] ** 2, v2[0] ** 2, gv1[0], (rs * gv2[0]) ** 2, (as_ * v2[0]) ** 2,
+                              (rt * gv2[0]) ** 2, (at * v2[0]) ** 2]
+        gv2, v2, gv1 = np.sqrt(out[0]), np.sqrt(out[1]), out[2]
+        dot_round = 4 * policy.unit_roundoff(np.float64) * gv1
+        screen_tol = DIRECTION_Z * (np.sqrt(out[3]) + np.sqrt(out[4])) + dot_round
+        user_tol = DIRECTION_Z * (np.sqrt(out[5]) + np.sqrt(out[6])) + dot_round
+        return gv2, v2, gv1, screen_tol, user_tol
+
+    def groups(self, leaves) -> list[list[int]]:
+        """Leaves screened together: runs of consecutive leaves of at most SCREEN_GROUP_SHARE
+        of the elements in all (a larger leaf alone), for models whose batches hold a single
+        copy of the parameters (``engine.DirectionEvaluator.lines``); one leaf each otherwise.
+
+        A screen costs 6k evaluations whatever the size of its range, so a model of 150
+        leaves screened leaf by leaf needs 7,200 evaluations, each a pass over 10⁸
+        parameters; in groups it needs 6k per group. A leaf in a group is screened along
+        directions over the whole group: its ``detect`` is stated against them.
+        """
+        leaves = list(leaves)
+        if not self.ev.lines:
+            return [[k] for k in leaves]
+        cap = SCREEN_GROUP_SHARE * sum(self.sizes[k] for k in leaves)
+        out, size = [], 0
+        for k in leaves:
+            if out and out[-1][-1] == k - 1 and size + self.sizes[k] <= cap:
+                out[-1].append(k)
+                size += self.sizes[k]
+            else:
+                out.append([k])
+                size = self.sizes[k]
+        return out
+
+    def run(self, leaf, lo, hi, trunc=None, last=None) -> Tests:
         """Test ranges [lo, hi) of leaves ``leaf`` (one random direction each).
 
         With ``trunc`` (localisation levels) a test takes the five-point estimate at T
@@ -127,27 +184,33 @@ class Directions:
         estimate's error along a direction over the whole leaf, which a random direction
         over part of it does not exceed in expectation. An underestimate there only makes
         a part look suspect (its elements are then judged individually); it cannot
-        fail a check by itself.
+        fail a check by itself. With ``last`` a row's range runs on to ``hi`` in leaf
+        ``last`` (a group of leaves, see ``groups``).
         """
         p = self.problem
         leaf, lo, hi = np.asarray(leaf), np.asarray(lo), np.asarray(hi)
         seeds = np.arange(self.next_seed, self.next_seed + lo.size)
         self.next_seed += lo.size
-        glo, ghi = lo + self.offsets[leaf], hi + self.offsets[leaf]
-        gv2, v2, gv1 = self.norms(leaf, lo, hi)
-        rt = np.array([self.tols[k][0] for k in leaf])
-        at = np.array([self.tols[k][1] for k in leaf])
-        rs = np.array([self.tols[k][2] for k in leaf])
-        as_ = np.array([self.tols[k][3] for k in leaf])
-        # Rounding of the float64 dot product ⟨g, Δ⟩ itself.
-        dot_round = 4 * policy.unit_roundoff(np.float64) * gv1
-        # Screening allowance: the analytic side's own rounding (rs per element, see
-        # SCREEN_ROUNDING) combined over random signs (DIRECTION_Z). A test that fails
-        # it only starts a search; the elements found are then judged with the user's
-        # tolerance, and a range fails by itself only beyond that tolerance summed the
-        # same way (the Hoeffding bound of DIRECTION_Z).
-        screen_tol = DIRECTION_Z * (rs * gv2 + as_ * v2) + dot_round
-        user_tol = DIRECTION_Z * (rt * gv2 + at * v2) + dot_round
+        if last is not None and np.any(np.asarray(last) != leaf):
+            last = np.asarray(last)
+            glo, ghi = lo + self.offsets[leaf], hi + self.offsets[last]
+            gv2, v2, gv1, screen_tol, user_tol = self._spanning(leaf, lo, hi, last)
+        else:
+            glo, ghi = lo + self.offsets[leaf], hi + self.offsets[leaf]
+            gv2, v2, gv1 = self.norms(leaf, lo, hi)
+            rt = np.array([self.tols[k][0] for k in leaf])
+            at = np.array([self.tols[k][1] for k in leaf])
+            rs = np.array([self.tols[k][2] for k in leaf])
+            as_ = np.array([self.tols[k][3] for k in leaf])
+            # Rounding of the float64 dot product ⟨g, Δ⟩ itself.
+            dot_round = 4 * policy.unit_roundoff(np.float64) * gv1
+            # Screening allowance: the analytic side's own rounding (rs per element, see
+            # SCREEN_ROUNDING) combined over random signs (DIRECTION_Z). A test that fails
+            # it only starts a search; the elements found are then judged with the user's
+            # tolerance, and a range fails by itself only beyond that tolerance summed the
+            # same way (the Hoeffding bound of DIRECTION_Z).
+            screen_tol = DIRECTION_Z * (rs * gv2 + as_ * v2) + dot_round
+            user_tol = DIRECTION_Z * (rt * gv2 + at * v2) + dot_round
         stencil = "richardson" if trunc is None else "central4"
         offs = stencils.offsets(stencil)
         T = np.full(lo.size, self.T)
@@ -206,6 +269,15 @@ class Directions:
         leaf = np.repeat(np.asarray(leaves, np.int64), self.k_dirs)
         hi = np.asarray([self.sizes[k] for k in leaf], np.int64)
         return self.run(leaf, np.zeros_like(hi), hi)
+
+    def screen_groups(self, groups) -> Tests:
+        """k directions over the whole of each group of consecutive leaves (see ``groups``)."""
+        if all(len(g) == 1 for g in groups):
+            return self.screen([g[0] for g in groups])
+        first = np.repeat(np.asarray([g[0] for g in groups], np.int64), self.k_dirs)
+        last = np.repeat(np.asarray([g[-1] for g in groups], np.int64), self.k_dirs)
+        hi = np.asarray([self.sizes[k] for k in last], np.int64)
+        return self.run(first, np.zeros_like(hi), hi, last=last)
 
     def localise(self, k: int, locate: int, trunc: float) -> tuple[list[int], bool]:
         """Group testing in leaf k: (elements isolated, whether the search was exhausted).

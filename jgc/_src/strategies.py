@@ -59,7 +59,10 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
     screened = [k for k, mv in enumerate(movable) if mv]
     dirs = Directions(problem, steps, a_leaves, movable=movable, seed=seed, k_dirs=k_dirs, tols=tols,
                       step=step) if screened else None
-    res = dirs.screen(screened) if screened else None
+    groups = dirs.groups(screened) if screened else []
+    res = dirs.screen_groups(groups) if screened else None
+    group_of = {k: gi for gi, g in enumerate(groups) for k in g}
+    by_leaf = {}  # a failing group of several leaves: one test per leaf to single them out
     leaves, notes = [], []
     for k, x in enumerate(problem.dyn):
         a_flat = a_leaves[k].ravel()
@@ -67,15 +70,26 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
         elems.append(np.flatnonzero(~np.isfinite(a_flat)))  # non-finite analytic: judge directly
         screen_code, unlocalised, h_rel, power = OK, None, None, None
         if movable[k]:
-            sl = slice(screened.index(k) * k_dirs, (screened.index(k) + 1) * k_dirs)
-            codes, fails = res.codes[sl], res.fails[sl]
+            gi = group_of[k]
+            sl = slice(gi * k_dirs, (gi + 1) * k_dirs)
+            codes, fails, tests, tsl = res.codes[sl], res.fails[sl], res, sl
+            group = groups[gi]
+            if len(group) > 1 and np.any(codes == MISMATCH):
+                if gi not in by_leaf:
+                    by_leaf[gi] = dirs.run(np.asarray(group), np.zeros(len(group), np.int64),
+                                           np.asarray([dirs.sizes[j] for j in group]),
+                                           trunc=float(np.max(res.trunc[sl])))
+                if np.any(by_leaf[gi].codes == MISMATCH):  # the leaves singled out carry the failure
+                    j = group.index(k)
+                    tests, tsl = by_leaf[gi], slice(j, j + 1)
+                    codes, fails = tests.codes[tsl], tests.fails[tsl]
             # Beyond the screening allowance only: a search, not yet a mismatch.
             screen_code = int(np.where(fails, MISMATCH, np.where(codes == MISMATCH, OK, codes)).max())
             if np.any(codes == MISMATCH):
                 found, exhausted = dirs.localise(k, locate, float(np.max(res.trunc[sl])))
                 elems.append(np.asarray(found, np.int64))
-                w = sl.start + int(np.argmax(res.ratio[sl]))
-                unlocalised = (res.analytic[w], res.numeric[w], res.bound[w], exhausted, len(found))
+                w = tsl.start + int(np.argmax(tests.ratio[tsl]))
+                unlocalised = (tests.analytic[w], tests.numeric[w], tests.bound[w], exhausted, len(found))
             if dirs.ev.lines and not any(e.size for e in elems) and step is None:
                 # A model too big for a batch of two copies, and nothing of this leaf to
                 # judge: no step pilots (an evaluator compiled per leaf, for 16
@@ -113,7 +127,7 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
             lr = dataclasses.replace(lr, directions=k_dirs, directional_rel=float(np.max(rel)),
                                      directional_ratio=float(np.max(res.ratio[sl])))
         leaves.append(dataclasses.replace(lr, status=STATUS_NAMES[status]))
-    return leaves, notes, len(screened)
+    return leaves, notes, len(screened), len(groups)
 
 
 def _stated_power(problem, steps, dirs, k, *, res, sl, a_flat, tols, h_rel, step):
@@ -241,13 +255,15 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
     start = problem.counter.evaluations
     est = len(sizes) * (SCREEN_EVALS * k_dirs + PILOT_EVALS) + 2 * sum(counts)
     with progress.attached(problem.counter, est):
-        leaves, notes, screened = _directional(problem, steps, a_leaves, counts, seed=seed, k_dirs=k_dirs,
+        leaves, notes, screened, n_groups = _directional(problem, steps, a_leaves, counts, seed=seed, k_dirs=k_dirs,
                                                locate=locate, rng=rng, stencil=stencil, rtol=rtol,
                                                atol=atol, step=step)
     checked = sum(lf.checked for lf in leaves)
     used = problem.counter.evaluations - start
+    together = (f" (in {n_groups} groups of consecutive leaves, each along directions over the whole group: "
+                f"{SCREEN_EVALS * k_dirs} evaluations a group)" if n_groups < screened else "")
     head = (f"{mode_name}: {screened} of {len(sizes)} leaves screened with {k_dirs} random directions "
-            f"each (all their elements at once; 'detect' is the smallest relative error in one "
+            f"each{together} (all their elements at once; 'detect' is the smallest relative error in one "
             f"element that would fail); {checked} of {n} elements checked individually"
             + (" (largest-|g| and stratified samples, plus any localised)" if sum(counts) else
                " (those localised)")
