@@ -239,3 +239,52 @@ def test_check_rules_under_strict_promotion_checks_code_with_float32_constants_a
         rep = jgc.check_rules(wrong_mlp_with_a_float32_constant, MLP_PARAMS, *MLP_DATA)
     assert [r.name for r in rep.failing()] == ["_scaled_tanh"], str(rep)
     assert any("strict dtype promotion: checked at the dtypes given (float32)" in n for n in rep.notes), rep.notes
+
+
+# A custom_jvp with a non-differentiable argument that its own rule passes by keyword, as
+# jax.scipy.special.log_ndtr does: under jax_enable_checks, JAX asserts while tracing
+# (jit, eval_shape, vmap) its VJP, though the same VJP runs eagerly, where JAX's own
+# check_grads evaluates it.
+def _keyword_rule_function(factor):
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def softplus_k(x, k=3):
+        return jnp.logaddexp(x, 0.0) * k
+
+    @softplus_k.defjvp
+    def rule(k, primals, tangents):
+        (x,), (t,) = primals, tangents
+        return softplus_k(x, k=k), jax.nn.sigmoid(x) * k * factor * t
+
+    return softplus_k
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_check_grads_under_jax_internal_checks_where_tracing_asserts(order):
+    from jax._src import config
+    f = _keyword_rule_function(1.0)
+    x = jnp.array([-3.0, 0.5, 2.0], jnp.float32)
+    with config.enable_checks(True):
+        with pytest.raises(AssertionError):  # the JAX behaviour this test is about
+            jax.jit(lambda v: jax.vjp(f, v)[1](jnp.ones(3)))(x)
+        rep = jgc.check_grads(f, (x,), order)
+        assert jax.config.jax_enable_checks  # the user's flag, as it was
+    assert rep.ok
+    # Said in the report: rows computed one at a time, or traced with the checks off.
+    assert any("one tangent at a time" in n or "jax_enable_checks" in n for n in rep.notes), rep.notes
+
+
+def test_check_grads_under_jax_internal_checks_still_catches_a_wrong_rule():
+    from jax._src import config
+    f = _keyword_rule_function(1.01)
+    x = jnp.array([-3.0, 0.5, 2.0], jnp.float32)
+    with config.enable_checks(True):
+        with pytest.raises(jgc.GradCheckError):
+            jgc.check_grads(f, (x,), 1)
+
+
+def test_log_ndtr_under_jax_internal_checks():
+    from jax._src import config
+    x = jnp.array([-3.0, 0.5, 2.0], jnp.float32)
+    with config.enable_checks(True):
+        rep = jgc.check_grads(jax.scipy.special.log_ndtr, (x,), 2, modes=["rev"])
+    assert rep.ok

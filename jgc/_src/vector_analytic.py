@@ -77,19 +77,21 @@ def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False, broken_as_
 
         def fn(rows, dyn, argarr):
             return vp.chunked(vfn, np.asarray(rows), vp.bank, dyn, argarr)
+        unbatched = _Unbatched(lambda b, dyn, argarr: one(b, vp.bank, dyn, argarr), lambda rows: list(np.asarray(rows)))
     else:
         vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
 
         def fn(T, dyn, argarr):
             return vfn([jax.device_put(np.asarray(t)) if isinstance(t, np.ndarray) else t for t in T],
                        dyn, argarr)
+        unbatched = _Unbatched(one_t, lambda T: [[t[b] for t in T] for b in range(np.shape(T[0])[0])])
 
     def nan_of(batch):
         return np.full((len(batch) if from_bank else np.shape(batch[0])[0], vp.n_out), np.nan)
 
     return _run(vp, fn, lambda tout: compat.host(tout).astype(np.float64), kind="JVP",
                 user=None if user_jvp is None else "jvp", caught=TypeError, says=("custom_vjp",),
-                missing=NoForwardRule, nan_of=nan_of, broken_as_nan=broken_as_nan)
+                missing=NoForwardRule, nan_of=nan_of, broken_as_nan=broken_as_nan, unbatched=unbatched)
 
 
 def vjp_batch(vp, user_vjp: Callable | None, broken_as_nan: bool = False):
@@ -124,16 +126,50 @@ def vjp_batch(vp, user_vjp: Callable | None, broken_as_nan: bool = False):
 
     def fn(C, dyn, argarr):
         return vfn(jax.device_put(np.asarray(C, vp.out_dtype)), dyn, argarr)
+    unbatched = _Unbatched(one, lambda C: [jax.device_put(c) for c in np.asarray(C, vp.out_dtype)])
     def nan_of(C):
         return [np.full((len(C),) + tuple(d.shape), np.nan, d.dtype) for d in vp.dyn]
 
     return _run(vp, fn, lambda W: [compat.host(w) for w in W], kind="VJP",
                 user=None if user_vjp is None else "vjp", caught=(ValueError, TypeError),
-                says=NO_REVERSE, missing=NoReverseRule, nan_of=nan_of, broken_as_nan=broken_as_nan)
+                says=NO_REVERSE, missing=NoReverseRule, nan_of=nan_of, broken_as_nan=broken_as_nan,
+                unbatched=unbatched)
+
+
+class _Unbatched:
+    """The batched program's fallback: its rows one at a time, compiled (``jax.jit`` of
+    one row), or uncompiled where compiling one row raises too.
+
+    ``one(row, dyn, argarr)`` is the function that the batched program vmaps;
+    ``rows_of(batch)`` splits a batch into its rows. Results are stacked as vmap
+    stacks them. Used only after the batched program raised and JAX's own rule worked at
+    the point (JAX's ``jax_enable_checks`` trips on a vmap of some ``custom_jvp`` rules
+    with non-differentiable arguments, ``jax.scipy.special.log_ndtr`` for one).
+    """
+
+    def __init__(self, one: Callable, rows_of: Callable):
+        self.one, self.rows_of = one, rows_of
+        self.jitted = jax.jit(one)
+        self.how: str | None = None  # "compiled" or "uncompiled", once chosen
+
+    def __call__(self, batch, dyn, argarr):
+        outs = []
+        for row in self.rows_of(batch):
+            if self.how != "uncompiled":
+                try:
+                    outs.append(self.jitted(row, dyn, argarr))
+                    self.how = "compiled"
+                    continue
+                except Exception:  # noqa: BLE001 - the uncompiled row decides
+                    if self.how == "compiled":
+                        raise
+                    self.how = "uncompiled"
+            outs.append(self.one(row, dyn, argarr))
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says: tuple, missing: type,
-         nan_of: Callable, broken_as_nan: bool):
+         nan_of: Callable, broken_as_nan: bool, unbatched: _Unbatched):
     """run(batch): ``fn(batch, dyn, argarr) -> (primal out, result)`` at the point, its
     primal output checked against f(x) (``user`` names the user's rule, None for JAX's),
     then ``finish(result)``.
@@ -149,10 +185,11 @@ def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says:
     note that says what was computed and whether batching or the rule is to blame.
     """
     eager_of = {}  # the error of the unbatched rule, asked once per run
+    state = {"fn": fn}  # the batched program, or its fallback once that is needed
 
     def run(batch):
         try:
-            prim, result = fn(batch, vp.dyn, vp.argarr)
+            prim, result = state["fn"](batch, vp.dyn, vp.argarr)
         except Exception as e:
             if user is None and isinstance(e, caught) and any(phrase in str(e) for phrase in says):
                 raise missing(str(e)) from e
@@ -160,6 +197,19 @@ def _run(vp, fn, finish: Callable, *, kind: str, user: str | None, caught, says:
             if user is None and not _tracing_error(e) and "e" not in eager_of:
                 eager_of["e"] = _eager_error(vp, kind)
             eager = eager_of.get("e")
+            if eager is _WORKS and state["fn"] is fn:
+                try:
+                    prim, result = unbatched(batch, vp.dyn, vp.argarr)
+                except Exception:  # noqa: BLE001 - the batched program's error is the one to show
+                    pass
+                else:
+                    state["fn"] = unbatched
+                    vp.notes.append(
+                        f"{kind}s of {name} computed one tangent at a time ({unbatched.how}): batched "
+                        f"(jax.vmap) and compiled they raised {_quote(e)}, while JAX's own {kind} of "
+                        f"{name} works at the point; the verdict is unchanged, only slower.")
+                    vp.check_primal(compat.host(prim)[0], user, label=kind)
+                    return finish(result)
             if eager is _WORKS:
                 e.add_note(f"{vp.api}: raised while computing {kind}s of {name} batched (jax.vmap) and "
                            f"compiled (jax.jit); JAX's own {kind} of {name} works at the point without "
