@@ -14,7 +14,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "jgc" / "_src"
 LAYERS = {
     "base": ["compat", "errors", "names", "noise", "policy", "progress", "statuses", "stencils", "trees",
              "validate", "compare", "jaxprs", "sources"],
-    "runtime": ["compiling", "sharding", "sparse_values", "sparse_products", "sparse", "engine"],
+    "runtime": ["memory", "compiling", "sharding", "sparse_values", "sparse_products", "sparse", "engine"],
     "problems": ["preparation", "outputs", "problem", "vector_layout", "vector_analytic", "vector", "steps",
                  "analytic"],
     "judging": ["report", "plot", "summary", "judge", "blocks", "messages", "rules_report"],

@@ -6,24 +6,26 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import engine, noise
+from jgc._src import engine, memory, noise
 from jgc._src.problem import Problem
 
 
 def test_budget_follows_available_memory(monkeypatch):
-    monkeypatch.setattr(engine, "available_bytes", lambda device=None: 64 * 2**30)
-    assert engine.budget_elements() == engine.BATCH_ELEMENT_BUDGET  # plenty: the fixed cap
-    monkeypatch.setattr(engine, "available_bytes", lambda device=None: 80 * 2**20)
+    cap = engine.BATCH_ELEMENT_BUDGET
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 64 * 2**30)
+    assert memory.budget_elements(cap) == cap  # plenty: the fixed cap
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 80 * 2**20)
     # An eighth of 80 MiB, in 8-byte elements.
-    assert engine.budget_elements() == int(engine.MEMORY_FRACTION * 80 * 2**20) // 8 == 1_310_720
+    assert memory.budget_elements(cap) == int(memory.MEMORY_FRACTION * 80 * 2**20) // 8 == 1_310_720
     assert engine.rows_in_budget(100_000) == 13
     assert engine.rows_in_budget(10**8) == 1  # never fewer than one row
-    monkeypatch.setattr(engine, "available_bytes", lambda device=None: None)
-    assert engine.budget_elements() == engine.BATCH_ELEMENT_BUDGET
+    assert engine.choose_chunk(100_000, None) == 13  # full mode's batches too
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: None)
+    assert memory.budget_elements(cap) == cap
 
 
 def test_available_bytes_reads_the_machine():
-    free = engine.available_bytes()
+    free = memory.available_bytes()
     assert free is None or free > 0
 
 

@@ -18,16 +18,15 @@ group-testing localisation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, sharding, sparse
+from . import compat, compiling, memory, sharding, sparse
+from .progress import Counter  # noqa: F401 - engine.Counter: where evaluations are counted
 
 # Evaluations in one vmapped batch for small leaves. Larger batches amortise dispatch,
 # but past ~128 they mostly add allocation traffic on CPU.
@@ -35,58 +34,16 @@ DEFAULT_BATCH_EVALS = 128
 # Elements of perturbed leaf copies alive in one batch (2^24 float64 = 128 MiB): the
 # memory bound of a check whatever n.
 BATCH_ELEMENT_BUDGET = 2**24
-# ...and at most this fraction of the memory available when a batch is sized (host RAM
-# on a CPU, the device's free memory on an accelerator). The rest is left to the model's
-# own activations, the check's per-element arrays (parameters at evaluation precision,
-# gradient, scales: a few copies of n) and everything else running on the machine.
-MEMORY_FRACTION = 0.125
 # Steps one compiled call walks along one direction (see DirectionEvaluator's line
 # layout): the Richardson table of a screen takes 6, a localisation test 4, a short
 # central difference 2.
 LINE_STEPS = 6
 
 
-def available_bytes(device=None) -> int | None:
-    """Bytes of memory free for new arrays on ``device`` (default the first), or None.
-
-    An accelerator that reports ``memory_stats()`` gives its limit minus what is in use;
-    a CPU gives the host's available RAM (psutil when installed, else ``os.sysconf``).
-    """
-    device = jax.devices()[0] if device is None else device
-    if device.platform != "cpu":
-        try:
-            stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - a backend without memory statistics
-            stats = {}
-        if "bytes_limit" in stats:
-            return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - psutil missing or unsupported here
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def budget_elements() -> int:
-    """Elements of perturbed copies (8 bytes each) that one batch may hold.
-
-    ``BATCH_ELEMENT_BUDGET``, or less when ``MEMORY_FRACTION`` of the available memory
-    is smaller: a batch never holds more perturbed copies than the machine can spare.
-    """
-    free = available_bytes()
-    if free is None:
-        return BATCH_ELEMENT_BUDGET
-    return int(max(1, min(BATCH_ELEMENT_BUDGET, MEMORY_FRACTION * free // 8)))
-
-
 def rows_in_budget(copy_elements: int) -> int:
-    """Rows of ``copy_elements`` perturbed elements each that fit one batch (at least 1)."""
-    return max(1, budget_elements() // max(1, int(copy_elements)))
+    """Rows of ``copy_elements`` perturbed elements each that fit one batch (at least 1):
+    ``BATCH_ELEMENT_BUDGET``, or less where memory is short (``memory.budget_elements``)."""
+    return max(1, memory.budget_elements(BATCH_ELEMENT_BUDGET) // max(1, int(copy_elements)))
 # Rows per vmapped batch for leaves big enough to need many batches. Measured on a
 # 2-core CPU with a tanh MLP (n = 1e4 and 1e5): 16–32 rows per batch inside lax.map
 # ran as fast as any larger batch and 1.5–2.5x faster than a Python loop over 64–128
@@ -135,23 +92,6 @@ DENSE_ROWS_BYTES = 4 * 2**20
 WHOLE_LEAF_COPY = 1.0
 # The last few errors that sent a leaf back to plain vmap (for tests and debugging).
 SPARSE_FALLBACKS: list[str] = []
-
-
-@dataclasses.dataclass
-class Counter:
-    """Counts cost evaluations (the lecture's price of a numerical gradient).
-
-    ``progress`` is an optional callable ``progress(done)`` invoked as results arrive
-    (see :mod:`jgc._src.progress`).
-    """
-
-    evaluations: int = 0
-    progress: Callable | None = None
-
-    def add(self, n: int) -> None:
-        self.evaluations += int(n)
-        if self.progress is not None:
-            self.progress(self.evaluations)
 
 
 def choose_chunk(leaf_size: int, chunk_size: int | None) -> int:
@@ -383,10 +323,8 @@ class DirectionEvaluator:
         # Each row holds a perturbed copy of the parameters and a direction.
         by_memory = rows_in_budget(2 * n)
         self.rows, self.groups = max(1, min(rows, by_memory)) * ndev, 1
-        # Line layout: when a batch holds a single row (a model past ~8e6 parameters, or
-        # memory short), each call takes one direction, builds it once and walks its
-        # steps one after another (LINE_STEPS at most), instead of rebuilding the whole
-        # direction for every step: memory is a few copies of the parameters whatever n.
+        # Line layout, when a batch holds one row (past ~8e6 parameters, or memory short):
+        # a call builds one direction once and walks its steps (LINE_STEPS at most).
         self.lines = by_memory == 1 and not self.shard
         salt = np.uint32(key & 0xFFFFFFFF)
         offs = [int(o) for o in self.offsets[:-1]]
@@ -421,9 +359,9 @@ class DirectionEvaluator:
             argarr, aux = ops
             return at(xs, direction(xs, aux, seed, lo, hi), aux, t, argarr)
 
-        def line(xs, seed, lo, hi, ts, count, ops):
+        def line(xs, row, ts, count, ops):
             argarr, aux = ops
-            vs = direction(xs, aux, seed, lo, hi)
+            vs = direction(xs, aux, *row)  # row: (seed, lo, hi)
 
             def step(r, out):
                 return out.at[r].set(at(xs, vs, aux, ts[r], argarr))
@@ -440,8 +378,9 @@ class DirectionEvaluator:
             col = (lambda dtype: jax.ShapeDtypeStruct((self.rows,), dtype))
             if self.lines:
                 one_of = (lambda dtype: jax.ShapeDtypeStruct((), dtype))
-                self._line = compiling.Ahead(jax.jit(line), self.x0, one_of(np.uint32), one_of(np.int32),
-                                             one_of(np.int32), jax.ShapeDtypeStruct((LINE_STEPS,), self.dtype),
+                self._line = compiling.Ahead(jax.jit(line), self.x0,
+                                             (one_of(np.uint32), one_of(np.int32), one_of(np.int32)),
+                                             jax.ShapeDtypeStruct((LINE_STEPS,), self.dtype),
                                              one_of(np.int32), self.operands, background=False)
             else:
                 self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32),
@@ -477,8 +416,8 @@ class DirectionEvaluator:
         with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
             for a, b in starts:  # queued asynchronously, gathered in order below
                 ts = np.concatenate([t[a:b], np.repeat(t[b - 1:b], LINE_STEPS - (b - a))])
-                outs.append(self._line(self.x0, *jax.device_put((seed[a], lo[a], hi[a], ts, np.int32(b - a))),
-                                       self.operands))
+                row, ts, count = jax.device_put(((seed[a], lo[a], hi[a]), ts, np.int32(b - a)))
+                outs.append(self._line(self.x0, row, ts, count, self.operands))
             values = []
             for (a, b), o in zip(starts, outs):
                 values.append(np.asarray(compat.host(o), np.float64)[: b - a])

@@ -155,3 +155,11 @@ def measure(cost_lines: Callable, u: float) -> tuple[float, np.ndarray, float]:
 
     first, values, kept = finest(probe, spacing(u))
     return estimate(values), first, kept
+
+
+def signs(rng: np.random.Generator, m: int) -> np.ndarray:
+    """m random signs ±1.0, as ``rng.choice([-1.0, 1.0], size=m)`` draws them, drawn in pieces
+    (the same values: the generator's stream does not depend on how the draw is split)."""
+    piece = 2**22
+    return np.concatenate([rng.choice([-1.0, 1.0], size=min(piece, m - a)) for a in range(0, m, piece)]
+                          or [np.zeros(0)])

@@ -269,18 +269,14 @@ class Problem(Prepared):
         return cost_lines
 
     def _probe_line_by_line(self, fit: int):
-        """cost_lines(t) one line per call, ``fit`` points of it per vmapped batch.
-
-        The same lines as :meth:`_probe_together` (the same random signs, drawn in the
-        same order and kept as bits on the host), for models whose LINES·POINTS perturbed
-        copies would not fit the memory budget: a call holds at most ``fit`` copies, and
-        the points of a line are walked by ``lax.map`` in batches of ``per`` (a divisor
-        of POINTS, so no point is evaluated twice).
-        """
+        """cost_lines(t) one line per call, at most ``fit`` points per vmapped batch (a
+        divisor of POINTS, walked by ``lax.map``), for models whose LINES·POINTS copies do
+        not fit the memory budget. The lines are those of :meth:`_probe_together` (the
+        same signs, drawn in the same order, kept as bits on the host)."""
         rng = np.random.default_rng(0)
         bits = []
         for s in self.scales:  # leaf after leaf, line after line: the order of one (LINES, m) draw
-            bits.append([np.packbits(_signs(rng, s.size) > 0) for _ in range(noise.LINES)])
+            bits.append([np.packbits(noise.signs(rng, s.size) > 0) for _ in range(noise.LINES)])
         wide = jnp.float64 if compat.x64_enabled() else jnp.float32
         per = max(d for d in range(1, noise.POINTS + 1) if noise.POINTS % d == 0 and d <= fit)
 
@@ -441,13 +437,6 @@ class Problem(Prepared):
     def skipped(self) -> tuple:
         """(path, description) of every leaf of params that is not perturbed."""
         return self.split.skipped
-
-
-def _signs(rng, m: int) -> np.ndarray:
-    """m random signs ±1.0, drawn as ``rng.choice([-1.0, 1.0], size=m)`` draws them, in pieces."""
-    piece = 2**22
-    return np.concatenate([rng.choice([-1.0, 1.0], size=min(piece, m - a)) for a in range(0, m, piece)]
-                          or [np.zeros(0)])
 
 
 def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:

@@ -13,9 +13,11 @@ Short checks, and so tests, never see either. ``JGC_PROGRESS=0`` turns both off,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 
 # Show the bar only for checks that have already taken this long: shorter ones finish
 # before a bar would be useful, and a bar that flashes for 0.3 s is just noise.
@@ -67,6 +69,23 @@ def _tqdm():
     except Exception:  # noqa: BLE001 - not installed (or broken): the built-in bar
         return None
     return tqdm
+
+
+@dataclasses.dataclass
+class Counter:
+    """Counts cost evaluations (the lecture's price of a numerical gradient).
+
+    ``progress`` is an optional callable ``progress(done)`` invoked as results arrive
+    (see :class:`Progress`).
+    """
+
+    evaluations: int = 0
+    progress: Callable | None = None
+
+    def add(self, n: int) -> None:
+        self.evaluations += int(n)
+        if self.progress is not None:
+            self.progress(self.evaluations)
 
 
 class Progress:
