@@ -27,7 +27,7 @@ def _validate(stencil, mode, rtol, atol):
     if stencil not in policy.STENCILS:
         raise ValueError(f"jgc.check: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
     if mode is not None and mode not in MODES:
-        raise ValueError(f"jgc.check: mode must be None or one of {MODES}, got {mode!r}.")
+        raise ValueError(f"jgc.check: mode must be one of {MODES} or None (chosen by time), got {mode!r}.")
     validate.tolerances("jgc.check", rtol, atol)
 
 
