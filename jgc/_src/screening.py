@@ -117,6 +117,16 @@ class Directions:
         """‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i| over each range (from prefix sums)."""
         out = np.zeros((3, len(leaf)))
         for r, (k, a, b) in enumerate(zip(leaf, lo, hi)):
+            if a == 0 and b == self.gs[k].size and k not in self._cum:
+                # A whole leaf (a screen): the last prefix sums, without keeping three
+                # arrays of the leaf's size for a leaf that may never be searched.
+                if ("total", k) not in self._cum:
+                    gs, s = self.gs[k], self.problem.scales[k]
+                    self._cum["total", k] = [_last_prefix(lambda j: gs[j] ** 2, gs.size),
+                                             _last_prefix(lambda j: s[j] ** 2, s.size),
+                                             _last_prefix(lambda j: gs[j], gs.size)]
+                out[:, r] = self._cum["total", k]
+                continue
             cum = self._prefix_sums(k)
             for q in range(3):
                 c = cum[q]
@@ -309,6 +319,15 @@ def tolerances(problem, k, a_flat, rtol, atol, g_ref):
     rt, at = policy.default_tolerances(adtype, g_ref, rtol, atol)
     ua = SCREEN_ROUNDING * policy.unit_roundoff(adtype)
     return rt, at, min(rt, ua), min(at, ua * g_ref)
+
+
+def _last_prefix(piece, m: int, size: int = 2**20) -> float:
+    """``_prefix(a)[-1]`` for a = piece(slice) over m elements, computed in pieces: the
+    running sum is carried into each piece's cumulative sum, so it adds in the same order."""
+    total = 0.0
+    for a in range(0, m, size):
+        total = float(np.cumsum(np.concatenate([[total], np.asarray(piece(slice(a, a + size)), np.float64)]))[-1])
+    return total
 
 
 def _prefix(a: np.ndarray) -> np.ndarray:
