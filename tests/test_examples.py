@@ -10,7 +10,8 @@ from jgc._src import cli
 def test_lecture_network_demo():
     out = lecture_network.main(steps=300, verbose=False)
     good, bad, costs = out["good"], out["bad"], out["costs"]
-    assert good.ok and good.normwise < 1e-9  # the course's criterion
+    # The course's 1e-9 is for double precision; the backprop runs in float32 as given.
+    assert good.ok and good.normwise < 1e-6
     # The buggy backprop still lowers the cost ...
     assert costs[-1] < costs[0] and all(b <= a + 1e-6 for a, b in zip(costs, costs[1:]))
     # ... but jgc names the leaves and exactly the bias column (index [:, 0]).

@@ -142,6 +142,10 @@ def test_float32_data_is_widened_with_the_parameters():
 
     w = jnp.array([0.5, -0.3, 0.8], jnp.float32)
     rep = jgc.check(loss, w, xs)
+    # The reference saw float64 data only; the analytic side ran once at the dtypes given.
+    assert rep.ok and rep.precision == "float64" and set(seen) == {np.dtype(np.float64), np.dtype(np.float32)}
+    seen.clear()
+    rep = jgc.check(loss, w, xs, analytic="reference")
     assert rep.ok and rep.precision == "float64" and set(seen) == {np.dtype(np.float64)}
     assert any("float32 arrays in args were evaluated in float64" in n for n in rep.notes)
     assert xs.dtype == np.float32  # the caller's array is not cast

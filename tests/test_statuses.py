@@ -49,11 +49,13 @@ def test_wrong_derivative_at_a_kink_is_still_a_mismatch():
 
 def test_detection_power_is_reported_per_leaf():
     c = zoo.make_mlp(jnp.float32)
-    f64 = jgc.check(c.cost, c.params, *c.args, grad=c.grad)
+    f64 = jgc.check(c.cost, c.params, *c.args, grad=c.grad, analytic="reference")
+    default = jgc.check(c.cost, c.params, *c.args, grad=c.grad)  # a float32 gradient, float64 reference
     f32 = jgc.check(c.cost, c.params, *c.args, grad=c.grad, precision="native")
-    for a, b in zip(f64.leaves, f32.leaves):
+    for a, n, b in zip(f64.leaves, default.leaves, f32.leaves):
         assert 0 < a.detectable_rel < 1e-6  # float64: single-element errors of 1e-6
-        assert a.detectable_rel < b.detectable_rel < 1e-2  # float32: 1% errors
+        assert a.detectable_rel < n.detectable_rel < 1e-3  # float32 gradient: errors of 1e-3
+        assert n.detectable_rel <= b.detectable_rel < 1e-2  # float32 reference too: 1% errors
     assert f64.to_dict()["leaves"][0]["detectable_rel"] == f64.leaves[0].detectable_rel
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import compat
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import compat, compiling, policy, trees
+from .preparation import step_scales
+from .outputs import cost_of
 from .problem import Problem
 
 
@@ -54,17 +59,185 @@ def _drop_grad_aux(tree, problem: Problem):
     return tree
 
 
-def analytic_gradient(problem: Problem, grad) -> list:
-    """Return the analytic gradient of every perturbed leaf, as NumPy arrays."""
-    api, split = problem.api, problem.split
+def runs_natively(params, args, grad, precision: str) -> bool:
+    """True when the analytic side at the dtypes given differs from it at the reference
+    precision: some floating leaf of params or args is narrower than 64 bits, and the
+    reference widens it (any precision but "native", or a bfloat16/float16 leaf, which
+    the reference raises to float32 at least). A given gradient tree is as given anyway.
+    """
+    if grad is not None and not callable(grad):
+        return False
+    dtypes = [np.dtype(x.dtype) for x in jax.tree_util.tree_leaves((params, args)) if trees.is_inexact_array(x)]
+    narrow = [d for d in dtypes if d != trees.wide_dtype(d)]
+    return bool(narrow) and (precision != "native" or any(policy.unit_roundoff(d) > 1e-6 for d in narrow))
+
+
+def native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, api: str):
+    """The analytic gradient as the user's program computes it: ``jax.grad`` of ``fn`` (or
+    the ``grad`` callable) on params and args exactly as given, outside jgc's precision
+    scope, so that its dtypes, the casts inside and the x64 setting are the user's own.
+
+    Returns the gradient tree (``grad``'s result as returned; ``jax.grad``'s with the
+    unchecked leaves of params in place), to be read by :func:`analytic_gradient`, or
+    the exception it raised: the caller raises it once the check's own preparation has
+    validated fn (a non-scalar or integer cost gets jgc's message, not jax.grad's).
+    """
+    try:
+        return _native_gradient(fn, params, args, grad, has_aux=has_aux, api=api)
+    except Exception as e:  # noqa: BLE001 - handed back, raised after validation
+        return e
+
+
+def _native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, api: str):
+    split, dyn = trees.split_params(params, what=f"{api}: params")
+    if grad is not None and _is_gradient_tree(grad, split):
+        return None  # a given gradient tree (that happens to be callable): as given
+    rebuild_args, argarr = trees.split_args(args)
+
+    def cost(d, a):
+        return cost_of(fn(split.combine(d), *rebuild_args(a)), has_aux, api=api, fn=fn)
+
+    # Runs once: compiled without LLVM optimisation, through the process's program
+    # cache (compiling.Ahead), and called here, before the reference's scope. Under
+    # debug_nans/debug_infs jax.jit itself runs it, and reports a non-finite gradient
+    # as the FloatingPointError the user asked for.
+    program = jax.jit(jax.value_and_grad(cost) if grad is None else cost)
+    if not compat.float_checks_on():
+        program = compiling.Ahead(program, dyn, argarr, options=compiling.fast())
+    try:
+        out = program(dyn, argarr)
+    except Exception as e:
+        e.add_note(f"{api}: raised while evaluating fn at the dtypes given.")
+        raise
+    u = max(policy.unit_roundoff(x.dtype) for x in jax.tree_util.tree_leaves((params, args))
+            if trees.is_inexact_array(x))
     if grad is None:
-        return [compat.host(x) for x in problem.gradient()]
-    if callable(grad) and not _is_gradient_tree(grad, split):
+        value, g0 = out[0], [compat.host(g) for g in out[1]]
+        tree = split.combine(g0)
+
+        def gradient_at(d):
+            return list(program(d, argarr)[1])
+    else:
+        value = out
         try:
-            tree = grad(split.combine(problem.dyn), *problem.rebuild_args(problem.argarr))
+            tree = grad(params, *args)
         except Exception as e:
             e.add_note(f"{api}: raised while calling grad(params, *args).")
             raise
+
+        def gradient_at(d):
+            got = grad(split.combine(d), *args)
+            if has_aux and isinstance(got, (tuple, list)) and len(got) == 2 and _same_structure(got[0], split):
+                got = got[0]
+            per = split.treedef.flatten_up_to(got)
+            return [per[pos] for pos in split.dynamic_index]
+        try:
+            g0 = [compat.host(g) for g in gradient_at(dyn)]
+            malformed = any(not np.issubdtype(np.asarray(g).dtype, np.inexact) or np.shape(g) != np.shape(x)
+                            for g, x in zip(g0, dyn))
+        except Exception:  # noqa: BLE001 - a malformed gradient: analytic_gradient says how
+            malformed = True
+        if malformed:
+            return NativeSide(tree, float(np.real(compat.host(value))), u)
+    spread = _spread(gradient_at, dyn, g0)
+    scale = max((float(np.max(np.abs(g[np.isfinite(g)]), initial=0.0)) for g in g0), default=0.0)
+    return NativeSide(tree, float(np.real(compat.host(value))), u, spread, scale, g0)
+
+
+def _same_structure(tree, split) -> bool:
+    try:
+        split.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _spread(gradient_at: Callable, dyn: list, g0: list) -> list | None:
+    """Per checked leaf, the largest deviation of the gradient over a few nudged points
+    (see policy.ANALYTIC_PROBES): a sample of its own rounding at the dtypes given.
+
+    A nudge moves each coordinate by ANALYTIC_PROBE_ULPS round-offs of its scale
+    (max(|θ_i|, rms of the leaf)) in the leaf's own dtype. A deviation beyond
+    ANALYTIC_JUMP·u times the largest |g| crossed a kink, not a rounding: 0 there.
+    None for complex leaves (no nudge is defined here) or a gradient that raised.
+    """
+    if any(np.iscomplexobj(g) for g in g0):
+        return None
+    _, scales = step_scales(dyn)
+    rng = np.random.default_rng(0)
+    hosts = [compat.host(x) for x in dyn]
+    us = [policy.unit_roundoff(x.dtype) for x in hosts]
+    spread = [np.zeros(np.shape(g), np.float64) for g in g0]
+    for _ in range(policy.ANALYTIC_PROBES):
+        moved = []
+        for x, sc, u in zip(hosts, scales, us):
+            nudge = policy.ANALYTIC_PROBE_ULPS * u * sc.reshape(x.shape) * rng.choice([-1.0, 1.0], x.shape)
+            moved.append(jax.device_put((x.astype(np.float64) + nudge).astype(x.dtype)))
+        try:
+            g = gradient_at(moved)
+        except Exception:  # noqa: BLE001 - no sample: judged without the analytic bar
+            return None
+        for k, (gk, g0k) in enumerate(zip(g, g0)):
+            d = np.abs(compat.host(gk).astype(np.float64) - g0k.astype(np.float64))
+            spread[k] = np.maximum(spread[k], np.where(np.isfinite(d), d, np.inf))
+    g_all = max((float(np.max(np.abs(g[np.isfinite(g)]), initial=0.0)) for g in g0), default=0.0)
+    return [np.where(sp <= policy.ANALYTIC_JUMP * u * g_all, sp, 0.0) for sp, u in zip(spread, us)]
+
+
+class NativeSide(NamedTuple):
+    """The analytic side at the dtypes given: the gradient tree and the cost J there."""
+
+    tree: Any
+    value: float
+    u: float  # unit round-off of the coarsest floating dtype among params and args
+    # Per checked leaf, the gradient's own measured rounding (see _spread), or None.
+    spread: list | None = None
+    scale: float = 0.0  # the largest |g| over every checked leaf
+    leaves: list | None = None  # the gradient per checked leaf (None: malformed, judged later)
+
+
+def twin_differs(native: NativeSide, problem: Problem) -> str | None:
+    """Why the reference's program is not the user's (a note), or None when it is.
+
+    The reference evaluates the same code at another precision. Code whose values
+    depend on x64 itself, not only on rounding (random bits drawn at the default float
+    dtype, as dropout draws them; arrays created at the default dtype), computes another
+    cost there: its gradient cannot be compared with the user's. Told apart by J at the
+    point: a rounding difference stays within 2e3·u of the user's coarsest dtype
+    (capped at 1e-2 relative: bfloat16 code rounds J by a few 1e-3) plus 64σ of the
+    reference's measured noise; another cost does not.
+    """
+    j_ref = float(np.real(problem.j0))
+    allowed = (min(2e3 * native.u, 1e-2) * max(abs(j_ref), abs(native.value))
+               + 64.0 * float(problem.sigma))
+    if not abs(native.value - j_ref) > allowed:  # NaN on either side: no verdict here
+        return None
+    return (f"the cost differs between the dtypes given and the reference's precision (J = "
+            f"{native.value:.6g} against {j_ref:.6g}: randomness or arrays at the default dtype "
+            "depend on x64), so the analytic side was evaluated at the reference's precision too, "
+            "as with analytic='reference'.")
+
+
+def analytic_gradient(problem: Problem, grad, native=None) -> list:
+    """Return the analytic gradient of every perturbed leaf, as NumPy arrays.
+
+    ``native``: the gradient tree from :func:`native_gradient` (the analytic side as the
+    user's program runs), used in place of ``jax.grad`` or a call of ``grad`` here.
+    """
+    api, split = problem.api, problem.split
+    if grad is None and native is None:
+        return [compat.host(x) for x in problem.gradient()]
+    if grad is None:
+        tree, what = native.tree, "jax.grad(fn)"
+    elif callable(grad) and not _is_gradient_tree(grad, split):
+        if native is not None:
+            tree = native.tree
+        else:
+            try:
+                tree = grad(split.combine(problem.dyn), *problem.rebuild_args(problem.argarr))
+            except Exception as e:
+                e.add_note(f"{api}: raised while calling grad(params, *args).")
+                raise
         what = "grad(params, *args)"
         if problem.has_aux:
             tree = _drop_grad_aux(tree, problem)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from . import policy, validate
-from .analytic import analytic_gradient
+from .analytic import analytic_gradient, native_gradient, runs_natively, twin_differs
 from .errors import GradCheckError
 from .judge import judge_all
 from .messages import failure_message, where
@@ -31,6 +31,21 @@ def _validate(stencil, mode, rtol, atol):
     validate.tolerances("jgc.check", rtol, atol)
 
 
+# Where the analytic side runs: "native", the user's program at the dtypes given (its
+# float32/bfloat16 rounding, its casts inside; what training uses); "reference", the same
+# program at the reference precision (float64), which hides bugs that live only at the
+# user's dtype.
+ANALYTIC = ("native", "reference")
+
+
+def _native_note(params, args) -> str:
+    given = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves((params, args))
+                    if is_inexact_array(x)})
+    return (f"analytic side at the dtypes given ({', '.join(given)}), as the program trains; "
+            "the finite-difference reference at the precision shown (analytic='reference' "
+            "evaluates both there).")
+
+
 def _size(params) -> int:
     return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params) if is_inexact_array(x))
 
@@ -38,7 +53,8 @@ def _size(params) -> int:
 def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, stencil: str = "central",
           precision: str = "auto", rtol: float | None = None, atol: float | None = None,
           step: float | None = None, strict: bool = False, mode: str | None = None,
-          chunk_size: int | None = None, rules: bool = False, **mode_options) -> Report:
+          chunk_size: int | None = None, rules: bool = False, analytic: str = "native",
+          **mode_options) -> Report:
     """Check the gradient of a scalar cost against finite differences, element by element.
 
     Every inexact array leaf of ``params`` is perturbed, one coordinate at a time, by
@@ -80,7 +96,12 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
       precision: "auto" (default) evaluates float32/16 parameters (and floating data
         in ``args``) in float64 inside a scoped ``jax.enable_x64`` where the backend
         has float64; "float64" forces it; "native" keeps the parameters' and the
-        data's own dtypes (steps and tolerances follow them).
+        data's own dtypes (steps and tolerances follow them). This is the precision
+        of the reference (the finite differences).
+      analytic: "native" (default) evaluates the analytic side (``jax.grad`` or the
+        ``grad`` callable) on params and args as given, as the program trains, with
+        its own rounding measured; "reference" evaluates it at the reference's
+        precision instead.
       rtol, atol: tolerance on the analytic side; default per dtype
         (``jgc`` policy: float64 1e-7, float32 1e-4; atol = 32·u·max|g| of the leaf).
       step: relative step h/s (s = max(|θ_i|, rms of the leaf)); default from the
@@ -123,11 +144,28 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
     # is the analytic side, and in full mode every leaf's evaluator.
     # Without a mode, evaluators are compiled ahead where full mode is certain to run.
     likely_full = mode == "full" or (mode is None and 2 * _size(params) <= DEFAULT_BUDGET)
-    ahead = (("grad",) if grad is None else ()) + (
+    if analytic not in ANALYTIC:
+        raise ValueError(f"jgc.check: analytic must be one of {ANALYTIC}, got {analytic!r}.")
+    native_side = analytic == "native" and runs_natively(params, args, grad, precision)
+    ahead = (("grad",) if grad is None and not native_side else ()) + (
         ("evaluators",) if likely_full and stencil != "complex" else ())
-    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead,
-                 has_aux=has_aux) as problem:
-        a_leaves = analytic_gradient(problem, grad)
+    problem = Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead,
+                      has_aux=has_aux)
+    # The analytic side as the user's program runs it: before the reference's precision
+    # scope is entered (inputs already validated by Problem), at the dtypes given.
+    native = native_gradient(fn, params, args, grad, has_aux=has_aux, api="jgc.check") if native_side else None
+    with problem:
+        if isinstance(native, Exception):
+            raise native
+        if native is not None:
+            differs = twin_differs(native, problem)
+            problem.notes.append(differs or _native_note(params, args))
+            native = None if differs else native
+            problem.analytic_spread = native.spread if native is not None else None
+            problem.analytic_scale = 0.0 if native is None or native.leaves is None else max(
+                (float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
+                 for a, s in zip(native.leaves, problem.scales)), default=0.0)
+        a_leaves = analytic_gradient(problem, grad, native=native)
         steps = Steps(problem, gradient_scale(a_leaves, problem.scales))
         if mode is None:
             mode = "full" if default_full(problem, stencil) else "default"

@@ -53,11 +53,14 @@ class Limits:
     atol: float | np.ndarray
     floor: float | np.ndarray  # derivatives below it are judged against it (inconclusive)
     tiny: float = 0.0  # below it a value cannot hold full relative precision
+    # The analytic side's own measured rounding (policy.ANALYTIC_SAFETY included), added
+    # to the method's error bar: 0 where the analytic side runs at the reference precision.
+    analytic: float | np.ndarray = 0.0
 
     def at(self, idx: np.ndarray) -> Limits:
         """The limits of the elements at flat indices ``idx``."""
         pick = (lambda v: np.ravel(v)[idx] if np.ndim(v) else v)
-        return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny)
+        return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny, pick(self.analytic))
 
 
 @dataclasses.dataclass
@@ -76,6 +79,7 @@ class Refined:
 
 def classify(a, num, err, finite, lim: Limits, *, kink=None, imprecise: bool = True) -> Judged:
     """Classify every element; ``imprecise`` also flags precision lost under atol."""
+    err = err + lim.analytic
     tol = compare.tolerance(a, num, lim.rtol, lim.atol)
     rel = lim.rtol * np.maximum(np.abs(a), np.abs(num)) if imprecise else None
     codes = compare.classify(a, num, err, tol, finite, kink=kink, floor=lim.floor, rel=rel, tiny=lim.tiny)
@@ -151,7 +155,18 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
                              elems.size, is_c)
     adtype = problem.orig_dtypes[k] if a.dtype == problem.orig_dtypes[k] else a.dtype
     rt, at = policy.default_tolerances(adtype, plan.g_ref, plan.rtol, plan.atol)
-    lim = Limits(rt, at, 1e-3 * plan.g_ref, float(np.finfo(adtype).tiny))
+    spread = getattr(problem, "analytic_spread", None)
+    if spread is not None and plan.atol is None:
+        # At the user's dtype, an element's rounding is absolute at the scale of the terms
+        # it sums (1 − tanh² sums terms of size 1 for a derivative of 1e-8), which a
+        # gradient does not show. Its stand-in: the largest change of J per relative unit
+        # change of any coordinate (max_j |g_j|·s_j), per unit of this coordinate's scale
+        # s_i. Scale-free (leaves of 1e4 and 1e-6 get their own); below it, lost digits
+        # are 'imprecise', not a mismatch.
+        at = np.maximum(at, policy.default_atol_factor(adtype) * problem.analytic_scale
+                        / problem.scales[k].ravel()[elems])
+    lim = Limits(rt, at, 1e-3 * plan.g_ref, float(np.finfo(adtype).tiny),
+                 0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems])
     judged = classify(a, num, err, finite, lim)
     onesided = None
     # Refine only what failed the cheap pass: Richardson over h, 2h, 4h for an error
@@ -252,7 +267,7 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
     mag = np.maximum(np.abs(a), np.abs(num))
     unresolved = (err > compare.RESOLVED * mag) & np.isfinite(a) & (np.abs(a) <= at)
     cand = np.flatnonzero(unresolved & ((codes == OK) | (codes == INCONCLUSIVE)))
-    if cand.size == 0 or at <= 0:
+    if cand.size == 0 or np.all(np.asarray(at) <= 0):
         return
     if cand.size > COMPLEX_PROBES:
         cand = cand[np.linspace(0, cand.size - 1, COMPLEX_PROBES).astype(np.int64)]
@@ -283,7 +298,8 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
     e_c = policy.ROUNDOFF_SAFETY * np.abs(v1 - v3) + 16.0 * problem.u * np.abs(v1)
     ok_fin = fin[check_at.size: check_at.size + cand.size] & fin[check_at.size + cand.size:]
     rel = rt * np.maximum(np.abs(a[cand]), np.abs(v1))
-    passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt, at) + e_c
+    at_c = np.ravel(at)[cand] if np.ndim(at) else at
+    passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt, at_c) + e_c
     flag = compare.imprecise(a[cand], v1, e_c, rel, passed & ok_fin, lim.tiny)
     idx = cand[flag]
     num[idx], err[idx] = v1[flag], e_c[flag]

@@ -125,6 +125,26 @@ def default_tolerances(dtype, g_ref: float, rtol=None, atol=None) -> tuple:
 # elements without a false alarm (P(|z| > 8) ≈ 1e-15 for Gaussian rounding noise).
 ROUNDOFF_SAFETY = 8.0
 
+# The analytic side at the user's dtypes carries its own rounding: a float32 backprop
+# element that sums terms which cancel (a bias before a normalisation, whose true
+# gradient is 0) holds u·|terms|, far above u·|g|. It is measured, not modelled: the
+# same compiled gradient at ANALYTIC_PROBES points moved by ANALYTIC_PROBE_ULPS units
+# of round-off of each coordinate (of the leaf's dtype, or of J's measured relative
+# noise where the cost computes coarser inside) gives a fresh sample of that rounding
+# per element; its largest deviation, times ANALYTIC_SAFETY, joins the method's error
+# bar. A dtype-only bug (a tail rounded to 0, a bfloat16 residual) does not move with
+# such a nudge, so it stays outside the bar. The true change of the gradient over the
+# nudge (H·δ, a few u relative) only widens the bar, never narrows it.
+ANALYTIC_PROBES = 4
+ANALYTIC_PROBE_ULPS = 4.0
+ANALYTIC_SAFETY = 4.0
+# A nudge that moves an element by more than ANALYTIC_JUMP·u times the check's largest
+# |g| crossed a kink (ReLU at 0, a max at a tie), not a rounding: rounding of a backprop
+# sum stays within a few u of the terms it sums, and 1e3 leaves room for terms 100×
+# larger than any gradient. Such an element gets no analytic error bar; the kink test of
+# the reference side judges it.
+ANALYTIC_JUMP = 1e3
+
 # Safety factor on the truncation estimate |D_h − D_2h|/3 (Richardson), which is a
 # direct estimate of the leading error term rather than a noise level.
 TRUNCATION_SAFETY = 2.0

@@ -1,0 +1,170 @@
+"""The derivative as it runs: the analytic side at the user's dtypes, a float64 reference.
+
+Each bug here lives only at the dtype the user trains in (float32 or a narrower dtype
+chosen from it), so the float64 twin of the program is right, and a check that
+evaluates both sides in float64 passes it. The controls are correct float32 / float16 /
+bfloat16-compute programs whose analytic side carries ordinary rounding: none may fail,
+and none may be called imprecise for it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+
+RNG = np.random.default_rng(7)
+W = jnp.asarray(RNG.normal(size=(8, 8)) / 3, jnp.float32)
+X = jnp.asarray(RNG.normal(size=(16, 8)), jnp.float32)
+
+
+def _narrow_of(dtype):
+    """A memory-saving table, as kernels keep one: float32 work saves bfloat16."""
+    return jnp.bfloat16 if dtype == jnp.float32 else dtype
+
+
+@jax.custom_jvp
+def _softplus_branching(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+@_softplus_branching.defjvp
+def _softplus_branching_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    coef = 1.0 if x.dtype == jnp.float64 else 1.01  # a per-dtype coefficient, wrong for float32
+    return _softplus_branching(x), jax.nn.sigmoid(x) * coef * t
+
+
+@jax.custom_vjp
+def _tanh_saving(x):
+    return jnp.tanh(x)
+
+
+def _tanh_saving_fwd(x):
+    y = jnp.tanh(x)
+    return y, y.astype(_narrow_of(y.dtype))  # the residual saved narrow to save memory
+
+
+def _tanh_saving_bwd(y, g):
+    return ((1 - y.astype(g.dtype) ** 2) * g,)
+
+
+_tanh_saving.defvjp(_tanh_saving_fwd, _tanh_saving_bwd)
+
+
+@jax.custom_vjp
+def _sum_sq_scan(w, xs):
+    return jax.lax.scan(lambda c, x: (c + jnp.sum(jnp.tanh(x @ w) ** 2), None), jnp.zeros((), w.dtype), xs)[0]
+
+
+def _sum_sq_fwd(w, xs):
+    return _sum_sq_scan(w, xs), (w, xs)
+
+
+def _sum_sq_bwd(res, g):
+    w, xs = res
+    acc = _narrow_of(w.dtype)  # the backward accumulates in the narrow dtype
+
+    def body(dw, x):
+        y = jnp.tanh(x @ w)
+        return dw + (jnp.outer(x, 2 * y * (1 - y**2)) * g).astype(acc), None
+
+    dw, _ = jax.lax.scan(body, jnp.zeros(w.shape, acc), xs)
+    return dw.astype(w.dtype), None
+
+
+_sum_sq_scan.defvjp(_sum_sq_fwd, _sum_sq_bwd)
+
+BUGS = {
+    # JAX's own float32 tails: σ' = σ(1 − σ) and tanh' = 1 − t² round to 0 (truth 2.1e-9, 2.4e-8).
+    "sigmoid tail": (lambda p: jnp.sum(jax.nn.sigmoid(p)), jnp.array([20.0, 1.0, -2.0, 0.5], jnp.float32)),
+    "tanh tail": (lambda p: jnp.sum(jnp.tanh(p)), jnp.array([9.5, 1.0, -2.0, 0.5], jnp.float32)),
+    "dtype-branching rule": (lambda p: jnp.sum(_softplus_branching(X @ p)), W),
+    "bfloat16 residual": (lambda p: jnp.sum(_tanh_saving(X @ p) ** 2), W),
+    "bfloat16 scan accumulator": (lambda p: _sum_sq_scan(p, X), W),
+}
+
+
+def _layernorm(p):
+    h = X @ p
+    z = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    return jnp.sum(jnp.tanh(z) * jnp.arange(8.0, dtype=jnp.float32))
+
+
+def _rnn(p):
+    h, _ = jax.lax.scan(lambda h, x: (jnp.tanh(h @ p + x), None), jnp.zeros(8, jnp.float32), X)
+    return jnp.sum(h**2)
+
+
+CONTROLS = {
+    "float32 LayerNorm": (_layernorm, W),
+    "softmax cross-entropy, confident logits": (lambda p: -jnp.sum(jax.nn.log_softmax(10 * X @ p)[:, 0]), W),
+    "float32 RNN under scan": (_rnn, W),
+    "float16 MLP": (lambda p: jnp.sum(jnp.tanh(X.astype(jnp.float16) @ p) ** 2).astype(jnp.float32),
+                    W.astype(jnp.float16)),
+    "the correct residual, float32": (lambda p: jnp.sum(jnp.tanh(X @ p) ** 2), W),
+}
+
+
+@pytest.mark.parametrize("name", list(BUGS))
+def test_a_bug_at_the_users_dtype_is_reported(name):
+    f, p = BUGS[name]
+    rep = jgc.check(f, p)
+    statuses = {lf.status for lf in rep.leaves}
+    assert statuses & {"mismatch", "imprecise"}, rep
+    if name.endswith("tail"):  # precision lost within the dtype's absolute scale
+        assert rep.leaves[0].elements("imprecise") == [(0,)], rep
+    else:
+        assert not rep.ok, rep
+    assert any("analytic side at the dtypes given" in n for n in rep.notes)
+    # The same program evaluated in float64 on both sides (the former default) is blind to it.
+    old = jgc.check(f, p, analytic="reference")
+    assert old.ok and not {lf.status for lf in old.leaves} & {"mismatch", "imprecise"}, old
+
+
+@pytest.mark.parametrize("name", list(CONTROLS))
+def test_a_correct_program_at_its_dtype_passes_without_flags(name):
+    f, p = CONTROLS[name]
+    rep = jgc.check(f, p)
+    assert rep.ok, rep
+    assert not {lf.status for lf in rep.leaves} & {"mismatch", "imprecise"}, rep
+
+
+def test_a_cost_whose_float64_twin_differs_falls_back_to_the_reference_precision():
+    # Dropout draws its mask at the default float dtype: with x64 on (the reference) the
+    # mask is another one, so the twin is another cost. Its gradient is not the user's.
+    key = jax.random.key(3)
+
+    def f(p):
+        keep = jax.random.bernoulli(key, 0.7, (16, 8))
+        return jnp.sum(jnp.where(keep, jnp.tanh(X @ p), 0.0) ** 2)
+
+    rep = jgc.check(f, W)
+    assert rep.ok, rep
+    assert any("the cost differs between the dtypes given" in n for n in rep.notes), rep.notes
+
+
+def test_analytic_option_is_validated():
+    with pytest.raises(ValueError, match="analytic must be one of"):
+        jgc.check(lambda p: jnp.sum(p**2), W, analytic="float16")
+
+
+def test_a_flax_block_computing_in_bfloat16_is_no_false_alarm():
+    # float32 parameters, bfloat16 compute (dtype=bfloat16): the reference's steps move
+    # no bfloat16 value, so its differences are 0 with error bars; never a mismatch.
+    nn = pytest.importorskip("flax.linen", reason="flax is in the test extra")
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.SelfAttention(num_heads=2, qkv_features=8, dtype=jnp.bfloat16, param_dtype=jnp.float32)(x)
+            h = nn.LayerNorm(dtype=jnp.bfloat16, param_dtype=jnp.float32)(x + h)
+            return nn.Dense(1, dtype=jnp.bfloat16, param_dtype=jnp.float32)(h)
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8), jnp.float32)
+    block = Block()
+    params = block.init(jax.random.key(0), x)["params"]
+    rep = jgc.check(lambda p: jnp.mean(block.apply({"params": p}, x).astype(jnp.float32) ** 2), params)
+    assert rep.ok, rep
+    assert not any(lf.status == "mismatch" for lf in rep.leaves)
