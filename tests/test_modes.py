@@ -92,7 +92,15 @@ def test_directional_passes_correct_gradients(dtype):
     rep = jgc.check(mlp_loss, params, x, y, mode="directional")
     assert rep.ok, rep
     assert rep.mode == "directional" and rep.checked == 0
-    assert all(lf.detectable_rel < 1e-4 for lf in rep.leaves)
+    if dtype == jnp.float32:
+        # A float32 gradient (as the program trains) is screened with its own rounding
+        # allowed (screening.SCREEN_ROUNDING): a few percent at this size. Its float64
+        # twin (analytic="reference") keeps the float64 power.
+        assert all(lf.detectable_rel < 5e-2 for lf in rep.leaves)
+        twin = jgc.check(mlp_loss, params, x, y, mode="directional", analytic="reference")
+        assert twin.ok and all(lf.detectable_rel < 1e-4 for lf in twin.leaves)
+    else:
+        assert all(lf.detectable_rel < 1e-4 for lf in rep.leaves)
     if dtype == jnp.float64:
         assert jgc.check(jax.jit(mlp_loss), params, x, y, mode="directional", directions=4).ok
 

@@ -167,7 +167,9 @@ def _spread(gradient_at: Callable, dyn: list, g0: list) -> list | None:
     rng = np.random.default_rng(0)
     hosts = [compat.host(x) for x in dyn]
     us = [policy.unit_roundoff(x.dtype) for x in hosts]
-    spread = [np.zeros(np.shape(g), np.float64) for g in g0]
+    # In the gradient's own dtype (a float32 difference of two nearby float32 values is
+    # exact): one copy of the parameters, not two at float64, on a research-size model.
+    spread = [np.zeros(np.shape(g), np.result_type(g.dtype, np.float32)) for g in g0]
     for _ in range(policy.ANALYTIC_PROBES):
         moved = []
         for x, sc, u in zip(hosts, scales, us):
@@ -178,8 +180,8 @@ def _spread(gradient_at: Callable, dyn: list, g0: list) -> list | None:
         except Exception:  # noqa: BLE001 - no sample: judged without the analytic bar
             return None
         for k, (gk, g0k) in enumerate(zip(g, g0)):
-            d = np.abs(compat.host(gk).astype(np.float64) - g0k.astype(np.float64))
-            spread[k] = np.maximum(spread[k], np.where(np.isfinite(d), d, np.inf))
+            d = np.abs(compat.host(gk).astype(spread[k].dtype) - g0k.astype(spread[k].dtype))
+            np.maximum(spread[k], np.where(np.isfinite(d), d, np.inf), out=spread[k])
     g_all = max((float(np.max(np.abs(g[np.isfinite(g)]), initial=0.0)) for g in g0), default=0.0)
     return [np.where(sp <= policy.ANALYTIC_JUMP * u * g_all, sp, 0.0) for sp, u in zip(spread, us)]
 

@@ -70,7 +70,9 @@ def _submit(fn: Callable, *args) -> Future:
             except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(e)
 
-    threading.Thread(target=work, name="jgc-compile", daemon=True).start()
+    # Not a daemon: the interpreter joins it at exit, so a process that ends right after
+    # a check waits for a compilation in flight instead of tearing XLA down under it.
+    threading.Thread(target=work, name="jgc-compile", daemon=False).start()
     return future
 
 
