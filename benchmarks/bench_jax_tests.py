@@ -284,15 +284,9 @@ def machine_facts(tag, x64) -> dict:
     import pytest
     import scipy
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+    from run_all import cpu_name  # this folder: the script's own directory is on sys.path
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
             "pytest": pytest.__version__, "tag": tag, "x64": x64,
             "load_start": ", ".join(f"{v:.1f}" for v in os.getloadavg())}

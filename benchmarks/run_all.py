@@ -43,17 +43,21 @@ BENCHES = {
 COLLECTED_ONLY = ("jax_tests", "big")
 
 
-def machine() -> str:
-    import jax
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import jax
+
+    cpu = cpu_name()
     return (f"{cpu}; {os.cpu_count()} cores; Python {platform.python_version()}; "
             f"jax {jax.__version__} ({jax.default_backend()}); {platform.platform()}")
 
