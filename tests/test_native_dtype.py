@@ -168,3 +168,15 @@ def test_a_flax_block_computing_in_bfloat16_is_no_false_alarm():
     rep = jgc.check(lambda p: jnp.mean(block.apply({"params": p}, x).astype(jnp.float32) ** 2), params)
     assert rep.ok, rep
     assert not any(lf.status == "mismatch" for lf in rep.leaves)
+
+
+def test_each_leaf_reports_the_bits_its_gradient_holds():
+    # A float32 gradient as float32 holds (about 24 bits); one computed from a residual
+    # saved in bfloat16 holds about bfloat16's 8, and the report says so per leaf.
+    good = jgc.check(*CONTROLS["the correct residual, float32"]).leaves[0].accurate_bits()
+    bad = jgc.check(*BUGS["bfloat16 residual"]).leaves[0].accurate_bits()
+    assert good["dtype"] == bad["dtype"] == 24
+    assert good["median"] >= 20 and good["worst"] >= 16, good
+    assert bad["median"] < 12, bad
+    rep = jgc.check(*BUGS["bfloat16 residual"])
+    assert rep.to_dict()["leaves"][0]["accurate_bits"]["median"] == bad["median"]
