@@ -131,7 +131,8 @@ class LeafReport:
     def accurate_bits(self) -> dict:
         """Correct bits of the analytic values against the reference, per leaf.
 
-        ``median`` and ``worst`` of −log2(|a − n| / |n|) over the checked elements whose
+        ``median`` and ``worst`` of −log2(|a − n| / |n|) over the judged elements (ok,
+        imprecise or mismatch; not non-smooth, inconclusive or non-finite) whose
         reference is at least 1e-3 of the leaf's largest (smaller ones measure the
         reference's absolute error more than the analytic side's), each capped at
         ``dtype``: the bits the leaf's dtype holds (float32: 24, bfloat16: 8). A
@@ -145,7 +146,9 @@ class LeafReport:
             held = 53
         a = np.abs(np.asarray(self.analytic, np.complex128) - np.asarray(self.numeric, np.complex128))
         n = np.abs(np.asarray(self.numeric, np.complex128))
-        keep = np.isfinite(a) & np.isfinite(n) & (n > 0)
+        # Judged elements only: a kink, an undecided or a non-finite one measures no precision.
+        judged = np.isin(np.asarray(self.codes), (STATUS_NAMES.index("ok"), IMPRECISE, MISMATCH))
+        keep = judged & np.isfinite(a) & np.isfinite(n) & (n > 0)
         keep &= n >= 1e-3 * float(np.max(n[keep], initial=0.0))
         if not keep.any():
             return {"median": math.nan, "worst": math.nan, "dtype": held}
