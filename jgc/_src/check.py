@@ -138,7 +138,7 @@ def check(fn: Callable, params: Any, *args, grad=None, has_aux: bool = False, st
 
         rep = check(fn, params, *args, grad=grad, has_aux=has_aux, stencil=stencil, precision=precision,
                     rtol=rtol, atol=atol, step=step, strict=strict, mode=mode, chunk_size=chunk_size,
-                    **mode_options)
+                    analytic=analytic, **mode_options)
         return rep if rep.ok else attach_rules(rep, fn, params, args, precision=precision)
     # Programs compiled on worker threads while the noise probe runs: jax.grad when it
     # is the analytic side, and in full mode every leaf's evaluator.
