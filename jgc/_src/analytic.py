@@ -140,8 +140,7 @@ def _native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, 
         if malformed:
             return NativeSide(tree, float(np.real(compat.host(value))), u)
     spread = _spread(gradient_at, dyn, g0)
-    scale = max((float(np.max(np.abs(g[np.isfinite(g)]), initial=0.0)) for g in g0), default=0.0)
-    return NativeSide(tree, float(np.real(compat.host(value))), u, spread, scale, g0)
+    return NativeSide(tree, float(np.real(compat.host(value))), u, spread, g0)
 
 
 def _same_structure(tree, split) -> bool:
@@ -194,7 +193,6 @@ class NativeSide(NamedTuple):
     u: float  # unit round-off of the coarsest floating dtype among params and args
     # Per checked leaf, the gradient's own measured rounding (see _spread), or None.
     spread: list | None = None
-    scale: float = 0.0  # the largest |g| over every checked leaf
     leaves: list | None = None  # the gradient per checked leaf (None: malformed, judged later)
 
 
