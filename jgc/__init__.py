@@ -6,8 +6,8 @@ a report that names the leaf and index of anything that disagrees.
 """
 
 # Scalar costs: the gradient against finite differences.
-from ._src.check import assert_grads_close as assert_grads_close
-from ._src.check import check as check
+from ._src.api import assert_grads_close as assert_grads_close
+from ._src.api import check as check
 from ._src.check import numerical_grad as numerical_grad
 
 # Jacobians, JVP/VJP, Hessian-vector products and the check_grads drop-in.
@@ -23,7 +23,7 @@ from ._src.report import Report as Report
 # Custom derivative rules inside a loss, each checked on the inputs it receives.
 from ._src.rules import check_rules as check_rules
 from ._src.rules import intended as intended
-from ._src.rules_report import RulesReport as RulesReport
+from ._src.rules import RulesReport as RulesReport
 from ._src.taylor import TaylorReport as TaylorReport
 from ._src.taylor import check_taylor as check_taylor
 

@@ -54,7 +54,7 @@ def test_check_rules_runs_on_this_jax_or_names_the_oldest_jax_it_reads():
     import jax.numpy as jnp
     import pytest
 
-    from jgc._src.rule_sites import OLDEST_JAX, JaxInternalsChanged
+    from jgc._src.rules import OLDEST_JAX, JaxInternalsChanged
 
     @jax.custom_jvp
     def bad_sin(x):

@@ -23,9 +23,10 @@ import pytest
 
 import jgc
 from jgc import testing
-from jgc._src import cli, rule_sites
-from jgc._src import intended as intended_impl
-from jgc._src import rules as rules_impl
+from jgc._src import cli
+from jgc._src.rules import check as rules_impl
+from jgc._src.rules import surrogates as intended_impl
+from jgc._src.rules import sites as rule_sites
 
 HERE = os.path.relpath(__file__)
 

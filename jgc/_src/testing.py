@@ -20,10 +20,11 @@ from typing import Any
 
 import jax
 
-from .check import check
+from .api import check
 from .errors import GradCheckError
 from .messages import failure_message, where
 from .report import Report
+from .rules import check_rules
 
 PREFIX = "[jgc] Assertion "
 
@@ -220,8 +221,6 @@ def assert_rules_ok(fn: Callable, params: Any, *args, custom_message: str | None
       >>> testing.assert_rules_ok(lambda w: jnp.sum(jax.nn.relu(w)), jnp.array([0.5, -1.0])).ok
       True
     """
-    from .rules import check_rules  # a front door beside check: imported on use
-
     _refuse_tracers("assert_rules_ok", params, args)
     report = check_rules(fn, params, *args, **options)
     if not report.ok:

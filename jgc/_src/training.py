@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from .check import check
+from .api import check
 from .errors import GradCheckError
 from .messages import failure_message, where
 from .report import Report

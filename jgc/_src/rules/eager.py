@@ -14,9 +14,9 @@ import types
 
 import jax
 
-from .jacobian import check_jacobian
-from .rule_sites import FIRST_CALLS, RULE_FUNCTION, VJP_CALL, _magnitude, _Site, _site_base
-from .rules_report import SiteReport, Worst
+from ..jacobian import check_jacobian
+from .sites import FIRST_CALLS, RULE_FUNCTION, VJP_CALL, _magnitude, _Site, _site_base
+from .report import SiteReport, Worst
 from .sources import Where, _closure, _code_span, _functions_in, _primal_function
 
 

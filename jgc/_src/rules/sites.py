@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from . import compat
-from .intended import _library_intended
-from .jaxprs import interpret
+from .. import compat
+from .surrogates import _library_intended
+from ..jaxprs import interpret
 from .sources import Where, _def_line, _is_wrapper_file, _parse_src_info, _see_through
 
 # -- the JAX internals this module reads (pinned by tests/test_rules.py) ----------------------

@@ -41,18 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, trees
-from .intended import _library_intended, _user_intended, intended
-from .jacobian import check_jacobian
-from .names import function_name
-from .preparation import as_given_note, precision_scope, refused_widening
-from .products import check_jvp, check_vjp
-from .rule_eager import _check_eager, _closes_over_traced_values, _eager_calls
-from .rule_sites import VJP_CALL, _Collector, _short, _Site, _site_base
-from .rules_report import RuleReport, RulesReport, SiteReport, Worst
+from .. import compat, trees
+from .surrogates import _library_intended, _user_intended
+from ..jacobian import check_jacobian
+from ..names import function_name
+from ..preparation import as_given_note, precision_scope, refused_widening
+from ..products import check_jvp, check_vjp
+from .eager import _check_eager, _closes_over_traced_values, _eager_calls
+from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
+from .report import RuleReport, RulesReport, SiteReport, Worst
 
-# intended is imported from here too: the declarations check_rules honours.
-__all__ = ["attach_rules", "check_rules", "intended"]
+__all__ = ["attach_rules", "check_rules"]
 
 # Up to this many perturbed coordinates (over the captured calls of a site) every
 # Jacobian entry is checked (2 evaluations per coordinate in one vmapped batch); above

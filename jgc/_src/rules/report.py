@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from .report import find
+from ..report import find
 
 # Rule statuses, most severe first (the text report lists rules in this order).
 RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not executed")

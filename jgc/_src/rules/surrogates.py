@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .names import short_name
+from ..names import short_name
 from .sources import Where, _code_span, _primal_function, inspect_unwrap
 
 _INTENDED: dict[tuple[str, str], list[tuple[int, int, str]]] = {}

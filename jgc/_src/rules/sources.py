@@ -17,7 +17,7 @@ import os
 import re
 import types
 
-from .names import short_name
+from ..names import short_name
 
 
 @dataclasses.dataclass(frozen=True)
