@@ -21,6 +21,10 @@ import os
 import sys
 from pathlib import Path
 
+from .api import check
+from .outputs import OutputFormError, drop_aux
+from .rules import check_rules
+
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
 
@@ -198,14 +202,10 @@ def _check(ns):
             raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
                              "grad(params, *args) returning a pytree like params.")
     options = _options(ns, ("stencil", "precision", "rtol", "atol", "step", "samples", "budget", "directions"))
-    import jgc
-
     try:
-        report = jgc.check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
+        report = check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
                            strict=ns.strict, **options)
     except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
-        from .outputs import OutputFormError
-
         notes = " ".join(getattr(e, "__notes__", ()))
         hint = " On the command line that is --has-aux." if (
             isinstance(e, OutputFormError) and not ns.has_aux) else ""
@@ -216,8 +216,6 @@ def _check(ns):
     if ns.plot is not None:
         cost = fn
         if ns.has_aux:  # the step-size curve differences the cost alone
-            from .outputs import drop_aux
-
             def cost(p, *a):
                 return drop_aux(fn(p, *a), True, api="jgc check --plot", fn=fn)
         try:
@@ -235,10 +233,8 @@ def _check(ns):
 def _rules(ns):
     fn, params, args = _inputs(ns)
     options = _options(ns, ("precision", "rtol", "atol", "step"))
-    import jgc
-
     try:
-        return jgc.check_rules(fn, params, *args, **options)
+        return check_rules(fn, params, *args, **options)
     except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
         raise InputError(f"checking the rules of {ns.fn} with {len(args)} extra argument(s) raised "
                          f"{type(e).__name__}: {e}") from e

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .plot import plot_report
 from .statuses import IMPRECISE, MISMATCH, STATUS_NAMES, fails
 
 # What each status means and what would settle it, for the text report.
@@ -291,8 +292,6 @@ class Report:
 
     def plot(self, path, **kwargs):
         """Draw analytic vs numerical derivatives per leaf and the step-size curve."""
-        from .plot import plot_report
-
         return plot_report(self, path, **kwargs)
 
 
