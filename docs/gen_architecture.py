@@ -30,7 +30,7 @@ LAYERS = {
     "base": ["compat", "errors", "names", "noise", "policy", "progress", "statuses", "stencils", "trees",
              "validate", "compare", "jaxprs"],
     "runtime": ["memory", "compiling", "sharding", "sparse_values", "sparse_products", "sparse", "engine"],
-    "problems": ["preparation", "outputs", "problem", "vector_layout", "vector_analytic", "vector_native",
+    "problems": ["preparation", "problem", "vector_layout", "vector_analytic", "vector_native",
                  "vector", "steps", "analytic"],
     "judging": ["report", "plot", "summary", "judge", "blocks", "messages"],
     "front doors": ["sampling", "screening", "strategies", "check", "jacobian", "products", "hvp",

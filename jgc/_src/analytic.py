@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import compat, compiling, policy, trees
-from .preparation import step_scales
-from .outputs import cost_of
+from .preparation import cost_of, step_scales
 from .problem import Problem
 
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .api import check
-from .outputs import OutputFormError, drop_aux
+from .preparation import OutputFormError, drop_aux
 from .rules import check_rules
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2

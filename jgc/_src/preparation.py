@@ -6,6 +6,11 @@
 share, the scoped x64 context, the perturbed leaves cast to their evaluation precision
 (float64 where available, never below float32), the precision label of the report,
 the unit round-off u and the scale s_i that sizes the step of every element.
+
+It also reads the form of fn's result: a cost alone, or a pair (output, aux) with
+``has_aux``. Both kinds of check trace fn and take from its result the part that is
+differentiated; a result of the wrong form for its ``has_aux`` setting raises
+:class:`OutputFormError` with a message saying which form was expected.
 """
 
 from __future__ import annotations
@@ -17,12 +22,70 @@ import time
 import jax
 import numpy as np
 
-from . import compat, engine, policy, trees
-from .outputs import OutputFormError
+from . import compat, compiling, engine, policy, trees
+from .names import short_name
 
 PRECISIONS = ("auto", "float64", "native")
 
 
+# -- the form of fn's result ------------------------------------------------------------
+class OutputFormError(TypeError):
+    """fn's result has the wrong form for its ``has_aux`` setting (found while tracing)."""
+
+
+def is_cost_and_aux(out) -> bool:
+    """True for a pair (scalar, anything): what a has_aux loss returns."""
+    return (isinstance(out, (tuple, list)) and len(out) == 2
+            and (isinstance(out[0], (int, float)) or getattr(out[0], "shape", None) == ()))
+
+
+def describe_output(out) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} elements"
+    shape = getattr(out, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+
+
+def drop_aux(out, has_aux: bool, *, api: str, fn, arg: str = "fn", first: str = "cost"):
+    """Return the part of ``fn``'s result that is differentiated: all of it, or ``out[0]``.
+
+    With ``has_aux`` (as in ``jax.grad``) ``fn`` returns a pair ``(output, aux)``, a tuple
+    or a list. aux may hold anything (arrays, ints, PRNG keys, strings) and is dropped
+    here, inside the traced function, so it is never perturbed, compared, converted or
+    returned from a transformation.
+
+    Raises:
+      OutputFormError: a ``TypeError``, when ``has_aux`` is set and ``out`` is not a pair.
+    """
+    if not has_aux:
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0]
+    raise OutputFormError(
+        f"{api}: has_aux=True expects {arg} to return a pair ({first}, aux), as "
+        f"jax.grad(..., has_aux=True) does, but {short_name(fn)} returned {describe_output(out)}. "
+        f"Return ({first}, aux), or pass has_aux=False."
+    )
+
+
+def cost_of(out, has_aux: bool, *, api: str, fn):
+    """The cost J in a scalar cost's result; a (cost, aux) pair without ``has_aux`` is refused.
+
+    Raises:
+      OutputFormError: ``out`` is a (scalar, aux) pair and ``has_aux`` is not set, or
+        ``has_aux`` is set and ``out`` is not a pair.
+    """
+    if not has_aux and is_cost_and_aux(out):
+        raise OutputFormError(
+            f"{api}: fn must return a scalar cost J, but {short_name(fn)} returned "
+            f"{describe_output(out)}, the first a scalar: a (cost, aux) pair. Pass "
+            "has_aux=True to check the cost and ignore aux, as jax.grad(fn, has_aux=True) "
+            "does, or return the cost alone."
+        )
+    return drop_aux(out, has_aux, api=api, fn=fn)
+
+
+# -- options, precision and scales --------------------------------------------------------
 def validate(api: str, fn, *, signature: str, has_aux, precision, leaves, traced_hint: str) -> None:
     """Refuse options every check refuses: a non-callable fn, a non-bool has_aux, an
     unknown precision, and traced values among ``leaves``.
@@ -180,6 +243,7 @@ class Prepared(Scoped):
         """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
         self.counter = engine.Counter()
         self.t0 = time.perf_counter()
+        self.compile_clock = compiling.Clock()  # programs built while the check runs
         self.notes: list[str] = []
         # Errors of JAX's own derivative rules that a check took as NaN values (see
         # vector_analytic); the Report keeps them, and check_grads' failure names the first.

@@ -20,8 +20,7 @@ import numpy as np
 
 from . import compat, compiling, engine, noise, progress, stencils, trees
 from .names import short_name
-from .outputs import OutputFormError, cost_of
-from .preparation import Prepared, unit_roundoff, validate
+from .preparation import OutputFormError, Prepared, cost_of, unit_roundoff, validate
 
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096

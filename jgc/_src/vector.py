@@ -30,8 +30,8 @@ import numpy as np
 from . import compat, engine, noise, policy, stencils, trees, vector_analytic
 from . import validate as validate_options
 from .names import short_name
-from .outputs import OutputFormError, drop_aux
-from .preparation import ChangedByWidening, Prepared, unit_roundoff, validate, validate_chunk_size
+from .preparation import (ChangedByWidening, OutputFormError, Prepared, drop_aux, unit_roundoff, validate,
+                          validate_chunk_size)
 from .vector_layout import Layout
 
 # Points on the noise probe line; 16 points give 10 sixth differences per output
