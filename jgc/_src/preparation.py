@@ -22,8 +22,9 @@ import time
 import jax
 import numpy as np
 
-from . import compat, engine, policy, trees
+from . import compat, policy, trees
 from .names import short_name
+from .progress import Counter
 
 PRECISIONS = ("auto", "float64", "native")
 
@@ -241,7 +242,7 @@ class Prepared(Scoped):
 
     def _begin(self, checked, precision: str):
         """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
-        self.counter = engine.Counter()
+        self.counter = Counter()
         self.t0 = time.perf_counter()
         self.notes: list[str] = []
         # Errors of JAX's own derivative rules that a check took as NaN values (see
@@ -276,7 +277,7 @@ class Prepared(Scoped):
         self.widen, scope = precision_scope("native", self.orig_dtypes, self.notes)
         self._scope = self._scoped(scope)
         self.as_given = True
-        self.counter = engine.Counter()
+        self.counter = Counter()
         self.notes.append(as_given_note(refused, self.orig_dtypes))
         return super().__enter__()
 
