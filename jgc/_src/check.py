@@ -11,9 +11,10 @@ import numpy as np
 from . import policy, validate
 from .analytic import analytic_gradient, native_gradient, runs_natively, twin_differs
 from .judge import judge_all
-from .problem import Problem, to_elements
+from .problem import Problem
 from .progress import attached
 from .report import Report
+from .stencils import to_elements
 from .steps import Steps, gradient_scale
 from .strategies import DEFAULT_BUDGET, default_full, run_mode
 from .trees import is_inexact_array

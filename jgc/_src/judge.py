@@ -23,7 +23,6 @@ from collections.abc import Callable
 import numpy as np
 
 from . import compare, policy, stencils
-from .problem import to_elements
 from .report import LeafReport, Report
 from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, OK
 from .summary import assemble, summarize
@@ -139,7 +138,7 @@ def _fold(est: stencils.Estimate, sigma: float, m: int, is_c: bool):
     err_c = compare.method_error(est.err_round, est.err_trunc, sigma)
     err = err_c[:m] + (err_c[m:] if is_c else 0.0)
     finite = est.finite[:m] & (est.finite[m:] if is_c else True)
-    return to_elements(est.value, m, is_c), err, finite
+    return stencils.to_elements(est.value, m, is_c), err, finite
 
 
 def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: Plan):

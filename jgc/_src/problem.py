@@ -437,13 +437,3 @@ class Problem(Prepared):
         """(path, description) of every leaf of params that is not perturbed."""
         return self.split.skipped
 
-
-def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:
-    """Fold per-coordinate derivatives into per-element ones (complex: JAX convention).
-
-    For a real-valued J of complex z = x + iy, ``jax.grad`` returns ∂J/∂x − i·∂J/∂y
-    (the conjugate of the usual Wirtinger-based gradient), so we fold the same way.
-    """
-    if not is_complex:
-        return values
-    return values[:m] - 1j * values[m:]

@@ -165,3 +165,14 @@ def kink(onesided: np.ndarray, table: np.ndarray, noise: np.ndarray, analytic: n
     # split between them far beyond that and the noise means a kink on one side.
     split = np.abs(ext[:, 0] - ext[:, 2]) > 40.0 * noise + np.abs(e12) + np.abs(e24) / 4.0
     return (at_point | in_stencil | split) & inside
+
+
+def to_elements(values: np.ndarray, m: int, is_complex: bool) -> np.ndarray:
+    """Fold per-coordinate derivatives into per-element ones (complex: JAX convention).
+
+    For a real-valued J of complex z = x + iy, ``jax.grad`` returns ∂J/∂x − i·∂J/∂y
+    (the conjugate of the usual Wirtinger-based gradient), so we fold the same way.
+    """
+    if not is_complex:
+        return values
+    return values[:m] - 1j * values[m:]
