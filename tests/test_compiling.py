@@ -125,14 +125,20 @@ def test_compilation_threads_end_with_their_work(rng):
 
 def test_a_second_check_of_the_same_model_reuses_every_program(rng):
     p, x, y = _model(rng, width=7)
+    compiling.clear_cache()
     first = jgc.check(_mlp, p, x, y)
     before = dict(compiling.stats)
     second = jgc.check(_mlp, p, x, y)
     # Noise probe, jax.grad and the merged evaluator: all three served from the cache.
     assert compiling.stats["compiled"] == before["compiled"]
     assert compiling.stats["reused"] == before["reused"] + 3
+    # The reports say so: the first check compiled those three programs (and whatever
+    # JAX compiles on its own), the second none.
+    assert first.programs >= 3 and second.programs == 0
+    assert 0 < first.compile_seconds <= first.seconds
     a, b = first.to_dict(), second.to_dict()
-    a.pop("seconds"), b.pop("seconds")
+    for r in (a, b):
+        r.pop("seconds"), r.pop("compile_seconds"), r.pop("programs")
     assert a == b  # the same executables: the same values, bit for bit
 
 
@@ -146,8 +152,24 @@ def test_a_second_directional_check_reuses_the_screening_program(rng):
     assert compiling.stats["compiled"] == before["compiled"]
     assert compiling.stats["reused"] - before["reused"] == 4
     a, b = first.to_dict(), second.to_dict()
-    a.pop("seconds"), b.pop("seconds")
+    for r in (a, b):
+        r.pop("seconds"), r.pop("compile_seconds"), r.pop("programs")
     assert a == b
+
+
+def test_the_clock_counts_programs_compiled_after_it_started_on_any_thread():
+    before = jax.jit(lambda v: v * 3.0)
+    before(np.ones(5, np.float32))  # compiled before the clock: not counted
+    clock = compiling.Clock()
+    assert clock.programs() == 0 and clock.seconds() == 0.0
+    # One program compiled on this thread, one on a worker thread (as jgc compiles ahead).
+    jax.jit(lambda v: jnp.cos(v) + 1.0)(np.ones(6, np.float32))
+    lowered = jax.jit(lambda v: jnp.sin(v) * 2.0).lower(jax.ShapeDtypeStruct((7,), np.float32))
+    assert compiling._submit(lowered.compile).result(timeout=60) is not None
+    assert clock.programs() == 2
+    later = compiling.Clock()
+    assert later.programs() == 0
+    assert 0 < clock.seconds() <= time.perf_counter() - clock.t0
 
 
 def test_a_program_is_reused_only_for_the_same_computation():

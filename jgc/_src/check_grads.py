@@ -302,7 +302,8 @@ def _merge(parts, notes, order, modes) -> Report:
     return dataclasses.replace(
         first, ok=all(r.ok for r in parts), leaves=leaves, skipped=tuple(skipped),
         normwise=max(r.normwise for r in parts), evaluations=sum(r.evaluations for r in parts),
-        seconds=sum(r.seconds for r in parts), step=float(np.median([r.step for r in parts])),
+        seconds=sum(r.seconds for r in parts), compile_seconds=sum(r.compile_seconds for r in parts),
+        programs=sum(r.programs for r in parts), step=float(np.median([r.step for r in parts])),
         noise=max(r.noise for r in parts), mode=f"check_grads(order={order}, modes={','.join(modes)})",
         notes=tuple(allnotes), api="jgc.check_grads", rule_errors=tuple(e for r in parts for e in r.rule_errors),
     )

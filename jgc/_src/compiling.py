@@ -29,6 +29,7 @@ import collections
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -80,6 +81,60 @@ def _signature(args) -> tuple:
     leaves, tree = jax.tree_util.tree_flatten(args)
     return tree, tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)))
                        for x in leaves)
+
+
+# -- what a check spent building programs -------------------------------------------------
+# JAX reports, through jax.monitoring, the duration of every lowering to MLIR and every
+# XLA compilation, on whichever thread ran it (jgc's worker threads included). One
+# listener for the process keeps the recent ones; a Clock started by a check reads those
+# that ended after it started.
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+# Events kept: far more than one check makes (a check of a big model builds tens of
+# programs), few enough that the deque costs nothing.
+EVENTS_KEPT = 4096
+_events: collections.deque = collections.deque(maxlen=EVENTS_KEPT)
+_listening = False
+
+
+def _listen(event: str, duration: float, **kwargs) -> None:
+    if event == _LOWER or event == _BACKEND:
+        end = time.perf_counter()
+        _events.append((end - duration, end, event == _BACKEND))
+
+
+class Clock:
+    """Programs compiled and the time spent building them since the clock started.
+
+    ``programs()`` counts XLA compilations in this process since the start (JAX's own
+    op-by-op programs included: a check's ``jax.grad`` run eagerly compiles one per
+    primitive and shape it meets first). ``seconds()`` is the wall time during which at
+    least one program was being lowered or compiled, on any thread: the union of those
+    intervals, so programs compiled in parallel are not counted twice. Checks running at
+    the same time in other threads of the process are counted too.
+    """
+
+    def __init__(self):
+        global _listening
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_listen)
+            _listening = True
+        self.t0 = time.perf_counter()
+
+    def _since(self) -> list:
+        return [e for e in list(_events) if e[1] >= self.t0]
+
+    def programs(self) -> int:
+        return sum(1 for e in self._since() if e[2])
+
+    def seconds(self) -> float:
+        total, reach = 0.0, self.t0
+        for a, b, _ in sorted(self._since()):
+            a = max(a, reach)
+            if b > a:
+                total += b - a
+                reach = b
+        return total
 
 
 def _compile(lowered, options):

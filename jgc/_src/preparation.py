@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from . import compat, policy, trees
+from . import compat, compiling, policy, trees
 from .names import short_name
 from .progress import Counter
 
@@ -244,6 +244,7 @@ class Prepared(Scoped):
         """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
         self.counter = Counter()
         self.t0 = time.perf_counter()
+        self.compile_clock = compiling.Clock()  # programs built while the check runs
         self.notes: list[str] = []
         # Errors of JAX's own derivative rules that a check took as NaN values (see
         # vector_analytic); the Report keeps them, and check_grads' failure names the first.

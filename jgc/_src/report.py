@@ -234,6 +234,11 @@ class Report:
     # Errors that JAX's own JVP or VJP rules raised at the point, whose values the check
     # took as NaN (jgc.check_grads; a note quotes each): kept for their tracebacks.
     rule_errors: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    # Of ``seconds``: the wall time during which a program was being lowered or compiled
+    # (on any thread), and the XLA programs compiled while the check ran. The rest of
+    # ``seconds`` is evaluation and judging.
+    compile_seconds: float = 0.0
+    programs: int = 0
 
     # ---- summaries -------------------------------------------------------------
     @property
@@ -270,6 +275,8 @@ class Report:
             "normwise": _f(self.normwise),
             "evaluations": self.evaluations,
             "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds,
+            "programs": self.programs,
             "precision": self.precision,
             "stencil": self.stencil,
             "step": _f(self.step),
@@ -389,7 +396,8 @@ def format_report(r: Report) -> str:
         compared = f"normwise ‖a−n‖/‖a+n‖={r.normwise:.2e}"
     lines.append(
         f"  mode={r.mode} stencil={r.stencil} precision={r.precision} step={r.step:.2g}·s "
-        f"noise σ={r.noise:.2g} evaluations={r.evaluations} time={r.seconds:.2f}s {compared}"
+        f"noise σ={r.noise:.2g} evaluations={r.evaluations} time={r.seconds:.2f}s "
+        f"(compiling {r.compile_seconds:.2f}s, {r.programs} programs) {compared}"
     )
     failing = r.failing()
     order = list(failing) + [lf for lf in r.leaves if lf not in failing]

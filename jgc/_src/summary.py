@@ -102,5 +102,6 @@ def assemble(source, leaves: list, *, stencil: str, step: float, strict: bool, m
         precision=source.precision, stencil=stencil, step=step,
         noise=source.sigma if noise is None else noise, cost=cost, mode=mode, strict=strict,
         notes=tuple(source.notes) + tuple(notes), function=function_name(source.fn), api=api,
-        rule_errors=tuple(source.rule_errors),
+        rule_errors=tuple(source.rule_errors), compile_seconds=source.compile_clock.seconds(),
+        programs=source.compile_clock.programs(),
     )
