@@ -1,0 +1,11 @@
+"""The packages the wheel carries; everything else about the project is in pyproject.toml.
+
+Every package under jgc/ is found (a new sub-package of jgc/_src is carried without an
+entry to add), and examples/ is installed as jgc.examples (pyproject.toml maps the
+directory), for ``jgc demo``. pyproject.toml alone cannot say both: its package finder
+names a package by its directory, and examples/ sits outside jgc/.
+"""
+
+from setuptools import find_namespace_packages, setup
+
+setup(packages=find_namespace_packages(include=["jgc", "jgc.*"]) + ["jgc.examples"])
