@@ -171,7 +171,8 @@ def wing_inside(wing: str) -> dict:
     for m, deps in graph().items():
         if wing_of(m) == wing:
             short = m.split(".")[3] if m.count(".") > 2 else "__init__"
-            out[short] = {d.split(".")[3] if d.count(".") > 2 else "__init__" for d in deps if wing_of(d) == wing}
+            out[short] = {d.split(".")[3] if d.count(".") > 2 else "__init__"
+                          for d in deps if wing_of(d) == wing}
     return out
 
 
@@ -260,7 +261,8 @@ def main(argv) -> int:
     old = current()
     if "--check" in argv:
         if old != new:
-            print(f"{DOC.relative_to(ROOT)} is out of date: run python docs/gen_architecture.py", file=sys.stderr)
+            print(f"{DOC.relative_to(ROOT)} is out of date: run python docs/gen_architecture.py",
+                  file=sys.stderr)
             return 1
         return 0
     if not old:
