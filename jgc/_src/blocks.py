@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import policy
+from . import policy, vector_native
 from .judge import Limits
 from .report import LeafReport, Report
 from .statuses import MISMATCH
@@ -23,7 +23,8 @@ def limits(vp, k: int, ol, rtol, atol, g_ref) -> Limits:
     """The judge's limits for block (output leaf ol, input leaf k), the block's largest |g| g_ref."""
     # The analytic side rounds in the coarser of the input's evaluation dtype and the
     # output's dtype (a function that computes in float32 inside a float64 check).
-    d = max([vp.eval_dtypes[k], ol.dtype], key=policy.unit_roundoff)
+    # At the dtypes given (analytic="native"), the dtypes given.
+    d = vector_native.analytic_dtype(vp, k, ol)
     rt, at = policy.default_tolerances(d, g_ref, rtol, atol)
     return Limits(rt, at, 1e-3 * g_ref)
 

@@ -26,7 +26,7 @@ from .sampling import rng_from_key
 def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, order: int = 2,
               key=None, num_directions: int = DEFAULT_DIRECTIONS, precision: str = "auto",
               rtol: float | None = None, atol: float | None = None, step: float | None = None,
-              strict: bool = False, chunk_size: int | None = None) -> Report:
+              strict: bool = False, chunk_size: int | None = None, analytic: str = "native") -> Report:
     """Check Hessian-vector products (order=2) or higher directional derivatives of a scalar ``f``.
 
     With order=2 the function under test is the gradient g(θ) = ∇f(θ, *args); its JVP
@@ -46,6 +46,9 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
       order: 2 (Hessian-vector products) or higher.
       key, num_directions, precision, rtol, atol, step, strict, chunk_size: as in
         :func:`check_jvp`.
+      analytic: "native" (default): the Hessian-vector products at the dtypes of
+        params and args as given, as the program runs; "reference": at the reference's
+        precision, as the finite differences of the gradient.
 
     Returns:
       A :class:`jgc.Report` with blocks ``grad[leaf] · t[params leaf]`` of shape
@@ -114,9 +117,10 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
     derivative.__qualname__ = f"{short_name(f)} (derivative of order {order - 1})"
     validate.tolerances(api, rtol, atol)
     validate.count(api, "num_directions", num_directions)
+    validate.analytic(api, analytic)
     plan = Plan(api=api, jvp=True, user_jvp=user_jvp, key=seed, directions=num_directions, rtol=rtol,
                 atol=atol, step=step, strict=strict,
-                problem={"argnums": 0, "precision": precision, "chunk_size": chunk_size,
+                problem={"argnums": 0, "precision": precision, "chunk_size": chunk_size, "analytic": analytic,
                              "in_label": lambda i: "params", "out_name": "grad"})
     rep = run(derivative, (params, *args), plan)[0]
     return dataclasses.replace(rep, mode=f"hvp (order {order}, {num_directions} directions per leaf)",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from . import compare, validate
+from . import compare, policy, validate
 from .blocks import block_report, gref, limits, make_report
 from .judge import Limits, Refined, classify, line_indices, refine, step_ladder, suspect_lines
 from .names import short_name
@@ -25,6 +25,7 @@ from .report import Report
 from .statuses import MISMATCH
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
+from .vector_native import spreads_of
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 
@@ -99,19 +100,23 @@ def _basis(vp: VectorProblem, k: int, coords: np.ndarray) -> list:
     return out
 
 
-def _jac_fwd(vp: VectorProblem) -> list:
+def _jac_fwd(vp: VectorProblem) -> tuple[list, list | None]:
+    """The Jacobian blocks from JVPs, and their measured rounding (None: not measured)."""
     run = vp.jvp_batch(None)
     total = sum(x.size for x in vp.dyn)
     c = max(1, min(256, 2**22 // max(1, total)))  # tangent batch bounded to ~32 MiB
-    A = []
+    A, S = [], []
     for k in range(len(vp.dyn)):
         n = vp.coordinates(k)
         cols = [run(_basis(vp, k, ch)).T for ch in np.array_split(np.arange(n), max(1, math.ceil(n / c)))]
         A.append(np.concatenate(cols, axis=1))
-    return A
+        spread = spreads_of(run)
+        S = None if S is None or spread is None else S + [np.concatenate([s.T for s in spread], axis=1)]
+    return A, S
 
 
-def _jac_rev(vp: VectorProblem, user_vjp=None) -> list:
+def _jac_rev(vp: VectorProblem, user_vjp=None) -> tuple[list, list | None]:
+    """The Jacobian blocks from VJPs, and their measured rounding (None: not measured)."""
     run = vp.vjp_batch(user_vjp)
     c = 256  # cotangent rows per vmapped VJP batch: each holds one gradient-sized result
     rows = [[] for _ in vp.dyn]
@@ -121,13 +126,16 @@ def _jac_rev(vp: VectorProblem, user_vjp=None) -> list:
         W = run(C)
         for k, w in enumerate(W):
             rows[k].append(vp.to_coords(k, w))
-    return [np.concatenate(r, axis=0) for r in rows]
+    spread = spreads_of(run)
+    S = None if spread is None else [
+        np.concatenate([np.abs(vp.to_coords(k, s[k])) for s in spread], axis=0) for k in range(len(vp.dyn))]
+    return [np.concatenate(r, axis=0) for r in rows], S
 
 
 def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=None,
                    has_aux: bool = False, mode: str = "auto", precision: str = "auto",
                    rtol: float | None = None, atol: float | None = None, step: float | None = None,
-                   strict: bool = False, chunk_size: int | None = None) -> Report:
+                   strict: bool = False, chunk_size: int | None = None, analytic: str = "native") -> Report:
     """Check every entry of the Jacobian of ``f`` at ``primals`` against finite differences.
 
     Column i of the Jacobian (the derivative of every floating output element with
@@ -160,6 +168,9 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
         forward mode where reverse is not defined, e.g. ``while_loop``; otherwise the
         cheaper of the two), "fwd" (``jax.jacfwd``) or "rev" (``jax.jacrev``).
       precision, rtol, atol, step, strict, chunk_size: as in :func:`jgc.check`.
+      analytic: "native" (default): the JVPs or VJPs (or ``jac``) at the primals' and
+        data's dtypes as given, as the program runs, with their own rounding measured;
+        "reference": at the reference's precision (``precision``), as the finite differences.
 
     Returns:
       A :class:`jgc.Report` with one :class:`jgc.LeafReport` per (output leaf, input
@@ -182,40 +193,43 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
         raise ValueError(f"{api}: mode must be one of {JACOBIAN_MODES}, got {mode!r}.")
     if jac is not None and not callable(jac):
         raise TypeError(f"{api}: jac must be None or a callable jac(*primals), got {type(jac).__name__}.")
+    validate.analytic(api, analytic)
     single = isinstance(argnums, int) or (argnums is None and len(primals) == 1)
     notes = []
     with VectorProblem(f, primals, argnums=argnums, has_aux=has_aux, precision=precision, api=api,
-                       chunk_size=chunk_size) as vp:
+                       chunk_size=chunk_size, analytic=analytic) as vp:
         vp.set_bank([])
         vp.measure_noise()
+        S = None  # the analytic side's measured rounding, per block (None: not measured)
         if jac is not None:
             A, used = _jac_user(vp, jac, single), "jac"
         else:
             n_in = sum(vp.coordinates(k) for k in range(len(vp.dyn)))
             used = mode if mode != "auto" else ("fwd" if n_in <= vp.n_out else "rev")
             try:
-                A = _jac_fwd(vp) if used == "fwd" else _jac_rev(vp)
+                A, S = _jac_fwd(vp) if used == "fwd" else _jac_rev(vp)
             except NoForwardRule:
                 if mode == "fwd":
                     raise TypeError(
                         f"{api}: mode='fwd' needs a JVP, but {short_name(f)} is a jax.custom_vjp "
                         "function (it has only a VJP). Use mode='rev' or mode='auto'."
                     ) from None
-                A, used = _jac_rev(vp), "rev"
+                (A, S), used = _jac_rev(vp), "rev"
                 notes.append(f"{short_name(f)} has a custom_vjp rule (no JVP): the Jacobian was taken in reverse mode.")
             except NoReverseRule:
                 if mode == "rev":
                     raise
-                A, used = _jac_fwd(vp), "fwd"
+                (A, S), used = _jac_fwd(vp), "fwd"
                 notes.append(f"{short_name(f)} has no reverse-mode derivative: the Jacobian was taken in forward mode.")
         h = vp.relative_step("central", step)
-        leaves = _judge_jacobian(vp, A, h, step, rtol, atol)
+        leaves = _judge_jacobian(vp, A, h, step, rtol, atol, S=S)
         return make_report(vp, leaves, api=api, mode=f"jacobian ({used})", stencil="central",
                            step=h, strict=strict, notes=notes)
 
 
-def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol) -> list:
-    """Judge every entry of the Jacobian blocks ``A[k]`` (n_out × coordinates of leaf k)."""
+def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol, *, S: list | None = None) -> list:
+    """Judge every entry of the Jacobian blocks ``A[k]`` (n_out × coordinates of leaf k);
+    ``S[k]``: their measured rounding at the dtypes given (None: none measured)."""
     g_all = max((gref(a, 0.0) for a in A), default=0.0) or 1.0
     leaves = []
     for k, a in enumerate(A):
@@ -229,7 +243,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol) -> l
             lim = limits(vp, k, ol, rtol, atol, g)
             RT[ol.start:ol.stop], AT[ol.start:ol.stop], FL[ol.start:ol.stop] = lim.rtol, lim.atol, lim.floor
             GR[ol.start:ol.stop] = g
-        lim = Limits(RT, AT, FL)
+        lim = Limits(RT, AT, FL, analytic=0.0 if S is None else policy.ANALYTIC_SAFETY * S[k])
         judged = classify(a, by_row(est.value), by_row(err), by_row(est.finite), lim)
         bad_cols = suspect_lines(judged, a, axis=0)
         if bad_cols.size:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, validate
+from . import compare, policy, validate
 from .blocks import block_report, gref, limits, make_report
 from .judge import Limits, Refined, classify, line_indices, refine, step_ladder, suspect_lines
 from .names import short_name
@@ -29,6 +29,7 @@ from .sampling import rng_from_key
 from .statuses import MISMATCH
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
+from .vector_native import first_spread, round_cotangents
 
 VJP_AGAINST = ("auto", "numerical", "jvp")
 # Random directions per input leaf (and cotangents per output leaf). Four directions
@@ -76,6 +77,7 @@ class _Pairing:
     U: np.ndarray  # cotangents (L·nc, n_out)
     Wc: list  # Jᵀu in real coordinates, per input leaf
     Tc: list  # tangents in real coordinates, per input leaf
+    S: list | None = None  # measured rounding of A at the dtypes given (see vector_native), per input leaf
 
 
 def _tangent_bank(vp: VectorProblem, rng, nd: int):
@@ -113,7 +115,7 @@ def _richardson_rows(vp: VectorProblem, rows: np.ndarray, step) -> Refined:
 def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, has_aux: bool = False,
               key=None, num_directions: int = DEFAULT_DIRECTIONS, precision: str = "auto",
               rtol: float | None = None, atol: float | None = None, step: float | None = None,
-              strict: bool = False, chunk_size: int | None = None) -> Report:
+              strict: bool = False, chunk_size: int | None = None, analytic: str = "native") -> Report:
     """Check Jacobian-vector products J·t of ``f`` against directional finite differences.
 
     For every checked input leaf, ``num_directions`` random tangents t (normal, scaled
@@ -131,6 +133,7 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
       key: a ``jax.random.key`` (or int seed) for the tangents; default key(0).
       num_directions: random tangents per input leaf.
       precision, rtol, atol, step, strict, chunk_size: as in :func:`jgc.check`.
+      analytic: "native" (default) or "reference", as in :func:`check_jacobian`.
 
     Returns:
       A :class:`jgc.Report`, one block per (input leaf, output leaf) of shape
@@ -148,9 +151,11 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
     api = "jgc.check_jvp"
     validate.tolerances(api, rtol, atol)
     validate.count(api, "num_directions", num_directions)
+    validate.analytic(api, analytic)
     plan = Plan(api=api, jvp=True, user_jvp=jvp, key=key, directions=num_directions, rtol=rtol, atol=atol,
                 step=step, strict=strict,
-                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size})
+                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size,
+                         "analytic": analytic})
     return run(f, primals, plan)[0]
 
 
@@ -164,10 +169,11 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
         T, rows = _setup_directions(vp, rng, nd)
         h = vp.relative_step("central", plan.step)
         name = short_name(f)
-        JT = None
+        JT = S_JT = None  # J·t from the JVP, and its measured rounding at the dtypes given
         if do_jvp or (do_vjp and against in ("auto", "jvp")):
             try:
-                JT = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)(rows)
+                jvps = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)
+                JT, S_JT = jvps(rows), first_spread(jvps)
             except NoForwardRule:
                 if do_jvp and not plan.fallback:
                     raise NoForwardRule(
@@ -192,8 +198,10 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
             z = rng.standard_normal((L * nc, vp.n_out))
             for li, ol in enumerate(vp.out_leaves):
                 U[li * nc:(li + 1) * nc, ol.start:ol.stop] = z[li * nc:(li + 1) * nc, ol.start:ol.stop]
+            U = round_cotangents(vp, U)
             try:
-                W = vp.vjp_batch(plan.user_vjp, broken_as_nan=plan.broken_as_nan)(U)
+                vjps = vp.vjp_batch(plan.user_vjp, broken_as_nan=plan.broken_as_nan)
+                W, S_W = vjps(U), first_spread(vjps)
             except NoReverseRule as e:
                 why = str(e).strip().splitlines()[0][:160]
                 if not plan.fallback:
@@ -209,22 +217,24 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
                                  "mode 'rev' was replaced by 'fwd'.")
                     do_jvp = True
                     if JT is None:
-                        JT = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)(rows)
+                        jvps = vp.jvp_batch(plan.user_jvp, from_bank=True, broken_as_nan=plan.broken_as_nan)
+                        JT, S_JT = jvps(rows), first_spread(jvps)
         need_fd = do_jvp or (do_vjp and against in ("auto", "numerical"))
         fd = _directional_pass(vp, K * nd, h) if need_fd else None
         leaves = []
         if do_jvp:
-            leaves += _judge_directions(vp, JT, fd, plan, h)
+            leaves += _judge_directions(vp, JT, fd, plan, h, S_JT=S_JT)
         if do_vjp:
             Wc = [vp.to_coords(k, w) for k, w in enumerate(W)]
             Tc = [vp.tangent_coords(k, t) for k, t in enumerate(T)]
             with np.errstate(invalid="ignore", over="ignore"):  # non-finite pairs get their own status
                 A = [w @ t.T for w, t in zip(Wc, Tc)]  # (L·nc, nd) per input leaf: ⟨Jᵀu, t⟩
-            pairing = _Pairing(A, U, Wc, Tc)
+            S = None if S_W is None else [np.abs(vp.to_coords(k, s)) @ np.abs(t.T) for k, (s, t) in enumerate(zip(S_W, Tc))]
+            pairing = _Pairing(A, U, Wc, Tc, S)
             if against in ("auto", "numerical"):
                 leaves += _judge_pairs_numerical(vp, pairing, fd, plan, h)
             if JT is not None and against in ("auto", "jvp"):
-                leaves += _judge_pairs_identity(vp, pairing, JT, plan, h)
+                leaves += _judge_pairs_identity(vp, pairing, JT, plan, h, S_JT=S_JT)
         mode = " + ".join(([f"jvp ({nd} directions per leaf)"] if do_jvp else [])
                           + ([f"vjp ({against})"] if do_vjp else []))
         rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=plan.strict,
@@ -232,8 +242,9 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
         return rep, do_jvp, do_vjp
 
 
-def _judge_directions(vp, JT, fd, plan: Plan, h: float) -> list:
-    """Judge J·t from the JVP (rows: tangents, columns: outputs) against finite differences ``fd``."""
+def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
+    """Judge J·t from the JVP (rows: tangents, columns: outputs) against finite differences
+    ``fd``; ``S_JT``: its measured rounding at the dtypes given (None: none measured)."""
     nd = plan.directions
     N, E, Fin = (x.copy() for x in fd)
     g_all = gref(JT, 1.0)
@@ -247,7 +258,7 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float) -> list:
             lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
             RT[r, c], AT[r, c], FL[r, c] = lim.rtol, lim.atol, lim.floor
             GR[k, ol.start] = g
-    lim = Limits(RT, AT, FL)
+    lim = Limits(RT, AT, FL, analytic=0.0 if S_JT is None else policy.ANALYTIC_SAFETY * S_JT)
     judged = classify(JT, N, E, Fin, lim)
     bad_rows = suspect_lines(judged, JT, axis=1)
     if bad_rows.size:
@@ -315,6 +326,8 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
         # Magnitude of the terms of the pairing: its rounding scale for atol.
         g = gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
         lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
+        if pairing.S is not None:
+            lim = dataclasses.replace(lim, analytic=policy.ANALYTIC_SAFETY * pairing.S[k][cu])
         judged = classify(a, n, err, fin, lim)
         bad_d = suspect_lines(judged, a, axis=0)
         if bad_d.size:
@@ -344,8 +357,9 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
     return leaves
 
 
-def _judge_pairs_identity(vp, pairing: _Pairing, JT, plan: Plan, h: float) -> list:
-    """Judge ⟨Jᵀu, t⟩ against ⟨u, J t⟩ from the JVP: the transpose identity, exact up to rounding."""
+def _judge_pairs_identity(vp, pairing: _Pairing, JT, plan: Plan, h: float, *, S_JT=None) -> list:
+    """Judge ⟨Jᵀu, t⟩ against ⟨u, J t⟩ from the JVP: the transpose identity, exact up to
+    rounding (at the dtypes given, the rounding both sides were measured to carry)."""
     nd, nc = plan.directions, plan.cotangents
     absU = np.abs(pairing.U)
     leaves = []
@@ -356,10 +370,12 @@ def _judge_pairs_identity(vp, pairing: _Pairing, JT, plan: Plan, h: float) -> li
         # Both sides are exact up to rounding: scale atol by the size of the terms.
         terms = absU[cu, c] @ np.abs(JT[r, c]).T + np.abs(pairing.Wc[k][cu]) @ np.abs(pairing.Tc[k]).T
         g = gref(terms, 1.0)
-        judged = classify(a, b, np.zeros_like(a), np.isfinite(b), limits(vp, k, ol, plan.rtol, plan.atol, g),
-                          imprecise=False)
+        both = (0.0 if pairing.S is None else pairing.S[k][cu]) + (
+            0.0 if S_JT is None else absU[cu, c] @ S_JT[r, c].T)
+        judged = classify(a, b, policy.ANALYTIC_SAFETY * both * np.ones_like(a), np.isfinite(b),
+                          limits(vp, k, ol, plan.rtol, plan.atol, g), imprecise=False)
         leaves.append(block_report(
-            a, b, judged.tol, judged.codes,
+            a, b, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩ transpose",
             output_path=ol.path, shape=(nc, nd), dtype=vp.orig_dtypes[k].name,
             split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
@@ -371,7 +387,7 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
               argnums=None, has_aux: bool = False, key=None, num_directions: int = DEFAULT_DIRECTIONS,
               num_cotangents: int = DEFAULT_DIRECTIONS, against: str = "auto", precision: str = "auto",
               rtol: float | None = None, atol: float | None = None, step: float | None = None,
-              strict: bool = False, chunk_size: int | None = None) -> Report:
+              strict: bool = False, chunk_size: int | None = None, analytic: str = "native") -> Report:
     """Check vector-Jacobian products uᵀJ of ``f`` through ⟨u, J t⟩ = ⟨Jᵀu, t⟩.
 
     Random cotangents u (``num_cotangents`` per output leaf, zero on the other output
@@ -401,6 +417,7 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
       against: "auto" (numerical, plus the transpose identity where f has a JVP),
         "numerical" or "jvp".
       precision, rtol, atol, step, strict, chunk_size: as in :func:`jgc.check`.
+      analytic: "native" (default) or "reference", as in :func:`check_jacobian`.
 
     Returns:
       A :class:`jgc.Report`, one block per (output leaf, input leaf) and check, of shape
@@ -422,8 +439,10 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
     validate.count(api, "num_cotangents", num_cotangents)
     if against not in VJP_AGAINST:
         raise ValueError(f"{api}: against must be one of {VJP_AGAINST}, got {against!r}.")
+    validate.analytic(api, analytic)
     plan = Plan(api=api, vjp=True, against=against, user_jvp=jvp, user_vjp=vjp, key=key,
                 directions=num_directions, cotangents=num_cotangents, rtol=rtol, atol=atol, step=step,
                 strict=strict,
-                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size})
+                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size,
+                         "analytic": analytic})
     return run(f, primals, plan)[0]

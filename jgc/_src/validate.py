@@ -22,6 +22,19 @@ def tolerances(api: str, rtol, atol) -> None:
             raise ValueError(f"{api}: {name} must be a non-negative number or None, got {v!r}.")
 
 
+# Where the analytic side runs: "native", the user's program at the dtypes given (its
+# float32/bfloat16 rounding and casts inside, as training runs it); "reference", the
+# same program at the reference's precision (float64), which hides bugs that live only
+# at the user's dtype.
+ANALYTIC = ("native", "reference")
+
+
+def analytic(api: str, v) -> None:
+    """The analytic option: one of :data:`ANALYTIC`."""
+    if v not in ANALYTIC:
+        raise ValueError(f"{api}: analytic must be one of {ANALYTIC}, got {v!r}.")
+
+
 def count(api: str, name: str, v, minimum: int = 1) -> int | None:
     """An int option of at least ``minimum`` (None passes through as "not given")."""
     if v is None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, engine, noise, policy, stencils, trees, vector_analytic
+from . import compat, engine, noise, policy, stencils, trees, vector_analytic, vector_native
 from . import validate as validate_options
 from .names import short_name
 from .preparation import (ChangedByWidening, OutputFormError, Prepared, drop_aux, unit_roundoff, validate,
@@ -67,7 +67,7 @@ class VectorProblem(Prepared):
     def __init__(self, f: Callable, primals: tuple, *, argnums=None, has_aux: bool = False,
                  precision: str = "auto", api: str, chunk_size: int | None = None,
                  in_label: Callable[[int], str] | None = None, out_name: str = "out",
-                 allow_nonfinite: bool = False, absolute_step: bool = False):
+                 allow_nonfinite: bool = False, absolute_step: bool = False, analytic: str = "reference"):
         validate(api, f, signature="f(*primals)", has_aux=has_aux, precision=precision, leaves=primals,
                  traced_hint="A derivative check needs concrete numbers: call it outside transformations.")
         validate_chunk_size(api, chunk_size)
@@ -83,7 +83,7 @@ class VectorProblem(Prepared):
         self.absolute_step = absolute_step
         self.argnums = validate_options.argnums(argnums, len(primals), api)
         self.primals = tuple(as_array_primal(p) if i in self.argnums else p for i, p in enumerate(primals))
-        self.chunk_size = chunk_size
+        self.chunk_size, self.analytic_asked, self.x64_given = chunk_size, analytic, compat.x64_enabled()
         self.in_label = in_label or (lambda i: f"args[{i}]")
         self.out_name = out_name
         checked = tuple(self.primals[i] for i in self.argnums)
@@ -123,6 +123,7 @@ class VectorProblem(Prepared):
         self._set_scales(absolute=self.absolute_step)
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise (needs the direction bank)
+        self.native_view = vector_native.native_view(self, dyn, others, self.analytic_asked)
 
     def _same_form_as_given(self, out, dyn, others) -> None:
         """Raise ChangedByWidening when f's outputs at evaluation precision have other
@@ -299,6 +300,7 @@ class VectorProblem(Prepared):
                 sign = sign * np.where(rng.random(x.size) < 0.5, 1.0, 1j)
             probe.append(to_device((sign * self.scales[k]).reshape(x.shape).astype(x.dtype)))
         if tangents:
+            tangents = vector_native.as_given(self, tangents)
             nd = int(np.asarray(tangents[0]).shape[0])
             tang = [to_device(np.asarray(t, x.dtype).reshape((nd,) + tuple(x.shape)))
                     for t, x in zip(tangents, self.dyn)]
@@ -438,11 +440,11 @@ class VectorProblem(Prepared):
     def sigma_rows(self, n: int) -> np.ndarray:
         return np.tile(self.sigma, n)
 
-    # -- analytic side ---------------------------------------------------------------
+    # -- analytic side: "native" (native_view) runs it at the dtypes given, x64 as the caller had it
     def jvp_batch(self, user_jvp: Callable | None, from_bank: bool = False, broken_as_nan: bool = False):
-        """g(T) = J·t for each tangent t of a batch (see vector_analytic.jvp_batch)."""
-        return vector_analytic.jvp_batch(self, user_jvp, from_bank, broken_as_nan)
+        """g(T) = J·t for each tangent t of a batch (see vector_analytic.jvp_batch, vector_native.batch)."""
+        return vector_native.batch(self, vector_analytic.jvp_batch, user_jvp, from_bank, broken_as_nan)
 
     def vjp_batch(self, user_vjp: Callable | None, broken_as_nan: bool = False):
         """g(C) = per-leaf cotangents of a batch of real cotangents (see vector_analytic.vjp_batch)."""
-        return vector_analytic.vjp_batch(self, user_vjp, broken_as_nan)
+        return vector_native.batch(self, vector_analytic.vjp_batch, user_vjp, broken_as_nan)
