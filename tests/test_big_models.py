@@ -61,9 +61,44 @@ def test_direction_line_layout_matches_rows(monkeypatch):
         hi = np.repeat([120, 130, n, 60, 160], [6, 6, 6, 4, 2])
         t = np.tile([1e-3, -1e-3, 2e-3, -2e-3, 4e-3, -4e-3], 5)[: seed.size]
         (j1, d1), (j2, d2) = rows(seed, lo, hi, t), lines(seed, lo, hi, t)
+        # One dot per direction: t·⟨g, v⟩ in place of ⟨g, Δ⟩, the same points of J.
+        cheap = engine.DirectionEvaluator(*args, exact_dots=False, **kw)
+        j3, d3 = cheap(seed, lo, hi, t)
     np.testing.assert_allclose(j2, j1, rtol=1e-14)
     np.testing.assert_allclose(d2, d1, rtol=1e-10, atol=1e-18)
     assert rows.counter.evaluations == lines.counter.evaluations == seed.size
+    assert rows.exact_dots and lines.exact_dots and not cheap.exact_dots
+    np.testing.assert_array_equal(j3, j2)
+    # Δ − t·v is a rounding of θ + t·v: at most u·|θ + t·v| per element, |θ| ≤ 1 here.
+    assert np.all(np.abs(d3 - d1) <= 2 * 2.0**-53 * (hi - lo))
+    assert not np.array_equal(d3, d1)  # the two really differ: the rounding is there
+    ratios = d3 / t
+    assert np.all(ratios.reshape(-1)[:6] == ratios[0])  # one ⟨g, v⟩ for a direction's six steps
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_screen_reads_one_dot_per_direction_only_for_low_precision_gradients(x64, monkeypatch):
+    loss, p, x, y = _mlp(seed=1)
+    made = []
+    real = engine.DirectionEvaluator.__init__
+    monkeypatch.setattr(engine.DirectionEvaluator, "__init__",
+                        lambda self, *a, **k: made.append(self) or real(self, *a, **k))
+    n = sum(v.size for v in p.values())
+    monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # the line layout
+    with jax.enable_x64(x64):
+        if x64:
+            p, x, y = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), (p, x, y))
+        g = jax.grad(loss)(p, x, y)
+        i = np.unravel_index(int(np.argmax(np.abs(g["W1"]))), g["W1"].shape)
+        bad = dict(g, W1=g["W1"].at[i].multiply(1.01))
+        rep = jgc.check(loss, p, x, y, grad=bad, mode="directional")
+        good = jgc.check(loss, p, x, y, mode="directional")
+    assert [ev.lines for ev in made] == [True, True]
+    # A float64 gradient's allowance is far below what the rounding of θ + t·v could
+    # move; a float32 gradient's is not.
+    assert [ev.exact_dots for ev in made] == [x64, x64]
+    assert good.ok and not rep.ok
+    assert rep.leaf("['W1']").elements("mismatch") == [tuple(int(v) for v in i)]
 
 
 def test_noise_probe_line_by_line_evaluates_the_same_points(monkeypatch):

@@ -302,7 +302,8 @@ class DirectionEvaluator:
     """
 
     def __init__(self, cost: Callable, leaves, operands, scales, *, grads, movable,
-                 key: int = 0, rows: int = 16, counter: Counter | None = None, devices=None):
+                 key: int = 0, rows: int = 16, counter: Counter | None = None, devices=None,
+                 exact_dots: bool = True):
         self.counter = counter if counter is not None else Counter()
         # With several devices each batch's rows are split across them (as in
         # LeafEvaluator): a screen of k directions per leaf runs on every device.
@@ -326,6 +327,12 @@ class DirectionEvaluator:
         # Line layout, when a batch holds one row (past ~8e6 parameters, or memory short):
         # a call builds one direction once and walks its steps (LINE_STEPS at most).
         self.lines = by_memory == 1 and not self.shard
+        # ``exact_dots`` False (line layout only): the second column is t·⟨g, v⟩ from one
+        # dot per direction instead of ⟨g, Δ⟩ per step. On a big model that dot is a pass
+        # over g, θ and θ + t·v per evaluation (≈20 ms of a 25 ms float64 evaluation of a
+        # 9.3M-parameter MLP); the caller then bounds what the rounding of θ + t·v can
+        # change (Δ − t·v is at most u·|θ + t·v| per element).
+        self.exact_dots = exact_dots or not self.lines
         salt = np.uint32(key & 0xFFFFFFFF)
         offs = [int(o) for o in self.offsets[:-1]]
 
@@ -341,7 +348,8 @@ class DirectionEvaluator:
                                     jnp.zeros((), x.dtype)))
             return vs
 
-        def at(xs, vs, aux, t, argarr):
+        def at(xs, vs, aux, t, argarr, gv=None):
+            """(J, ⟨g, Δ⟩) at θ + t·v; with ``gv`` = ⟨g, v⟩ given, (J, t·⟨g, v⟩)."""
             moved, dots = [], []
             for x, v, a in zip(xs, vs, aux):
                 if a is None:
@@ -351,9 +359,10 @@ class DirectionEvaluator:
                 tv = compat.result_type(t.dtype, x.dtype)
                 xm = x + (t.astype(tv) * v.astype(tv)).astype(x.dtype)
                 moved.append(xm)
-                dots.append(jnp.vdot(a[1], (xm - x).astype(wide)))
+                if gv is None:
+                    dots.append(jnp.vdot(a[1], (xm - x).astype(wide)))
             j = cost(moved, argarr)
-            return jnp.stack([j.astype(wide), sum(dots)])
+            return jnp.stack([j.astype(wide), sum(dots) if gv is None else t.astype(wide) * gv])
 
         def one(xs, seed, lo, hi, t, ops):
             argarr, aux = ops
@@ -362,9 +371,11 @@ class DirectionEvaluator:
         def line(xs, row, ts, count, ops):
             argarr, aux = ops
             vs = direction(xs, aux, *row)  # row: (seed, lo, hi)
+            gv = None if self.exact_dots else sum(
+                jnp.vdot(a[1], v.astype(wide)) for v, a in zip(vs, aux) if a is not None)
 
             def step(r, out):
-                return out.at[r].set(at(xs, vs, aux, ts[r], argarr))
+                return out.at[r].set(at(xs, vs, aux, ts[r], argarr, gv))
 
             return jax.lax.fori_loop(0, count, step, jnp.zeros((LINE_STEPS, 2), wide))
 

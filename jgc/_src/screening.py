@@ -52,6 +52,16 @@ SCREEN_ROUNDING = 2.0**10
 # Directions.groups): a handful of groups, so a transformer of 150 leaves costs 6k
 # evaluations per group instead of per leaf.
 SCREEN_GROUP_SHARE = 0.25
+# Share of the smallest screening allowance that the rounding of θ + t·v may take when
+# the analytic side reads t·⟨g, v⟩ (one dot per direction) instead of ⟨g, Δ⟩ for the
+# representable Δ (one pass over the parameters per evaluation; see
+# engine.DirectionEvaluator's exact_dots). That rounding moves J by at most
+# u·(1 + |t|)·Σ|g_i|s_i, at most u·(1 + |t|)·√m·‖g∘v‖₂; it is added to the method's
+# error bar. At 1% it cannot change a verdict noticeably: float32 gradients of models
+# up to 10⁹ parameters take the cheap path, float64 gradients keep the exact dots.
+CHEAP_DOTS_SHARE = 0.01
+
+
 @dataclasses.dataclass
 class Tests:
     codes: np.ndarray  # against the screening allowance (guides localisation)
@@ -91,6 +101,11 @@ class Directions:
         self.T = steps.relative("richardson", step)
         self.t_min = min(policy.relative_step("central", problem.u), self.T)
         self.fixed = step is not None
+        # The largest rounding of θ + t·v against the smallest allowance (CHEAP_DOTS_SHARE).
+        n = sum(m for m, mv in zip(self.sizes, movable) if mv)
+        rs = min((t[2] for t, mv in zip(tols, movable) if mv), default=0.0)
+        # 1.65: the noise gain of the Richardson table (stencils.py), the largest of a screen.
+        worst = problem.u * (1 + 4 * self.T) * math.sqrt(max(n, 1)) * 1.65 / self.t_min
         self.ev = engine.DirectionEvaluator(
             problem.full_cost, problem.dyn, problem.argarr, problem.scales,
             grads=[g.reshape(x.shape) if mv else g for g, x, mv in zip(grads, problem.dyn, movable)],
@@ -98,6 +113,7 @@ class Directions:
             # One call holds a localisation level (4 evaluations per part); a screen of
             # k directions (6 each) takes a few calls of the same compiled shape.
             key=seed, rows=4 * LOCALISE_SPLIT, counter=problem.counter,
+            exact_dots=worst > CHEAP_DOTS_SHARE * DIRECTION_Z * rs,
         )
         self.offsets = self.ev.offsets
         self.next_seed = 0
@@ -231,7 +247,7 @@ class Directions:
         num = est.value
         if trunc is not None:
             est.err_trunc = np.full(lo.size, trunc)
-        err = compare.method_error(est.err_round, est.err_trunc, p.sigma)
+        err = compare.method_error(est.err_round, est.err_trunc, p.sigma) + self._step_rounding(est, gv1, 4 * T)
         finite = est.finite
         if trunc is None and not self.fixed:
             # Curvature along v: |D_T − D_2T|/3 is D_T's truncation, c·T²; resolved only
@@ -244,7 +260,8 @@ class Directions:
                 ts = t_star[short]
                 Js, ds = self._eval(seeds[short], glo[short], ghi[short], np.stack([ts, -ts], 1))
                 e2 = stencils.estimate("central", p.j0, Js, np.abs(np.stack([ts, -ts], 1)))
-                err2 = compare.method_error(e2.err_round, c[short] * ts**2, p.sigma)
+                err2 = (compare.method_error(e2.err_round, c[short] * ts**2, p.sigma)
+                        + self._step_rounding(e2, gv1[short], ts))
                 better = e2.finite & (err2 < err[short])
                 idx = short[better]
                 num[idx], err[idx] = e2.value[better], err2[better]
@@ -258,6 +275,14 @@ class Directions:
             ratio = np.where(bound > 0, diff / bound, np.inf)
         return Tests(codes, fails, np.nan_to_num(ratio, nan=np.inf), a, num, bound, diff,
                       est.err_trunc)
+
+    def _step_rounding(self, est, gv1, t_max):
+        """What the rounding of θ + t·v can add to an estimate when the analytic side is
+        t·⟨g, v⟩ (see CHEAP_DOTS_SHARE): each J moves by at most u·(1 + |t|)·Σ|g_i v_i|,
+        and the stencil's noise gain (a sum of |weights| / step) carries it through."""
+        if self.ev.exact_dots:
+            return 0.0
+        return est.err_round * self.problem.u * (1 + t_max) * gv1
 
     def power(self, k: int, res: Tests, sl: slice, elems: np.ndarray) -> np.ndarray:
         """Smallest relative error in each of ``elems`` of leaf k that the screen catches.

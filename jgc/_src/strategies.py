@@ -38,7 +38,7 @@ from .screening import (
     tolerances,
 )
 from .statuses import MISMATCH, OK, STATUS_NAMES
-from .summary import assemble, typical_and_largest
+from .summary import assemble, typical_and_largest_index
 
 # Evaluation budget of mode="auto": full mode for models up to ~10^4 parameters (2n
 # evaluations, seconds on a CPU for small models), directional + sampled beyond.
@@ -139,14 +139,19 @@ def _stated_power(problem, steps, dirs, k, *, res, sl, a_flat, tols, h_rel, step
     refinement at H, whichever is larger (both must fail).
     """
     rt, at = tols[:2]
-    g = np.abs(np.where(np.isfinite(a_flat), a_flat, 0.0)).astype(np.float64)
-    s = problem.scales[k]
+    at_idx = typical_and_largest_index(a_flat)
+    if at_idx is None:
+        return math.inf, math.inf
+    # Only the typical and the largest element are stated: figures for those two, not
+    # arrays over a leaf of 10⁸ elements.
+    elems = np.asarray(at_idx, np.int64)
+    g = np.abs(a_flat[elems]).astype(np.float64)
+    s = problem.scales[k][elems]
     H = steps.relative("richardson", step)
     gain = max(1.0 / h_rel, 1.65 / H)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alone = (at + rt * g + policy.ROUNDOFF_SAFETY * problem.sigma * gain / s) / g
-        per = np.maximum(dirs.power(k, res, sl, np.arange(g.size)), alone)
-    return typical_and_largest(g, np.where(g > 0, per, np.inf))
+    alone = (at + rt * g + policy.ROUNDOFF_SAFETY * problem.sigma * gain / s) / g
+    per = np.maximum(dirs.power(k, res, sl, elems), alone)
+    return float(per[0]), float(per[1])
 
 
 def full_cost(problem, stencil: str) -> tuple[int, float]:

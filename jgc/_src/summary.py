@@ -23,10 +23,20 @@ def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, 
     typical element is the median among the nonzero, finite ones. Infinite when there is
     no such element.
     """
-    mag = np.abs(np.asarray(a))
+    at = typical_and_largest_index(a)
+    if at is None:
+        return math.inf, math.inf
+    return float(per_element[at[0]]), float(per_element[at[1]])
+
+
+def typical_and_largest_index(a: np.ndarray) -> tuple[int, int] | None:
+    """Flat indices of the typical element (median nonzero finite |a|) and of the largest
+    |a| (see ``typical_and_largest``), or None when there is no such element; a figure
+    needed at these two elements only need not be computed for a whole leaf."""
+    mag = np.abs(np.asarray(a)).ravel()
     keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
     if keep.size == 0:
-        return math.inf, math.inf
+        return None
     # The element a stable sort of the kept magnitudes would put at rank (K−1)//2, and
     # the last one: found by selection (O(n), not a sort of a 10⁸-element leaf).
     kept = mag[keep]
@@ -35,7 +45,7 @@ def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, 
     ties = keep[kept == v]
     median = ties[rank - int(np.count_nonzero(kept < v))]
     largest = keep[np.flatnonzero(kept == kept.max())[-1]]
-    return float(per_element[median]), float(per_element[largest])
+    return int(median), int(largest)
 
 
 def _scalar(v):
