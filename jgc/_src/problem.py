@@ -1,11 +1,13 @@
-"""A prepared gradient-check problem: validated inputs, precision, noise and steps.
+"""A scalar cost's problem: the prepared inputs, J at the point and its noise, evaluators per leaf.
 
-:class:`Problem` is built once per check. It owns the scoped x64 context, the copies
-of the parameters at evaluation precision, the compiled evaluators per leaf, the
-measured noise of J and the step of every coordinate. Front doors (``check``,
-``numerical_grad`` and the directional and Jacobian checks) build on it. What it
-shares with the vector-valued checks (options, precision, scales) is in
-``preparation.py``; the form of fn's result is checked in ``outputs.py``.
+:class:`Problem` is built once per scalar check: ``jgc.check`` in every mode,
+``numerical_grad`` and ``check_taylor``. What it shares with the vector checks
+(validated options, the scoped x64 context, the leaves at evaluation precision, the
+scales, the form of fn's result) comes from :class:`jgc._src.preparation.Prepared`. On
+top it holds J at the point, its rounding noise measured along random lines (``noise``),
+the compiled evaluators per leaf (``engine``) and the finite-difference estimate of any
+real coordinates of a leaf (``stencils``). The steps come from ``steps.Steps``; the
+Jacobian, JVP, VJP and HVP checks use :class:`jgc._src.vector.VectorProblem` instead.
 """
 
 from __future__ import annotations

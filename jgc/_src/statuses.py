@@ -1,8 +1,11 @@
 """Per-element status codes, their names, and which of them fail a check.
 
-Every judge (scalar, Jacobian, products, rules) speaks these codes; the report, the
-plot and the text only read them. Codes grow with severity, so the status of a group
-of elements is the largest code among them.
+The judge (``compare`` and ``judge``) and the screens (``screening``, ``strategies``)
+write these codes for every element of a scalar, Jacobian or product check; ``summary``,
+the report, the plot and the text only read them. Codes grow with severity, so the
+status of a group of elements is the largest code among them. The rules wing reports
+each rule with statuses of its own (``rules.report.RULE_STATUSES``: "intended", "not
+executed", ...), drawn from these codes of its call sites' checks.
 """
 
 from __future__ import annotations

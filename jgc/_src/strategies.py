@@ -1,4 +1,8 @@
-"""Sampling strategies of ``jgc.check`` beyond "full": sampled, directional and auto.
+"""The modes of ``jgc.check`` beyond "full": which elements a check judges.
+
+:func:`run_mode` chooses the elements and hands them to the one judge (``judge``): the
+samples come from ``sampling``, the random-direction screens and the group testing that
+localises a failure from ``screening``.
 
 * ``mode="sampled"`` checks a stratified sample of coordinates in every leaf (small
   biases too), always including each leaf's largest-|gradient| elements, reproducibly
@@ -6,7 +10,7 @@
 * ``mode="directional"`` screens every leaf with k random directions v (v_i = ±s_i,
   s the parameter scale) in a few vmapped batches: 6k evaluations per leaf whatever its
   size. The derivative of J along v, from a Richardson table at steps sized along v
-  itself (see ``_Directions``), is compared with ⟨g, v⟩. A single wrong element e_i
+  itself (``screening.Directions``), is compared with ⟨g, v⟩. A single wrong element e_i
   shows as |e_i|·s_i in *every* direction (random signs cannot hide one term). When a
   screen fails, group testing localises the culprit: the failing range is split into
   4 parts, each tested with its own random direction (16 evaluations per level, one
@@ -17,6 +21,9 @@
   together catch.
 * ``mode="auto"`` runs full mode when its ≈2n evaluations fit ``budget``, otherwise
   directional on every leaf plus a sampled check with what is left of the budget.
+* Without ``mode``, full mode runs when its evaluations fit the budget of "auto" or its
+  estimated time fits ``policy.DEFAULT_TIME_BUDGET`` (:func:`default_full`); otherwise
+  directional on every leaf plus samples with what that time leaves.
 """
 
 from __future__ import annotations

@@ -6,15 +6,16 @@ perturbed leaves, lays every floating output leaf out in one real vector
 
     y = vec(f(*primals))   (complex leaves contribute (Re, Im) pairs, interleaved)
 
-and measures the rounding noise of every element of y. The Jacobian, JVP, VJP and
-second-order checks (``jacobian.py``) all work on this real view, which is also how
+and measures the rounding noise of every element of y. The Jacobian, JVP, VJP and HVP
+checks (``jacobian``, ``products``, ``hvp``) all work on this real view, which is also how
 JAX's convention for complex derivatives is honoured: a complex number is a point of
 R², tangents are R-linear, and ``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i)
 is c_r − i·c_i.
 
-What it shares with Problem (options, precision, scales) is in ``preparation.py``; the
-layout of y in ``vector_layout.py``; the analytic side (JVPs, VJPs) in
-``vector_analytic.py``.
+What it shares with Problem (options, precision, scales, the form of f's result) is in
+``preparation``; the layout of y in ``vector_layout``; the analytic side (JVPs, VJPs) in
+``vector_analytic``, and as the program runs it, at the dtypes given, in ``vector_native``.
+Its steps come from :meth:`VectorProblem.relative_step`, not from ``steps.Steps``.
 """
 
 from __future__ import annotations
