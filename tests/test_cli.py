@@ -150,3 +150,19 @@ def test_installed_entry_point_exit_codes_via_pythonpath(mod, tmp_path):
                           check=False)
     assert proc.returncode == 1, proc.stderr
     assert "jgc.check FAIL" in proc.stdout and "mismatch" in proc.stdout
+
+
+def test_without_mode_the_check_chooses_as_jgc_check_does(mod, capsys, monkeypatch):
+    from jgc._src import policy, strategies
+
+    argv = (f"{mod}:loss", "--params", f"{mod}:make_params", "--args", f"{mod}:make_args", "--grad", f"{mod}:grad_bad")
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and "mode=full" in out, err  # a small model: every element
+    # A model whose full check would not fit the time budget: screened, as jgc.check does.
+    monkeypatch.setattr(strategies, "DEFAULT_BUDGET", 0)
+    monkeypatch.setattr(policy, "DEFAULT_TIME_BUDGET", 0.0)
+    code, out, err = run(capsys, *argv)
+    assert code == 1, err
+    assert "mode=default (directional" in out and "mode='full' checks every element" in out.splitlines()[0]
+    code, out, err = run(capsys, *argv, "--mode", "full")
+    assert code == 1 and "mode=full" in out

@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a hand-written gradient grad(params, *args) to check instead of jax.grad")
     chk.add_argument("--has-aux", action="store_true",
                      help="FN returns (cost, aux), as for jax.grad(fn, has_aux=True); aux is ignored")
-    chk.add_argument("--mode", default="full", choices=("full", "sampled", "directional", "auto"))
+    chk.add_argument("--mode", default=None, choices=("full", "sampled", "directional", "auto"),
+                     help="default: as jgc.check without mode=, full when its estimated time fits "
+                          "a minute, else directional screening plus a sample (the report says which)")
     chk.add_argument("--samples", type=int, help="elements per leaf (mode sampled / auto)")
     chk.add_argument("--budget", type=int, help="evaluation budget (mode auto / sampled)")
     chk.add_argument("--directions", type=int, help="random directions per leaf (mode directional)")
