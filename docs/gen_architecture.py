@@ -32,7 +32,7 @@ LAYERS = {
     "runtime": ["memory", "compiling", "sharding", "sparse_values", "sparse_products", "sparse", "engine"],
     "problems": ["preparation", "problem", "vector_layout", "vector_analytic", "vector_native",
                  "vector", "steps", "analytic"],
-    "judging": ["report", "plot", "summary", "judge", "blocks", "messages"],
+    "judging": ["report", "plot", "summary", "judge", "messages"],
     "front doors": ["sampling", "screening", "strategies", "check", "jacobian", "products", "hvp",
                     "check_grads", "taylor"],
     "wings": ["rules"],
@@ -183,7 +183,8 @@ def longest_chain(start: str = "jgc.__main__") -> list:
     @functools.cache
     def down(m):
         open_.add(m)
-        best = max(([m] + down(d) for d in g[m] if d not in open_), key=len, default=[m])
+        # sorted: of chains equally long, the same one every run (sets have no order).
+        best = max(([m] + down(d) for d in sorted(g[m]) if d not in open_), key=len, default=[m])
         open_.discard(m)
         return best
 

@@ -18,11 +18,11 @@ import jax
 import numpy as np
 
 from . import compare, policy, validate
-from .blocks import block_report, gref, limits, make_report
-from .judge import Limits, Refined, classify, line_indices, refine, step_ladder, suspect_lines
+from .judge import Limits, Refined, classify, limits, line_indices, refine, step_ladder, suspect_lines
 from .names import short_name
 from .report import Report
 from .statuses import MISMATCH
+from .summary import block_report, gref, make_report
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
 from .vector_native import spreads_of

@@ -12,6 +12,9 @@ A scalar cost's leaf (:func:`judge_leaf`) then takes two further looks that only
 scalar cost affords: a step ladder on confirmed mismatches (is the numerical value
 stable in h?) and a complex-step probe of derivatives too small for central
 differences to resolve.
+
+The Jacobian, JVP, VJP and HVP checks judge entries in blocks, one output leaf against
+one input leaf, each with its own :func:`limits`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import compare, policy, stencils
+from . import compare, policy, stencils, vector_native
 from .report import LeafReport, Report
 from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, OK
 from .summary import assemble, summarize
@@ -60,6 +63,18 @@ class Limits:
         """The limits of the elements at flat indices ``idx``."""
         pick = (lambda v: np.ravel(v)[idx] if np.ndim(v) else v)
         return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny, pick(self.analytic))
+
+
+def limits(vp, k: int, ol, rtol, atol, g_ref) -> Limits:
+    """The limits of a vector check's block (output leaf ol, input leaf k), its largest |g| g_ref.
+
+    The tolerance is in the coarser of the two dtypes (a function that computes in
+    float32 inside a float64 check rounds there), at the dtypes given with
+    ``analytic="native"``, and scaled by the block's largest derivative.
+    """
+    d = vector_native.analytic_dtype(vp, k, ol)
+    rt, at = policy.default_tolerances(d, g_ref, rtol, atol)
+    return Limits(rt, at, 1e-3 * g_ref)
 
 
 @dataclasses.dataclass

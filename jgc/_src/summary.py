@@ -2,12 +2,15 @@
 
 One summary serves every check: a scalar cost's leaf, a Jacobian block and the
 blocks of JVP, VJP and HVP checks differ only in where their elements sit (a flat
-index into the leaf, or into an output × input block) and in their labels.
+index into the leaf, or into an output × input block) and in their labels. A vector
+check's report rows are its blocks (:func:`block_report`), and :func:`make_report`
+adds the blocks of a derivative rule whose primal output is not f(x).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -115,3 +118,44 @@ def assemble(source, leaves: list, *, stencil: str, step: float, strict: bool, m
         rule_errors=tuple(source.rule_errors), compile_seconds=source.compile_clock.seconds(),
         programs=source.compile_clock.programs(),
     )
+
+
+# -- the blocks of vector checks (one output leaf against one input leaf) ---------------
+def gref(a: np.ndarray, fallback: float) -> float:
+    """The largest finite |a| of a block, ``fallback`` where there is none or it is 0."""
+    fin = np.abs(a[np.isfinite(a)])
+    g = float(fin.max()) if fin.size else 0.0
+    return g if g > 0 else fallback
+
+
+def block_report(a, n, bound, codes, *, path, label, output_path, shape, dtype, split_index: Callable,
+                 step: float, g_ref: float) -> LeafReport:
+    """The LeafReport of one block of entries (flat, in the block's C order)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return summarize(a, n, bound, codes, indices=np.arange(np.size(a)), path=path, shape=tuple(shape),
+                     dtype=dtype, size=size, step=step, g_ref=g_ref, split_index=split_index,
+                     output_path=output_path, label=label)
+
+
+def primal_blocks(vp, prefixes: dict) -> list:
+    """Mismatch blocks for derivative rules whose primal output is not f(x) (see check_primal)."""
+    out = []
+    for which, again in getattr(vp, "primal_mismatches", {}).items():
+        bad = vp._differs(again)
+        for ol in vp.out_leaves:
+            c = slice(ol.start, ol.stop)
+            out.append(block_report(
+                again[c], vp.y0[c], np.broadcast_to(vp.primal_bound(), vp.y0.shape)[c],
+                np.where(bad[c], MISMATCH, 0).astype(np.int8),
+                path=ol.path, label=f"{prefixes.get(which, which + ': ')}primal output {ol.path} (f(x) from "
+                f"jax.{which.lower()})", output_path=ol.path, shape=ol.block_shape, dtype=ol.dtype.name,
+                split_index=lambda w: (w, ()), step=0.0, g_ref=gref(vp.y0[c], 1.0)))
+    return out
+
+
+def make_report(vp, leaves: list, *, api, mode, stencil, step, strict, notes=(), prefixes=None) -> Report:
+    """A vector check's Report: its judged blocks, the primal-output blocks, its skipped inputs and outputs."""
+    leaves = list(leaves) + primal_blocks(vp, prefixes or {})
+    skipped = tuple(vp.skipped) + tuple((p, f"output {d}") for p, d in vp.out_skipped)
+    return assemble(vp, leaves, stencil=stencil, step=step, strict=strict, mode=mode, notes=notes,
+                    skipped=skipped, noise=float(np.max(vp.sigma, initial=0.0)), api=api)
