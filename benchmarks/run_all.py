@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {
     "speed": ("bench_speed.py", ["--peer-threads", "1"], True),
     "verdicts": ("bench_verdicts.py", [], True),
+    "precision": ("bench_precision.py", [], True),
     "rules": ("bench_rules.py", [], False),
     "rules_found": ("bench_rules.py", ["--found"], False),
     "optax": ("bench_optax.py", [], True),

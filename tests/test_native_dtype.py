@@ -80,6 +80,12 @@ BUGS = {
     # JAX's own float32 tails: σ' = σ(1 − σ) and tanh' = 1 − t² round to 0 (truth 2.1e-9, 2.4e-8).
     "sigmoid tail": (lambda p: jnp.sum(jax.nn.sigmoid(p)), jnp.array([20.0, 1.0, -2.0, 0.5], jnp.float32)),
     "tanh tail": (lambda p: jnp.sum(jnp.tanh(p)), jnp.array([9.5, 1.0, -2.0, 0.5], jnp.float32)),
+    # expm1' = expm1 + 1 rounds to 0 at −20 (truth 2.1e-9).
+    "expm1 tail": (lambda p: jnp.sum(jnp.expm1(p)), jnp.array([-20.0, 1.0, -2.0, 0.5], jnp.float32)),
+    # log_softmax's gradient 1 − exp(log_softmax) is 0 at a confident logit (truth 6.2e-9);
+    # J itself is 6e-9, a difference of terms of 20 that float32 rounds to 0: not another cost.
+    "log_softmax, confident logit": (lambda p: jax.nn.log_softmax(p)[0],
+                                     jnp.array([20.0, 0.0, 0.0, 0.0], jnp.float32)),
     "dtype-branching rule": (lambda p: jnp.sum(_softplus_branching(X @ p)), W),
     "bfloat16 residual": (lambda p: jnp.sum(_tanh_saving(X @ p) ** 2), W),
     "bfloat16 scan accumulator": (lambda p: _sum_sq_scan(p, X), W),

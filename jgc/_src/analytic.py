@@ -203,12 +203,15 @@ def twin_differs(native: NativeSide, problem: Problem) -> str | None:
     dtype, as dropout draws them; arrays created at the default dtype), computes another
     cost there: its gradient cannot be compared with the user's. Told apart by J at the
     point: a rounding difference stays within 2e3·u of the user's coarsest dtype
-    (capped at 1e-2 relative: bfloat16 code rounds J by a few 1e-3) plus 64σ of the
-    reference's measured noise; another cost does not.
+    (capped at 1e-2 relative: bfloat16 code rounds J by a few 1e-3) of the size of the
+    terms J rounds at, plus 64σ of the reference's measured noise; another cost does
+    not. Those terms are max(|J|, σ/u_ref): J = x₀ − logsumexp(x) is 6e-9 at a confident
+    logit of 20, a difference of terms of 20 that float32 rounds to 0, and the
+    reference's noise σ ≈ u_ref·|terms| measures them.
     """
     j_ref = float(np.real(problem.j0))
-    allowed = (min(2e3 * native.u, 1e-2) * max(abs(j_ref), abs(native.value))
-               + 64.0 * float(problem.sigma))
+    terms = max(abs(j_ref), abs(native.value), float(problem.sigma) / problem.u)
+    allowed = min(2e3 * native.u, 1e-2) * terms + 64.0 * float(problem.sigma)
     if not abs(native.value - j_ref) > allowed:  # NaN on either side: no verdict here
         return None
     return (f"the cost differs between the dtypes given and the reference's precision (J = "

@@ -75,17 +75,19 @@ class NativeView:
     def check_primal(self, again, user: str | None = None, label: str = "JVP"):
         """f(x) from the rule at the dtypes given, against the reference's y0: a rounding
         difference stays within 2e3·u of the coarsest dtype given (at most 1e-2 relative:
-        bfloat16 code rounds by a few 1e-3) of max|y|, plus 64σ of the reference's
-        measured noise (as for a scalar cost); beyond that, f at the dtypes given is
-        another function (randomness or arrays at the default dtype depend on x64)."""
+        bfloat16 code rounds by a few 1e-3) of the size of the terms y rounds at (max|y|,
+        or σ_j/u_ref where the reference's noise shows larger terms), plus 64σ_j of the
+        reference's measured noise (as for a scalar cost); beyond that, f at the dtypes
+        given is another function (randomness or arrays at the default dtype depend on
+        x64, or code branches on the dtype)."""
         if not self.checking:
             return
         y = self.vp.y0
         again = np.asarray(again, np.float64)
         fin = np.abs(y[np.isfinite(y)])
-        sigma = self.vp.sigma if self.vp.sigma is not None else 0.0
-        bound = min(2e3 * self.u, 1e-2) * float(np.max(fin, initial=0.0)) + 64.0 * np.where(
-            np.isfinite(sigma), sigma, 0.0)
+        sigma = np.where(np.isfinite(self.vp.sigma), self.vp.sigma, 0.0) if self.vp.sigma is not None else 0.0
+        terms = np.maximum(float(np.max(fin, initial=0.0)), sigma / self.vp.u)
+        bound = min(2e3 * self.u, 1e-2) * terms + 64.0 * sigma
         with np.errstate(invalid="ignore"):
             off = np.abs(again - y) > bound
         if np.any(off):
