@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import compiling, engine
+from jgc._src import compiling, engine, noise
+from jgc._src.problem import Problem
 
 
 def _mlp(p, x, y):
@@ -91,9 +92,10 @@ def test_check_compiles_grad_and_evaluators_ahead_and_uses_them(rng, monkeypatch
     p, x, y = _model(rng, dtype)
     rep = jgc.check(_mlp, p, x, y, precision=precision)
     assert rep.ok, rep
-    # Noise probe (here), jax.grad and the merged evaluator (on workers); on a CPU all
-    # three run a few times only, so all compile without LLVM optimisation.
-    assert len(made) == 3
+    # jax.grad and the merged evaluator, both on workers; the noise probe walks its
+    # lines through the evaluator's own program. On a CPU both run a few times only, so
+    # both compile without LLVM optimisation.
+    assert len(made) == 2
     assert [bg for _, bg, _ in made].count(True) == 2
     assert all(o == compiling.FAST for _, _, o in made)
     # Lowered under the check's own x64 scope, compiled on a thread, called with the
@@ -129,12 +131,13 @@ def test_a_second_check_of_the_same_model_reuses_every_program(rng):
     first = jgc.check(_mlp, p, x, y)
     before = dict(compiling.stats)
     second = jgc.check(_mlp, p, x, y)
-    # Noise probe, jax.grad and the merged evaluator: all three served from the cache.
+    # jax.grad and the merged evaluator (which also walks the noise probe's lines): both
+    # served from the cache.
     assert compiling.stats["compiled"] == before["compiled"]
-    assert compiling.stats["reused"] == before["reused"] + 3
-    # The reports say so: the first check compiled those three programs (and whatever
-    # JAX compiles on its own), the second none.
-    assert first.programs >= 3 and second.programs == 0
+    assert compiling.stats["reused"] == before["reused"] + 2
+    # The reports say so: the first check compiled those two programs (and whatever JAX
+    # compiles on its own), the second none.
+    assert first.programs >= 2 and second.programs == 0
     assert 0 < first.compile_seconds <= first.seconds
     a, b = first.to_dict(), second.to_dict()
     for r in (a, b):
@@ -147,10 +150,10 @@ def test_a_second_directional_check_reuses_the_screening_program(rng):
     first = jgc.check(_mlp, p, x, y, mode="directional")
     before = dict(compiling.stats)
     second = jgc.check(_mlp, p, x, y, mode="directional")
-    # All four programs from the cache: the noise probe, jax.grad, the directional
-    # screen and the merged evaluator of this small model (its step pilots).
+    # All three programs from the cache: jax.grad, the directional screen and the merged
+    # evaluator of this small model (its step pilots and the noise probe's lines).
     assert compiling.stats["compiled"] == before["compiled"]
-    assert compiling.stats["reused"] - before["reused"] == 4
+    assert compiling.stats["reused"] - before["reused"] == 3
     a, b = first.to_dict(), second.to_dict()
     for r in (a, b):
         r.pop("seconds"), r.pop("compile_seconds"), r.pop("programs")
@@ -170,6 +173,22 @@ def test_the_clock_counts_programs_compiled_after_it_started_on_any_thread():
     later = compiling.Clock()
     assert later.programs() == 0
     assert 0 < clock.seconds() <= time.perf_counter() - clock.t0
+
+
+@pytest.mark.parametrize("leaves", ["several", "one"])
+def test_the_noise_probe_walks_its_lines_through_the_evaluator(rng, leaves):
+    p, x, y = _model(rng, width=6)
+    if leaves == "one":
+        p = p["W1"]
+        fn = (lambda w, x, y: _mlp({"W1": w, "b1": jnp.zeros(6, w.dtype), "W2": jnp.ones((6, 3), w.dtype)}, x, y))
+    else:
+        fn = _mlp
+    with Problem(fn, p, (x, y), ahead=("evaluators",)) as prob:
+        whole = prob._whole_evaluator()
+        assert whole is not None and whole.lines
+        t = np.arange(noise.POINTS) * 1e-3
+        # The same lines as the probe's own program (kept for models too big to merge).
+        np.testing.assert_allclose(prob._probe_whole(whole)(t), prob._probe_together()(t), rtol=1e-13)
 
 
 def test_a_program_is_reused_only_for_the_same_computation():

@@ -44,6 +44,28 @@ def test_leaf_evaluator_values_and_counts(m, chunk_size, jit_cost, sparse_path, 
     assert counter.evaluations == deltas.size  # padding rows are not counted
 
 
+def test_leaf_evaluator_with_lines_also_walks_them(rng):
+    # One program for element offsets and for points on lines (a check's noise probe):
+    # element rows give the values of an evaluator without lines, line rows the cost at
+    # x0 + t·line, and t = 0 is x0 itself.
+    with jax.enable_x64(True):
+        m = 9
+        x0 = jnp.asarray(rng.normal(size=m))
+        ops = jnp.asarray(rng.uniform(0.5, 1.5, size=m))
+        bank = rng.normal(size=(3, m))
+        counter = engine.Counter()
+        ev = engine.LeafEvaluator(_quartic, x0, ops, counter=counter, lines=jnp.asarray(bank))
+        plain = engine.LeafEvaluator(_quartic, x0, ops)
+        idx = np.array([0, 4, 8])
+        deltas = np.array([[1e-3, -1e-3], [2e-2, 0.5], [-0.25, 3e-4]])
+        np.testing.assert_array_equal(ev(idx, deltas), plain(idx, deltas))
+        line, t = np.array([0, 2, 1, 2, 0]), np.array([0.0, 0.1, -0.3, 1e-6, 2.0])
+        got = ev.along(line, t)
+        want = [float(_quartic(np.asarray(x0) + tk * bank[lk], np.asarray(ops))) for lk, tk in zip(line, t)]
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+        assert counter.evaluations == idx.size * 2 + t.size
+
+
 def test_short_request_on_huge_leaf_uses_plain_batch(monkeypatch, rng):
     # The dense path's layout (the sparse path never groups).
     monkeypatch.setattr(sparse, "ENABLED", False)

@@ -212,6 +212,10 @@ class Ahead:
     # compilation failed): a check's own calls should never need it.
     fallbacks = 0
 
+    def wait(self) -> None:
+        """Block until the compilation is done (or failed: the call then falls back)."""
+        self._compiled.result()
+
     def __call__(self, *args):
         compiled = self._compiled.result()
         if compiled is not None and _signature(args) == self._signature:

@@ -137,16 +137,23 @@ class LeafEvaluator:
     request is a list of rows (element index, offset); rows of every stencil go
     through the same compiled function, so a leaf compiles once however many passes
     it needs.
+
+    With ``lines`` (an array (L, m) of directions, real leaves only), the same program
+    also evaluates ``cost(x0 + t·lines[l])`` for rows (l, t) (:meth:`along`): a check's
+    noise probe then needs no program of its own.
     """
 
     def __init__(self, cost: Callable, x0: jax.Array, operands, *, chunk_size=None,
                  counter: Counter | None = None, complex_step: bool = False,
-                 devices=None, fast_compile: bool | None = None):
+                 devices=None, fast_compile: bool | None = None, lines=None):
         self.m = x0.size
+        self.lines = lines is not None
         self.counter = counter if counter is not None else Counter()
         self.shard = sharding.RowSharding.create(devices)
         ndev = self.shard.size if self.shard else 1
         self.rows, self.groups = choose_layout(self.m, chunk_size, ndev)
+        if self.lines:
+            operands = (operands, lines)
         if self.shard:
             x0, operands = self.shard.replicate((x0, operands))
         self.x0, self.operands = x0, operands
@@ -157,9 +164,20 @@ class LeafEvaluator:
             # Only this leaf is copied and batched; the rest of the model is shared.
             return cost(x.at[i].set(x[i] + d), ops)
 
-        batch = jax.vmap(one, in_axes=(None, 0, 0, None))
+        def one_or_line(x, i, d, l, t, ops):
+            ops, bank = ops
+            # A row is an element offset (t = 0) or a point on line l (t ≠ 0), never both:
+            # each keeps exactly the arithmetic it has alone (x + 0·v would turn a -0.0
+            # element into +0.0).
+            moved = jnp.where(t != 0, x + t * bank[l], x.at[i].set(x[i] + d))
+            return cost(moved, ops)
+
+        if self.lines:
+            batch = jax.vmap(one_or_line, in_axes=(None, 0, 0, 0, 0, None))
+        else:
+            batch = jax.vmap(one, in_axes=(None, 0, 0, None))
         self.sparse = False
-        if not complex_step and sparse.ENABLED and self.m >= SPARSE_LEAF:
+        if not complex_step and not self.lines and sparse.ENABLED and self.m >= SPARSE_LEAF:
             # Same values, without a dense copy of the leaf per row (see sparse.py). Any
             # failure to interpret the cost falls back to the plain vmap above.
             try:
@@ -212,10 +230,11 @@ class LeafEvaluator:
         if self.shard or isinstance(self._call, compiling.Ahead):
             return
         shape = (self.groups, self.rows) if self.groups > 1 else (self.rows,)
-        rows_i = jax.ShapeDtypeStruct(shape, np.int32)
-        rows_d = jax.ShapeDtypeStruct(shape, self._delta_dtype)
+        cols = [jax.ShapeDtypeStruct(shape, np.int32), jax.ShapeDtypeStruct(shape, self._delta_dtype)]
+        if self.lines:
+            cols += [jax.ShapeDtypeStruct(shape, np.int32), jax.ShapeDtypeStruct(shape, self.x0.dtype)]
         single = self._call is self._single
-        self._call = compiling.Ahead(self._call, self.x0, rows_i, rows_d, self.operands,
+        self._call = compiling.Ahead(self._call, self.x0, *cols, self.operands,
                                      options=self._options, background=background)
         if single:
             self._single = self._call
@@ -238,13 +257,31 @@ class LeafEvaluator:
             self.compile_ahead(background=False)
         rows_i = np.repeat(np.asarray(idx, np.int32), p)
         rows_d = deltas.reshape(-1)
+        cols = (rows_i, rows_d)
+        if self.lines:  # element rows: t = 0
+            cols += (np.zeros(rows_i.size, np.int32), np.zeros(rows_i.size, self.x0.dtype))
         if self.groups > 1 and rows_i.size <= self.rows * (self.groups // 2) and self.m >= SINGLE_BATCH_LEAF:
             # A short request (step pilots, refinement) on a huge leaf: padding it to a
             # whole lax.map call would cost more than compiling one plain batch.
-            values = _run_rows(_Single(self), (rows_i, rows_d), rows_i.size)
+            values = _run_rows(_Single(self), cols, rows_i.size)
         else:
-            values = _run_rows(self, (rows_i, rows_d), rows_i.size)
+            values = _run_rows(self, cols, rows_i.size)
         return values.reshape((n, p) + values.shape[1:])
+
+    def along(self, line: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The cost at x0 + t[k]·lines[line[k]] for every k (built with ``lines``); a row
+        with t = 0 is x0 itself."""
+        t = np.asarray(t, self.x0.dtype).ravel()
+        zeros = np.zeros(t.size, np.int32)
+        cols = (zeros, np.zeros(t.size, self._delta_dtype), np.asarray(line, np.int32).ravel(), t)
+        if self._options and not isinstance(self._call, compiling.Ahead):
+            self.compile_ahead(background=False)
+        return _run_rows(self, cols, t.size)
+
+    def ready(self) -> None:
+        """Wait until the program compiled ahead (if any) is built."""
+        if isinstance(self._call, compiling.Ahead):
+            self._call.wait()
 
 
 class _Single:

@@ -49,6 +49,24 @@ def _require_finite(api, value):
         )
 
 
+def _bits(x) -> np.ndarray:
+    """A constant of a jaxpr as a NumPy array (a typed PRNG key as its raw key data)."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _same_program(a, b) -> bool:
+    """Two closed jaxprs with the same equations and the same constants, bit for bit."""
+    if str(a.jaxpr) != str(b.jaxpr) or len(a.consts) != len(b.consts):
+        return False
+    for x, y in zip(a.consts, b.consts):
+        x, y = _bits(x), _bits(y)
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            return False
+    return True
+
+
 class Problem(Prepared):
     """Inputs of a check, validated and converted to the evaluation precision.
 
@@ -141,11 +159,18 @@ class Problem(Prepared):
         """J traced and lowered afresh (a new function, so never a cached trace)."""
         return jax.jit(lambda dyn, argarr: self.full_cost(dyn, argarr)).lower(self.dyn, self.argarr)
 
+    def _jaxpr(self):
+        """(J's jaxpr, its output shapes), traced afresh (a new function, never a cached
+        trace); tracing alone, no lowering: a check of a small model spent about as long
+        lowering as tracing."""
+        return jax.make_jaxpr(lambda dyn, argarr: self.full_cost(dyn, argarr), return_shape=True)(
+            self.dyn, self.argarr)
+
     def _first_value(self) -> float:
         # One compiled evaluation, not an eager one: eager mode compiles every primitive
         # of the cost separately (~0.4 s for a small MLP on a CPU, most of a check's set-up).
         try:
-            lowered = self._traced()
+            jaxpr, out_shape = self._jaxpr()
         except OutputFormError:
             raise  # its message says all there is to say
         except Exception as e:  # re-raised with context, same type
@@ -157,7 +182,7 @@ class Problem(Prepared):
                    "is about dtypes, precision='native' keeps them as passed." if self.widen else "")
             )
             raise
-        outs = jax.tree_util.tree_leaves(lowered.out_info)
+        outs = jax.tree_util.tree_leaves(out_shape)
         arr = outs[0] if len(outs) == 1 else None
         if arr is None or tuple(arr.shape) != ():
             shape = tuple(arr.shape) if arr is not None else f"a pytree of {len(outs)} leaves"
@@ -172,12 +197,13 @@ class Problem(Prepared):
                 "For a complex output take jnp.real/jnp.abs of it, or use jgc.check_jacobian."
             )
         # Determinism: a cost that draws new randomness each time it is traced (a Python
-        # RNG, a stateful key) lowers to a different program; only then do we compile
-        # and compare values (a fixed program is deterministic on a CPU). J(θ) itself
-        # comes from the noise probe's first point, so no program is compiled here.
-        second = self._traced()
-        if second.as_text() == lowered.as_text():
+        # RNG, a stateful key) traces to a different program (other equations, or other
+        # constants); only then do we compile and compare values (a fixed program is
+        # deterministic on a CPU). J(θ) itself comes from the noise probe's first point,
+        # so no program is compiled here.
+        if _same_program(jaxpr, self._jaxpr()[0]):
             return math.nan
+        lowered, second = self._traced(), self._traced()
         with compat.float_checks_off():  # a non-finite J(θ) gets _require_finite's error
             value = float(compat.host(lowered.compile()(self.dyn, self.argarr)))
             _require_finite(self.api, value)
@@ -197,8 +223,12 @@ class Problem(Prepared):
         n = sum(x.size for x in self.dyn)
         fit = engine.rows_in_budget(n)
         start = time.perf_counter()
-        cost_lines = (self._probe_together() if fit >= noise.LINES * noise.POINTS
-                      else self._probe_line_by_line(fit))
+        whole = self._whole_evaluator() if fit >= noise.LINES * noise.POINTS else None
+        if whole is not None:
+            cost_lines = self._probe_whole(whole)
+        else:
+            cost_lines = (self._probe_together() if fit >= noise.LINES * noise.POINTS
+                          else self._probe_line_by_line(fit))
         # What one program of the cost costs to build, and one evaluation to run: the
         # default mode estimates the time of a full check from them (strategies.py).
         self.compile_seconds = time.perf_counter() - start
@@ -237,6 +267,44 @@ class Problem(Prepared):
                 "the measured noise."
             )
         return max(sigma, floor)
+
+    def _probe_bank(self) -> np.ndarray:
+        """The probe's LINES directions over every leaf raveled together, shape (LINES, n):
+        the lines of :meth:`_probe_together` (the same signs, drawn in the same order)."""
+        rng = np.random.default_rng(0)
+        dirs = [rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s for s in self.scales]
+        return np.concatenate(dirs, axis=1).astype(self.dyn[0].dtype)
+
+    def _whole_evaluator(self):
+        """The evaluator whose program also walks the noise probe's lines (see
+        engine.LeafEvaluator's ``lines``), or None: the evaluator of every leaf raveled
+        together, or of the only leaf, in a model of fewer than engine.SPARSE_LEAF
+        elements. A small check then compiles one program of the cost instead of two
+        (the probe and the evaluator: about a third of a small check's time)."""
+        merged = self._merged_evaluator()
+        if merged is not None:
+            return merged[0] if merged[0].lines else None
+        if len(self.dyn) == 1 and self._has_lines():
+            return self.evaluator(0)
+        return None
+
+    def _has_lines(self) -> bool:
+        return (all(not jnp.iscomplexobj(x) for x in self.dyn) and len({x.dtype for x in self.dyn}) == 1
+                and sum(x.size for x in self.dyn) < engine.SPARSE_LEAF)
+
+    def _probe_whole(self, ev):
+        """cost_lines(t) through the evaluator ``ev`` of every leaf (its ``along`` rows)."""
+        try:
+            ev.compile_ahead(background=False)  # a no-op when it was compiled ahead
+        except Exception:  # noqa: BLE001, S110 - compiled (and raised, in context) on first call
+            pass
+        ev.ready()
+        lines = np.repeat(np.arange(noise.LINES), noise.POINTS)
+
+        def cost_lines(t):
+            return ev.along(lines, np.tile(np.asarray(t), noise.LINES)).reshape(noise.LINES, noise.POINTS)
+
+        return cost_lines
 
     def _probe_together(self):
         """cost_lines(t) with every line and point in one vmapped batch (LINES·POINTS copies)."""
@@ -366,8 +434,10 @@ class Problem(Prepared):
                 x0 = jax.device_put(np.concatenate([compat.host(self.dyn[k]).ravel() for k in group]))
                 # The leaves outside the group are operands; a group of every leaf needs none.
                 rest = [None if k in group else x for k, x in enumerate(self.dyn)]
+                whole = len(group) == len(self.dyn) and self._has_lines()
                 ev = engine.LeafEvaluator(cost, x0, (rest, self.argarr), chunk_size=self.chunk_size,
-                                          counter=self.counter)
+                                          counter=self.counter,
+                                          lines=jax.device_put(self._probe_bank()) if whole else None)
                 merged = (ev, {k: int(o) for k, o in zip(group, offsets[:-1])})
             self._merged = merged
         return self._merged
@@ -385,9 +455,11 @@ class Problem(Prepared):
                 # and floating data become complex too (imaginary part 0, so that
                 # Im J(θ + ih·e_i) is unchanged).
                 operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
+            whole = not complex_step and len(self.dyn) == 1 and self._has_lines()
             cache[k, complex_step] = engine.LeafEvaluator(
                 self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
+                lines=jax.device_put(self._probe_bank()) if whole else None,
             )
         return cache[k, complex_step]
 
