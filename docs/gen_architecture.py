@@ -209,7 +209,10 @@ def picture() -> str:
             head = (layer if k == 0 else "").ljust(width)
             lines.append(f"{head}{name.ljust(uw)}→ {', '.join(below)}" if below else f"{head}{name}")
             if u in WINGS:
-                inside, order = wing_inside(u), ["__init__"] + WINGS[u][::-1]
+                inside = wing_inside(u)
+                # Modules missing from WINGS are drawn too, first (the tests name them).
+                order = ["__init__"] + sorted(set(inside) - {"__init__"} - set(WINGS.get(u, ()))) \
+                    + WINGS.get(u, [])[::-1]
                 for m in order:
                     own = sorted(inside.get(m, ()), key=order.index)
                     label = ("  " + m).ljust(uw)
