@@ -165,7 +165,14 @@ def test_rule_is_checked_under_every_transformation(wrong):
 
 def test_custom_vjp_planted_names_bwd_and_operand():
     mul = make_mul(True)
-    rep = jgc.check_rules(lambda p, y: jnp.sum(mul(p, y)), jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0]))
+    # y is data: the loss's gradient never uses the rule's (wrong) derivative in y, so by
+    # default y is held fixed and the rule agrees on what reaches the gradient ...
+    quiet = jgc.check_rules(lambda p, y: jnp.sum(mul(p, y)), jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0]))
+    assert quiet.ok and quiet.rule("mul").status == "ok"
+    assert "y (not on the differentiated path)" in quiet.rule("mul").sites[0].held
+    # ... and all_operands=True compares every operand, as a library author wants.
+    rep = jgc.check_rules(lambda p, y: jnp.sum(mul(p, y)), jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0]),
+                          all_operands=True)
     r = rep.rule("mul")
     assert r.kind == "custom_vjp" and r.status == "mismatch"
     assert (r.rule_name, r.fwd_name) == ("mul_bwd", "mul_fwd")
@@ -530,3 +537,108 @@ def test_optax_ctc_loss_has_no_wrong_rule_in_float64():
         labels = jnp.array([[1, 2, 3], [2, 2, 4]])
         rep = jgc.check_rules(loss, logits, labels)
     assert rep.ok and [r.name for r in rep.rules] == ["logaddexp"], str(rep)
+
+
+# -- only what reaches the gradient is compared ---------------------------------------------------
+def make_scaled_pow(factor_in_k):
+    """x**k with a custom_jvp; the derivative in k is right when ``factor_in_k`` is 1."""
+
+    @jax.custom_jvp
+    def scaled_pow(x, k):
+        return x ** k
+
+    @scaled_pow.defjvp
+    def scaled_pow_jvp(p, t):
+        (x, k), (tx, tk) = p, t
+        return x ** k, k * x ** (k - 1) * tx + factor_in_k * jnp.log(x) * x ** k * tk
+
+    return scaled_pow
+
+
+def test_a_constant_operand_is_held_fixed_and_all_operands_compares_it():
+    pw = make_scaled_pow(2.0)  # wrong in k, right in x
+    x = jnp.array([0.5, 1.5])
+
+    def loss(x):
+        return jnp.sum(pw(x, jnp.full(2, 3.0)))  # k is a constant: its derivative never reaches the gradient
+
+    rep = jgc.check_rules(loss, x)
+    site = rep.rule("scaled_pow").sites[0]
+    assert rep.ok and site.status == "ok" and "k (not on the differentiated path)" in site.held, str(rep)
+    full = jgc.check_rules(loss, x, all_operands=True)
+    assert not full.ok and full.rule("scaled_pow").worst.operand == "k", str(full)
+    # The same rule fed a parameter-dependent k is compared in k, and caught.
+    assert not jgc.check_rules(lambda x: jnp.sum(pw(x, 2 * x)), x).ok
+
+
+def test_an_output_whose_cotangent_never_reaches_the_cost_is_not_compared():
+    @jax.custom_jvp
+    def value_and_residual(x):
+        return jnp.sin(x), x ** 2
+
+    @value_and_residual.defjvp
+    def value_and_residual_jvp(p, t):
+        (x,), (tx,) = p, t
+        return value_and_residual(x), (jnp.cos(x) * tx, jnp.zeros_like(x))  # residual: a zero tangent on purpose
+
+    def loss(x):
+        y, r = value_and_residual(x)
+        return jnp.sum(y) + jnp.sum(jax.lax.stop_gradient(r))
+
+    x = jnp.array([0.3, -0.8])
+    rep = jgc.check_rules(loss, x)
+    site = rep.rule("value_and_residual").sites[0]
+    assert rep.ok and "1 output not compared" in site.held, str(rep)
+    assert not jgc.check_rules(loss, x, all_operands=True).ok
+    # Used in the cost, the residual's zero tangent is wrong and named.
+    assert not jgc.check_rules(lambda x: jnp.sum(value_and_residual(x)[1]), x).ok
+
+
+def test_a_rule_used_only_off_the_path_is_listed_not_checked():
+    pw = make_scaled_pow(2.0)
+    rep = jgc.check_rules(lambda x, d: jnp.sum(x) + jnp.sum(pw(d, d)), jnp.array([1.0]), jnp.array([0.5, 2.0]))
+    r = rep.rule("scaled_pow")
+    assert rep.ok and r.status == "not on the differentiated path", str(rep)
+    assert "not on the differentiated path" in str(rep)
+
+
+def make_masked_lse(factor):
+    @jax.custom_jvp
+    def masked_lse(x):
+        return jax.scipy.special.logsumexp(x)
+
+    @masked_lse.defjvp
+    def masked_lse_jvp(p, t):
+        (x,), (tx,) = p, t
+        return masked_lse(x), factor * jnp.sum(jax.nn.softmax(x) * jnp.where(jnp.isfinite(x), tx, 0.0))
+
+    return masked_lse
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01], ids=["correct", "planted 1%"])
+def test_infinite_entries_are_held_fixed_and_the_finite_ones_checked(factor):
+    lse = make_masked_lse(factor)
+    mask = jnp.array([True, False, True, True])
+
+    def loss(x):
+        return lse(jnp.where(mask, x, -jnp.inf))  # -inf entries: constants of the check
+
+    rep = jgc.check_rules(loss, jnp.array([0.3, 0.1, -1.2, 2.0]))
+    site = rep.rule("masked_lse").sites[0]
+    assert "non-finite entries of x (-inf)" in site.held, str(rep)
+    if factor == 1.0:
+        assert rep.ok and site.status == "ok", str(rep)
+    else:
+        assert not rep.ok and site.worst.operand == "x" and site.worst.index[0] != 1, str(rep)
+
+
+def test_non_finite_output_entries_are_left_out_per_entry():
+    @jax.custom_jvp
+    def safe_log(x):
+        return jnp.log(x)
+
+    safe_log.defjvp(lambda p, t: (safe_log(p[0]), 1.01 * t[0] / p[0]))  # planted 1%
+
+    rep = jgc.check_rules(lambda x: jnp.sum(jnp.where(x > 0, safe_log(x), 0.0)), jnp.array([0.0, 0.5, 2.0]))
+    site = rep.rule("safe_log").sites[0]
+    assert "1 non-finite output entry" in site.held and site.status == "mismatch", str(rep)

@@ -48,6 +48,7 @@ from ..names import function_name
 from ..preparation import as_given_note, precision_scope, refused_widening
 from ..products import check_jvp, check_vjp
 from .eager import _check_eager, _closes_over_traced_values, _eager_calls
+from .paths import Paths, differentiated_paths
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
 from .report import RuleReport, RulesReport, SiteReport, Worst
 
@@ -62,27 +63,40 @@ FULL_JACOBIAN_COORDINATES = 256
 # -- checking call sites ----------------------------------------------------------------------
 @dataclasses.dataclass
 class _Prepared:
-    """One call site ready to check: its function of the stacked explicit operands."""
+    """One call site ready to check: its function of the stacked operands that vary."""
 
     key: tuple
     site: _Site
     kind: str
     caps: list
-    explicit: list
+    explicit: list  # the operands that vary (stacked over the captured calls)
+    names: list  # their names
     f: Callable
     coordinates: int
+    n_out: int  # outputs compared (those on the differentiated path)
+    held: str  # what is held fixed, and why
 
 
-def _site_function(eqn, consts_stacked):
-    """The rule at one call site as a function of its explicit operands, vmapped over calls."""
+def _site_function(eqn, ops: list, varying: list, partial: set, outs: list):
+    """The rule at one call site as a function of its varying operands, vmapped over calls.
+
+    ``ops`` are every operand (stacked over calls); those at positions ``varying`` are
+    replaced by the arguments, except, for positions in ``partial``, their non-finite
+    entries, which keep their captured value (an infinite bound is a constant of the
+    check). Only the outputs at positions ``outs`` are returned.
+    """
     prim = eqn.primitive
 
-    def one(consts, explicit):
-        out = compat.bind(eqn, *consts, *explicit)
-        return tuple(out) if prim.multiple_results else (out,)
+    def one(base, var):
+        full = list(base)
+        for j, pos in enumerate(varying):
+            full[pos] = jnp.where(jnp.isfinite(base[pos]), var[j], base[pos]) if pos in partial else var[j]
+        out = compat.bind(eqn, *full)
+        out = tuple(out) if prim.multiple_results else (out,)
+        return tuple(out[i] for i in outs)
 
-    def rule_at_site(*explicit):
-        return jax.vmap(one)(consts_stacked, list(explicit))
+    def rule_at_site(*var):
+        return jax.vmap(one)(ops, list(var))
 
     rule_at_site.__qualname__ = _short(eqn)
     return rule_at_site
@@ -102,7 +116,28 @@ def _operand_names(eqn) -> list[str]:
     return [nm if nm else f"#{i}" for i, nm in enumerate(names)] if names else [f"#{i}" for i in range(n)]
 
 
-def _prepare(key, site: _Site, kind: str) -> _Prepared | SiteReport:
+def _on_path(site: _Site, paths: Paths | None) -> tuple[list, list]:
+    """(explicit operands, outputs) of a site on the differentiated path (all, without ``paths``)."""
+    eqn = site.eqn
+    nc = eqn.params["num_consts"]
+    ops, outs = [True] * (len(eqn.invars) - nc), [True] * len(eqn.outvars)
+    if paths is None:
+        return ops, outs
+    seen_ops = [paths.operands[id(e)] for e in site.eqns if id(e) in paths.operands]
+    seen_outs = [paths.outputs[id(e)] for e in site.eqns if id(e) in paths.outputs]
+    if seen_ops:
+        ops = [any(o[nc + j] for o in seen_ops) for j in range(len(ops))]
+    if seen_outs:
+        outs = [any(o[i] for o in seen_outs) for i in range(len(outs))]
+    return ops, outs
+
+
+def _value(x) -> str:
+    v = np.unique(np.asarray(x)[~np.isfinite(np.asarray(x))])
+    return ", ".join(str(float(np.real(u))) for u in v[:3])
+
+
+def _prepare(key, site: _Site, kind: str, paths: Paths | None) -> _Prepared | SiteReport:
     base = _site_base(site)
     if not site.calls:
         return SiteReport(**base, checked=0, status="not executed",
@@ -111,12 +146,73 @@ def _prepare(key, site: _Site, kind: str) -> _Prepared | SiteReport:
     caps = site.first + ([site.extreme] if site.extreme is not None else [])
     nc = eqn.params["num_consts"]
     ops = [jnp.stack([c.operands[j] for c in caps]) for j in range(len(eqn.invars))]
-    consts, explicit = ops[:nc], ops[nc:]
-    coords = sum(int(x.size) for x in explicit if trees.is_inexact_array(x))
-    if not coords:
+    names = _operand_names(eqn)
+    on_ops, on_outs = _on_path(site, paths)
+    inexact = [j for j in range(len(names)) if trees.is_inexact_array(ops[nc + j])]
+    if not inexact:
         return SiteReport(**base, checked=len(caps), status="not checked",
                           reason="the rule has no floating-point operands to differentiate")
-    return _Prepared(key, site, kind, caps, explicit, _site_function(eqn, consts), coords)
+    off = [names[j] for j in inexact if not on_ops[j]]
+    outs = [i for i, b in enumerate(on_outs) if b]
+    if len(off) == len(inexact) or not outs:
+        why = ("none of its operands depends on the differentiated parameters" if len(off) == len(inexact)
+               else "none of its outputs reaches the cost's gradient")
+        return SiteReport(**base, checked=0, status="not on the differentiated path", reason=why)
+    varying, partial, held = [], set(), []
+    if off:
+        held.append(f"{', '.join(off)} (not on the differentiated path)")
+    for j in inexact:
+        if not on_ops[j]:
+            continue
+        finite = np.isfinite(np.asarray(ops[nc + j]))
+        if not finite.any():
+            held.append(f"{names[j]} = {_value(ops[nc + j])} (non-finite)")
+            continue
+        if not finite.all():
+            partial.add(nc + j)
+            held.append(f"the non-finite entries of {names[j]} ({_value(ops[nc + j])})")
+        varying.append(nc + j)
+    n_out_off = len(on_outs) - len(outs)
+    if n_out_off:
+        held.append(f"{n_out_off} output{'s' * (n_out_off != 1)} not compared (no cotangent reaches the cost)")
+    held_text = "; ".join(held)
+    if not varying:
+        return SiteReport(**base, checked=0, status="error", held=held_text,
+                          reason="tried to perturb its finite operands: every operand on the differentiated "
+                                 "path is non-finite at the captured calls")
+    explicit = [jnp.where(np.isfinite(np.asarray(ops[pos])), ops[pos], 0) if pos in partial else ops[pos]
+                for pos in varying]
+    coords = sum(int(x.size) for x in explicit)
+    f = _site_function(eqn, ops, varying, partial, outs)
+    # Outputs non-finite at the captured calls (a masked branch, an infinite fill value)
+    # have no derivative there: those entries are held out of the comparison, per entry.
+    at = [np.asarray(y) for y in f(*explicit)]
+    finite_out = [np.isfinite(y) if jnp.issubdtype(y.dtype, jnp.inexact) else np.ones(y.shape, bool) for y in at]
+    keep = [i for i, m in enumerate(finite_out) if m.any()]
+    partial_out = [i for i in keep if not finite_out[i].all()]
+    if partial_out or len(keep) < len(outs):
+        n_bad = sum(int((~m).sum()) for m in finite_out)
+        held.append(f"{n_bad} non-finite output entr{'ies' if n_bad != 1 else 'y'} at the captured calls "
+                    "(no derivative there)")
+        held_text = "; ".join(held)
+        if not keep:
+            return SiteReport(**base, checked=0, status="error", held=held_text,
+                              reason="tried to compare its finite outputs: every output on the differentiated "
+                                     "path is non-finite at the captured calls")
+        f = _finite_outputs(f, keep, {i: finite_out[i] for i in partial_out})
+    return _Prepared(key, site, kind, caps, explicit, [names[pos - nc] for pos in varying], f, coords,
+                     len(keep), held_text)
+
+
+def _finite_outputs(f, keep: list, masks: dict):
+    """``f`` with only the outputs ``keep``, and the entries of ``masks`` (False there) held at 0."""
+
+    def finite_part(*var):
+        out = f(*var)
+        return tuple(jnp.where(masks[i], out[i], 0) if i in masks else out[i] for i in keep)
+
+    finite_part.__qualname__ = f.__qualname__
+    return finite_part
 
 
 def _verdict(prep: _Prepared, rep, leaves, offset: int = 0) -> SiteReport:
@@ -124,7 +220,7 @@ def _verdict(prep: _Prepared, rep, leaves, offset: int = 0) -> SiteReport:
     failing = [lf for lf in rep.failing() if lf in leaves]
     worst = _worst(failing[0], prep, offset) if failing else None
     return SiteReport(**_site_base(prep.site), checked=len(prep.caps), status="mismatch" if failing else "ok",
-                      report=rep, worst=worst, method=rep.mode)
+                      report=rep, worst=worst, method=rep.mode, held=prep.held)
 
 
 def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
@@ -148,7 +244,7 @@ def _check_together(preps: list, options: dict) -> dict:
     """
     spans, outs, lo, o = [], [], 0, 0
     for prep in preps:
-        n_out = len(prep.site.eqn.outvars)
+        n_out = prep.n_out
         spans.append((lo, lo + len(prep.explicit)))
         outs.append((o, o + n_out))
         lo, o = lo + len(prep.explicit), o + n_out
@@ -176,7 +272,7 @@ def _index(path: str) -> int:
 
 def _worst(lf, prep: _Prepared, offset: int = 0) -> Worst:
     k = _index(lf.path) - offset
-    names = _operand_names(prep.site.eqn)
+    names = prep.names
     x = np.asarray(prep.explicit[k])
     idx = tuple(lf.input_index)
     if len(idx) != x.ndim:  # random directions: an elementwise rule's output sits where its input does
@@ -202,7 +298,8 @@ def _error(prep_or_site, e: Exception) -> SiteReport:
 
 # -- the front door ---------------------------------------------------------------------------------
 def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol: float | None = None,
-                atol: float | None = None, step: float | None = None, key=None) -> RulesReport:
+                atol: float | None = None, step: float | None = None, key=None,
+                all_operands: bool = False) -> RulesReport:
     """Find every custom derivative rule that runs inside ``fn`` and check each one alone.
 
     The loss is traced once; every ``jax.custom_jvp`` / ``jax.custom_vjp`` call in it
@@ -219,6 +316,14 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
 
     Values a rule closes over and ``nondiff_argnums`` operands are held fixed (JAX does
     not differentiate a rule with respect to them); integer operands are not perturbed.
+    Only what reaches the gradient is compared: an operand that does not depend on the
+    parameters (a constant, a library's buffer, the data) is held fixed, an output whose
+    cotangent never reaches the cost (a solver residual, a value under
+    ``stop_gradient``) is not compared, and a rule with neither is listed as "not on
+    the differentiated path" (``all_operands=True`` compares everything). Non-finite
+    operand entries (an infinite bound, a ``-inf`` fill) are held at their values and
+    the finite ones perturbed; non-finite output entries are left out. Each site's
+    ``held`` says what was held and why.
     Rules declared with :func:`jgc.intended`, ``optax.scale_gradient`` and Equinox's
     non-differentiable markers are reported as ``intended``, never as failures.
 
@@ -230,6 +335,8 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
       precision: "auto", "float64" or "native", as in :func:`jgc.check`.
       rtol, atol, step: as in :func:`jgc.check` (None: jgc's per-dtype defaults).
       key: seed of the random directions used for large operands.
+      all_operands: compare every operand and output of every rule, also those off the
+        differentiated path (a library author checking a rule in full wants this).
 
     Returns:
       A :class:`jgc.RulesReport`: ``.ok`` is False when any rule disagrees with its
@@ -263,7 +370,8 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
     widen, scope = precision_scope(precision, orig_dtypes, notes)
     try:
-        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key)
+        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
+                            all_operands=all_operands)
     except (TypeError, compat.TypePromotionError) as e:
         # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
         refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
@@ -272,11 +380,13 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         notes.clear()
         widen, scope = precision_scope("native", orig_dtypes, notes)
         notes.append(as_given_note(refused, orig_dtypes))
-        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key)
+        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
+                            all_operands=all_operands)
     return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
 
-def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key) -> list:
+def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key,
+              all_operands: bool) -> list:
     """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``."""
     with scope:
         if widen:
@@ -292,10 +402,14 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         col = _Collector()
         col.discover(closed.jaxpr)
         col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
-        return _judge(col, options, key, lambda: _eager_calls(fn, p, args))
+        paths = None
+        if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
+            n_args = len(closed.jaxpr.invars) - len(dyn)
+            paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
+        return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths)
 
 
-def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> list:
+def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None) -> list:
     """Check every call site: small ones together, large ones alone, each rule's verdict from its sites."""
     verdicts, small, retrace = {}, [], []
     intended_by = {}
@@ -311,7 +425,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list]) -> li
                                          reason=f"it runs inside {col.unreached[r.primal.name]}, which "
                                                 "jgc.check_rules does not step through")
                 continue
-            prep = _prepare(k, s, r.kind)
+            prep = _prepare(k, s, r.kind, paths)
             if isinstance(prep, SiteReport):
                 verdicts[k] = prep
             elif prep.coordinates <= FULL_JACOBIAN_COORDINATES \

@@ -10,7 +10,8 @@ from typing import Any
 from ..report import find
 
 # Rule statuses, most severe first (the text report lists rules in this order).
-RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not executed")
+RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not on the differentiated path",
+                 "not executed")
 FAILING = ("mismatch",)
 
 SURROGATE_HINT = (
@@ -94,6 +95,10 @@ class SiteReport:
       report: the :class:`jgc.Report` of the isolated check (None when none ran).
       worst: the worst element (:class:`Worst`) when the status is "mismatch".
       method: how it was checked ("jacobian (rev)", "jvp (4 directions per leaf)", …).
+      held: the operands held fixed and the outputs not compared, with why (off the
+        differentiated path, non-finite), or "".
+      check: for :func:`jgc.check_rule`, the check this row is the verdict of ("jvp",
+        "linearity", "batching", …), and ``at`` the point it ran at; "" for a call site.
     """
 
     at: str
@@ -106,18 +111,24 @@ class SiteReport:
     report: Any = dataclasses.field(default=None, repr=False, compare=False)
     worst: Worst | None = None
     method: str = ""
+    held: str = ""
+    check: str = ""
 
     def describe(self) -> str:
+        if self.check:
+            counted = f" ({self.checked} compared)" if self.checked and self.status in ("ok", "mismatch") else ""
+            return f"{self.check} at {self.at}: {self.status}{counted}" + (f": {self.reason}" if self.reason else "")
         under = f" under {self.under}" if self.under else ""
         head = f"called at {self.at} ({self.function}){under}: {self.calls} call{'s' * (self.calls != 1)}"
+        held = f"; held fixed: {self.held}" if self.held else ""
         if self.status in ("ok", "mismatch"):
-            return f"{head}, {self.checked} checked, {self.status}"
-        return f"{head}, {self.status}" + (f": {self.reason}" if self.reason else "")
+            return f"{head}, {self.checked} checked, {self.status}{held}"
+        return f"{head}, {self.status}" + (f": {self.reason}" if self.reason else "") + held
 
     def to_dict(self) -> dict:
         return {"at": self.at, "function": self.function, "under": self.under, "calls": self.calls,
                 "checked": self.checked, "status": self.status, "reason": self.reason, "method": self.method,
-                "worst": self.worst.to_dict() if self.worst else None}
+                "held": self.held, "check": self.check, "worst": self.worst.to_dict() if self.worst else None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +209,7 @@ class RulesReport:
       function: the loss that was traced.
       seconds: wall time of the whole check.
       notes: remarks about precision and method.
+      api: the check that made it ("jgc.check_rules" or "jgc.check_rule").
     """
 
     ok: bool
@@ -205,12 +217,18 @@ class RulesReport:
     function: str
     seconds: float
     notes: tuple = ()
+    api: str = "jgc.check_rules"
 
     @classmethod
-    def build(cls, rules, *, function: str, seconds: float, notes=()) -> RulesReport:
+    def build(cls, rules, *, function: str, seconds: float, notes=(), api: str = "jgc.check_rules") -> RulesReport:
         rules = tuple(sorted(rules, key=lambda r: RULE_STATUSES.index(r.status)))
         return cls(ok=all(r.ok for r in rules), rules=rules, function=function, seconds=seconds,
-                   notes=tuple(notes))
+                   notes=tuple(notes), api=api)
+
+    def failed_checks(self) -> tuple:
+        """The checks of :func:`jgc.check_rule` that found a failure, in the order they ran."""
+        seen = dict.fromkeys(s.check for r in self.rules for s in r.sites if s.check and s.status in FAILING)
+        return tuple(seen)
 
     def failing(self) -> tuple:
         """The rules that disagree with their primal."""
@@ -229,7 +247,7 @@ class RulesReport:
                    else "no custom rules found" if not n else f"no wrong rule among {n}")
         counts = {st: sum(r.status == st for r in self.rules) for st in RULE_STATUSES}
         statuses = ", ".join(f"{c} {st}" for st, c in counts.items() if c)
-        return (f"jgc.check_rules({self.function}): {verdict}" + (f" ({statuses})" if n else "")
+        return (f"{self.api}({self.function}): {verdict}" + (f" ({statuses})" if n else "")
                 + f"; {calls} call{'s' * (calls != 1)} seen, {checked} checked, {self.seconds:.2f} s")
 
     def __str__(self) -> str:

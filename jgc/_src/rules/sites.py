@@ -152,6 +152,7 @@ class _Site:
     calls: int = 0
     first: list = dataclasses.field(default_factory=list)
     extreme: _Capture | None = None
+    eqns: list = dataclasses.field(default_factory=list)  # every equation of this call site
 
 
 @dataclasses.dataclass
@@ -205,6 +206,7 @@ class _Collector:
         s = r.sites.get(skey)
         if s is None:
             s = r.sites[skey] = _Site(eqn, at, under)
+        s.eqns.append(eqn)
         return s
 
     def discover(self, jaxpr, under=(), parent=None):

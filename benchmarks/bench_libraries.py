@@ -1,0 +1,336 @@
+"""Question: on small losses built with libraries nobody here wrote, does jgc.check_rules
+stay quiet where a rule is right, and what does it report for each rule it finds?
+
+Each case is a small float64 loss on jax.nn / jax.scipy / jax.numpy.linalg, optax,
+Equinox, lineax, optimistix, diffrax, jaxopt, TensorFlow Probability's JAX substrate
+or distrax. Per case it gives the rules found, their statuses, whether ``.ok`` holds
+(every case is built from correct library code unless its name says "planted"), and
+the time. A library that is not installed skips its cases (the table says so).
+
+Run from the repository root:  python benchmarks/bench_libraries.py  (writes
+benchmarks/results/libraries.md; ``--only NAME`` runs the cases whose name holds NAME
+and prints their reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+import jgc  # noqa: E402
+
+CASES = []
+
+
+def case(name, needs=(), planted=False):
+    def deco(make):
+        CASES.append((name, needs, planted, make))
+        return make
+    return deco
+
+
+def have(mod):
+    return importlib.util.find_spec(mod) is not None
+
+
+# -- jax itself ---------------------------------------------------------------------------------
+X = jnp.array([0.3, -1.2, 2.0, 0.7])
+
+
+@case("jax.nn.softmax with where")
+def _():
+    mask = jnp.array([True, True, False, True])
+    return lambda x: jnp.sum(jax.nn.softmax(x, where=mask) * jnp.arange(4.0)), X
+
+
+@case("jax.nn relu, gelu, silu, logsumexp")
+def _():
+    return lambda x: jnp.sum(jax.nn.relu(x) + jax.nn.gelu(x) + jax.nn.silu(x)) + jax.nn.logsumexp(x), X
+
+
+@case("jnp.linalg det, slogdet, pinv")
+def _():
+    a = jnp.array([[2.0, 0.3, 0.1], [0.2, 1.5, -0.4], [0.0, 0.6, 1.1]])
+    return lambda m: jnp.linalg.det(m) + jnp.linalg.slogdet(m)[1] + jnp.sum(jnp.linalg.pinv(m)), a
+
+
+@case("jax.scipy.special xlogy, xlog1py, entr, logsumexp")
+def _():
+    from jax.scipy import special as sp
+    x = jnp.array([0.3, 1.2, 2.0, 0.7])
+    return lambda x: jnp.sum(sp.xlogy(x, x + 1) + sp.xlog1py(x, x) + sp.entr(x)) + sp.logsumexp(x), x
+
+
+@case("jnp.clip with infinite bound, sinc, logaddexp")
+def _():
+    return lambda x: jnp.sum(jnp.clip(x, -jnp.inf, 1.0) ** 2 + jnp.sinc(x) + jnp.logaddexp(x, 0.5 * x)), X
+
+
+@case("custom_jvp called with a -inf bound, correct")
+def _():
+    @jax.custom_jvp
+    def soft_clip(x, lo):
+        return jnp.where(x > lo, jnp.tanh(x), lo)
+
+    soft_clip.defjvp(lambda p, t: (soft_clip(*p), jnp.where(p[0] > p[1], (1 - jnp.tanh(p[0]) ** 2), 0.0) * t[0]))
+    return lambda x: jnp.sum(soft_clip(x, -jnp.inf)), X
+
+
+@case("custom_jvp called with a -inf bound, planted 1% error", planted=True)
+def _():
+    @jax.custom_jvp
+    def soft_clip_bad(x, lo):
+        return jnp.where(x > lo, jnp.tanh(x), lo)
+
+    soft_clip_bad.defjvp(lambda p, t: (soft_clip_bad(*p),
+                                       1.01 * jnp.where(p[0] > p[1], (1 - jnp.tanh(p[0]) ** 2), 0.0) * t[0]))
+    return lambda x: jnp.sum(soft_clip_bad(x, -jnp.inf)), X
+
+
+# -- optax --------------------------------------------------------------------------------------
+@case("optax losses and safe_norm", needs=("optax",))
+def _():
+    import optax
+    labels = jnp.array([0.0, 1.0, 0.0, 0.0])
+    return lambda x: (optax.softmax_cross_entropy(x, labels) + jnp.sum(optax.huber_loss(x))
+                      + optax.safe_norm(x, 1e-6)), X
+
+
+@case("optax scale_gradient", needs=("optax",))
+def _():
+    import optax
+    return lambda x: jnp.sum(optax.scale_gradient(x, 0.5) ** 2), X
+
+
+# -- Equinox ------------------------------------------------------------------------------------
+@case("Equinox MLP with stop-gradient markers", needs=("equinox",))
+def _():
+    import equinox as eqx
+    mlp = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.PRNGKey(0), activation=jax.nn.softplus)
+    mlp = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, mlp)
+
+    def loss(m, x):
+        y = m(x)
+        return jnp.sum(y ** 2) + jnp.sum(eqx.internal.nondifferentiable_backward(y))
+
+    return loss, mlp, X
+
+
+@case("Equinox filter_custom_jvp", needs=("equinox",))
+def _():
+    import equinox as eqx
+
+    @eqx.filter_custom_jvp
+    def softabs(x):
+        return jnp.sqrt(x ** 2 + 1e-2)
+
+    @softabs.def_jvp
+    def softabs_jvp(primals, tangents):
+        (x,), (tx,) = primals, tangents
+        return softabs(x), x / jnp.sqrt(x ** 2 + 1e-2) * tx
+
+    return lambda x: jnp.sum(softabs(x)), X
+
+
+# -- lineax / optimistix ------------------------------------------------------------------------
+A3 = jnp.array([[3.0, 0.4, 0.1], [0.4, 2.5, -0.3], [0.1, -0.3, 1.8]])
+
+
+@case("lineax linear_solve LU", needs=("lineax",))
+def _():
+    import lineax as lx
+    b = jnp.array([1.0, -0.5, 0.25])
+
+    def loss(a):
+        return jnp.sum(lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).value ** 2)
+
+    return loss, A3
+
+
+@case("lineax linear_solve CG", needs=("lineax",))
+def _():
+    import lineax as lx
+    b = jnp.array([1.0, -0.5, 0.25])
+
+    def loss(a):
+        op = lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag)
+        return jnp.sum(lx.linear_solve(op, b, lx.CG(rtol=1e-10, atol=1e-10)).value ** 2)
+
+    return loss, A3
+
+
+@case("optimistix root find (Newton)", needs=("optimistix",))
+def _():
+    import optimistix as optx
+
+    def loss(theta):
+        sol = optx.root_find(lambda y, th: jnp.tanh(y) + y - th, optx.Newton(rtol=1e-10, atol=1e-10),
+                             jnp.zeros(3), args=theta)
+        return jnp.sum(sol.value ** 2)
+
+    return loss, jnp.array([0.5, -0.2, 1.0])
+
+
+@case("optimistix minimise (BFGS)", needs=("optimistix",))
+def _():
+    import optimistix as optx
+
+    def loss(theta):
+        sol = optx.minimise(lambda y, th: jnp.sum((y - th) ** 2) + 0.1 * jnp.sum(y ** 4), optx.BFGS(1e-10, 1e-10),
+                            jnp.zeros(3), args=theta)
+        return jnp.sum(sol.value ** 2)
+
+    return loss, jnp.array([0.5, -0.2, 1.0])
+
+
+# -- diffrax ------------------------------------------------------------------------------------
+def _ode_loss(adjoint, scale=1.0):
+    import diffrax
+
+    def loss(k):
+        term = diffrax.ODETerm(lambda t, y, k: -k * y + jnp.sin(t))
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.1, jnp.array([1.0, 0.5]), args=k,
+                                  adjoint=adjoint, stepsize_controller=diffrax.ConstantStepSize())
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    return loss, jnp.array([0.7, 1.3])
+
+
+@case("diffrax Tsit5, RecursiveCheckpointAdjoint", needs=("diffrax",))
+def _():
+    import diffrax
+    return _ode_loss(diffrax.RecursiveCheckpointAdjoint())
+
+
+@case("diffrax Tsit5, BacksolveAdjoint", needs=("diffrax",))
+def _():
+    import diffrax
+    return _ode_loss(diffrax.BacksolveAdjoint())
+
+
+# -- jaxopt -------------------------------------------------------------------------------------
+@case("jaxopt implicit root (custom_root)", needs=("jaxopt",))
+def _():
+    import jaxopt
+
+    def loss(theta):
+        solver = jaxopt.GradientDescent(fun=lambda w, th: jnp.sum((w - th) ** 2) + jnp.sum(w ** 4), maxiter=500,
+                                        tol=1e-12, implicit_diff=True)
+        return jnp.sum(solver.run(jnp.zeros(3), th=theta).params ** 2)
+
+    return loss, jnp.array([0.5, -0.2, 1.0])
+
+
+@case("jaxopt perturbed argmax", needs=("jaxopt",))
+def _():
+    from jaxopt import perturbations
+
+    def argmax_one_hot(x):
+        return jax.nn.one_hot(jnp.argmax(x), x.shape[-1])
+
+    pert = perturbations.make_perturbed_argmax(argmax_one_hot, num_samples=20, sigma=0.5)
+    return lambda x: jnp.sum(pert(x, jax.random.PRNGKey(0)) * jnp.arange(4.0)), X
+
+
+# -- TensorFlow Probability, distrax ----------------------------------------------------------
+def _tfp():
+    from tensorflow_probability.substrates import jax as tfp
+    return tfp
+
+
+@case("TFP bessel_ive with a constant order", needs=("tensorflow_probability",))
+def _():
+    tfp = _tfp()
+    return lambda x: jnp.sum(tfp.math.bessel_ive(1.5, x)), jnp.array([0.3, 1.2, 2.0, 0.7])
+
+
+@case("TFP betainc at integer a", needs=("tensorflow_probability",))
+def _():
+    tfp = _tfp()
+    return lambda p: tfp.math.betainc(p[0], p[1], p[2]), jnp.array([1.0, 3.5, 0.35])
+
+
+@case("TFP lbeta, log_gamma_difference, igammainv", needs=("tensorflow_probability",))
+def _():
+    tfp = _tfp()
+    return (lambda p: tfp.math.lbeta(p[0], p[1]) + tfp.math.log_gamma_difference(p[0], p[1])
+            + tfp.math.igammainv(p[1], 0.3)), jnp.array([1.3, 2.5])
+
+
+@case("TFP Gamma sample (implicit reparameterisation)", needs=("tensorflow_probability",))
+def _():
+    tfp = _tfp()
+    return (lambda c: jnp.sum(tfp.distributions.Gamma(c, 1.0).sample(seed=jax.random.PRNGKey(1)))), \
+        jnp.array([1.3, 2.5])
+
+
+@case("distrax Normal log_prob and Tanh bijector", needs=("distrax",))
+def _():
+    import distrax
+
+    def loss(p):
+        d = distrax.Transformed(distrax.Normal(p[0], jnp.exp(p[1])), distrax.Tanh())
+        return d.log_prob(0.3)
+
+    return loss, jnp.array([0.1, -0.2])
+
+
+def run(only=None):
+    rows = []
+    for name, needs, planted, make in CASES:
+        if only and only not in name:
+            continue
+        missing = [m for m in needs if not have(m)]
+        if missing:
+            rows.append((name, "skipped: " + ", ".join(missing) + " not installed", "", "", ""))
+            continue
+        built = make()
+        fn, params, *args = built
+        t = time.perf_counter()
+        try:
+            rep = jgc.check_rules(fn, params, *args)
+        except Exception as e:  # noqa: BLE001 (a crash is a row of the table, not the end of the run)
+            rows.append((name, f"raised {type(e).__name__}: {str(e).splitlines()[0][:80]}", "", "", ""))
+            continue
+        dt = time.perf_counter() - t
+        counts = collections.Counter(r.status for r in rep.rules)
+        right = rep.ok != planted
+        if only:
+            print(rep, "\n")
+        rows.append((name, len(rep.rules), ", ".join(f"{c} {s}" for s, c in counts.items()),
+                     ("ok" if rep.ok else "FAIL") + ("" if right else " (WRONG)"), f"{dt:.1f}"))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only")
+    ns = ap.parse_args()
+    rows = run(ns.only)
+    lines = ["| loss | rules found | statuses | verdict | seconds |", "|---|---:|---|---|---:|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    print("\n".join(lines))
+    if ns.only:
+        return
+    head = ["# jgc.check_rules on real libraries", "",
+            f"Command: `python benchmarks/bench_libraries.py` · jax {jax.__version__} · Python "
+            f"{platform.python_version()}", ""]
+    (ROOT / "benchmarks" / "results" / "libraries.md").write_text("\n".join(head + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
