@@ -1,8 +1,9 @@
 """Question: can jgc check research-size models (10⁷–10⁸ parameters) on a small machine?
 
-Three float32 models, built with Equinox:
+Four float32 models, built with Equinox:
 
 * ``mlp``: the 2-layer tanh MLP of 9.3M parameters (3000 → 3000 → 100, batch 32);
+* ``mlp50``: the same MLP at 49.7M parameters (7000 → 7000 → 100, batch 32);
 * ``resnet``: a ResNet-50-shaped CNN (bottleneck stages 3-4-6-3, widths 256 … 2048,
   ≈25.6M parameters, no normalisation layers), on 2 images of 32×32;
 * ``gpt2``: a GPT-2-small-shaped transformer (12 blocks, d = 768, 12 heads, vocabulary
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RUNS = ("check_grads", "directional", "default", "planted")
+CASES = ("mlp", "mlp50", "resnet", "gpt2")
 
 
 # ---------------------------------------------------------------- models ----
@@ -120,24 +122,27 @@ def _models():
         l1: Dense
         l2: Dense
 
-        def __init__(self, key, bad=None):
+        def __init__(self, key, width, bad=None):
             k1, k2 = jax.random.split(key)
-            self.l1 = Dense(k1, 3000, 3000, scale=1.01 if bad == "l1" else 1.0)
-            self.l2 = Dense(k2, 3000, 100, scale=1.01 if bad == "l2" else 1.0)
+            self.l1 = Dense(k1, width, width, scale=1.01 if bad == "l1" else 1.0)
+            self.l2 = Dense(k2, width, 100, scale=1.01 if bad == "l2" else 1.0)
 
         def __call__(self, x):
             return self.l2(jnp.tanh(self.l1(x)))
 
-    def mlp_case(bad):
-        k = jax.random.split(jax.random.key(0), 3)
-        model = MLP(k[0], "l1" if bad else None)
-        x = jax.random.normal(k[1], (32, 3000), jnp.float32)
-        y = jax.random.normal(k[2], (32, 100), jnp.float32)
+    def mlp_of(width):
+        def case(bad):
+            k = jax.random.split(jax.random.key(0), 3)
+            model = MLP(k[0], width, "l1" if bad else None)
+            x = jax.random.normal(k[1], (32, width), jnp.float32)
+            y = jax.random.normal(k[2], (32, 100), jnp.float32)
 
-        def loss(m, x, y):
-            return jnp.mean((m(x) - y) ** 2)
+            def loss(m, x, y):
+                return jnp.mean((m(x) - y) ** 2)
 
-        return loss, model, (x, y), ".l1.weight"
+            return loss, model, (x, y), ".l1.weight"
+
+        return case
 
     # ---- ResNet-50-shaped CNN
     class Bottleneck(eqx.Module):
@@ -254,7 +259,7 @@ def _models():
 
         return loss, model, (tokens,), ".blocks[5].fc.weight"
 
-    return {"mlp": mlp_case, "resnet": resnet_case, "gpt2": gpt2_case}
+    return {"mlp": mlp_of(3000), "mlp50": mlp_of(7000), "resnet": resnet_case, "gpt2": gpt2_case}
 
 
 # ------------------------------------------------------------ one run -------
@@ -330,7 +335,7 @@ def machine() -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["mlp", "resnet", "gpt2"])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--runs", nargs="+", default=list(RUNS))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "RUN"))
@@ -365,7 +370,7 @@ def main():
     for line in store.read_text().splitlines():
         r = json.loads(line)
         last[r["case"], r["run"]] = r
-    rows = [last[c, r] for c in ("mlp", "resnet", "gpt2") for r in RUNS if (c, r) in last]
+    rows = [last[c, r] for c in CASES for r in RUNS if (c, r) in last]
     write(rows, a)
 
 

@@ -76,6 +76,30 @@ def test_direction_line_layout_matches_rows(monkeypatch):
     assert np.all(ratios.reshape(-1)[:6] == ratios[0])  # one ⟨g, v⟩ for a direction's six steps
 
 
+def test_direction_scales_rebuilt_on_the_device_are_the_given_ones():
+    from jgc._src.preparation import step_scales
+
+    loss, p, x, y = _mlp()
+    p = dict(p, b1=jnp.zeros(10))  # an all-zero leaf takes the global scale
+    names = ["W1", "b1", "W2"]
+    with jax.enable_x64(True):
+        leaves = [jnp.asarray(p[k], jnp.float64) for k in names]
+        _, scales = step_scales(leaves)
+        cost = lambda ls, a: loss(dict(zip(names, ls)), *a)  # noqa: E731
+        kw = dict(grads=[np.linspace(-1, 1, v.size).reshape(v.shape) for v in leaves], movable=[True] * 3,
+                  key=5, rows=16)
+        data = (x.astype(jnp.float64), y.astype(jnp.float64))
+        given = engine.DirectionEvaluator(cost, leaves, data, scales, **kw)
+        floors = engine.DirectionEvaluator(cost, leaves, data, [np.float64(s.min()) for s in scales], **kw)
+        n = sum(v.size for v in leaves)
+        seed, lo, hi = np.arange(4), np.array([0, 0, 120, 125]), np.array([n, 120, 130, 140])
+        t = np.array([1e-3, -2e-3, 1e-3, 4e-3])
+        (j1, d1), (j2, d2) = given(seed, lo, hi, t), floors(seed, lo, hi, t)
+    assert len({float(s.min()) for s in scales}) == 3 and np.any(scales[0] > scales[0].min())
+    np.testing.assert_array_equal(j2, j1)
+    np.testing.assert_array_equal(d2, d1)
+
+
 @pytest.mark.parametrize("x64", [False, True])
 def test_screen_reads_one_dot_per_direction_only_for_low_precision_gradients(x64, monkeypatch):
     loss, p, x, y = _mlp(seed=1)

@@ -351,12 +351,16 @@ class DirectionEvaluator:
         n = int(self.offsets[-1])
         if n >= 2**31:
             raise ValueError("DirectionEvaluator: more than 2^31 parameters are not supported.")
-        wide = compat.result_type(*[np.asarray(g).dtype for g in grads])
+        # J and the dots in float64 (float32 without x64), whatever the gradient's dtype.
+        wide = compat.result_type(np.float64, *[np.asarray(g).dtype for g in grads])
         self.dtype = compat.result_type(*[x.dtype for x, mv in zip(leaves, movable) if mv] or [wide])
         # Built on the host and moved with device_put: eager jnp casts would each compile
-        # a small program per shape.
-        aux = [(jax.device_put(np.asarray(s, x.dtype).reshape(x.shape)),
-                jax.device_put(np.asarray(g, wide).reshape(x.shape))) if mv else None
+        # a small program per shape. The gradient stays in its own dtype (cast inside the
+        # dot). A scale given as one number s₀ stands for max(|θ_i|, s₀) (a non-finite θ_i
+        # counting as 0), policy.coordinate_scale's form, computed on the device: no copy of
+        # the scales there.
+        aux = [(jax.device_put(np.asarray(s, x.dtype).reshape(() if np.ndim(s) == 0 else x.shape)),
+                jax.device_put(np.asarray(g).reshape(x.shape))) if mv else None
                for x, s, g, mv in zip(leaves, scales, grads, movable)]
         # Each row holds a perturbed copy of the parameters and a direction.
         by_memory = rows_in_budget(2 * n)
@@ -381,7 +385,8 @@ class DirectionEvaluator:
                     vs.append(None)
                     continue
                 i = jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape) + off
-                vs.append(jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * a[0],
+                s = a[0] if a[0].ndim else jnp.maximum(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), a[0])
+                vs.append(jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * s,
                                     jnp.zeros((), x.dtype)))
             return vs
 
@@ -397,7 +402,7 @@ class DirectionEvaluator:
                 xm = x + (t.astype(tv) * v.astype(tv)).astype(x.dtype)
                 moved.append(xm)
                 if gv is None:
-                    dots.append(jnp.vdot(a[1], (xm - x).astype(wide)))
+                    dots.append(jnp.vdot(a[1].astype(wide), (xm - x).astype(wide)))
             j = cost(moved, argarr)
             return jnp.stack([j.astype(wide), sum(dots) if gv is None else t.astype(wide) * gv])
 
@@ -409,7 +414,7 @@ class DirectionEvaluator:
             argarr, aux = ops
             vs = direction(xs, aux, *row)  # row: (seed, lo, hi)
             gv = None if self.exact_dots else sum(
-                jnp.vdot(a[1], v.astype(wide)) for v, a in zip(vs, aux) if a is not None)
+                jnp.vdot(a[1].astype(wide), v.astype(wide)) for v, a in zip(vs, aux) if a is not None)
 
             def step(r, out):
                 return out.at[r].set(at(xs, vs, aux, ts[r], argarr, gv))

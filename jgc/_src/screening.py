@@ -60,6 +60,9 @@ SCREEN_GROUP_SHARE = 0.25
 # error bar. At 1% it cannot change a verdict noticeably: float32 gradients of models
 # up to 10⁹ parameters take the cheap path, float64 gradients keep the exact dots.
 CHEAP_DOTS_SHARE = 0.01
+# Elements summed at once for the norms of a range (2^20: 8 MiB temporaries, however
+# large the leaf).
+NORM_PIECE = 2**20
 
 
 @dataclasses.dataclass
@@ -94,8 +97,12 @@ class Directions:
     def __init__(self, problem, steps, a_leaves, *, movable, seed, k_dirs, tols, step):
         self.problem, self.k_dirs, self.tols = problem, k_dirs, tols
         self.sizes = [x.size for x in problem.dyn]
-        grads = [np.where(np.isfinite(a), a, 0).real.astype(np.float64) if mv else np.zeros(1)
-                 for a, mv in zip(a_leaves, movable)]
+        # The gradient stays in its own dtype (a float32 gradient: 4 bytes an element on the
+        # device, none on the host); non-finite values count as 0 in ⟨g, v⟩ (they are
+        # judged element by element).
+        self.a_leaves = a_leaves
+        grads = [np.where(np.isfinite(a), a, np.zeros((), a.dtype)).real.reshape(x.shape) if mv else np.zeros(1)
+                 for a, x, mv in zip(a_leaves, problem.dyn, movable)]
         # Pilot and Richardson step along a direction (a user's step is taken as given);
         # the lower guard for t*: the central step balancing the dtype's own round-off.
         self.T = steps.relative("richardson", step)
@@ -107,46 +114,49 @@ class Directions:
         # 1.65: the noise gain of the Richardson table (stencils.py), the largest of a screen.
         worst = problem.u * (1 + 4 * self.T) * math.sqrt(max(n, 1)) * 1.65 / self.t_min
         self.ev = engine.DirectionEvaluator(
-            problem.full_cost, problem.dyn, problem.argarr, problem.scales,
-            grads=[g.reshape(x.shape) if mv else g for g, x, mv in zip(grads, problem.dyn, movable)],
-            movable=movable,
+            # Each leaf's scales are max(|θ_i|, rms of the leaf) (policy.coordinate_scale),
+            # so the smallest of them, the rms, rebuilds them on the device: no copy of
+            # them there.
+            problem.full_cost, problem.dyn, problem.argarr,
+            [np.float64(s.min()) if s.size else s for s in problem.scales],
+            grads=grads, movable=movable,
             # One call holds a localisation level (4 evaluations per part); a screen of
             # k directions (6 each) takes a few calls of the same compiled shape.
             key=seed, rows=4 * LOCALISE_SPLIT, counter=problem.counter,
             exact_dots=worst > CHEAP_DOTS_SHARE * DIRECTION_Z * rs,
         )
+        del grads
         self.offsets = self.ev.offsets
         self.next_seed = 0
-        # |g_i v_i| = |g_i|·s_i and |v_i| = s_i whatever the signs, so the norms of every
-        # range come from prefix sums on the host (no device work per row).
-        self.gs = [np.abs(g.ravel()) * s if mv else np.zeros(1) for g, s, mv in
-                   zip(grads, problem.scales, movable)]
-        self._cum = {}  # built on first use of a leaf
+        self._totals = {}  # whole-leaf norms, the screens' (a leaf is screened more than once)
 
-    def _prefix_sums(self, k):
-        if k not in self._cum:
-            gs, s = self.gs[k], self.problem.scales[k]
-            self._cum[k] = (_prefix(gs**2), _prefix(s**2), _prefix(gs))
-        return self._cum[k]
+    def gs(self, k, elems):
+        """|g_i v_i| = |g_i|·s_i (whatever the signs) at ``elems`` (an index or a slice) of leaf k."""
+        a = np.asarray(self.a_leaves[k]).reshape(-1)[elems]
+        return np.where(np.isfinite(a), np.abs(a), 0).astype(np.float64) * self.problem.scales[k][elems]
+
+    def _sums(self, k, a, b):
+        """Σ|g_i v_i|², Σ v_i², Σ|g_i v_i| over [a, b) of leaf k, in pieces (no array of the
+        range's size)."""
+        out = np.zeros(3)
+        for c in range(a, b, NORM_PIECE):
+            sl = slice(c, min(b, c + NORM_PIECE))
+            gs, s = self.gs(k, sl), self.problem.scales[k][sl]
+            out += [np.dot(gs, gs), np.dot(s, s), gs.sum()]
+        return out
 
     def norms(self, leaf, lo, hi):
-        """‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i| over each range (from prefix sums)."""
+        """‖g∘v‖₂, ‖v‖₂, Σ|g_i v_i| over each range, summed on the host (no device work per
+        row): O(range) each, less than the evaluations of the test that asks."""
         out = np.zeros((3, len(leaf)))
         for r, (k, a, b) in enumerate(zip(leaf, lo, hi)):
-            if a == 0 and b == self.gs[k].size and k not in self._cum:
-                # A whole leaf (a screen): the last prefix sums, without keeping three
-                # arrays of the leaf's size for a leaf that may never be searched.
-                if ("total", k) not in self._cum:
-                    gs, s = self.gs[k], self.problem.scales[k]
-                    self._cum["total", k] = [_last_prefix(lambda j: gs[j] ** 2, gs.size),
-                                             _last_prefix(lambda j: s[j] ** 2, s.size),
-                                             _last_prefix(lambda j: gs[j], gs.size)]
-                out[:, r] = self._cum["total", k]
-                continue
-            cum = self._prefix_sums(k)
-            for q in range(3):
-                c = cum[q]
-                out[q, r] = c[b] - c[a]
+            k, a, b = int(k), int(a), int(b)
+            if a == 0 and b == self.sizes[k]:
+                if k not in self._totals:
+                    self._totals[k] = self._sums(k, 0, b)
+                out[:, r] = self._totals[k]
+            else:
+                out[:, r] = self._sums(k, a, b)
         return np.sqrt(np.maximum(out[0], 0)), np.sqrt(np.maximum(out[1], 0)), out[2]
 
     def _eval(self, seeds, glo, ghi, steps):
@@ -297,7 +307,7 @@ class Directions:
         """
         need = float(np.max(res.bound[sl] + res.diff[sl]))
         with np.errstate(divide="ignore"):
-            return need / self.gs[k][elems]
+            return need / self.gs(k, elems)
 
     def screen(self, leaves) -> Tests:
         """k directions over the whole of each leaf in ``leaves``, one batch."""
@@ -344,16 +354,3 @@ def tolerances(problem, k, a_flat, rtol, atol, g_ref):
     rt, at = policy.default_tolerances(adtype, g_ref, rtol, atol)
     ua = SCREEN_ROUNDING * policy.unit_roundoff(adtype)
     return rt, at, min(rt, ua), min(at, ua * g_ref)
-
-
-def _last_prefix(piece, m: int, size: int = 2**20) -> float:
-    """``_prefix(a)[-1]`` for a = piece(slice) over m elements, computed in pieces: the
-    running sum is carried into each piece's cumulative sum, so it adds in the same order."""
-    total = 0.0
-    for a in range(0, m, size):
-        total = float(np.cumsum(np.concatenate([[total], np.asarray(piece(slice(a, a + size)), np.float64)]))[-1])
-    return total
-
-
-def _prefix(a: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0.0], np.cumsum(np.asarray(a, np.float64).ravel())])
