@@ -37,17 +37,20 @@ def typical_and_largest_index(a: np.ndarray) -> tuple[int, int] | None:
     |a| (see ``typical_and_largest``), or None when there is no such element; a figure
     needed at these two elements only need not be computed for a whole leaf."""
     mag = np.abs(np.asarray(a)).ravel()
-    keep = np.flatnonzero(np.isfinite(mag) & (mag > 0))
-    if keep.size == 0:
+    valid = np.isfinite(mag) & (mag > 0)
+    kept = mag[valid]  # no index array: a 10⁸-element leaf would need 800 MB of it
+    if kept.size == 0:
         return None
     # The element a stable sort of the kept magnitudes would put at rank (K−1)//2, and
     # the last one: found by selection (O(n), not a sort of a 10⁸-element leaf).
-    kept = mag[keep]
     rank = (kept.size - 1) // 2
-    v = np.partition(kept, rank)[rank]
-    ties = keep[kept == v]
-    median = ties[rank - int(np.count_nonzero(kept < v))]
-    largest = keep[np.flatnonzero(kept == kept.max())[-1]]
+    top = kept.max()
+    kept.partition(rank)
+    v = kept[rank]
+    below = int(np.count_nonzero(kept[:rank] < v))
+    del kept
+    median = np.flatnonzero(valid & (mag == v))[rank - below]
+    largest = np.flatnonzero(valid & (mag == top))[-1]
     return int(median), int(largest)
 
 
