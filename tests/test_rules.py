@@ -642,3 +642,14 @@ def test_non_finite_output_entries_are_left_out_per_entry():
     rep = jgc.check_rules(lambda x: jnp.sum(jnp.where(x > 0, safe_log(x), 0.0)), jnp.array([0.0, 0.5, 2.0]))
     site = rep.rule("safe_log").sites[0]
     assert "1 non-finite output entry" in site.held and site.status == "mismatch", str(rep)
+
+
+def test_a_runtime_check_with_a_host_callback_is_checked_not_an_error():
+    # eqx.error_if is a custom_jvp whose primal holds a pure_callback without a batching
+    # rule; it runs one point at a time and its (identity) rule is checked.
+    def loss(x):
+        return jnp.sum(eqx.error_if(x, x < -10.0, "too small") ** 2)
+
+    rep = jgc.check_rules(loss, jnp.array([0.5, -1.5]))
+    assert rep.ok and rep.rules and all(r.status in ("ok", "intended") for r in rep.rules), str(rep)
+    assert any(r.status == "ok" for r in rep.rules), str(rep)

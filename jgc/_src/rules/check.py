@@ -47,6 +47,7 @@ from ..jacobian import check_jacobian
 from ..names import function_name
 from ..preparation import as_given_note, precision_scope, refused_widening
 from ..products import check_jvp, check_vjp
+from .callbacks import sequential_callbacks
 from .eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .paths import Paths, differentiated_paths
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
@@ -86,6 +87,12 @@ def _site_function(eqn, ops: list, varying: list, partial: set, outs: list):
     check). Only the outputs at positions ``outs`` are returned.
     """
     prim = eqn.primitive
+    # An operand held fixed that is the same in every captured call is not batched: a
+    # rule that branches on it (Equinox's runtime checks on a flag) keeps its branch.
+    same = [pos not in varying and all(np.array_equal(np.asarray(x[0]), np.asarray(x[i])) for i in range(1, len(x)))
+            for pos, x in enumerate(ops)]
+    ops = [x[0] if s else x for x, s in zip(ops, same)]
+    axes = [None if s else 0 for s in same]
 
     def one(base, var):
         full = list(base)
@@ -96,7 +103,7 @@ def _site_function(eqn, ops: list, varying: list, partial: set, outs: list):
         return tuple(out[i] for i in outs)
 
     def rule_at_site(*var):
-        return jax.vmap(one)(ops, list(var))
+        return jax.vmap(one, in_axes=(axes, 0))(ops, list(var))
 
     rule_at_site.__qualname__ = _short(eqn)
     return rule_at_site
@@ -406,7 +413,8 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
             n_args = len(closed.jaxpr.invars) - len(dyn)
             paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
-        return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths)
+        with sequential_callbacks():
+            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths)
 
 
 def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None) -> list:
@@ -425,7 +433,10 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                                          reason=f"it runs inside {col.unreached[r.primal.name]}, which "
                                                 "jgc.check_rules does not step through")
                 continue
-            prep = _prepare(k, s, r.kind, paths)
+            try:
+                prep = _prepare(k, s, r.kind, paths)
+            except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands)
+                prep = _error(s, e)
             if isinstance(prep, SiteReport):
                 verdicts[k] = prep
             elif prep.coordinates <= FULL_JACOBIAN_COORDINATES \
