@@ -174,6 +174,12 @@ def test_a_flax_block_computing_in_bfloat16_is_no_false_alarm():
     rep = jgc.check(lambda p: jnp.mean(block.apply({"params": p}, x).astype(jnp.float32) ** 2), params)
     assert rep.ok, rep
     assert not any(lf.status == "mismatch" for lf in rep.leaves)
+    # The noise probe sees the staircase (equal values at fine spacings, steps far above
+    # float64's rounding): the steps span it, so derivatives are resolved, not all
+    # undecided (with steps sized below the quantum, 2 of 313 elements were).
+    assert rep.step > 1e-2, rep
+    codes = np.concatenate([np.ravel(lf.codes) for lf in rep.leaves])
+    assert np.mean(codes == 0) > 0.2, rep
 
 
 def test_each_leaf_reports_the_bits_its_gradient_holds():
@@ -186,3 +192,17 @@ def test_each_leaf_reports_the_bits_its_gradient_holds():
     assert bad["median"] < 12, bad
     rep = jgc.check(*BUGS["bfloat16 residual"])
     assert rep.to_dict()["leaves"][0]["accurate_bits"]["median"] == bad["median"]
+
+
+def test_a_float64_tail_is_resolved_by_the_complex_step_or_said_unresolved():
+    # σ' at 40 is 4.2e-18 (mpmath), σ(1 − σ) rounds it to 0 in float64, and float64
+    # central differences resolve nothing that small.
+    with jax.enable_x64(True):
+        p = jnp.array([40.0, 1.0, -2.0, 0.5])
+        safe = jgc.check(lambda q: jnp.sum(jax.nn.sigmoid(q)), p)
+        unsafe = jgc.check(lambda q: jnp.sum(jax.nn.sigmoid(jnp.abs(q))), p)  # abs: not complex-safe
+    assert safe.leaves[0].elements("imprecise") == [(0,)], safe
+    assert abs(safe.leaves[0].numeric[0] - 4.248354255291589e-18) < 1e-3 * 4.25e-18
+    assert unsafe.ok and not unsafe.leaves[0].elements("imprecise"), unsafe
+    said = [n for n in unsafe.notes if "smaller than float64 central differences resolve" in n]
+    assert said and "not complex-safe" in said[0], unsafe.notes

@@ -298,6 +298,7 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
             e1 = problem.estimate(k, rows, "complex", h)
             e3 = problem.estimate(k, elems[cand] % m, "complex", 3.0 * h)
     except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
+        _unresolved_note(problem, k, np.count_nonzero(unresolved), err[cand])
         return
     v = np.concatenate([e1.value, e3.value])
     fin = np.concatenate([e1.finite, e3.finite])
@@ -305,6 +306,7 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
     # Complex-safe only if the probe reproduces the resolved elements.
     if not np.all(fin[: check_at.size]) or np.any(
             np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
+        _unresolved_note(problem, k, np.count_nonzero(unresolved), err[cand])
         return
     # Rounding of the imaginary part is relative to the terms summed for that element,
     # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
@@ -318,6 +320,19 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
     idx = cand[flag]
     num[idx], err[idx] = v1[flag], e_c[flag]
     codes[idx] = IMPRECISE
+
+
+def _unresolved_note(problem, k: int, count: int, err: np.ndarray) -> None:
+    """Say plainly, for a float64 leaf, that some of its tiny derivatives are below what
+    central differences resolve and the cost is not complex-safe: they pass by the
+    absolute tolerance only (a tail rounded to 0, σ' at 40 = 4e-18, looks the same)."""
+    if problem.orig_dtypes[k] != np.float64 or count == 0:
+        return
+    problem.notes.append(
+        f"{count} element(s) of {problem.paths[k]} are smaller than float64 central differences "
+        f"resolve (error bar ≈ {float(np.median(err)):.1e}; σ' at 40 is 4e-18) and the cost is not "
+        "complex-safe, so the complex step could not resolve them: they pass by the leaf's absolute "
+        "tolerance only, and a derivative rounded to 0 there would pass too.")
 
 
 # Rungs of the step ladder: h/4, h/16, ... down to the step that balances the dtype's

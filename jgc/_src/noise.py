@@ -121,7 +121,9 @@ def finest(probe: Callable[[float], tuple[np.ndarray, float]], h: float):
     values, shape (lines, points), and their excess: the measured noise in units of
     the dtype's rounding (σ / (u·|J|)). When the first excess is above SUSPICIOUS, finer
     spacings are probed; a finer level is kept only when its excess drops by more than
-    DROP and its lines are not a staircase. Returns (first values, kept values, kept
+    DROP and its lines are not a staircase. A staircase whose steps are far above the
+    dtype's rounding (excess above SUSPICIOUS: a cost that rounds to bfloat16 inside)
+    sends the probe back to the first level. Returns (first values, kept values, kept
     spacing).
     """
     first, excess = probe(h)
@@ -130,6 +132,12 @@ def finest(probe: Callable[[float], tuple[np.ndarray, float]], h: float):
         for level in range(1, LEVELS):
             finer = h / REFINE**level
             fine_values, fine = probe(finer)
+            if staircase(fine_values) and math.isfinite(fine) and fine > SUSPICIOUS:
+                # J is quantised on the finer scales, in steps far above its dtype's
+                # rounding (values rounded to bfloat16/float16 inside): what looked like a
+                # short wave between here and the first probe was those steps. The first
+                # probe's spread is J's noise as steps that span the quantum see it.
+                return first, first, h
             if not (math.isfinite(fine) and fine < excess / DROP) or staircase(fine_values):
                 break
             values, excess, kept = fine_values, fine, finer
