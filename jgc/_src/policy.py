@@ -62,17 +62,34 @@ def relative_step(stencil: str, u: float) -> float:
     raise ValueError(f"Unknown stencil {stencil!r}; expected one of {STENCILS}.")
 
 
-def coordinate_scale(leaf_abs: np.ndarray, fallback: float) -> np.ndarray:
+# Elements squared and summed at once for a leaf's rms (2^20: 8 MiB of float64): the
+# scales of a 10⁸-parameter model need no squared copy of it. A leaf of one piece sums
+# exactly as np.mean does.
+SCALE_PIECE = 2**20
+
+
+def sum_of_squares(a: np.ndarray) -> float:
+    """Σ a_i² in float64, in pieces of SCALE_PIECE elements."""
+    a = np.ravel(a)
+    return float(sum(np.add.reduce(np.square(a[i:i + SCALE_PIECE], dtype=np.float64))
+                     for i in range(0, a.size, SCALE_PIECE)))
+
+
+def coordinate_scale(leaf_abs: np.ndarray, fallback: float, *, overwrite: bool = False) -> np.ndarray:
     """Return the scale s_i used to size the step of every element of one leaf.
 
     s_i = max(|θ_i|, rms(leaf)), so a step is relative to the parameter and to the
     typical size of its neighbours. A leaf that is all zeros (the zero-initialised
     biases of Flax, Haiku and NNX) takes ``fallback``: the RMS of all parameters, or 1
     when every parameter is zero. This floor keeps the step non-zero at θ_i = 0.
+    ``overwrite``: a float64 ``leaf_abs`` the caller no longer needs holds the result
+    (no second copy of a big leaf).
     """
-    rms = float(np.sqrt(np.mean(np.square(leaf_abs, dtype=np.float64)))) if leaf_abs.size else 0.0
+    rms = float(np.sqrt(sum_of_squares(leaf_abs) / leaf_abs.size)) if leaf_abs.size else 0.0
     if not np.isfinite(rms) or rms == 0.0:
         rms = fallback
+    if overwrite and leaf_abs.dtype == np.float64:
+        return np.maximum(leaf_abs, rms, out=leaf_abs)
     return np.maximum(leaf_abs.astype(np.float64), rms)
 
 

@@ -189,12 +189,18 @@ def step_scales(dyn: list, *, absolute: bool = False) -> tuple[float, list[np.nd
     Non-finite elements (inf or NaN inputs, allowed by jgc.check_grads) count as 0: their
     scale stays finite, so the point itself (t = 0 on every line) is evaluated as given.
     """
-    mags = [np.abs(compat.host(x)).ravel() for x in dyn]
-    mags = [np.where(np.isfinite(m), m, 0.0) for m in mags]
-    abs_all = np.concatenate(mags) if mags else np.zeros(0)
-    rms = float(np.sqrt(np.mean(np.square(abs_all, dtype=np.float64)))) if abs_all.size else 0.0
+    # One array per leaf, made the leaf's scales in place: no concatenated or squared
+    # copies of a research-size model.
+    mags = []
+    for x in dyn:
+        m = np.abs(compat.host(x)).ravel()  # a new array
+        m[~np.isfinite(m)] = 0.0
+        mags.append(m)
+    n = sum(m.size for m in mags)
+    rms = math.sqrt(sum(policy.sum_of_squares(m) for m in mags) / n) if n else 0.0
     global_scale = rms if rms > 0 and math.isfinite(rms) else 1.0
-    scales = [np.ones(m.size) if absolute else policy.coordinate_scale(m, global_scale) for m in mags]
+    scales = [np.ones(m.size) if absolute else policy.coordinate_scale(m, global_scale, overwrite=True)
+              for m in mags]
     return global_scale, scales
 
 
