@@ -206,3 +206,33 @@ def test_a_float64_tail_is_resolved_by_the_complex_step_or_said_unresolved():
     assert unsafe.ok and not unsafe.leaves[0].elements("imprecise"), unsafe
     said = [n for n in unsafe.notes if "smaller than float64 central differences resolve" in n]
     assert said and "not complex-safe" in said[0], unsafe.notes
+
+
+def test_each_flagged_element_says_what_fired_with_native_twin_and_reference_values():
+    f, p = BUGS["dtype-branching rule"]
+    rep = jgc.check(f, p)
+    lf = rep.leaves[0]
+    assert lf.twin is not None and lf.twin.shape == lf.analytic.shape
+    # The float64 twin runs the float64 branch (coefficient 1): it agrees with the
+    # reference, the native float32 values (coefficient 1.01) do not.
+    assert np.allclose(lf.twin, lf.numeric, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(lf.analytic, lf.numeric, rtol=1e-3)
+    text = str(rep)
+    line = next(s for s in text.splitlines() if s.strip().startswith("mismatch <root>[0, 0]"))
+    assert "native" in line and "float64 twin" in line and "reference" in line and "ulps of float32" in line
+    tail = jgc.check(*BUGS["sigmoid tail"])
+    line = next(s for s in str(tail).splitlines() if s.strip().startswith("imprecise <root>[0]"))
+    assert "native 0 (float32)" in line and "ulps of float32" in line and "within the absolute" in line
+    assert tail.leaves[0].twin[0] > 1e-9  # the twin holds σ'(20) = 2.1e-9
+
+
+def test_the_report_gives_the_cost_s_own_accurate_bits_next_to_the_gradient_s():
+    good = jgc.check(*CONTROLS["float32 LayerNorm"])
+    assert good.cost_bits["dtype"] == 24 and good.cost_bits["bits"] >= 20, good.cost_bits
+    assert "the cost J holds" in str(good)
+    assert good.to_dict()["cost_bits"]["bits"] == good.cost_bits["bits"]
+    # J = log_softmax at a confident logit is 6e-9: float32 rounds it to 0, no bit is right.
+    bad = jgc.check(*BUGS["log_softmax, confident logit"])
+    assert bad.cost_bits["bits"] < 4, bad.cost_bits
+    # At the reference's precision there is no second side to measure.
+    assert jgc.check(*CONTROLS["float32 LayerNorm"], analytic="reference").cost_bits is None

@@ -7,6 +7,9 @@ NumPy array per perturbed leaf.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import numpy as np
 
@@ -16,6 +19,7 @@ from typing import Any, NamedTuple
 from . import compat, compiling, policy, trees
 from .preparation import cost_of, step_scales
 from .problem import Problem
+from .statuses import IMPRECISE, MISMATCH
 
 
 def _is_gradient_tree(grad, split) -> bool:
@@ -281,3 +285,32 @@ def analytic_gradient(problem: Problem, grad, native=None) -> list:
             )
         out.append(compat.host(g))
     return out
+
+
+def with_native_figures(report, problem: Problem, grad, native: NativeSide | None):
+    """``report`` with the figures of an analytic side that ran at the dtypes given: the
+    correct bits of the cost J there (``Report.cost_bits``), and, on every leaf with a
+    mismatched or imprecise element, the float64 twin's derivative per checked element
+    (``LeafReport.twin``: the same program's ``jax.grad``, or ``grad``, at the
+    reference's precision), so that the text can say per element what differs: the
+    program at its dtype, or the program itself. Called inside the problem's scope.
+    """
+    if native is None:
+        return report
+    held = round(-math.log2(native.u))  # float32: u = 2^-24, 24 bits; bfloat16: 8
+    j_ref = float(np.real(problem.j0))
+    scale = abs(j_ref) or max(abs(native.value), float(problem.sigma) / problem.u)
+    rel = abs(native.value - j_ref) / scale if scale > 0 else 0.0
+    bits = float(min(held, max(0.0, -math.log2(max(rel, 2.0 ** -held))))) if math.isfinite(rel) else 0.0
+    flagged = {id(lf) for lf in report.leaves if np.any(np.isin(lf.codes, (MISMATCH, IMPRECISE)))}
+    twin = None
+    if flagged:
+        try:
+            twin = {path: np.asarray(g).ravel() for path, g in zip(problem.paths, analytic_gradient(problem, grad))}
+        except Exception:  # noqa: BLE001 - the twin cannot run (a dtype fixed inside): no twin values
+            twin = None
+    leaves = tuple(
+        dataclasses.replace(lf, twin=twin[lf.path][np.asarray(lf.indices, np.int64)])
+        if twin is not None and id(lf) in flagged and lf.path in twin else lf
+        for lf in report.leaves)
+    return dataclasses.replace(report, leaves=leaves, cost_bits={"bits": bits, "dtype": held})

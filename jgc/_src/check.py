@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from . import policy, validate
-from .analytic import analytic_gradient, native_gradient, runs_natively, twin_differs
+from .analytic import analytic_gradient, native_gradient, runs_natively, twin_differs, with_native_figures
 from .judge import judge_all
 from .problem import Problem
 from .progress import attached
@@ -90,14 +90,18 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
         if mode is None:
             mode = "full" if default_full(problem, stencil) else "default"
         if mode != "full":
-            return run_mode(problem, steps, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
-                            atol=atol, step=step, strict=strict, **mode_options)
+            rep = run_mode(problem, steps, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
+                           atol=atol, step=step, strict=strict, **mode_options)
+            return with_native_figures(rep, problem, grad, native)
         if mode_options:
             raise TypeError(f"jgc.check: unexpected options {sorted(mode_options)} for mode='full'.")
         elems = [np.arange(x.size) for x in problem.dyn]
         with attached(problem.counter, 2 * sum(problem.coordinates(k) for k in range(len(elems)))):
-            return judge_all(problem, steps, a_leaves, elems, stencil=stencil, rtol=rtol, atol=atol,
-                             step=step, strict=strict, mode="full")
+            rep = judge_all(problem, steps, a_leaves, elems, stencil=stencil, rtol=rtol, atol=atol,
+                            step=step, strict=strict, mode="full")
+        # The cost's own accurate bits at the dtypes given, and the float64 twin's
+        # derivative beside every mismatched or imprecise element.
+        return with_native_figures(rep, problem, grad, native)
 
 
 def numerical_grad(fn: Callable, params: Any, *args, has_aux: bool = False,

@@ -123,6 +123,10 @@ class LeafReport:
     directions: int = 0
     directional_rel: float = math.nan
     directional_ratio: float = math.nan
+    # Where the analytic side ran at the dtypes given and some element is a mismatch or
+    # imprecise: the same program's derivative at the reference's precision (its float64
+    # twin) per checked element, beside the native ``analytic`` values; None otherwise.
+    twin: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -239,6 +243,10 @@ class Report:
     # ``seconds`` is evaluation and judging.
     compile_seconds: float = 0.0
     programs: int = 0
+    # Where the analytic side ran at the dtypes given: the correct bits of the cost J itself
+    # there, against the reference's J ({"bits", "dtype"}; see jgc.check), next to each
+    # leaf's LeafReport.accurate_bits() for its gradient; None otherwise.
+    cost_bits: Any = None
 
     # ---- summaries -------------------------------------------------------------
     @property
@@ -289,6 +297,8 @@ class Report:
             "skipped": [{"path": p, "leaf": d} for p, d in self.skipped],
             "notes": list(self.notes),
             "api": self.api,
+            **({"cost_bits": {k: _f(v) if isinstance(v, float) else v for k, v in self.cost_bits.items()}}
+               if self.cost_bits else {}),
         }
 
     def to_json(self, **kwargs) -> str:
@@ -342,27 +352,59 @@ def _g(x, width=9, nan="-") -> str:
     return f"{float(x):.{3}g}".rjust(width)
 
 
-# Imprecise elements listed by name in the text report (the rest are counted).
+# Imprecise elements listed by name in the text report (the rest are counted); as many
+# mismatched ones where the analytic side ran at the dtypes given.
 IMPRECISE_SHOWN = 5
 
 
-def _imprecise_lines(leaves) -> list[str]:
-    """One line per imprecise element (the first few): element, analytic and reference values."""
-    out, more = [], 0
+def ulps(error, reference, dtype) -> float:
+    """|error| in units in the last place of ``dtype`` at ``reference`` (an ulp at |r| is
+    2^(⌊log2 |r|⌋ − mantissa bits), at least that of the dtype's smallest normal)."""
+    try:
+        fi = np.finfo(np.dtype(dtype))
+    except (TypeError, ValueError):
+        return math.nan
+    mag = max(abs(complex(reference)), float(fi.smallest_normal))
+    return abs(complex(error)) / 2.0 ** (math.floor(math.log2(mag)) - fi.nmant)
+
+
+def _why(status: str, bound: float) -> str:
+    if status == "mismatch":
+        return (f"beyond every error the method, the dtype and the measured rounding of the analytic "
+                f"side explain (allowed ±{_g(bound, 0)})")
+    return ("the reference resolves it and the error is above rtol, yet within the absolute "
+            f"tolerance of the leaf's dtype (allowed ±{_g(bound, 0)}): precision lost, not a wrong value")
+
+
+def _element_lines(leaves) -> list[str]:
+    """One line per imprecise element (the first few), and per mismatched one where the
+    analytic side ran at the dtypes given: which status fired and why, the native value,
+    the float64 twin's, the reference and the error in ulps of the native dtype."""
+    out, more = {"imprecise": [], "mismatch": []}, {"imprecise": 0, "mismatch": 0}
     for lf in leaves:
-        flat = np.flatnonzero(lf.codes == IMPRECISE)
-        for j in flat:
-            if len(out) == IMPRECISE_SHOWN:
-                more += 1
+        for status, code in (("mismatch", MISMATCH), ("imprecise", IMPRECISE)):
+            if status == "mismatch" and lf.twin is None:
                 continue
-            idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
-            a, n = lf.analytic[j], lf.numeric[j]
-            rel = abs(a - n) / abs(n) if n != 0 else math.inf
-            out.append(f"  imprecise {lf.name}{idx}: analytic {_g(a, 0)} vs reference {_g(n, 0)} "
-                       f"(relative error {rel:.2g})")
-    if more:
-        out.append(f"  ... and {more} more imprecise elements (LeafReport.elements('imprecise')).")
-    return out
+            for j in np.flatnonzero(lf.codes == code):
+                if len(out[status]) == IMPRECISE_SHOWN:
+                    more[status] += 1
+                    continue
+                idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
+                a, n = lf.analytic[j], lf.numeric[j]
+                if lf.twin is None:
+                    rel = abs(a - n) / abs(n) if n != 0 else math.inf
+                    out[status].append(f"  imprecise {lf.name}{idx}: analytic {_g(a, 0)} vs reference "
+                                       f"{_g(n, 0)} (relative error {rel:.2g})")
+                    continue
+                out[status].append(
+                    f"  {status} {lf.name}{idx}: native {_g(a, 0)} ({lf.dtype}), float64 twin "
+                    f"{_g(lf.twin[j], 0)}, reference {_g(n, 0)}: off by {ulps(a - n, n, lf.dtype):.3g} "
+                    f"ulps of {lf.dtype}; {_why(status, float(lf.bound[j]))}.")
+    lines = out["mismatch"] + out["imprecise"]
+    for status in ("mismatch", "imprecise"):
+        if more[status]:
+            lines.append(f"  ... and {more[status]} more {status} elements (LeafReport.elements({status!r})).")
+    return lines
 
 
 def format_report(r: Report) -> str:
@@ -432,7 +474,14 @@ def format_report(r: Report) -> str:
         if status == "mismatch" and "mismatch" in seen and any(
                 np.any(~np.isfinite(lf.analytic[lf.codes == MISMATCH])) for lf in r.leaves):
             lines.append(f"  mismatch, non-finite analytic: {NONFINITE_ANALYTIC_HELP}")
-    lines += _imprecise_lines(order)
+    lines += _element_lines(order)
+    if r.cost_bits:
+        per = [f"{lf.name} {b['median'] + 0.0:.0f}/{b['worst'] + 0.0:.0f} of {b['dtype']}"
+               for lf in order[:4] for b in [lf.accurate_bits()] if not math.isnan(b["median"])]
+        lines.append(f"  accuracy at the dtypes given: the cost J holds {r.cost_bits['bits']:.0f} of "
+                     f"{r.cost_bits['dtype']} bits"
+                     + (f"; its gradient's bits per leaf (median/worst): {', '.join(per)}"
+                        + (", ... (LeafReport.accurate_bits())" if len(order) > 4 else "") if per else "") + ".")
     for note in r.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
