@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, engine, noise, policy, stencils, trees, vector_analytic, vector_native
+from . import compat, compiling, engine, noise, policy, stencils, trees, vector_analytic, vector_native
 from . import validate as validate_options
 from .names import short_name
 from .preparation import (ChangedByWidening, OutputFormError, Prepared, drop_aux, unit_roundoff, validate,
@@ -325,7 +325,10 @@ class VectorProblem(Prepared):
             return self.F(moved, argarr)
 
         self.tangent_of = tangent_of
-        self._dir_batch = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+        # A few calls a check (noise probe, directions, refinement): compiled without LLVM
+        # optimisation (see compiling.fast).
+        self._dir_batch = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)),
+                                  compiler_options=compiling.fast())
 
     def chunked(self, fn, rows: np.ndarray, *operands):
         """Run a vmapped fn over bank rows in fixed-size chunks (one compile, bounded memory)."""

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat
+from . import compat, compiling
 from .names import short_name
 from .vector_layout import zero_tangent
 
@@ -70,16 +70,18 @@ def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False, broken_as_
                     f"tangents_out) like jax.jvp, got {type(res).__name__}."
                 )
             return vp.vec(res[0]), vp.vec(res[1])
+    # Runs once or twice a check: compiled without LLVM optimisation (see compiling.fast;
+    # on a CPU this halved jgc.check_grads' time on small functions, most of it compiling).
     if from_bank:
         def one(b, bank, dyn, argarr):
             return one_t(vp.tangent_of(b, bank), dyn, argarr)
-        vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
+        vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)), compiler_options=compiling.fast())
 
         def fn(rows, dyn, argarr):
             return vp.chunked(vfn, np.asarray(rows), vp.bank, dyn, argarr)
         unbatched = _Unbatched(lambda b, dyn, argarr: one(b, vp.bank, dyn, argarr), lambda rows: list(np.asarray(rows)))
     else:
-        vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)))
+        vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)), compiler_options=compiling.fast())
 
         def fn(T, dyn, argarr):
             return vfn([jax.device_put(np.asarray(t)) if isinstance(t, np.ndarray) else t for t in T],
@@ -122,7 +124,8 @@ def vjp_batch(vp, user_vjp: Callable | None, broken_as_nan: bool = False):
                 )
             per = vp.split.treedef.flatten_up_to(tuple(w[i] for i in vp.argnums))
             return vp.vec(out), [per[pos] for pos in vp.split.dynamic_index]
-    vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+    # Runs once or twice a check: compiled without LLVM optimisation (see compiling.fast).
+    vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None)), compiler_options=compiling.fast())
 
     def fn(C, dyn, argarr):
         return vfn(jax.device_put(np.asarray(C, vp.out_dtype)), dyn, argarr)
