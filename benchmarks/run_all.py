@@ -33,6 +33,8 @@ BENCHES = {
     "power": ("bench_power.py", [], True),
     "arch": ("bench_arch.py", [], True),
     "compile": ("bench_compile.py", [], False),
+    # A test suite's cost: many small checks back to back, jgc next to JAX's checker.
+    "suite": ("bench_suite.py", ["--one-direction"], True),
     # The whole harness corpus takes hours on 2 cores: a wall-time budget per x64 setting
     # (round-robin over primitives, so every primitive is covered).
     "harnesses": ("bench_harnesses.py", ["--budget", "1800"], True),
