@@ -21,6 +21,7 @@ from ._src.report import LeafReport as LeafReport
 from ._src.report import Report as Report
 
 # Custom derivative rules inside a loss, each checked on the inputs it receives.
+from ._src.rules import approximate as approximate
 from ._src.rules import check_rules as check_rules
 from ._src.rules import intended as intended
 from ._src.rules import RulesReport as RulesReport
@@ -36,6 +37,7 @@ __all__ = [
     "Report",
     "RulesReport",
     "TaylorReport",
+    "approximate",
     "assert_grads_close",
     "check",
     "check_grads",

@@ -20,6 +20,7 @@ PUBLIC = {
     "check_rules",
     "RulesReport",
     "intended",
+    "approximate",
 }
 
 

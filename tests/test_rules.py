@@ -653,3 +653,37 @@ def test_a_runtime_check_with_a_host_callback_is_checked_not_an_error():
     rep = jgc.check_rules(loss, jnp.array([0.5, -1.5]))
     assert rep.ok and rep.rules and all(r.status in ("ok", "intended") for r in rep.rules), str(rep)
     assert any(r.status == "ok" for r in rep.rules), str(rep)
+
+
+def make_damped_tanh(rel_error):
+    @jax.custom_jvp
+    def damped_tanh(x):
+        return jnp.tanh(x)
+
+    damped_tanh.defjvp(lambda p, t: (damped_tanh(p[0]), (1 - jnp.tanh(p[0]) ** 2) * (1 + rel_error) * t[0]))
+    return damped_tanh
+
+
+@pytest.mark.parametrize("rel_error", [1e-6, 1e-2], ids=["within its tolerance", "planted 1%"])
+def test_an_approximate_rule_is_approximate_within_its_tolerance_and_wrong_beyond(rel_error):
+    rule = jgc.approximate(make_damped_tanh(rel_error), tol=1e-5, reason="a truncated series")
+    x = jnp.array([0.3, 1.7])
+    rep = jgc.check_rules(lambda p: jnp.sum(rule(p)), x)
+    site = rep.rule("damped_tanh").sites[0]
+    assert site.error == pytest.approx(rel_error, rel=0.1), str(rep)
+    if rel_error < 1e-5:
+        assert rep.ok and site.status == "approximate" and "tolerance 1e-05" in site.reason, str(rep)
+        # jgc.check fails on it (the gradient is off by 1e-6), and says it is approximate by design.
+        with jax.enable_x64(True):
+            full = jgc.check(lambda p: jnp.sum(rule(p)), jnp.array([0.3, 1.7], dtype=jnp.float64), rules=True)
+        assert not full.ok
+        assert any("approximate by construction" in n for n in full.notes), full.notes
+    else:
+        assert not rep.ok and site.status == "mismatch" and "beyond what the approximation" in site.reason
+
+
+def test_approximate_refuses_a_missing_tolerance_or_reason():
+    with pytest.raises(TypeError, match="tol must be a positive"):
+        jgc.approximate(make_damped_tanh(0.0), tol=0.0, reason="x")
+    with pytest.raises(TypeError, match="reason must be"):
+        jgc.approximate(make_damped_tanh(0.0), tol=1e-3, reason="")

@@ -13,9 +13,9 @@ shells and the tests use what this file exports.
 """
 
 from .check import attach_rules, check_rules
-from .surrogates import intended
+from .surrogates import approximate, intended
 from .report import RuleReport, RulesReport, SiteReport, Worst
 from .sites import OLDEST_JAX, JaxInternalsChanged
 
 __all__ = ["OLDEST_JAX", "JaxInternalsChanged", "RuleReport", "RulesReport", "SiteReport", "Worst",
-           "attach_rules", "check_rules", "intended"]
+           "approximate", "attach_rules", "check_rules", "intended"]

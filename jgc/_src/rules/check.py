@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import compat, trees
-from .surrogates import _library_intended, _user_intended
+from .surrogates import _library_approximate, _library_intended, _user_approximate, _user_intended
 from ..jacobian import check_jacobian
 from ..names import function_name
 from ..preparation import as_given_note, precision_scope, refused_widening
@@ -227,7 +227,30 @@ def _verdict(prep: _Prepared, rep, leaves, offset: int = 0) -> SiteReport:
     failing = [lf for lf in rep.failing() if lf in leaves]
     worst = _worst(failing[0], prep, offset) if failing else None
     return SiteReport(**_site_base(prep.site), checked=len(prep.caps), status="mismatch" if failing else "ok",
-                      report=rep, worst=worst, method=rep.mode, held=prep.held)
+                      report=rep, worst=worst, method=rep.mode, held=prep.held, error=_relative_error(leaves))
+
+
+def _relative_error(leaves) -> float | None:
+    """max |rule − differences| over the largest |derivative| of the site (finite entries only)."""
+    diff, scale = 0.0, 0.0
+    for lf in leaves:
+        a, n = np.asarray(lf.analytic), np.asarray(lf.numeric)
+        ok = np.isfinite(a) & np.isfinite(n)
+        if ok.any():
+            diff = max(diff, float(np.max(np.abs(a[ok] - n[ok]))))
+            scale = max(scale, float(np.max(np.abs(n[ok]))), float(np.max(np.abs(a[ok]))))
+    return diff / scale if scale > 0 else None
+
+
+def _as_approximate(site: SiteReport, tol: float, reason: str) -> SiteReport:
+    """A rule approximate by construction: "approximate" within ``tol``, still "mismatch" beyond it."""
+    if site.status != "mismatch" or site.error is None:
+        return site
+    measured = f"relative error {site.error:.1e}, tolerance {tol:.0e}"
+    if site.error <= tol:
+        return dataclasses.replace(site, status="approximate", reason=f"{reason}; {measured}")
+    return dataclasses.replace(site, reason=f"approximate by construction ({reason}), but {measured}: beyond "
+                                            "what the approximation explains")
 
 
 def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
@@ -480,6 +503,9 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
             out.append(RuleReport(**base, status="intended", reason=reason, sites=sites, calls=calls))
         else:
             sites = tuple(verdicts[(rkey, skey)] for skey in r.sites)
+            approx = _user_approximate(r.primal) or _library_approximate(r.primal, r.rule)
+            if approx:
+                sites = tuple(_as_approximate(s, *approx) for s in sites)
             out.append(RuleReport.from_sites(base, sites, calls))
     return out
 
@@ -496,10 +522,13 @@ def attach_rules(rep, fn, params, args, *, precision: str = "auto"):
     notes = [f"custom rule {r.kind} {r.name} ({r.primal_at}) disagrees with its primal: rule "
              f"{r.rule_name} ({r.rule_at})" + (f"; worst {r.worst.describe()}" if r.worst else "")
              for r in rr.failing()]
-    if not notes:
+    approximate = [f"custom rule {r.kind} {r.name} ({r.primal_at}) is approximate by construction, so the "
+                   f"gradient is approximate by design: {r.reason}" for r in rr.rules if r.status == "approximate"]
+    notes += approximate
+    if not rr.failing():
         checked = [r for r in rr.rules if r.status == "ok"]
         elsewhere = (f"jgc.check_rules found {len(checked)} custom rule(s) that agree with their primal: the "
                      "mismatch comes from elsewhere (a hand-written grad, stop_gradient, or a rule not "
                      "checked: see report.rules).")
-        notes = [elsewhere] if rr.rules else []
+        notes += [elsewhere] if rr.rules and not approximate else []
     return dataclasses.replace(rep, rules=rr, notes=tuple(rep.notes) + tuple(notes))

@@ -10,7 +10,7 @@ from typing import Any
 from ..report import find
 
 # Rule statuses, most severe first (the text report lists rules in this order).
-RULE_STATUSES = ("mismatch", "error", "not checked", "ok", "intended", "not on the differentiated path",
+RULE_STATUSES = ("mismatch", "error", "not checked", "approximate", "ok", "intended", "not on the differentiated path",
                  "not executed")
 FAILING = ("mismatch",)
 
@@ -97,6 +97,8 @@ class SiteReport:
       method: how it was checked ("jacobian (rev)", "jvp (4 directions per leaf)", …).
       held: the operands held fixed and the outputs not compared, with why (off the
         differentiated path, non-finite), or "".
+      error: the measured relative error, max |rule − differences| over the largest
+        |derivative| of the site (None when nothing was compared).
       check: for :func:`jgc.check_rule`, the check this row is the verdict of ("jvp",
         "linearity", "batching", …), and ``at`` the point it ran at; "" for a call site.
     """
@@ -113,6 +115,7 @@ class SiteReport:
     method: str = ""
     held: str = ""
     check: str = ""
+    error: float | None = None
 
     def describe(self) -> str:
         if self.check:
@@ -121,14 +124,15 @@ class SiteReport:
         under = f" under {self.under}" if self.under else ""
         head = f"called at {self.at} ({self.function}){under}: {self.calls} call{'s' * (self.calls != 1)}"
         held = f"; held fixed: {self.held}" if self.held else ""
-        if self.status in ("ok", "mismatch"):
-            return f"{head}, {self.checked} checked, {self.status}{held}"
+        if self.status in ("ok", "mismatch", "approximate"):
+            why = f" ({self.reason})" if self.reason else ""
+            return f"{head}, {self.checked} checked, {self.status}{why}{held}"
         return f"{head}, {self.status}" + (f": {self.reason}" if self.reason else "") + held
 
     def to_dict(self) -> dict:
         return {"at": self.at, "function": self.function, "under": self.under, "calls": self.calls,
                 "checked": self.checked, "status": self.status, "reason": self.reason, "method": self.method,
-                "held": self.held, "check": self.check, "worst": self.worst.to_dict() if self.worst else None}
+                "held": self.held, "check": self.check, "error": _num(self.error), "worst": self.worst.to_dict() if self.worst else None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +180,7 @@ class RuleReport:
 
     @property
     def checked(self) -> int:
-        return sum(s.checked for s in self.sites if s.status in ("ok", "mismatch"))
+        return sum(s.checked for s in self.sites if s.status in ("ok", "mismatch", "approximate"))
 
     @property
     def worst(self) -> Worst | None:

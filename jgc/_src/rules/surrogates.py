@@ -1,4 +1,7 @@
-"""Custom rules whose derivative differs from their primal's on purpose (``jgc.intended``).
+"""Custom rules whose derivative differs from their primal's on purpose, or is approximate by design.
+
+``jgc.intended`` declares a surrogate; ``jgc.approximate`` a rule right only to a
+tolerance. Known library cases of both are recognised without a declaration.
 
 Rules declared with :func:`intended`, and surrogate gradients that libraries define
 on purpose (``optax.scale_gradient``, Equinox's non-differentiable markers), are
@@ -78,4 +81,91 @@ def _library_intended(primal: Where) -> str | None:
         return "optax.scale_gradient scales the gradient on purpose"
     if "/equinox/" in path and "nondifferentiable" in primal.name:
         return "Equinox marks this value as not to be differentiated"
+    if "/jaxopt/" in path and path.endswith("/perturbations.py") and primal.name.startswith("forward_pert"):
+        return ("jaxopt's perturbed optimizers use the gradient of the smoothed (perturbed) argmax, a Monte "
+                "Carlo surrogate of the piecewise-constant one (jaxopt docs, Perturbed optimizers)")
+    return None
+
+
+# -- approximate by construction ---------------------------------------------------------------------
+_APPROXIMATE: dict[tuple[str, str], list[tuple[int, int, float, str]]] = {}
+
+# Relative error allowed to a library rule that is approximate by construction (a
+# continuous adjoint, an implicit rule at a solver tolerance) when no tolerance is
+# declared: the adjoints of benchmarks/bench_libraries.py (diffrax BacksolveAdjoint at
+# dt = 0.1, optimistix and jaxopt at their tolerances) stay below 1e-4, and a 1 %
+# error in a term of the rule is ten times above it, so it is still called a mismatch.
+LIBRARY_APPROXIMATE_TOL = 1e-3
+
+
+def approximate(fn: Callable | None = None, *, tol: float, reason: str):
+    """Declare that a custom rule's derivative is approximate by construction, to ``tol``.
+
+    A continuous adjoint, an implicit-function rule at a solver tolerance or a
+    truncated series gives a derivative that is right only to some relative error.
+    :func:`jgc.check_rules` reports such a rule as ``approximate`` (with the measured
+    relative error next to ``tol`` and ``reason``) when it disagrees with its primal by
+    at most ``tol``, and as ``mismatch`` when it disagrees by more. Works as a call or a
+    decorator, like :func:`jgc.intended`, and returns its argument unchanged.
+
+    Args:
+      fn: the custom rule (or its primal function). Omit it to get a decorator.
+      tol: the relative error the rule is designed to (max |rule − differences| over the
+        largest |derivative| of the call site).
+      reason: a short sentence saying why the derivative is approximate.
+
+    Returns:
+      ``fn`` itself (or, without ``fn``, a decorator).
+
+    Raises:
+      TypeError: ``reason`` is not a non-empty string, ``tol`` is not a positive number,
+        or ``fn`` has no Python source.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jgc
+      >>> @jax.custom_jvp
+      ... def softer(x):
+      ...     return jnp.tanh(x)
+      >>> _ = softer.defjvp(lambda p, t: (softer(p[0]), (1 - jnp.tanh(p[0]) ** 2) * (1 + 1e-6) * t[0]))
+      >>> softer = jgc.approximate(softer, tol=1e-5, reason="a truncated series")
+      >>> jgc.check_rules(lambda p: jnp.sum(softer(p)), jnp.array([0.3, 1.7])).rules[0].status
+      'approximate'
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise TypeError("jgc.approximate: reason must be a non-empty string saying why the derivative is "
+                        f"approximate, e.g. reason='continuous adjoint'; got {reason!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise TypeError(f"jgc.approximate: tol must be a positive relative error, got {tol!r}.")
+    if fn is None:
+        return lambda f: approximate(f, tol=tol, reason=reason)
+    span = _code_span(_primal_function(fn))
+    if span is None:
+        raise TypeError(f"jgc.approximate: fn must be a custom_jvp/custom_vjp function or a Python function, "
+                        f"got {type(fn).__name__}, which has no Python source to recognise it by.")
+    file, first, last = span
+    name = short_name(inspect_unwrap(_primal_function(fn))).rsplit(".", 1)[-1]
+    _APPROXIMATE.setdefault((os.path.abspath(file), name), []).append((first, last, float(tol), reason))
+    return fn
+
+
+def _user_approximate(primal: Where) -> tuple[float, str] | None:
+    name = primal.name.rsplit(".", 1)[-1]
+    for first, last, tol, reason in _APPROXIMATE.get((os.path.abspath(primal.file), name), ()):
+        if first <= primal.line <= last:
+            return tol, reason
+    return None
+
+
+def _library_approximate(primal: Where, rule: Where) -> tuple[float, str] | None:
+    """Rules that libraries make approximate by construction: (relative tolerance, reason)."""
+    pfile, rfile = primal.file.replace(os.sep, "/"), rule.file.replace(os.sep, "/")
+    if "/diffrax/" in pfile and primal.name == "_loop_backsolve":
+        return LIBRARY_APPROXIMATE_TOL, ("diffrax BacksolveAdjoint solves the adjoint ODE backwards in time: its "
+                                         "gradient is right to the solver's tolerance (diffrax docs, Adjoints)")
+    if "/optimistix/" in rfile and rule.name == "_implicit_impl_jvp":
+        return LIBRARY_APPROXIMATE_TOL, ("optimistix differentiates the solution by the implicit function "
+                                         "theorem: right to the root/minimum's tolerance (optimistix.ImplicitAdjoint)")
+    if "/jaxopt/" in pfile and primal.name == "solver_fun_flat":
+        return LIBRARY_APPROXIMATE_TOL, ("jaxopt's implicit differentiation (custom_root / custom_fixed_point) "
+                                         "is right to the solver's tolerance (jaxopt docs, Implicit differentiation)")
     return None
