@@ -166,3 +166,36 @@ def test_without_mode_the_check_chooses_as_jgc_check_does(mod, capsys, monkeypat
     assert "mode=default (directional" in out and "mode='full' checks every element" in out.splitlines()[0]
     code, out, err = run(capsys, *argv, "--mode", "full")
     assert code == 1 and "mode=full" in out
+
+
+FLOAT32_ONLY = """
+import jax, jax.numpy as jnp
+
+@jax.custom_jvp
+def softplus(x):
+    return jnp.logaddexp(x, 0.0)
+
+@softplus.defjvp
+def _jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    coef = 1.0 if x.dtype == jnp.float64 else 1.01  # wrong at float32 only
+    return softplus(x), jax.nn.sigmoid(x) * coef * t
+
+def loss(w):
+    return jnp.sum(softplus(w * 3.0))
+
+def make_params():
+    return jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32)
+"""
+
+
+def test_analytic_option_on_the_command_line(tmp_path, monkeypatch, capsys):
+    # The gradient runs at the dtypes given by default (a float32-only rule bug fails);
+    # --analytic reference evaluates it at the reference's precision, where it is right.
+    name = f"cli_f32_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FLOAT32_ONLY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(capsys, f"{name}:loss", "--params", f"{name}:make_params")
+    assert code == 1 and "mismatch" in out, out + err
+    code, out, err = run(capsys, f"{name}:loss", "--params", f"{name}:make_params", "--analytic", "reference")
+    assert code == 0, out + err

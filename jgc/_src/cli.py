@@ -201,7 +201,8 @@ def _check(ns):
         if not callable(grad):
             raise InputError(f"--grad {ns.grad} is {_a(grad)}; name a function "
                              "grad(params, *args) returning a pytree like params.")
-    options = _options(ns, ("stencil", "precision", "rtol", "atol", "step", "samples", "budget", "directions"))
+    options = _options(ns, ("stencil", "precision", "analytic", "rtol", "atol", "step", "samples", "budget",
+                            "directions"))
     try:
         report = check(fn, params, *args, grad=grad, has_aux=ns.has_aux, mode=ns.mode,
                            strict=ns.strict, **options)
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--seed", type=int, help="seed of the sampled / random directions")
     chk.add_argument("--stencil", choices=("central", "forward", "central4", "richardson", "complex"))
     chk.add_argument("--precision", choices=("auto", "float64", "native"))
+    chk.add_argument("--analytic", choices=("native", "reference"),
+                     help="where the gradient runs: at the dtypes given (default) or at the reference's precision")
     chk.add_argument("--rtol", type=float)
     chk.add_argument("--atol", type=float)
     chk.add_argument("--step", type=float, help="relative step h/s")
