@@ -56,8 +56,8 @@ ROLES = {
                "leaf or block (one summary), the `Report`, its picture and the failure message",
     "front doors": "the checks and the strategies they use: scalar costs, Jacobians, JVP/VJP/HVP, Taylor, "
                    "the `check_grads` drop-in",
-    "wings": "sub-packages with their own inside: the rules checker (`check_rules`, `intended`, the "
-             "`RulesReport`)",
+    "wings": "sub-packages with their own inside: the rules checker (`check_rules`, `check_rule`, "
+             "`intended`, the `RulesReport`)",
     "compositions": "public checks composed from a front door and a wing, above both: `jgc.check` and "
                     "`jgc.assert_grads_close` with `rules=`",
     "shells": "chex-style assertions, the optax helper, the command line",
@@ -66,7 +66,8 @@ ROLES = {
 # The inside of each wing, lowest first: a module imports only modules before it (its
 # ``__init__`` imports any of them), and private names travel only inside the wing.
 WINGS = {
-    "rules": ["sources", "surrogates", "report", "sites", "eager", "check"],
+    "rules": ["sources", "surrogates", "report", "sites", "paths", "callbacks", "eager", "check", "subject",
+              "identities", "derivatives", "points", "rule"],
 }
 
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)

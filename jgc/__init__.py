@@ -21,6 +21,7 @@ from ._src.report import LeafReport as LeafReport
 from ._src.report import Report as Report
 
 # Custom derivative rules inside a loss, each checked on the inputs it receives.
+from ._src.rules import check_rule as check_rule
 from ._src.rules import approximate as approximate
 from ._src.rules import check_rules as check_rules
 from ._src.rules import intended as intended
@@ -44,6 +45,7 @@ __all__ = [
     "check_hvp",
     "check_jacobian",
     "check_jvp",
+    "check_rule",
     "check_rules",
     "check_taylor",
     "check_vjp",

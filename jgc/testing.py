@@ -8,6 +8,8 @@ and ``" failed: "``. They work in ``chex.TestCase`` and under
 ``self.variant`` and call the assertion outside it.
 """
 
-from ._src.testing import PREFIX, assert_grads_close, assert_grads_differ, assert_report_ok, assert_rules_ok
+from ._src.testing import PREFIX, assert_grads_close, assert_grads_differ, assert_report_ok, assert_rule_ok, \
+    assert_rules_ok
 
-__all__ = ["PREFIX", "assert_grads_close", "assert_grads_differ", "assert_report_ok", "assert_rules_ok"]
+__all__ = ["PREFIX", "assert_grads_close", "assert_grads_differ", "assert_report_ok", "assert_rule_ok",
+           "assert_rules_ok"]

@@ -24,7 +24,7 @@ from .api import check
 from .errors import GradCheckError
 from .messages import failure_message, where
 from .report import Report
-from .rules import check_rules
+from .rules import check_rule, check_rules
 
 PREFIX = "[jgc] Assertion "
 
@@ -227,4 +227,43 @@ def assert_rules_ok(fn: Callable, params: Any, *args, custom_message: str | None
         names = "; ".join(f"{r.name} ({r.primal_at}), rule {r.rule_name} ({r.rule_at})" for r in report.failing())
         raise GradCheckError(_message("assert_rules_ok", f"wrong custom rule: {names}.", custom_message,
                                       report), report)
+    return report
+
+
+def assert_rule_ok(f: Callable, *args, custom_message: str | None = None, **options):
+    """Assert that one custom derivative rule passes every check of :func:`jgc.check_rule`.
+
+    Runs :func:`jgc.check_rule` (same arguments and options): the rule's primal output,
+    its JVP or VJP against finite differences, the dot-product identity, linearity in
+    the tangent and cotangent, ``vmap`` against a loop, the derivative of its gradient
+    and partial differentiation (symbolic zeros), at ``args``.
+
+    Args:
+      f: the rule, called as ``f(*args)``.
+      *args: the point.
+      custom_message: text added, in brackets, to the first line of the failure.
+      **options: passed to :func:`jgc.check_rule` (``nondiff_argnums``, ``seed``,
+        ``checks``, ``explore``, ``precision``, ``rtol``, ``atol``, ``step``).
+
+    Returns:
+      The :class:`jgc.RulesReport`, when every check passes.
+
+    Raises:
+      jgc.GradCheckError: an ``AssertionError`` whose message starts with
+        ``"[jgc] Assertion assert_rule_ok failed: wrong custom rule"``, names the rule
+        with its ``file:line`` and the checks that failed; ``err.report`` is the
+        :class:`jgc.RulesReport`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jgc import testing
+      >>> testing.assert_rule_ok(jax.nn.relu, jnp.array([0.5, -1.0])).ok
+      True
+    """
+    _refuse_tracers("assert_rule_ok", (), args)
+    report = check_rule(f, *args, **options)
+    if not report.ok:
+        names = "; ".join(f"{r.name} ({r.primal_at}), rule {r.rule_name} ({r.rule_at})" for r in report.failing())
+        raise GradCheckError(_message("assert_rule_ok", f"wrong custom rule: {names}; failed checks: "
+                                      f"{', '.join(report.failed_checks())}.", custom_message, report), report)
     return report

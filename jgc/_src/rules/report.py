@@ -251,6 +251,11 @@ class RulesReport:
                    else "no custom rules found" if not n else f"no wrong rule among {n}")
         counts = {st: sum(r.status == st for r in self.rules) for st in RULE_STATUSES}
         statuses = ", ".join(f"{c} {st}" for st, c in counts.items() if c)
+        if self.api == "jgc.check_rule":  # one rule: its rows are checks, not call sites
+            rows = [s for r in self.rules for s in r.sites]
+            failed = self.failed_checks()
+            tail = (f"; failed: {', '.join(failed)}" if failed else "") + f"; {len(rows)} checks run"
+            return f"{self.api}({self.function}): {verdict}{tail}, {self.seconds:.2f} s"
         return (f"{self.api}({self.function}): {verdict}" + (f" ({statuses})" if n else "")
                 + f"; {calls} call{'s' * (calls != 1)} seen, {checked} checked, {self.seconds:.2f} s")
 
