@@ -305,3 +305,17 @@ def test_noise_probe_reports_progress(monkeypatch):
     with Problem(loss, p, (x, y)):
         pass
     assert [d for label, d in seen if label == "jgc: noise probe"][:3] == [10, 20, 30]
+
+
+def test_a_wrong_leaf_is_named_without_searching_its_elements():
+    loss, p, x, y = _mlp(seed=2)
+    g = jax.grad(loss)(p, x, y)
+    bad = dict(g, W2=g["W2"] * 1.01)  # a custom rule's cotangent 1% too large: every element
+    rep = jgc.check(loss, p, x, y, grad=bad, mode="directional", locate=0)
+    assert not rep.ok and [lf.path for lf in rep.failing()] == ["['W2']"]
+    assert rep.checked == 0
+    assert any("['W2']: the directional check fails" in n and "locate=0" in n for n in rep.notes), rep.notes
+    assert not any("spread over many elements" in n for n in rep.notes)
+    searched = jgc.check(loss, p, x, y, grad=bad, mode="directional", locate=1)
+    assert [lf.path for lf in searched.failing()] == ["['W2']"] and searched.leaf("['W2']").counts["mismatch"] == 1
+    assert searched.evaluations > rep.evaluations

@@ -113,7 +113,11 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
         lr, _ = judge_elements(problem, steps, a_leaves, k, np.unique(np.concatenate(elems)).astype(np.int64),
                                stencil=stencil, step=step, rtol=rtol, atol=atol, g_all=g_all, h_rel=h_rel)
         status = max(STATUS_NAMES.index(lr.status), screen_code)
-        if unlocalised is not None and screen_code == MISMATCH and lr.counts.get("mismatch", 0) == 0:
+        if unlocalised is not None and screen_code == MISMATCH and locate == 0:
+            a, n, b = unlocalised[:3]
+            notes.append(f"{problem.paths[k]}: the directional check fails (⟨g,v⟩ = {a:.6g} vs finite "
+                         f"difference {n:.6g}, allowed ±{b:.2g}); locate=0: no wrong element was searched for.")
+        elif unlocalised is not None and screen_code == MISMATCH and lr.counts.get("mismatch", 0) == 0:
             a, n, b = unlocalised[:3]
             notes.append(
                 f"{problem.paths[k]}: the directional check fails (⟨g,v⟩ = {a:.6g} vs finite "
