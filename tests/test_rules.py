@@ -687,3 +687,20 @@ def test_approximate_refuses_a_missing_tolerance_or_reason():
         jgc.approximate(make_damped_tanh(0.0), tol=0.0, reason="x")
     with pytest.raises(TypeError, match="reason must be"):
         jgc.approximate(make_damped_tanh(0.0), tol=1e-3, reason="")
+
+
+def test_a_rule_fed_only_by_a_constant_output_of_another_rule_is_off_the_path():
+    @jax.custom_jvp
+    def split(x, c):
+        return x ** 2, 3.0 * c
+
+    split.defjvp(lambda p, t: (split(*p), (2 * p[0] * t[0], 3.0 * t[1])))
+    bad = make_scaled_pow(2.0)  # wrong in its exponent
+
+    def loss(x):
+        y, k = split(x, jnp.full(2, 0.5))  # k depends on the constant only (the primal's data flow)
+        return jnp.sum(y) + jnp.sum(bad(jnp.full(2, 1.5), k))
+
+    rep = jgc.check_rules(loss, jnp.array([0.3, -0.7]))
+    assert rep.ok and rep.rule("scaled_pow").status == "not on the differentiated path", str(rep)
+    assert rep.rule("split").status == "ok", str(rep)

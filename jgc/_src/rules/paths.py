@@ -71,9 +71,8 @@ class Paths:
         if name in KINDS:
             prev = self.operands.get(id(eqn))
             self.operands[id(eqn)] = ins if prev is None else [a or b for a, b in zip(prev, ins)]
-            cj = p["call_jaxpr"]
-            self.forward(cj.jaxpr, ins)
-            return [any(ins[p["num_consts"]:])] * n_out
+            # The primal's data flow: a right rule's derivative is non-zero only where it is.
+            return self.forward(p["call_jaxpr"].jaxpr, ins)
         if name in CALLS:
             jx = p.get("jaxpr", p.get("call_jaxpr"))
             return self.forward(getattr(jx, "jaxpr", jx), ins)
@@ -128,8 +127,7 @@ class Paths:
         if name in KINDS:
             prev = self.outputs.get(id(eqn))
             self.outputs[id(eqn)] = outs if prev is None else [a or b for a, b in zip(prev, outs)]
-            self.backward(p["call_jaxpr"].jaxpr, outs)
-            return [any(outs)] * n_in
+            return self.backward(p["call_jaxpr"].jaxpr, outs)
         if name in CALLS:
             jx = p.get("jaxpr", p.get("call_jaxpr"))
             return self.backward(getattr(jx, "jaxpr", jx), outs)
