@@ -351,3 +351,30 @@ def test_leaves_jax_x64_state_as_found():
     before = jax.config.jax_enable_x64
     jgc.check_rule(softplus, X.astype(jnp.float32), checks=("jvp", "order 2"))
     assert jax.config.jax_enable_x64 == before
+
+
+def test_integer_arguments_get_float0_tangents_and_cotangents():
+    @jax.custom_jvp
+    def scale(x, n):
+        return x * n
+
+    @scale.defjvp
+    def scale_jvp(primals, tangents):
+        (x, n), (tx, _) = primals, tangents
+        return scale(x, n), tx * n
+
+    rep = jgc.check_rule(scale, jnp.array([1.0, 2.0]), jnp.array([2, 3]))
+    assert rep.ok, str(rep)
+    assert any(s.check == "symbolic zeros" and s.status == "ok" for s in rep.rules[0].sites)
+
+    @jax.custom_jvp
+    def scale_bad(x, n):
+        return x * n
+
+    @scale_bad.defjvp
+    def scale_bad_jvp(primals, tangents):
+        (x, n), (tx, tn) = primals, tangents
+        return scale_bad(x, n), tx * n + tn  # arithmetic on the float0 tangent of n raises
+
+    rep = jgc.check_rule(scale_bad, jnp.array([1.0, 2.0]), jnp.array([2, 3]))
+    assert not rep.ok and "float0" in str(rep)

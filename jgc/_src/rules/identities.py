@@ -256,40 +256,45 @@ def batching(subject: _Subject, name: str, at: str, rng, options: dict) -> list:
         programs.append(("vjp", lambda x, t, u: list(subject.vjp(x, u)[1]), subject.names,
                          [_dtype(v) for v in subject.x]))
     method = "vmap of " + ", ".join(p[0] for p in programs) + f" over {B} lanes vs one call per lane"
-    n, worst, where, errors = 0, None, "", []
-    for prog, fn, names, dtypes in programs:
-        jitted = jax.jit(fn)
-        for pat in patterns:
-            # Unbatched arguments (and their tangents) stay at lane 0.
-            xs = [[lane[k] if k in pat else lanes[0][k] for k in range(n_in)] for lane in lanes]
-            ts = [[tan[k] if k in pat else tans[0][k] for k in range(n_in)] for tan in tans]
-            try:
-                loop = [jitted(x, t, u) for x, t, u in zip(xs, ts, cots)]
-            except Exception as e:  # noqa: BLE001 (the unbatched call itself fails: nothing to compare)
-                errors.append(f"{prog}: {raised(e)}")
-                continue
-            axes = ([0 if k in pat else None for k in range(n_in)],) * 2 + (0,)
-            args = ([xs[0][k] if k not in pat else jnp.stack([x[k] for x in xs]) for k in range(n_in)],
-                    [ts[0][k] if k not in pat else jnp.stack([t[k] for t in ts]) for k in range(n_in)],
-                    _stack(cots))
-            label = f"{prog} with " + ("every argument batched" if len(pat) == n_in and n_in > 1 else
-                                       f"{subject.names[pat[0]]} batched" if n_in > 1 else "its argument batched")
-            try:
-                batched = jax.vmap(jitted, in_axes=axes)(*args)
-            except Exception as e:  # noqa: BLE001 (one call per lane works, vmap raises: a batching bug)
-                return [site(BATCHING, at, name, "mismatch", n, method=method,
-                             reason=f"{label}: vmap raises {raised(e)} where one call per lane runs")]
+    # One program computes them all: one compilation for the loop, one per batching pattern.
+    jitted = jax.jit(lambda x, t, u: [fn(x, t, u) for _, fn, _, _ in programs])
+    n, worst, where = 0, None, ""
+    for pat in patterns:
+        # Unbatched arguments (and their tangents) stay at lane 0.
+        xs = [[lane[k] if k in pat else lanes[0][k] for k in range(n_in)] for lane in lanes]
+        ts = [[tan[k] if k in pat else tans[0][k] for k in range(n_in)] for tan in tans]
+        try:
+            loop = [jitted(x, t, u) for x, t, u in zip(xs, ts, cots)]
+        except Exception as e:  # noqa: BLE001 (the unbatched call itself fails: nothing to compare)
+            return [site(BATCHING, at, name, "error", reason=f"one call per lane raises {raised(e)}")]
+        axes = ([0 if k in pat else None for k in range(n_in)],) * 2 + (0,)
+        args = ([xs[0][k] if k not in pat else jnp.stack([x[k] for x in xs]) for k in range(n_in)],
+                [ts[0][k] if k not in pat else jnp.stack([t[k] for t in ts]) for k in range(n_in)],
+                _stack(cots))
+        label = ("every argument batched" if len(pat) == n_in and n_in > 1 else
+                 f"{subject.names[pat[0]]} batched" if n_in > 1 else "its argument batched")
+        try:
+            batched = jax.vmap(jitted, in_axes=axes)(*args)
+        except Exception as e:  # noqa: BLE001 (one call per lane works, vmap raises: a batching bug)
+            progs = []
+            for prog, fn, _, _ in programs:  # which of them raises, to name it
+                try:
+                    jax.vmap(fn, in_axes=axes)(*args)
+                except Exception:  # noqa: BLE001
+                    progs.append(prog)
+            return [site(BATCHING, at, name, "mismatch", n, method=method,
+                         reason=f"vmap of {', '.join(progs) or 'f'} with {label} raises {raised(e)} where one "
+                         "call per lane runs")]
+        for j, (prog, _, names, dtypes) in enumerate(programs):
             for b in range(B):
-                k, w = compare_leaves([v[b] for v in batched], loop[b], names, dtypes, rtol=options.get("rtol"),
-                                      atol=options.get("atol"), prefix=f"lane {b}, ")
+                k, w = compare_leaves([v[b] for v in batched[j]], loop[b][j], names, dtypes,
+                                      rtol=options.get("rtol"), atol=options.get("atol"), prefix=f"lane {b}, ")
                 n += k
                 if w is not None and (worst is None or w.excess > worst.excess):
-                    worst, where = w, label
+                    worst, where = w, f"{prog} with {label}"
     if worst is not None:
         return [site(BATCHING, at, name, "mismatch", n, method=method,
                      reason=f"{where}: vmap disagrees with one call per lane; " + worst.text("vmap", "one call"))]
-    if not n and errors:
-        return [site(BATCHING, at, name, "error", reason="; ".join(errors))]
     return [site(BATCHING, at, name, "ok", n, method=method)]
 
 
@@ -302,6 +307,19 @@ def _subsets(n: int) -> list:
     return [(k,) for k in range(n)] + [tuple(j for j in range(n) if j != k) for k in range(n)]
 
 
+def _with_float0(subject: _Subject, x: list, t: list, u: list):
+    """The JVP and VJP with the integer arguments differentiated too: float0 tangents in, cotangents out."""
+    ints = [subject.leaves[k] for k in subject.ints]
+    zeros = [np.zeros(np.shape(v), dtype=jax.dtypes.float0) for v in ints]
+    got_j = got_v = None
+    if subject.fwd is None:
+        got_j = jax.jvp(subject.go, (*x, *ints), (*t, *zeros))[1]
+    if subject.rev is None:
+        _, back = jax.vjp(subject.go, *x, *ints)
+        got_v = back(tuple(u))[:len(x)]
+    return got_j, got_v
+
+
 def symbolic_zeros(subject: _Subject, name: str, at: str, rng, options: dict) -> list:
     """Some arguments not differentiated (symbolic zero tangents), some outputs without cotangent."""
     n_in = len(subject.x)
@@ -310,7 +328,7 @@ def symbolic_zeros(subject: _Subject, name: str, at: str, rng, options: dict) ->
     out = subject.value(x)
     n_out = len(out)
     out_subsets = _subsets(n_out)
-    if not subsets and not out_subsets:
+    if not subsets and not out_subsets and not subject.ints:
         return []
     t = subject.tangent(rng)
     u = subject.cotangent(rng, out)
@@ -368,6 +386,21 @@ def symbolic_zeros(subject: _Subject, name: str, at: str, rng, options: dict) ->
                              reason=f"{label}: the rule raises {raised(e)} where the dense call runs")]
             k_, w = compare_leaves(list(got), list(want), subject.names, [_dtype(v) for v in x], rtol=rt, atol=at_,
                                    prefix="vjp: ")
+            n += k_
+            if w is not None and (worst is None or w.excess > worst.excess):
+                worst, where = w, label
+    if subject.ints:
+        label = "integer argument " + ", ".join(subject.int_names) + " differentiated too (float0)"
+        try:
+            got_j, got_v = _with_float0(subject, x, t, u)
+        except Exception as e:  # noqa: BLE001 (the dense call runs, the one with float0 raises)
+            return [site(ZEROS, at, name, "mismatch", n,
+                         reason=f"{label}: the rule raises {raised(e)} where the call without it runs")]
+        for got, want, names, dtypes, pre in ((got_j, dense_jvp, subject.out_names, subject.out_dtypes, "jvp: "),
+                                              (got_v, dense_vjp, subject.names, [_dtype(v) for v in x], "vjp: ")):
+            if got is None or want is None:
+                continue
+            k_, w = compare_leaves(list(got), list(want), names, dtypes, rtol=rt, atol=at_, prefix=pre)
             n += k_
             if w is not None and (worst is None or w.excess > worst.excess):
                 worst, where = w, label

@@ -72,11 +72,15 @@ class _Subject:
     rev: str | None = None
     # Compiled programs by name, shared by the subject at every point (same structure).
     programs: dict = dataclasses.field(default_factory=dict)
+    # Positions in ``leaves`` of integer and boolean arrays outside nondiff_argnums, with their
+    # names: JAX gives them float0 tangents and cotangents when a caller differentiates them too.
+    ints: list = dataclasses.field(default_factory=list)
+    int_names: list = dataclasses.field(default_factory=list)
 
     # -- the function of the differentiated leaves ---------------------------------------------
     def go(self, *x):
         leaves = list(self.leaves)
-        for k, v in zip(self.diff, x):
+        for k, v in zip(self.diff + self.ints, x):  # the integer leaves too, when given
             leaves[k] = v
         out = self.f(*jax.tree_util.tree_unflatten(self.treedef, leaves))
         return tuple(o for o in jax.tree_util.tree_leaves(out) if _is_float_leaf(o))
@@ -141,7 +145,7 @@ def _normal(rng: np.random.Generator, shape, dtype, scale) -> jax.Array:
 def make_subject(f: Callable, args: tuple, nondiff: set, api: str) -> _Subject:
     """The subject of a check: which leaves of ``args`` are differentiated, and their names."""
     leaves_p, treedef = jax.tree_util.tree_flatten_with_path(list(args))
-    leaves, diff, names = [], [], []
+    leaves, diff, names, ints, int_names = [], [], [], [], []
     for k, (path, v) in enumerate(leaves_p):
         arg = path[0].idx if path and hasattr(path[0], "idx") else -1
         if isinstance(v, (float, complex)) and not isinstance(v, bool):
@@ -150,11 +154,15 @@ def make_subject(f: Callable, args: tuple, nondiff: set, api: str) -> _Subject:
         if arg not in nondiff and _is_float_leaf(v):
             diff.append(k)
             names.append(_arg_name(f, arg, path[1:]))
+        elif arg not in nondiff and isinstance(v, (jax.Array, np.ndarray)) and \
+                (jnp.issubdtype(v.dtype, jnp.integer) or v.dtype == bool):
+            ints.append(k)
+            int_names.append(_arg_name(f, arg, path[1:]))
     if not diff:
         raise TypeError(f"{api}: no argument has floating-point array leaves to differentiate "
                         f"(nondiff_argnums={sorted(nondiff)}).")
     x = [leaves[k] for k in diff]
-    return _Subject(f, leaves, treedef, diff, names, x)
+    return _Subject(f, leaves, treedef, diff, names, x, ints=ints, int_names=int_names)
 
 
 def _arg_name(f, arg: int, rest) -> str:
