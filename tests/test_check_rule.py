@@ -6,6 +6,8 @@ no check may flag.
 """
 
 import functools
+import json
+import textwrap
 
 import equinox as eqx
 import jax
@@ -18,6 +20,7 @@ from jax.custom_derivatives import SymbolicZero
 
 import jgc
 from jgc import testing
+from jgc._src import cli
 
 X = jnp.array([0.3, -1.2, 2.0])
 
@@ -378,3 +381,36 @@ def test_integer_arguments_get_float0_tangents_and_cotangents():
 
     rep = jgc.check_rule(scale_bad, jnp.array([1.0, 2.0]), jnp.array([2, 3]))
     assert not rep.ok and "float0" in str(rep)
+
+
+RULE_MODULE = """
+import jax, jax.numpy as jnp
+
+@jax.custom_jvp
+def cube(x):
+    return x ** 3
+
+cube.defjvp(lambda p, t: (cube(p[0]), 2 * p[0] ** 2 * t[0]))   # should be 3x²
+
+@jax.custom_jvp
+def square(x):
+    return x ** 2
+
+square.defjvp(lambda p, t: (square(p[0]), 2 * p[0] * t[0]))
+
+def inputs():
+    return jnp.array([0.5, 2.0])
+"""
+
+
+def test_command_line_rule_exit_codes(tmp_path, monkeypatch, capsys):
+    name = f"rule_case_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(RULE_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["rule", f"{name}:cube", "--args", f"{name}:inputs", "--checks", "jvp", "primal"]) == 1
+    assert "jvp at the given args: mismatch" in capsys.readouterr().out
+    assert cli.main(["rule", f"{name}:square", "--args", f"{name}:inputs", "--checks", "jvp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert cli.main(["rule", f"{name}:cube", "--args", f"{name}:inputs", "--checks", "nonsense"]) == 2
+    assert "unknown check" in capsys.readouterr().err

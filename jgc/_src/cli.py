@@ -2,6 +2,7 @@
 
 Exit codes: 0 the derivatives agree, 1 a mismatch was found, 2 usage or input error.
 ``jgc rules`` takes the same FN, ``--params`` and ``--args`` and runs ``jgc.check_rules``.
+``jgc rule module:f --args module:factory`` runs ``jgc.check_rule(f, *args)`` on one rule.
 
 ``jgc check`` imports ``fn`` from ``module:fn`` (``module`` is a dotted module name,
 importable from the current directory or PYTHONPATH, or a path to a ``.py`` file),
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .api import check
 from .preparation import OutputFormError, drop_aux
-from .rules import check_rules
+from .rules import check_rule, check_rules
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
@@ -241,6 +242,25 @@ def _rules(ns):
                          f"{type(e).__name__}: {e}") from e
 
 
+def _rule(ns):
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as _inputs: the working directory first
+        sys.path.insert(0, os.getcwd())
+    f = resolve(ns.fn, "F")
+    if not callable(f):
+        raise InputError(f"F {ns.fn} is {_a(f)}, not a function. Name the rule: a custom_jvp / custom_vjp "
+                         "function called as f(*args).")
+    args = _call_factory(ns.args, "--args")
+    args = args if isinstance(args, tuple) else (args,)
+    options = {k: getattr(ns, k) for k in ("precision", "rtol", "atol", "step", "seed", "checks")
+               if getattr(ns, k) is not None}
+    try:
+        return check_rule(f, *args, nondiff_argnums=tuple(ns.nondiff_argnums or ()), explore=ns.explore,
+                          **options)
+    except Exception as e:  # bad input or an error in the user's function: exit 2, not 1
+        raise InputError(f"checking the rule {ns.fn} at {len(args)} argument(s) raised "
+                         f"{type(e).__name__}: {e}") from e
+
+
 def _add_inputs(parser) -> None:
     """FN, --params and --args: how both subcommands load the cost and its inputs."""
     parser.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
@@ -303,6 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
     rls.add_argument("--seed", type=int, help="seed of the random directions for large operands")
     rls.add_argument("--json", action="store_true", help="print the report as JSON")
     rls.set_defaults(run=lambda ns: _run("rules", ns, _rules))
+
+    one = sub.add_parser(
+        "rule", help="check one custom_jvp / custom_vjp / custom_vmap rule every way at the args given",
+        description="Check one custom derivative rule F at the arguments --args returns: its primal "
+        "output, its JVP or VJP against finite differences, the dot-product identity, linearity, vmap, "
+        "order 2 and symbolic zeros. Exit code 0: every check passes; 1: a check fails; 2: usage or "
+        "input error.",
+        epilog="example: jgc rule mylib:softplus --args mylib:example_inputs --explore",
+    )
+    one.add_argument("fn", metavar="F", help="the rule as module:function, called as f(*args)")
+    one.add_argument("--args", required=True, metavar="MODULE:FACTORY",
+                     help="a function of no arguments returning the tuple of arguments (anything but a "
+                          "tuple is the one argument)")
+    one.add_argument("--nondiff-argnums", type=int, nargs="+", metavar="N", help="arguments held fixed")
+    one.add_argument("--checks", nargs="+", metavar="CHECK",
+                     help="the checks to run (default all): primal jvp vjp dot-product linearity batching "
+                          "'order 2' 'symbolic zeros'")
+    one.add_argument("--explore", action="store_true", help="also check at −x, 10⁻²·x, 10²·x, 0 and ±1")
+    one.add_argument("--seed", type=int, help="seed of every random tangent, cotangent and lane")
+    one.add_argument("--precision", choices=("auto", "float64", "native"))
+    one.add_argument("--rtol", type=float)
+    one.add_argument("--atol", type=float)
+    one.add_argument("--step", type=float, help="relative step h/s")
+    one.add_argument("--json", action="store_true", help="print the report as JSON")
+    one.set_defaults(run=lambda ns: _run("rule", ns, _rule))
     return parser
 
 
