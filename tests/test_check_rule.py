@@ -263,6 +263,21 @@ def scaled_mul_jvp(primals, tangents):
     return x * y, tx * y + x * ty
 
 
+@eqx.filter_custom_vjp
+def sin_mul(x, y):
+    return x * jnp.sin(y)
+
+
+@sin_mul.def_fwd
+def sin_mul_fwd(perturbed, x, y):
+    return x * jnp.sin(y), None
+
+
+@sin_mul.def_bwd
+def sin_mul_bwd(residuals, g, perturbed, x, y):
+    return g * jnp.sin(y)  # Equinox differentiates the first argument only
+
+
 def bce(logits, labels):
     return optax.losses.sigmoid_binary_cross_entropy(logits, labels)
 
@@ -282,6 +297,7 @@ CONTROLS = [
     ("leaky ReLU with a nondiff slope", leaky, (X, 0.1), {}),
     ("jax.nn.relu away from 0", jax.nn.relu, (X,), {}),
     ("Equinox filter_custom_jvp", scaled_mul, (X, X[::-1] + 1.0), {}),
+    ("Equinox filter_custom_vjp", sin_mul, (X, X[::-1]), {}),
     ("optax loss with integer labels held", bce, (X, jnp.array([1.0, 0.0, 1.0])), {"nondiff_argnums": (1,)}),
 ]
 

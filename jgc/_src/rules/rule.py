@@ -54,6 +54,8 @@ def _naming(f, subject: _Subject) -> tuple[dict, Where, list]:
         eqns = list(_custom_eqns(jax.make_jaxpr(subject.go)(*subject.x).jaxpr))
     except Exception:  # noqa: BLE001 (naming only: the checks report the error)
         eqns = []
+    # Library markers around the user's rule (Equinox's nondifferentiable) do not name it.
+    eqns = [e for e in eqns if not _library_intended(rule_names(e)[0])] or eqns
     if len(eqns) == 1:
         p, r, fw = rule_names(eqns[0])
         return _base(KINDS[eqns[0].primitive.name], p, r, fw), p, notes
@@ -195,6 +197,8 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
         raise ValueError(f"{api}: precision must be 'auto', 'float64' or 'native', got {precision!r}.")
     nondiff = {int(k) for k in ((nondiff_argnums,) if isinstance(nondiff_argnums, int) else nondiff_argnums)}
     nondiff |= set(getattr(f, "nondiff_argnums", ()) or ())
+    if type(f).__name__ == "filter_custom_vjp" and type(f).__module__.startswith("equinox"):
+        nondiff |= set(range(1, len(args)))  # Equinox differentiates its first argument only
     subject = make_subject(f, args, nondiff, api)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
@@ -208,7 +212,7 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
         row = site(PRIMAL, "the given args", name, "error", reason=f"neither jax.jvp nor jax.vjp of f runs: "
                    f"{subject.fwd}; {subject.rev}")
         rr = RuleReport.from_sites(base, (row,), 1)
-        return RulesReport(ok=False, rules=(rr,), function=function_name(f), seconds=time.perf_counter() - t0,
+        return RulesReport(ok=False, rules=(rr,), function=name, seconds=time.perf_counter() - t0,
                            notes=tuple(notes), api=api)
     if subject.fwd is not None and "custom_vjp" not in subject.fwd:
         notes.append(f"jax.jvp of f does not run ({subject.fwd}): checked in reverse mode")
@@ -241,6 +245,6 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
     rr = RuleReport.from_sites(base, tuple(rows), len(todo))
     if intended and rr.status == "ok" and any(r.status == "intended" for r in rows):
         rr = RuleReport(**base, status="intended", reason=intended, sites=tuple(rows), calls=len(todo))
-    return RulesReport.build([rr], function=function_name(f), seconds=time.perf_counter() - t0, notes=notes,
+    return RulesReport.build([rr], function=name, seconds=time.perf_counter() - t0, notes=notes,
                              api=api)
 
