@@ -5,6 +5,7 @@ its comment; the controls are right rules of the same kinds (and library code), 
 no check may flag.
 """
 
+import doctest
 import functools
 import json
 import textwrap
@@ -21,6 +22,7 @@ from jax.custom_derivatives import SymbolicZero
 import jgc
 from jgc import testing
 from jgc._src import cli
+from jgc._src.rules import rule as rule_impl
 
 X = jnp.array([0.3, -1.2, 2.0])
 
@@ -430,3 +432,8 @@ def test_command_line_rule_exit_codes(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert cli.main(["rule", f"{name}:cube", "--args", f"{name}:inputs", "--checks", "nonsense"]) == 2
     assert "unknown check" in capsys.readouterr().err
+
+
+def test_docstring_example_runs():
+    failed, attempted = doctest.testmod(rule_impl)
+    assert attempted and not failed
