@@ -84,8 +84,8 @@ BUGS = {
     "expm1 tail": (lambda p: jnp.sum(jnp.expm1(p)), jnp.array([-20.0, 1.0, -2.0, 0.5], jnp.float32)),
     # log_softmax's gradient 1 − exp(log_softmax) is 0 at a confident logit (truth 6.2e-9);
     # J itself is 6e-9, a difference of terms of 20 that float32 rounds to 0: not another cost.
-    "log_softmax, confident logit": (lambda p: jax.nn.log_softmax(p)[0],
-                                     jnp.array([20.0, 0.0, 0.0, 0.0], jnp.float32)),
+    "log_softmax tail": (lambda p: jax.nn.log_softmax(p)[0],
+                         jnp.array([20.0, 0.0, 0.0, 0.0], jnp.float32)),
     "dtype-branching rule": (lambda p: jnp.sum(_softplus_branching(X @ p)), W),
     "bfloat16 residual": (lambda p: jnp.sum(_tanh_saving(X @ p) ** 2), W),
     "bfloat16 scan accumulator": (lambda p: _sum_sq_scan(p, X), W),
@@ -232,7 +232,7 @@ def test_the_report_gives_the_cost_s_own_accurate_bits_next_to_the_gradient_s():
     assert "the cost J holds" in str(good)
     assert good.to_dict()["cost_bits"]["bits"] == good.cost_bits["bits"]
     # J = log_softmax at a confident logit is 6e-9: float32 rounds it to 0, no bit is right.
-    bad = jgc.check(*BUGS["log_softmax, confident logit"])
+    bad = jgc.check(*BUGS["log_softmax tail"])
     assert bad.cost_bits["bits"] < 4, bad.cost_bits
     # At the reference's precision there is no second side to measure.
     assert jgc.check(*CONTROLS["float32 LayerNorm"], analytic="reference").cost_bits is None

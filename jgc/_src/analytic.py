@@ -7,7 +7,6 @@ NumPy array per perturbed leaf.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -19,7 +18,6 @@ from typing import Any, NamedTuple
 from . import compat, compiling, policy, trees
 from .preparation import cost_of, step_scales
 from .problem import Problem
-from .statuses import IMPRECISE, MISMATCH
 
 
 def _is_gradient_tree(grad, split) -> bool:
@@ -224,6 +222,27 @@ def twin_differs(native: NativeSide, problem: Problem) -> str | None:
             "as with analytic='reference'.")
 
 
+def analytic_scale(native: NativeSide | None, problem: Problem) -> float:
+    """The scale of the terms the native gradient is summed from, in units of J: its
+    absolute tolerance is 32·u of the dtype given times this, per unit of a coordinate's
+    scale (see judge_leaf). 0 without a native side.
+
+    Two stand-ins, the larger counts: the largest change of J per relative unit change of
+    any coordinate, max_j |g_j|·s_j (scale-free); and |J_native − J_ref| / u, the size of
+    the terms that the cost itself rounds at the dtypes given. The second is what a small
+    difference of large terms shows: a confident cross-entropy J = 4e-9 is 1 − (1 − 4e-9)
+    in float32, rounded to 0 from terms of 1, and its float32 gradient pr − onehot, of
+    1e-8, rounds from the same terms: precision lost within the dtype's absolute scale
+    (imprecise), not a wrong gradient.
+    """
+    if native is None or native.leaves is None:
+        return 0.0
+    grads = max((float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
+                 for a, s in zip(native.leaves, problem.scales)), default=0.0)
+    forward = abs(native.value - float(np.real(problem.j0))) / native.u
+    return max(grads, forward if math.isfinite(forward) else 0.0)
+
+
 def analytic_gradient(problem: Problem, grad, native=None) -> list:
     """Return the analytic gradient of every perturbed leaf, as NumPy arrays.
 
@@ -286,31 +305,3 @@ def analytic_gradient(problem: Problem, grad, native=None) -> list:
         out.append(compat.host(g))
     return out
 
-
-def with_native_figures(report, problem: Problem, grad, native: NativeSide | None):
-    """``report`` with the figures of an analytic side that ran at the dtypes given: the
-    correct bits of the cost J there (``Report.cost_bits``), and, on every leaf with a
-    mismatched or imprecise element, the float64 twin's derivative per checked element
-    (``LeafReport.twin``: the same program's ``jax.grad``, or ``grad``, at the
-    reference's precision), so that the text can say per element what differs: the
-    program at its dtype, or the program itself. Called inside the problem's scope.
-    """
-    if native is None:
-        return report
-    held = round(-math.log2(native.u))  # float32: u = 2^-24, 24 bits; bfloat16: 8
-    j_ref = float(np.real(problem.j0))
-    scale = abs(j_ref) or max(abs(native.value), float(problem.sigma) / problem.u)
-    rel = abs(native.value - j_ref) / scale if scale > 0 else 0.0
-    bits = float(min(held, max(0.0, -math.log2(max(rel, 2.0 ** -held))))) if math.isfinite(rel) else 0.0
-    flagged = {id(lf) for lf in report.leaves if np.any(np.isin(lf.codes, (MISMATCH, IMPRECISE)))}
-    twin = None
-    if flagged:
-        try:
-            twin = {path: np.asarray(g).ravel() for path, g in zip(problem.paths, analytic_gradient(problem, grad))}
-        except Exception:  # noqa: BLE001 - the twin cannot run (a dtype fixed inside): no twin values
-            twin = None
-    leaves = tuple(
-        dataclasses.replace(lf, twin=twin[lf.path][np.asarray(lf.indices, np.int64)])
-        if twin is not None and id(lf) in flagged and lf.path in twin else lf
-        for lf in report.leaves)
-    return dataclasses.replace(report, leaves=leaves, cost_bits={"bits": bits, "dtype": held})

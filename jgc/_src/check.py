@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from . import policy, validate
-from .analytic import analytic_gradient, native_gradient, runs_natively, twin_differs, with_native_figures
+from .analytic import analytic_gradient, analytic_scale, native_gradient, runs_natively, twin_differs
 from .judge import judge_all
 from .problem import Problem
 from .progress import attached
@@ -17,6 +17,7 @@ from .report import Report
 from .stencils import to_elements
 from .steps import Steps, gradient_scale
 from .strategies import DEFAULT_BUDGET, default_full, run_mode
+from .summary import with_native_figures
 from .trees import is_inexact_array
 
 MODES = ("full", "sampled", "directional", "auto")
@@ -82,17 +83,18 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
             problem.notes.append(differs or _native_note(params, args))
             native = None if differs else native
             problem.analytic_spread = native.spread if native is not None else None
-            problem.analytic_scale = 0.0 if native is None or native.leaves is None else max(
-                (float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
-                 for a, s in zip(native.leaves, problem.scales)), default=0.0)
+            problem.analytic_scale = analytic_scale(native, problem)
         a_leaves = analytic_gradient(problem, grad, native=native)
+
+        def twin():  # the same program's gradient at the reference's precision, per leaf
+            return {path: np.asarray(g).ravel() for path, g in zip(problem.paths, analytic_gradient(problem, grad))}
         steps = Steps(problem, gradient_scale(a_leaves, problem.scales))
         if mode is None:
             mode = "full" if default_full(problem, stencil) else "default"
         if mode != "full":
             rep = run_mode(problem, steps, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
                            atol=atol, step=step, strict=strict, **mode_options)
-            return with_native_figures(rep, problem, grad, native)
+            return with_native_figures(rep, native, float(np.real(problem.j0)), twin)
         if mode_options:
             raise TypeError(f"jgc.check: unexpected options {sorted(mode_options)} for mode='full'.")
         elems = [np.arange(x.size) for x in problem.dyn]
@@ -101,7 +103,7 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
                             step=step, strict=strict, mode="full")
         # The cost's own accurate bits at the dtypes given, and the float64 twin's
         # derivative beside every mismatched or imprecise element.
-        return with_native_figures(rep, problem, grad, native)
+        return with_native_figures(rep, native, float(np.real(problem.j0)), twin)
 
 
 def numerical_grad(fn: Callable, params: Any, *args, has_aux: bool = False,

@@ -9,14 +9,16 @@ adds the blocks of a derivative rule whose primal output is not f(x).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import numpy as np
 
+from . import policy
 from .names import function_name
-from .report import LeafReport, Report, verdict
-from .statuses import MISMATCH, STATUS_NAMES
+from .report import TWIN_WRONG, LeafReport, Report, verdict
+from .statuses import IMPRECISE, MISMATCH, STATUS_NAMES
 
 
 def typical_and_largest(a: np.ndarray, per_element: np.ndarray) -> tuple[float, float]:
@@ -162,3 +164,51 @@ def make_report(vp, leaves: list, *, api, mode, stencil, step, strict, notes=(),
     skipped = tuple(vp.skipped) + tuple((p, f"output {d}") for p, d in vp.out_skipped)
     return assemble(vp, leaves, stencil=stencil, step=step, strict=strict, mode=mode, notes=notes,
                     skipped=skipped, noise=float(np.max(vp.sigma, initial=0.0)), api=api)
+
+
+def with_native_figures(report: Report, native, j_ref: float, twin: Callable[[], dict]) -> Report:
+    """``report`` with the figures of an analytic side that ran at the dtypes given
+    (``native``: its cost ``value`` and unit round-off ``u``, see analytic.NativeSide):
+    the correct bits of the cost J there against the reference's ``j_ref``
+    (``Report.cost_bits``), and, on every leaf with a mismatched or imprecise element,
+    the float64 twin's derivative per checked element (``LeafReport.twin``; ``twin()``
+    gives the same program's gradient at the reference's precision, per leaf path,
+    flat), so that the text can say per element what differs: the program at its
+    dtype, or the program itself. None for ``native``: the report as it is.
+    """
+    if native is None:
+        return report
+    held = round(-math.log2(native.u))  # float32: u = 2^-24, 24 bits; bfloat16: 8
+    scale = abs(j_ref) or abs(native.value)
+    rel = abs(native.value - j_ref) / scale if scale > 0 else 0.0
+    bits = float(min(held, max(0.0, -math.log2(max(rel, 2.0 ** -held))))) if math.isfinite(rel) else 0.0
+    flagged = {id(lf) for lf in report.leaves if np.any(np.isin(lf.codes, (MISMATCH, IMPRECISE)))}
+    values = None
+    if flagged:
+        try:
+            values = twin()
+        except Exception:  # noqa: BLE001 - the twin cannot run (a dtype fixed inside): no twin values
+            values = None
+    leaves = tuple(
+        _twin_judged(lf, values[lf.path][np.asarray(lf.indices, np.int64)])
+        if values is not None and id(lf) in flagged and lf.path in values else lf
+        for lf in report.leaves)
+    ok, _ = verdict(leaves, report.strict)
+    return dataclasses.replace(report, leaves=leaves, ok=ok, cost_bits={"bits": bits, "dtype": held})
+
+def _twin_judged(lf, twin: np.ndarray):
+    """The leaf with its twin values; an imprecise element whose float64 twin disagrees
+    with the reference too (beyond TWIN_WRONG of it plus float64's rtol) is a mismatch:
+    the digits were not only lost at the dtype given, the program computes another value
+    (a sign error in a confident cross-entropy's float32 backward, whose digits float32
+    loses either way)."""
+    codes = np.array(lf.codes, copy=True)
+    n = np.asarray(lf.numeric)
+    with np.errstate(invalid="ignore"):
+        wrong = (codes == IMPRECISE) & (
+            np.abs(twin - n) > (TWIN_WRONG + policy.default_rtol(np.float64)) * np.abs(n))
+    if not wrong.any():
+        return dataclasses.replace(lf, twin=twin)
+    codes[wrong] = MISMATCH
+    counts = {name: int(np.count_nonzero(codes == i)) for i, name in enumerate(STATUS_NAMES)}
+    return dataclasses.replace(lf, twin=twin, codes=codes, counts=counts, status=STATUS_NAMES[int(codes.max())])
