@@ -18,6 +18,7 @@ PUBLIC = {
     "check_grads",
     "with_grad_check",
     "check_rules",
+    "check_rule",
     "RulesReport",
     "intended",
     "approximate",
