@@ -704,3 +704,38 @@ def test_a_rule_fed_only_by_a_constant_output_of_another_rule_is_off_the_path():
     rep = jgc.check_rules(loss, jnp.array([0.3, -0.7]))
     assert rep.ok and rep.rule("scaled_pow").status == "not on the differentiated path", str(rep)
     assert rep.rule("split").status == "ok", str(rep)
+
+
+def make_write_tail(factor_on_head):
+    """out = buf with its tail overwritten by x; the backward pass hands buf the whole cotangent.
+
+    That is wrong for the overwritten entries (their true derivative is 0) but harmless
+    when they are constants, as in a library's write-once buffer.
+    """
+
+    @jax.custom_vjp
+    def write_tail(buf, x):
+        return buf.at[1:].set(x)
+
+    write_tail.defvjp(lambda buf, x: (write_tail(buf, x), None),
+                      lambda _, g: (g.at[0].multiply(factor_on_head), g[1:]))
+    return write_tail
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01], ids=["correct where it matters", "planted 1% on the head"])
+def test_buffer_entries_the_parameters_never_reach_are_held_fixed(factor):
+    write_tail = make_write_tail(factor)
+
+    def loss(p):
+        buf = jnp.zeros(3).at[0].set(p[0] ** 2)  # entry 0 carries the params, entries 1 and 2 are constants
+        return jnp.sum(write_tail(buf, p[1:]) ** 2)
+
+    p = jnp.array([0.7, -0.4, 1.1])
+    rep = jgc.check_rules(loss, p)
+    site = rep.rule("write_tail").sites[0]
+    assert "2 entries of buf that do not move with the parameters" in site.held, str(rep)
+    if factor == 1.0:
+        assert rep.ok, str(rep)
+        assert not jgc.check_rules(loss, p, all_operands=True).ok  # the overwritten entries, compared
+    else:
+        assert not rep.ok and site.worst.operand == "buf" and site.worst.index == (0,), str(rep)

@@ -78,13 +78,14 @@ class _Prepared:
     held: str  # what is held fixed, and why
 
 
-def _site_function(eqn, ops: list, varying: list, partial: set, outs: list):
+def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list):
     """The rule at one call site as a function of its varying operands, vmapped over calls.
 
     ``ops`` are every operand (stacked over calls); those at positions ``varying`` are
-    replaced by the arguments, except, for positions in ``partial``, their non-finite
-    entries, which keep their captured value (an infinite bound is a constant of the
-    check). Only the outputs at positions ``outs`` are returned.
+    replaced by the arguments, except, for positions in ``partial``, the entries where
+    its mask is False, which keep their captured value (an infinite bound, a buffer
+    entry the parameters never reach: constants of the check). Only the outputs at
+    positions ``outs`` are returned.
     """
     prim = eqn.primitive
     # An operand held fixed that is the same in every captured call is not batched: a
@@ -94,16 +95,18 @@ def _site_function(eqn, ops: list, varying: list, partial: set, outs: list):
     ops = [x[0] if s else x for x, s in zip(ops, same)]
     axes = [None if s else 0 for s in same]
 
-    def one(base, var):
+    masks = {pos: jnp.asarray(m) for pos, m in partial.items()}
+
+    def one(base, mask, var):
         full = list(base)
         for j, pos in enumerate(varying):
-            full[pos] = jnp.where(jnp.isfinite(base[pos]), var[j], base[pos]) if pos in partial else var[j]
+            full[pos] = jnp.where(mask[pos], var[j], base[pos]) if pos in mask else var[j]
         out = compat.bind(eqn, *full)
         out = tuple(out) if prim.multiple_results else (out,)
         return tuple(out[i] for i in outs)
 
     def rule_at_site(*var):
-        return jax.vmap(one, in_axes=(axes, 0))(ops, list(var))
+        return jax.vmap(one, in_axes=(axes, 0, 0))(ops, masks, list(var))
 
     rule_at_site.__qualname__ = _short(eqn)
     return rule_at_site
@@ -144,7 +147,12 @@ def _value(x) -> str:
     return ", ".join(str(float(np.real(u))) for u in v[:3])
 
 
-def _prepare(key, site: _Site, kind: str, paths: Paths | None) -> _Prepared | SiteReport:
+def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | None = None) -> _Prepared | SiteReport:
+    """One site ready to check, or its report when there is nothing to compare.
+
+    ``moved`` maps an operand position to the entries (stacked over the captured calls)
+    that changed when the parameters moved; the others are held fixed.
+    """
     base = _site_base(site)
     if not site.calls:
         return SiteReport(**base, checked=0, status="not executed",
@@ -165,7 +173,8 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None) -> _Prepared | Si
         why = ("none of its operands depends on the differentiated parameters" if len(off) == len(inexact)
                else "none of its outputs reaches the cost's gradient")
         return SiteReport(**base, checked=0, status="not on the differentiated path", reason=why)
-    varying, partial, held = [], set(), []
+    moved = moved or {}
+    varying, partial, held = [], {}, []
     if off:
         held.append(f"{', '.join(off)} (not on the differentiated path)")
     for j in inexact:
@@ -175,9 +184,18 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None) -> _Prepared | Si
         if not finite.any():
             held.append(f"{names[j]} = {_value(ops[nc + j])} (non-finite)")
             continue
+        keep = finite
         if not finite.all():
-            partial.add(nc + j)
             held.append(f"the non-finite entries of {names[j]} ({_value(ops[nc + j])})")
+        mv = moved.get(nc + j)
+        if mv is not None and mv.shape == finite.shape and not mv.all():
+            if not (mv & finite).any():
+                held.append(f"{names[j]} (it does not move with the parameters)")
+                continue
+            held.append(f"{int((finite & ~mv).sum())} entries of {names[j]} that do not move with the parameters")
+            keep = finite & mv
+        if not keep.all():
+            partial[nc + j] = keep
         varying.append(nc + j)
     n_out_off = len(on_outs) - len(outs)
     if n_out_off:
@@ -187,8 +205,7 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None) -> _Prepared | Si
         return SiteReport(**base, checked=0, status="error", held=held_text,
                           reason="tried to perturb its finite operands: every operand on the differentiated "
                                  "path is non-finite at the captured calls")
-    explicit = [jnp.where(np.isfinite(np.asarray(ops[pos])), ops[pos], 0) if pos in partial else ops[pos]
-                for pos in varying]
+    explicit = [jnp.where(partial[pos], ops[pos], 0) if pos in partial else ops[pos] for pos in varying]
     coords = sum(int(x.size) for x in explicit)
     f = _site_function(eqn, ops, varying, partial, outs)
     # Outputs non-finite at the captured calls (a masked branch, an infinite fill value)
@@ -432,15 +449,66 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         col = _Collector()
         col.discover(closed.jaxpr)
         col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
-        paths = None
+        paths, moved = None, {}
         if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
             n_args = len(closed.jaxpr.invars) - len(dyn)
             paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
+            moved = _moved_entries(col, closed, dyn, list(argarr))
         with sequential_callbacks():
-            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths)
+            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths, moved)
 
 
-def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None) -> list:
+# Relative size of the move of the parameters that tells which operand entries depend
+# on them: large enough that any entry with a derivative above 1e-9 of its size moves
+# by far more than a float64 rounding, small enough that loops take the same number of
+# steps (when they do not, the sites that differ are compared whole).
+MOVE = 1e-4
+
+
+def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
+    """Per site, per operand position: the entries that change when the parameters move.
+
+    The loss is interpreted once more at params moved along a fixed pseudo-random
+    direction. An entry that stays bitwise the same (a library's write-once buffer
+    before it is written, a fill value) does not depend on the parameters, and its
+    derivative never reaches the gradient. Sites whose captured calls differ in number
+    or shape between the two runs get no entry (compared whole).
+    """
+    rng = np.random.default_rng(0)
+    moved_dyn = [x + MOVE * (jnp.abs(x) + 1) * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+                 .astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x for x in dyn]
+    other = _Collector()
+    other.discover(closed.jaxpr)
+    try:
+        other.run(closed.jaxpr, closed.consts, list(moved_dyn) + argarr)
+    except Exception:  # noqa: BLE001 (the loss fails at the moved point: every site is compared whole)
+        return {}
+    out = {}
+    for rkey, r in col.rules.items():
+        r2 = other.rules.get(rkey)
+        for skey, s in r.sites.items():
+            s2 = r2.sites.get(skey) if r2 is not None else None
+            if not s.first or s2 is None or len(s2.first) != len(s.first) \
+                    or (s.extreme is None) != (s2.extreme is None):
+                continue
+            caps = s.first + ([s.extreme] if s.extreme is not None else [])
+            caps2 = s2.first + ([s2.extreme] if s2.extreme is not None else [])
+            masks = {}
+            for j in range(len(s.eqn.invars)):
+                a = [np.asarray(c.operands[j]) for c in caps]
+                b = [np.asarray(c.operands[j]) for c in caps2]
+                if any(x.shape != y.shape for x, y in zip(a, b)):
+                    masks = None
+                    break
+                if jnp.issubdtype(a[0].dtype, jnp.inexact):
+                    masks[j] = np.stack([~((x == y) | (np.isnan(x) & np.isnan(y))) for x, y in zip(a, b)])
+            if masks is not None:
+                out[(rkey, skey)] = masks
+    return out
+
+
+def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None,
+           moved: dict) -> list:
     """Check every call site: small ones together, large ones alone, each rule's verdict from its sites."""
     verdicts, small, retrace = {}, [], []
     intended_by = {}
@@ -457,7 +525,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                                                 "jgc.check_rules does not step through")
                 continue
             try:
-                prep = _prepare(k, s, r.kind, paths)
+                prep = _prepare(k, s, r.kind, paths, moved.get(k))
             except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands)
                 prep = _error(s, e)
             if isinstance(prep, SiteReport):
