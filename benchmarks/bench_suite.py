@@ -422,12 +422,24 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="40 harnesses, 1 repeat")
     ap.add_argument("--one-direction", action="store_true",
                     help="part (a) also with jgc.check_grads(num_directions=1), JAX's one direction")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a suite.json of an earlier run (another version of jgc): its ratios are shown next to these")
+    ap.add_argument("--baseline-label", default="earlier run")
+    ap.add_argument("--render", action="store_true", help="run nothing; rewrite suite.md from suite.json")
     ap.add_argument("--worker", nargs=argparse.REMAINDER)
     ns = ap.parse_args(argv)
     if ns.worker:
         return worker_main(ns.worker)
     if ns.quick:
         ns.harnesses, ns.reps = 40, 1
+    if ns.render:
+        data = json.loads(JSON.read_text())
+        if ns.baseline:
+            data["baseline"] = {"label": ns.baseline_label, **_ratios(json.loads(ns.baseline.read_text()))}
+            JSON.write_text(json.dumps(data, indent=1))
+        write_markdown(data)
+        print(MD.read_text())
+        return None
     import jax
 
     t_run = time.time()
@@ -456,6 +468,18 @@ def main(argv=None):
     JSON.write_text(json.dumps(data, indent=1))
     write_markdown(data)
     print(MD.read_text())
+
+
+def _ratios(d: dict) -> dict:
+    """The headline figures of a run: jgc's total over its peer's in each part."""
+    out = {"date": d["meta"]["date"], "load": d["meta"]["load"]}
+    if "harness" in d:
+        out["harness"] = d["harness"]["jgc"]["total"] / d["harness"]["jax"]["total"]
+    if "small" in d:
+        out["small"] = d["small"]["jgc"]["total"] / d["small"]["jax"]["total"]
+    if "cold" in d:
+        out["cold"] = d["cold"]["jgc"]["s"] / d["cold"]["loop"]["s"]
+    return out
 
 
 def write_markdown(d: dict) -> None:
@@ -533,6 +557,15 @@ def write_markdown(d: dict) -> None:
             r = c[w]
             lines.append(f"| {label} | {r['s']:.2f} ({', '.join(str(v) for v in r['all_s'])}) | {r['s'] / lt:.2f} | "
                          f"{r['compiles']} | {r['evaluations']} | {'pass' if r['ok'] else 'fail'} |")
+        lines.append("")
+    if "baseline" in d:
+        b, now = d["baseline"], _ratios(d)
+        lines += [f"## Against the {b['label']} ({b['date']}, load {b['load']:.1f})", "",
+                  "| part | jgc's ratio then | jgc's ratio now |", "|---|---:|---:|"]
+        for key, label in (("harness", "(a) harnesses, to JAX's checker"), ("small", "(b) small checks, to JAX's checker"),
+                           ("cold", "(c) cold n = 1036, to the course loop")):
+            if key in b and key in now:
+                lines.append(f"| {label} | {b[key]:.2f} | {now[key]:.2f} |")
         lines.append("")
     MD.write_text("\n".join(lines) + "\n")
 
