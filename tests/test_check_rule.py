@@ -437,3 +437,12 @@ def test_command_line_rule_exit_codes(tmp_path, monkeypatch, capsys):
 def test_docstring_example_runs():
     failed, attempted = doctest.testmod(rule_impl)
     assert attempted and not failed
+
+
+def test_under_jax_modes_strict_promotion_transfer_guard_debug_nans():
+    with jax.numpy_dtype_promotion("strict"), jax.transfer_guard("disallow"), jax.debug_nans(True):
+        assert jgc.check_rule(softplus_sg, X).failed_checks() == ("order 2",)
+        assert jgc.check_rule(silu, X).ok
+        # The caller's guard is in force again after the check.
+        with pytest.raises(Exception, match="[Dd]isallowed"):
+            jnp.asarray(np.ones(2)) + 1

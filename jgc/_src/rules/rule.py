@@ -195,6 +195,15 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
         raise ValueError(f"{api}: unknown check(s) {unknown}; the checks are {list(CHECKS)}.")
     if precision not in ("auto", "float64", "native"):
         raise ValueError(f"{api}: precision must be 'auto', 'float64' or 'native', got {precision!r}.")
+    # jgc's own host/device traffic (seeds, random tangents, values read back to judge) is
+    # implicit here: allowed inside the check, and the caller's guard is restored after it.
+    with jax.transfer_guard("allow"):
+        return _check_rule(f, args, nondiff_argnums=nondiff_argnums, seed=seed, chosen=chosen, explore=explore,
+                           precision=precision, options={"rtol": rtol, "atol": atol, "step": step}, t0=t0)
+
+
+def _check_rule(f, args, *, nondiff_argnums, seed, chosen, explore, precision, options, t0) -> RulesReport:
+    api = "jgc.check_rule"
     nondiff = {int(k) for k in ((nondiff_argnums,) if isinstance(nondiff_argnums, int) else nondiff_argnums)}
     nondiff |= set(getattr(f, "nondiff_argnums", ()) or ())
     if type(f).__name__ == "filter_custom_vjp" and type(f).__module__.startswith("equinox"):
@@ -206,7 +215,7 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
     base, where, notes = _naming(f, subject)
     name = base["name"]
     intended = _user_intended(where) or _library_intended(where)
-    options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
+    options = {k: v for k, v in options.items() if v is not None}
     fd_options = dict(options, precision=precision)
     if subject.fwd is not None and subject.rev is not None:
         row = site(PRIMAL, "the given args", name, "error", reason=f"neither jax.jvp nor jax.vjp of f runs: "
