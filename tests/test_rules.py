@@ -739,3 +739,16 @@ def test_buffer_entries_the_parameters_never_reach_are_held_fixed(factor):
         assert not jgc.check_rules(loss, p, all_operands=True).ok  # the overwritten entries, compared
     else:
         assert not rep.ok and site.worst.operand == "buf" and site.worst.index == (0,), str(rep)
+
+
+def test_a_right_rule_with_an_infinite_output_entry_is_not_called_wrong():
+    # xlogy(x, 0) = -inf for x > 0: that entry is left out, and the others are compared
+    # without the NaN that reverse mode would make of 0 · (-inf).
+    y = jnp.array([0.0, 0.5, 2.0])
+
+    def loss(x, y):
+        return jnp.sum(jnp.where(y > 0, jax.scipy.special.xlogy(x, y), 0.0))
+
+    rep = jgc.check_rules(loss, jnp.array([1.5, 0.7, 0.2]), y)
+    site = rep.rule("xlogy").sites[0]
+    assert rep.ok and site.status == "ok" and "1 non-finite output entry" in site.held, str(rep)

@@ -76,6 +76,10 @@ class _Prepared:
     coordinates: int
     n_out: int  # outputs compared (those on the differentiated path)
     held: str  # what is held fixed, and why
+    # Output entries left out (non-finite at the point): a custom_jvp is then checked in
+    # forward mode, where a left-out entry's tangent is dropped; in reverse mode its zero
+    # cotangent times the rule's infinite derivative there would be NaN.
+    masked_outputs: bool = False
 
 
 def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list):
@@ -225,7 +229,7 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
                                      "path is non-finite at the captured calls")
         f = _finite_outputs(f, keep, {i: finite_out[i] for i in partial_out})
     return _Prepared(key, site, kind, caps, explicit, [names[pos - nc] for pos in varying], f, coords,
-                     len(keep), held_text)
+                     len(keep), held_text, masked_outputs=bool(partial_out))
 
 
 def _finite_outputs(f, keep: list, masks: dict):
@@ -273,7 +277,8 @@ def _as_approximate(site: SiteReport, tol: float, reason: str) -> SiteReport:
 def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
     """Check one call site alone: every Jacobian entry when small, random directions when large."""
     if prep.coordinates <= FULL_JACOBIAN_COORDINATES:
-        rep = check_jacobian(prep.f, *prep.explicit, precision="native", **options)
+        mode = "fwd" if prep.masked_outputs and prep.kind == "custom_jvp" else "auto"
+        rep = check_jacobian(prep.f, *prep.explicit, precision="native", mode=mode, **options)
     elif prep.kind == "custom_jvp":
         rep = check_jvp(prep.f, *prep.explicit, precision="native", key=key, **options)
     else:
@@ -530,7 +535,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                 prep = _error(s, e)
             if isinstance(prep, SiteReport):
                 verdicts[k] = prep
-            elif prep.coordinates <= FULL_JACOBIAN_COORDINATES \
+            elif prep.coordinates <= FULL_JACOBIAN_COORDINATES and not prep.masked_outputs \
                     and not _closes_over_traced_values(prep.site.eqn):
                 small.append(prep)
             else:  # large, or a rule that raises when differentiated: alone
