@@ -52,6 +52,7 @@ def test_direction_line_layout_matches_rows(monkeypatch):
         args = (cost, leaves, (x.astype(jnp.float64), y.astype(jnp.float64)), [np.ones(v.size) for v in leaves])
         rows = engine.DirectionEvaluator(*args, **kw)
         monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # one row per batch
+        monkeypatch.setattr(engine, "LINE_DIRS", 2)  # 5 directions: 3 calls, the last one short
         lines = engine.DirectionEvaluator(*args, **kw)
         assert not rows.lines and rows.rows == 16 and lines.lines and lines.rows == 1
         # A screen's 6 steps along each of 3 directions, then a localisation's 4 and 2

@@ -38,6 +38,12 @@ BATCH_ELEMENT_BUDGET = 2**24
 # layout): the Richardson table of a screen takes 6, a localisation test 4, a short
 # central difference 2.
 LINE_STEPS = 6
+# Directions one compiled call of the line layout walks, one after the other: a screen's
+# 8 directions, or a localisation level's 4 parts, in one call. Each call writes its
+# direction and perturbed copy into freshly allocated buffers (on a CPU, page faults:
+# ≈35 ms for 74 MB, more than a step of the 9.3M-parameter MLP adds to its evaluation),
+# so a call should walk many steps. Memory holds one direction at a time.
+LINE_DIRS = 8
 
 
 def rows_in_budget(copy_elements: int) -> int:
@@ -366,7 +372,8 @@ class DirectionEvaluator:
         by_memory = rows_in_budget(2 * n)
         self.rows, self.groups = max(1, min(rows, by_memory)) * ndev, 1
         # Line layout, when a batch holds one row (past ~8e6 parameters, or memory short):
-        # a call builds one direction once and walks its steps (LINE_STEPS at most).
+        # a call walks up to LINE_DIRS directions, building each once (its signs, one byte
+        # an element) and walking its steps (LINE_STEPS at most).
         self.lines = by_memory == 1 and not self.shard
         # ``exact_dots`` False (line layout only): the second column is t·⟨g, v⟩ from one
         # dot per direction instead of ⟨g, Δ⟩ per step. On a big model that dot is a pass
@@ -378,28 +385,37 @@ class DirectionEvaluator:
         offs = [int(o) for o in self.offsets[:-1]]
 
         def direction(xs, aux, seed, lo, hi):
+            """The signs of v (int8, 0 off the range [lo, hi)): one byte an element, v itself
+            (sign · scale) is formed inside each step's perturbation."""
             seed = seed.astype(jnp.uint32) ^ salt
-            vs = []
+            out = []
             for x, a, off in zip(xs, aux, offs):
                 if a is None:
-                    vs.append(None)
+                    out.append(None)
                     continue
                 i = jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape) + off
-                s = a[0] if a[0].ndim else jnp.maximum(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), a[0])
-                vs.append(jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, x.dtype) * s,
-                                    jnp.zeros((), x.dtype)))
-            return vs
+                out.append(jnp.where((i >= lo) & (i < hi), signs(i.astype(jnp.uint32), seed, jnp.int8),
+                                     jnp.zeros((), jnp.int8)))
+            return out
 
-        def at(xs, vs, aux, t, argarr, gv=None):
+        def vector(x, sign, a):
+            s = a[0] if a[0].ndim else jnp.maximum(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), a[0])
+            return sign.astype(x.dtype) * s
+
+        def dot_v(xs, sgns, aux):
+            return sum(jnp.vdot(a[1].astype(wide), vector(x, sg, a).astype(wide))
+                       for x, sg, a in zip(xs, sgns, aux) if a is not None)
+
+        def at(xs, sgns, aux, t, argarr, gv=None):
             """(J, ⟨g, Δ⟩) at θ + t·v; with ``gv`` = ⟨g, v⟩ given, (J, t·⟨g, v⟩)."""
             moved, dots = [], []
-            for x, v, a in zip(xs, vs, aux):
+            for x, sg, a in zip(xs, sgns, aux):
                 if a is None:
                     moved.append(x)
                     continue
                 # Explicit casts: strict promotion has no implicit path between dtypes.
                 tv = compat.result_type(t.dtype, x.dtype)
-                xm = x + (t.astype(tv) * v.astype(tv)).astype(x.dtype)
+                xm = x + (t.astype(tv) * vector(x, sg, a).astype(tv)).astype(x.dtype)
                 moved.append(xm)
                 if gv is None:
                     dots.append(jnp.vdot(a[1].astype(wide), (xm - x).astype(wide)))
@@ -410,16 +426,19 @@ class DirectionEvaluator:
             argarr, aux = ops
             return at(xs, direction(xs, aux, seed, lo, hi), aux, t, argarr)
 
-        def line(xs, row, ts, count, ops):
+        def line(xs, seeds, los, his, ts, counts, ndirs, ops):
             argarr, aux = ops
-            vs = direction(xs, aux, *row)  # row: (seed, lo, hi)
-            gv = None if self.exact_dots else sum(
-                jnp.vdot(a[1].astype(wide), v.astype(wide)) for v, a in zip(vs, aux) if a is not None)
 
-            def step(r, out):
-                return out.at[r].set(at(xs, vs, aux, ts[r], argarr, gv))
+            def walk(d, out):  # direction d: (seeds[d], los[d], his[d]), counts[d] steps
+                vs = direction(xs, aux, seeds[d], los[d], his[d])
+                gv = None if self.exact_dots else dot_v(xs, vs, aux)
 
-            return jax.lax.fori_loop(0, count, step, jnp.zeros((LINE_STEPS, 2), wide))
+                def step(r, out):
+                    return out.at[d, r].set(at(xs, vs, aux, ts[d, r], argarr, gv))
+
+                return jax.lax.fori_loop(0, counts[d], step, out)
+
+            return jax.lax.fori_loop(0, ndirs, walk, jnp.zeros((LINE_DIRS, LINE_STEPS, 2), wide))
 
         self._call = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
         self.x0, self.operands = list(leaves), (operands, aux)
@@ -430,11 +449,11 @@ class DirectionEvaluator:
             # same model and key, as a test suite makes, reuses the compiled screen.
             col = (lambda dtype: jax.ShapeDtypeStruct((self.rows,), dtype))
             if self.lines:
-                one_of = (lambda dtype: jax.ShapeDtypeStruct((), dtype))
-                self._line = compiling.Ahead(jax.jit(line), self.x0,
-                                             (one_of(np.uint32), one_of(np.int32), one_of(np.int32)),
-                                             jax.ShapeDtypeStruct((LINE_STEPS,), self.dtype),
-                                             one_of(np.int32), self.operands, background=False)
+                per = (lambda dtype: jax.ShapeDtypeStruct((LINE_DIRS,), dtype))
+                self._line = compiling.Ahead(jax.jit(line), self.x0, per(np.uint32), per(np.int32), per(np.int32),
+                                             jax.ShapeDtypeStruct((LINE_DIRS, LINE_STEPS), self.dtype),
+                                             per(np.int32), jax.ShapeDtypeStruct((), np.int32), self.operands,
+                                             background=False)
             else:
                 self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32),
                                              col(np.int32), col(self.dtype), self.operands, background=False)
@@ -459,22 +478,30 @@ class DirectionEvaluator:
         return out[:, 0], out[:, 1]
 
     def _run_lines(self, seed, lo, hi, t) -> np.ndarray:
-        """The line layout: consecutive rows of one direction (same seed and range) in one call."""
+        """The line layout: runs of consecutive rows of one direction (same seed and range),
+        LINE_STEPS at most each, LINE_DIRS runs per call."""
         new = np.flatnonzero(np.concatenate([[True], (seed[1:] != seed[:-1]) | (lo[1:] != lo[:-1])
                                              | (hi[1:] != hi[:-1])]))
-        starts = []
+        runs = []
         for a, b in zip(new, np.append(new[1:], seed.size)):
-            starts += [(int(c), int(min(c + LINE_STEPS, b))) for c in range(a, b, LINE_STEPS)]
+            runs += [(int(c), int(min(c + LINE_STEPS, b))) for c in range(a, b, LINE_STEPS)]
+        calls = [runs[c:c + LINE_DIRS] for c in range(0, len(runs), LINE_DIRS)]
         outs = []
         with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-            for a, b in starts:  # queued asynchronously, gathered in order below
-                ts = np.concatenate([t[a:b], np.repeat(t[b - 1:b], LINE_STEPS - (b - a))])
-                row, ts, count = jax.device_put(((seed[a], lo[a], hi[a]), ts, np.int32(b - a)))
-                outs.append(self._line(self.x0, row, ts, count, self.operands))
+            for call in calls:  # queued asynchronously, gathered in order below
+                first = np.asarray([a for a, _ in call] + [call[-1][0]] * (LINE_DIRS - len(call)))
+                ts = np.zeros((LINE_DIRS, LINE_STEPS), t.dtype)
+                counts = np.zeros(LINE_DIRS, np.int32)
+                for d, (a, b) in enumerate(call):
+                    ts[d, : b - a], counts[d] = t[a:b], b - a
+                args = jax.device_put((seed[first], lo[first], hi[first], ts, counts, np.int32(len(call))))
+                outs.append(self._line(self.x0, *args, self.operands))
             values = []
-            for (a, b), o in zip(starts, outs):
-                values.append(np.asarray(compat.host(o), np.float64)[: b - a])
-                self.counter.add(b - a)
+            for call, o in zip(calls, outs):
+                out = np.asarray(compat.host(o), np.float64)
+                for d, (a, b) in enumerate(call):
+                    values.append(out[d, : b - a])
+                self.counter.add(sum(b - a for a, b in call))
         return np.concatenate(values)
 
 
