@@ -752,3 +752,22 @@ def test_a_right_rule_with_an_infinite_output_entry_is_not_called_wrong():
     rep = jgc.check_rules(loss, jnp.array([1.5, 0.7, 0.2]), y)
     site = rep.rule("xlogy").sites[0]
     assert rep.ok and site.status == "ok" and "1 non-finite output entry" in site.held, str(rep)
+
+
+def _library_or_skip(name):
+    return pytest.importorskip(name, reason=f"{name} is an optional library (bench_libraries.py runs it)")
+
+
+def test_known_library_surrogates_are_intended_at_the_checked_versions():
+    from jgc._src.rules.surrogates import CHECKED_WITH
+
+    jaxopt = _library_or_skip("jaxopt")
+    from jaxopt import perturbations
+
+    with jax.enable_x64(True):
+        pert = perturbations.make_perturbed_argmax(lambda x: jax.nn.one_hot(jnp.argmax(x), 3), num_samples=8,
+                                                   sigma=0.5)
+        rep = jgc.check_rules(lambda x: jnp.sum(pert(x, jax.random.PRNGKey(0)) * jnp.arange(3.0)),
+                              jnp.array([0.3, -0.2, 0.1]))
+    assert rep.ok and [r.status for r in rep.rules] == ["intended"], (jaxopt.__version__, CHECKED_WITH["jaxopt"],
+                                                                      str(rep))

@@ -500,13 +500,14 @@ def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
             caps2 = s2.first + ([s2.extreme] if s2.extreme is not None else [])
             masks = {}
             for j in range(len(s.eqn.invars)):
+                if not all(trees.is_inexact_array(c.operands[j]) for c in caps + caps2):
+                    continue  # integers, flags and PRNG keys are never perturbed
                 a = [np.asarray(c.operands[j]) for c in caps]
                 b = [np.asarray(c.operands[j]) for c in caps2]
                 if any(x.shape != y.shape for x, y in zip(a, b)):
                     masks = None
                     break
-                if jnp.issubdtype(a[0].dtype, jnp.inexact):
-                    masks[j] = np.stack([~((x == y) | (np.isnan(x) & np.isnan(y))) for x, y in zip(a, b)])
+                masks[j] = np.stack([~((x == y) | (np.isnan(x) & np.isnan(y))) for x, y in zip(a, b)])
             if masks is not None:
                 out[(rkey, skey)] = masks
     return out

@@ -84,7 +84,18 @@ def _library_intended(primal: Where) -> str | None:
     if "/jaxopt/" in path and path.endswith("/perturbations.py") and primal.name.startswith("forward_pert"):
         return ("jaxopt's perturbed optimizers use the gradient of the smoothed (perturbed) argmax, a Monte "
                 "Carlo surrogate of the piecewise-constant one (jaxopt docs, Perturbed optimizers)")
+    if "/tensorflow_probability/" in path and path.endswith("/distributions/gamma.py") \
+            and primal.name == "_random_gamma_gradient":
+        return ("TFP differentiates Gamma samples by implicit reparameterisation (the derivative of the "
+                "sample at a fixed CDF value), not through its rejection sampler (TFP docs, "
+                "tfp.distributions.Gamma; Figurnov et al. 2018)")
     return None
+
+
+# The library versions the recognised rules above were checked against (tests/test_rules.py
+# runs each recognition where the library is installed).
+CHECKED_WITH = {"optax": "0.2.8", "equinox": "0.13.8", "jaxopt": "0.8.5", "diffrax": "0.7.2",
+                "optimistix": "0.1.0", "tensorflow_probability": "0.26.0-dev20261027"}
 
 
 # -- approximate by construction ---------------------------------------------------------------------
