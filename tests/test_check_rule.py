@@ -77,6 +77,15 @@ def square_normalised(x):
 square_normalised.defvjp(lambda x: (x ** 2, x), lambda x, g: (2 * x * g / jnp.linalg.norm(g),))
 
 
+@jax.custom_jvp
+def square_tangent_clipped(x):
+    return x ** 2
+
+
+# The JVP clips the tangent: right for |t| ≤ 1 (unit tangents); JAX cannot transpose it either.
+square_tangent_clipped.defjvp(lambda p, t: (square_tangent_clipped(p[0]), 2 * p[0] * jnp.clip(t[0], -1.0, 1.0)))
+
+
 @custom_vmap
 def sin_vmapped(x):
     return jnp.sin(x)
@@ -144,6 +153,7 @@ PLANTED = [
     # AD through a backward pass that divides by ‖g‖ differentiates that norm too: order 2 fails as well.
     ("backward normalises the cotangent", square_normalised, (X,), "linearity",
      {"dot-product", "linearity", "order 2"}),
+    ("JVP clips the tangent", square_tangent_clipped, (X,), "linearity", {"linearity"}),
     ("wrong only under vmap", sin_vmapped, (X,), "batching", {"batching"}),
     ("right at order 1, wrong at order 2", softplus_sg, (X,), "order 2", {"order 2"}),
     ("symbolic-zero fast path wrong", mul, (X, X[::-1] + 1.0), "symbolic zeros", {"symbolic zeros"}),
