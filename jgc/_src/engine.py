@@ -426,19 +426,25 @@ class DirectionEvaluator:
             argarr, aux = ops
             return at(xs, direction(xs, aux, seed, lo, hi), aux, t, argarr)
 
-        def line(xs, seeds, los, his, ts, counts, ndirs, ops):
+        def line(xs, seeds, los, his, ts, dirs, steps, total, ops):
+            """Step k walks direction dirs[k] at ts[k] (steps[k]: its step along that
+            direction); the direction's signs are rebuilt where steps[k] is 0. One loop,
+            not one per direction: nested loops copied the parameters into each loop's
+            state (5 copies of them alive instead of 2)."""
             argarr, aux = ops
 
-            def walk(d, out):  # direction d: (seeds[d], los[d], his[d]), counts[d] steps
+            def build(d):
                 vs = direction(xs, aux, seeds[d], los[d], his[d])
-                gv = None if self.exact_dots else dot_v(xs, vs, aux)
+                return vs, (jnp.zeros((), wide) if self.exact_dots else dot_v(xs, vs, aux))
 
-                def step(r, out):
-                    return out.at[d, r].set(at(xs, vs, aux, ts[d, r], argarr, gv))
+            def step(k, carry):
+                vs, gv, out = carry
+                d = dirs[k]
+                vs, gv = jax.lax.cond(steps[k] == 0, build, lambda _: (vs, gv), d)
+                return vs, gv, out.at[k].set(at(xs, vs, aux, ts[k], argarr, None if self.exact_dots else gv))
 
-                return jax.lax.fori_loop(0, counts[d], step, out)
-
-            return jax.lax.fori_loop(0, ndirs, walk, jnp.zeros((LINE_DIRS, LINE_STEPS, 2), wide))
+            vs0, gv0 = build(dirs[0])
+            return jax.lax.fori_loop(0, total, step, (vs0, gv0, jnp.zeros((LINE_DIRS * LINE_STEPS, 2), wide)))[2]
 
         self._call = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
         self.x0, self.operands = list(leaves), (operands, aux)
@@ -450,10 +456,10 @@ class DirectionEvaluator:
             col = (lambda dtype: jax.ShapeDtypeStruct((self.rows,), dtype))
             if self.lines:
                 per = (lambda dtype: jax.ShapeDtypeStruct((LINE_DIRS,), dtype))
+                each = (lambda dtype: jax.ShapeDtypeStruct((LINE_DIRS * LINE_STEPS,), dtype))
                 self._line = compiling.Ahead(jax.jit(line), self.x0, per(np.uint32), per(np.int32), per(np.int32),
-                                             jax.ShapeDtypeStruct((LINE_DIRS, LINE_STEPS), self.dtype),
-                                             per(np.int32), jax.ShapeDtypeStruct((), np.int32), self.operands,
-                                             background=False)
+                                             each(self.dtype), each(np.int32), each(np.int32),
+                                             jax.ShapeDtypeStruct((), np.int32), self.operands, background=False)
             else:
                 self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32),
                                              col(np.int32), col(self.dtype), self.operands, background=False)
@@ -490,18 +496,18 @@ class DirectionEvaluator:
         with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
             for call in calls:  # queued asynchronously, gathered in order below
                 first = np.asarray([a for a, _ in call] + [call[-1][0]] * (LINE_DIRS - len(call)))
-                ts = np.zeros((LINE_DIRS, LINE_STEPS), t.dtype)
-                counts = np.zeros(LINE_DIRS, np.int32)
+                size = LINE_DIRS * LINE_STEPS
+                ts, dirs, steps = np.zeros(size, t.dtype), np.zeros(size, np.int32), np.zeros(size, np.int32)
+                k = 0
                 for d, (a, b) in enumerate(call):
-                    ts[d, : b - a], counts[d] = t[a:b], b - a
-                args = jax.device_put((seed[first], lo[first], hi[first], ts, counts, np.int32(len(call))))
-                outs.append(self._line(self.x0, *args, self.operands))
+                    ts[k:k + b - a], dirs[k:k + b - a], steps[k:k + b - a] = t[a:b], d, np.arange(b - a)
+                    k += b - a
+                args = jax.device_put((seed[first], lo[first], hi[first], ts, dirs, steps, np.int32(k)))
+                outs.append((self._line(self.x0, *args, self.operands), k))
             values = []
-            for call, o in zip(calls, outs):
-                out = np.asarray(compat.host(o), np.float64)
-                for d, (a, b) in enumerate(call):
-                    values.append(out[d, : b - a])
-                self.counter.add(sum(b - a for a, b in call))
+            for o, k in outs:
+                values.append(np.asarray(compat.host(o), np.float64)[:k])
+                self.counter.add(k)
         return np.concatenate(values)
 
 
