@@ -236,3 +236,25 @@ def test_the_report_gives_the_cost_s_own_accurate_bits_next_to_the_gradient_s():
     assert bad.cost_bits["bits"] < 4, bad.cost_bits
     # At the reference's precision there is no second side to measure.
     assert jgc.check(*CONTROLS["float32 LayerNorm"], analytic="reference").cost_bits is None
+
+
+def test_a_confident_cross_entropy_in_float32_is_imprecise_and_its_twin_tells_a_bug():
+    # The hand-written float32 backward pr − onehot loses every digit of gradients of 1e-8
+    # (terms of 1): imprecise, not a failure. A bug that the float64 twin carries too (one
+    # element 1% off, a sign error) is still a mismatch: the program is wrong at every
+    # precision, whatever float32 keeps of it.
+    import zoo
+
+    case = zoo.make_confident_softmax("float32")
+    good = jgc.check(case.cost, case.params, *case.args, grad=case.grad)
+    assert good.ok and good.leaves[0].status == "imprecise", good
+
+    def one_off(p, *a):
+        g = case.grad(p, *a)
+        return {"W": g["W"].at[0, 1].multiply(1.01)}
+
+    bad = jgc.check(case.cost, case.params, *case.args, grad=one_off)
+    assert not bad.ok and bad.leaves[0].elements() == [(0, 1)], bad
+    assert "the float64 twin is off from the reference too" in str(bad)
+    sign = jgc.check(case.cost, case.params, *case.args, grad=case.bugs["sign error"].grad)
+    assert not sign.ok, sign

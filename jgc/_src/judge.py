@@ -237,7 +237,7 @@ def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, *,
         a = a.astype(np.complex128)
     plan = Plan(stencil, h_rel, step, rtol, atol, g_ref)
     elems, judged, onesided = judge_leaf(problem, steps, k, coords, a, plan)
-    return summarize(a, judged.num, judged.bound, judged.codes, indices=elems, onesided=onesided,
+    return summarize(a, judged.num, judged.bound, judged.codes, indices=elems, onesided=onesided, error=judged.err,
                      step=float(np.median(h_rel * problem.scales[k][elems])), **where), h_rel
 
 

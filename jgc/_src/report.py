@@ -127,6 +127,8 @@ class LeafReport:
     # imprecise: the same program's derivative at the reference's precision (its float64
     # twin) per checked element, beside the native ``analytic`` values; None otherwise.
     twin: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # The error the method may have made in each numerical value (None where not kept).
+    error: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -369,9 +371,10 @@ def ulps(error, reference, dtype) -> float:
 
 
 # An imprecise element's reference resolves it to better than a tenth of its value
-# (compare.RESOLVED): a float64 twin farther from it than that, plus float64's rtol, is
-# wrong in the program itself, at every precision, not only rounded at the dtype given
-# (summary.with_native_figures then calls the element a mismatch).
+# (compare.RESOLVED): where the reference's own error is not kept, a float64 twin farther
+# from it than that, plus float64's rtol, is wrong in the program itself, at every
+# precision, not only rounded at the dtype given (summary.with_native_figures then calls
+# the element a mismatch: within the native bound, mismatched by its twin).
 TWIN_WRONG = 0.1
 
 
@@ -409,7 +412,7 @@ def _element_lines(leaves) -> list[str]:
                 out[status].append(
                     f"  {status} {lf.name}{idx}: native {_g(a, 0)} ({lf.dtype}), float64 twin "
                     f"{_g(lf.twin[j], 0)}, reference {_g(n, 0)}: off by {ulps(a - n, n, lf.dtype):.3g} "
-                    f"ulps of {lf.dtype}; {_why(status, float(lf.bound[j]), abs(lf.twin[j] - n) > TWIN_WRONG * abs(n))}.")
+                    f"ulps of {lf.dtype}; {_why(status, float(lf.bound[j]), status == 'mismatch' and abs(a - n) <= lf.bound[j])}.")
     lines = out["mismatch"] + out["imprecise"]
     for status in ("mismatch", "imprecise"):
         if more[status]:

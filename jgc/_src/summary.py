@@ -62,13 +62,14 @@ def _scalar(v):
 
 def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size: int,
               indices: np.ndarray, step: float, g_ref: float, onesided=None, split_index=None,
-              output_path: str = "", label: str = "") -> LeafReport:
+              output_path: str = "", label: str = "", error=None) -> LeafReport:
     """A LeafReport for judged elements (flat arrays; ``indices`` their flat index in ``shape``).
 
     The worst element is the mismatch (or, without one, the element) that most exceeds
     its allowed difference. ``split_index`` splits its index into (output, input)
     parts for blocks of vector checks. Non-finite pairs are left out of the normwise
-    figure.
+    figure. ``error``: the error each numerical value may carry (kept for the float64
+    twin's comparison, see :func:`with_native_figures`).
     """
     a, num, bound, codes = (np.ravel(x) for x in (a, num, bound, codes))
     d = np.abs(a - num)
@@ -102,6 +103,7 @@ def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size
         detectable_rel=typical, detectable_rel_largest=largest, step=step,
         indices=indices, analytic=a, numeric=num, bound=bound, codes=codes, onesided=onesided,
         output_path=output_path, output_index=tuple(out_idx), input_index=tuple(in_idx), label=label,
+        error=None if error is None else np.ravel(error),
     )
 
 
@@ -196,6 +198,12 @@ def with_native_figures(report: Report, native, j_ref: float, twin: Callable[[],
     ok, _ = verdict(leaves, report.strict)
     return dataclasses.replace(report, leaves=leaves, ok=ok, cost_bits={"bits": bits, "dtype": held})
 
+# The reference's error bar is an estimate (8σ/h plus a Richardson truncation term), good
+# for a verdict on the analytic side; a claim that the program itself is wrong gets 4
+# such bars (log_softmax's tail at 20: the reference off by 1.2e-13 with a bar of 8.8e-14).
+TWIN_SAFETY = 4.0
+
+
 def _twin_judged(lf, twin: np.ndarray):
     """The leaf with its twin values; an imprecise element whose float64 twin disagrees
     with the reference too (beyond TWIN_WRONG of it plus float64's rtol) is a mismatch:
@@ -205,8 +213,16 @@ def _twin_judged(lf, twin: np.ndarray):
     codes = np.array(lf.codes, copy=True)
     n = np.asarray(lf.numeric)
     with np.errstate(invalid="ignore"):
-        wrong = (codes == IMPRECISE) & (
-            np.abs(twin - n) > (TWIN_WRONG + policy.default_rtol(np.float64)) * np.abs(n))
+        if lf.error is None:
+            allowed = (TWIN_WRONG + policy.default_rtol(np.float64)) * np.abs(n)
+        else:
+            # The reference's own error, float64's rtol, and the native side's absolute
+            # tolerance (bound − error) scaled from its dtype's round-off to float64's.
+            err = np.asarray(lf.error)
+            u64, u = policy.unit_roundoff(np.float64), policy.unit_roundoff(np.dtype(lf.dtype))
+            allowed = (TWIN_SAFETY * err + policy.default_rtol(np.float64) * np.maximum(np.abs(twin), np.abs(n))
+                       + np.maximum(np.asarray(lf.bound) - err, 0.0) * (u64 / max(u, u64)))
+        wrong = (codes == IMPRECISE) & (np.abs(twin - n) > allowed)
     if not wrong.any():
         return dataclasses.replace(lf, twin=twin)
     codes[wrong] = MISMATCH
