@@ -426,12 +426,13 @@ class DirectionEvaluator:
             argarr, aux = ops
             return at(xs, direction(xs, aux, seed, lo, hi), aux, t, argarr)
 
-        def line(xs, seeds, los, his, ts, dirs, steps, total, ops):
+        def line(xs, rows, walk, total, ops):
             """Step k walks direction dirs[k] at ts[k] (steps[k]: its step along that
             direction); the direction's signs are rebuilt where steps[k] is 0. One loop,
             not one per direction: nested loops copied the parameters into each loop's
             state (5 copies of them alive instead of 2)."""
             argarr, aux = ops
+            (seeds, los, his), (ts, dirs, steps) = rows, walk
 
             def build(d):
                 vs = direction(xs, aux, seeds[d], los[d], his[d])
@@ -457,8 +458,8 @@ class DirectionEvaluator:
             if self.lines:
                 per = (lambda dtype: jax.ShapeDtypeStruct((LINE_DIRS,), dtype))
                 each = (lambda dtype: jax.ShapeDtypeStruct((LINE_DIRS * LINE_STEPS,), dtype))
-                self._line = compiling.Ahead(jax.jit(line), self.x0, per(np.uint32), per(np.int32), per(np.int32),
-                                             each(self.dtype), each(np.int32), each(np.int32),
+                self._line = compiling.Ahead(jax.jit(line), self.x0, (per(np.uint32), per(np.int32), per(np.int32)),
+                                             (each(self.dtype), each(np.int32), each(np.int32)),
                                              jax.ShapeDtypeStruct((), np.int32), self.operands, background=False)
             else:
                 self._call = compiling.Ahead(self._call, self.x0, col(np.uint32), col(np.int32),
@@ -502,7 +503,7 @@ class DirectionEvaluator:
                 for d, (a, b) in enumerate(call):
                     ts[k:k + b - a], dirs[k:k + b - a], steps[k:k + b - a] = t[a:b], d, np.arange(b - a)
                     k += b - a
-                args = jax.device_put((seed[first], lo[first], hi[first], ts, dirs, steps, np.int32(k)))
+                args = jax.device_put(((seed[first], lo[first], hi[first]), (ts, dirs, steps), np.int32(k)))
                 outs.append((self._line(self.x0, *args, self.operands), k))
             values = []
             for o, k in outs:
