@@ -31,7 +31,7 @@ For every method: total wall time, the ratio to JAX's checker (to the course loo
 JAX's checker and the loop: the calls of f, each one evaluation, since they run op by
 op), and the verdicts (pass / fail / error) against what is known to be right.
 
-Run:  python benchmarks/bench_suite.py                  (~10 min on 2 quiet cores)
+Run:  python benchmarks/bench_suite.py                  (33-38 min on 2 cores shared at load 7-12)
       python benchmarks/bench_suite.py --harnesses 40 --reps 1   (a quick look)
 Writes benchmarks/results/suite.md (and suite.json with every check's record).
 """
@@ -507,8 +507,14 @@ def write_markdown(d: dict) -> None:
             two = {r["name"]: r["outcome"] for r in h["raw"]["jgc"]["records"]}
             diff = [f"{r['name']} ({two.get(r['name'])} with 2, {r['outcome']} with 1)"
                     for r in h["raw"]["jgc1"]["records"] if two.get(r["name"]) != r["outcome"]]
+            ratio = statistics.median(r["s"] / max(1e-9, t) for r in h["raw"]["jgc1"]["records"]
+                                      if (t := next(q["s"] for q in h["raw"]["jgc"]["records"]
+                                                    if q["name"] == r["name"])))
             lines += ["", f"Outcomes that differ between two directions and one: {len(diff)}"
-                      + (f" ({'; '.join(diff[:10])})" if diff else "") + "."]
+                      + (f" ({'; '.join(diff[:10])})" if diff else "") + ". The one-direction row ran last, "
+                      "in a process of its own: both compile the same programs per check, and on a shared "
+                      "machine the time of a later process moves with the load (here the median harness took "
+                      f"{ratio:.2f}× its two-direction time, alike for cheap and costly harnesses)."]
         recorded = {}
         jsonl = RESULTS / "harnesses.jsonl"
         if jsonl.exists():
