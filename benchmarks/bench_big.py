@@ -24,7 +24,8 @@ Each subprocess also times one jitted evaluation of the loss in float32 and in f
 (the check evaluates in float64); "floor" is the check's evaluations × one float64
 evaluation. Peak memory is the subprocess's peak resident set (``ru_maxrss``).
 
-Run:  python benchmarks/bench_big.py [--cases mlp resnet gpt2] [--runs ...] [--timeout 900]
+Run:  python benchmarks/bench_big.py [--cases mlp mlp50 resnet gpt2] [--runs ...] [--timeout 900]
+      [--locate N]  (the planted run's locate=: fewer elements isolated, a shorter run)
 Appends each row to benchmarks/results/big.jsonl (``--fresh`` starts it again) and writes
 benchmarks/results/big.md from the last row of each model and run.
 """
@@ -285,7 +286,7 @@ def _time_eval(loss, params, args, x64):
     return best
 
 
-def child(case, run):
+def child(case, run, locate=None):
     import equinox as eqx
     import jax
 
@@ -306,6 +307,9 @@ def child(case, run):
             out["error_text"] = str(e).strip().splitlines()[-3:]
     else:
         kw = {} if run == "default" else {"mode": "directional"}
+        if run == "planted" and locate is not None:
+            kw["locate"] = locate
+            out["options"] = f"locate={locate}"
         rep = jgc.check(loss, params, *args, **kw)
         out.update(ok=rep.ok, evaluations=rep.evaluations, mode=rep.mode,
                    failing=[lf.path for lf in rep.failing()], head=str(rep).splitlines()[0],
@@ -339,12 +343,14 @@ def main():
     ap.add_argument("--runs", nargs="+", default=list(RUNS))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "RUN"))
+    ap.add_argument("--locate", type=int, help="wrong elements the planted run isolates (jgc.check's "
+                    "locate=; 0 names the failing layer from its screens alone)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "big.md"))
     ap.add_argument("--fresh", action="store_true", help="forget rows of earlier runs (big.jsonl)")
     ap.add_argument("--write-only", action="store_true", help="write big.md from big.jsonl, run nothing")
     a = ap.parse_args()
     if a.child:
-        child(*a.child)
+        child(*a.child, locate=a.locate)
         return
     store = Path(a.out).with_suffix(".jsonl")
     if a.fresh and store.exists():
@@ -353,7 +359,8 @@ def main():
         for run in a.runs:
             t = time.perf_counter()
             try:
-                p = subprocess.run([sys.executable, __file__, "--child", case, run], capture_output=True,
+                extra = ["--locate", str(a.locate)] if a.locate is not None and run == "planted" else []
+                p = subprocess.run([sys.executable, __file__, "--child", case, run, *extra], capture_output=True,
                                    text=True, timeout=a.timeout, env=dict(os.environ, JGC_PROGRESS="0"))
                 lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
                 r = json.loads(lines[-1][7:]) if lines else {"case": case, "run": run,
@@ -361,6 +368,8 @@ def main():
             except subprocess.TimeoutExpired:
                 r = {"case": case, "run": run, "error": f"did not finish in {a.timeout:.0f} s"}
             r["wall_s"] = time.perf_counter() - t
+            r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            r["load"] = os.getloadavg()[0]  # the machine's 1-minute load when the row ended
             r["command"] = "python benchmarks/bench_big.py " + " ".join(sys.argv[1:])
             print(json.dumps({k: v for k, v in r.items() if k != "report"}), flush=True)
             with store.open("a") as f:
@@ -372,6 +381,12 @@ def main():
         last[r["case"], r["run"]] = r
     rows = [last[c, r] for c in CASES for r in RUNS if (c, r) in last]
     write(rows, a)
+
+
+def _when(r) -> str:
+    if "date" not in r:
+        return "by 2026-12-07 15:28 UTC"
+    return r["date"] + (f" (load {r['load']:.1f})" if "load" in r else "")
 
 
 def write(rows, a):
@@ -390,13 +405,17 @@ def write(rows, a):
         "float64 evaluation. `check_grads` is `jax.test_util.check_grads(order=1, "
         "modes=(\"rev\",))` on the same model.",
         "",
-        "| model | params | run | verdict | time | × check_grads | peak memory | evaluations | eval f32 | eval f64 | floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Rows of earlier invocations stay until a model and run is measured again; `measured` "
+        "gives each row's time and the machine's load average then (rows before 2026-12-07 "
+        "15:28 UTC carry neither).",
+        "",
+        "| model | params | run | verdict | time | × check_grads | peak memory | evaluations | eval f32 | eval f64 | floor | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | | {r['run']} | **did not complete**: {r['error'][-200:]!r} "
-                         "| | | | | | | |")
+                         f"| | | | | | | | {_when(r)} |")
             continue
         base = cg.get(r["case"])
         ratio = f"{r['seconds'] / base['seconds']:.1f}×" if base and r["run"] != "check_grads" else ""
@@ -406,20 +425,25 @@ def write(rows, a):
         elif r["run"] == "planted":
             verdict = ("fails, names " + ", ".join(f"`{p}`" for p in r["failing"])) if not r["ok"] else \
                 "**passes: missed**"
+            if r.get("options"):
+                verdict += f" ({r['options']})"
         else:
             verdict = ("PASS" if r["ok"] else "FAIL") + f" ({r['mode']})"
         floor = f"{ev * r['eval64_s']:.1f} s" if ev else ""
         lines.append(
             f"| {r['case']} | {r['n'] / 1e6:.1f}M | {r['run']} | {verdict} | {r['seconds']:.1f} s | {ratio} | "
             f"{r['peak_gib']:.2f} GiB | {ev or ''} | {r['eval32_s'] * 1e3:.1f} ms | {r['eval64_s'] * 1e3:.1f} ms | "
-            f"{floor} |")
+            f"{floor} | {_when(r)} |")
     lines += [
         "",
         "Reading the table:",
         "",
-        "- `jax.test_util.check_grads` raised on all three correct float32 models: its own "
+        "- `jax.test_util.check_grads` raised on every correct float32 model it ran on: its own "
         "finite differences in float32 disagree with the VJP by 1.3–4.8% (its tolerance is "
         "2e-3). jgc evaluates the reference in float64 and passes them.",
+        "- A planted run marked `locate=N` isolated at most N wrong elements (jgc.check's "
+        "`locate=`; the default is 4); with `locate=0` the layer is named from its screens "
+        "alone.",
         "- The machine is shared: other processes (a second developer's test runs, and for "
         "some rows this repository's test suite) ran on the same 2 cores, so times vary by "
         "up to 2× between rows; a ratio to check_grads compares rows of one invocation only "
