@@ -653,6 +653,8 @@ def test_a_runtime_check_with_a_host_callback_is_checked_not_an_error():
     rep = jgc.check_rules(loss, jnp.array([0.5, -1.5]))
     assert rep.ok and rep.rules and all(r.status in ("ok", "intended") for r in rep.rules), str(rep)
     assert any(r.status == "ok" for r in rep.rules), str(rep)
+    # Named by Equinox's primal, not by its wrapper (fn_wrapper in equinox/_ad.py).
+    assert "_error" in [r.name for r in rep.rules] and "fn_wrapper" not in str(rep), str(rep)
 
 
 def make_damped_tanh(rel_error):

@@ -22,7 +22,7 @@ from jax.extend import core as jcore
 from .. import compat
 from .surrogates import _library_intended
 from ..jaxprs import interpret
-from .sources import Where, _def_line, _is_wrapper_file, _parse_src_info, _see_through
+from .sources import Where, _def_line, _is_wrapper_file, _parse_src_info, _primal_of_rule, _see_through
 
 # -- the JAX internals this module reads (pinned by tests/test_rules.py) ----------------------
 JVP_CALL, VJP_CALL = "custom_jvp_call", "custom_vjp_call"
@@ -119,7 +119,8 @@ def rule_names(eqn) -> tuple[Where, Where, Where | None]:
         fwd = _see_through(eqn.params["fwd_jaxpr_thunk"], "fn_fwd") or fwd
     if primal.file and _is_wrapper_file(primal.file) and not _library_intended(primal):
         seen = _see_through(rule_fun, "fn") if name == VJP_CALL else None
-        primal = seen or _user_frame_in(cj.jaxpr) or primal
+        primal = seen or _user_frame_in(cj.jaxpr) or (_primal_of_rule(rule_fun) if name == JVP_CALL else None) \
+            or primal
     return primal, rule, fwd
 
 

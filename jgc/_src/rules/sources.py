@@ -146,6 +146,25 @@ def _see_through(wrapped, prefer: str) -> Where | None:
     return None
 
 
+def _primal_of_rule(rule_fun) -> Where | None:
+    """The primal of an Equinox ``filter_custom_jvp`` found from its JVP rule.
+
+    Equinox keeps the primal on the ``filter_custom_jvp`` object, which the traced
+    program does not hold; when that object is a module-level name beside its rule (as
+    in Equinox's own runtime checks), it is found among the rule's globals.
+    """
+    for fn in _functions_in(rule_fun):
+        if _is_wrapper_file(fn.__code__.co_filename) and "equinox" not in fn.__code__.co_filename:
+            continue
+        for obj in list(getattr(fn, "__globals__", {}).values()):
+            inner = getattr(obj, "fn", None)  # the jax.custom_jvp the Equinox object holds
+            jvp, fun = getattr(inner, "jvp", None), getattr(inner, "fun", None)
+            if callable(jvp) and callable(fun) and _closure(jvp).get("fn_jvp") is fn:
+                primal = _closure(fun).get("fn")
+                return _where_fn(primal) if callable(primal) else None
+    return None
+
+
 def _def_line(file: str, name: str, line: int) -> int:
     """The line of ``def name`` at or above ``line`` (a body line from a traceback)."""
     short = name.rsplit(".", 1)[-1]
