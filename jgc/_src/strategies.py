@@ -117,6 +117,14 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
             a, n, b = unlocalised[:3]
             notes.append(f"{problem.paths[k]}: the directional check fails (⟨g,v⟩ = {a:.6g} vs finite "
                          f"difference {n:.6g}, allowed ±{b:.2g}); locate=0: no wrong element was searched for.")
+        elif unlocalised is not None and screen_code == MISMATCH and lr.counts.get("mismatch", 0) == 0 \
+                and unlocalised[4]:
+            a, n, b = unlocalised[:3]
+            notes.append(f"{problem.paths[k]}: the directional check fails (⟨g,v⟩ = {a:.6g} vs finite "
+                         f"difference {n:.6g}, allowed ±{b:.2g}); the search singled out {unlocalised[4]} "
+                         "element(s), none of which fails by itself against its own allowance: the error "
+                         "is spread over many elements, each below what one element's check resolves. Run "
+                         "mode='full' on this leaf to see every element.")
         elif unlocalised is not None and screen_code == MISMATCH and lr.counts.get("mismatch", 0) == 0:
             a, n, b = unlocalised[:3]
             notes.append(
