@@ -438,7 +438,9 @@ def write(rows, a):
         "",
         "Reading the table:",
         "",
-        "- `jax.test_util.check_grads` raised on every correct float32 model it ran on: its own "
+        "- `jax.test_util.check_grads` raised on the correct float32 models "
+        + ", ".join(c for c, r in cg.items() if not r["ok"])
+        + " (passed: " + (", ".join(c for c, r in cg.items() if r["ok"]) or "none") + "): its own "
         "finite differences in float32 disagree with the VJP by 1.3–4.8% (its tolerance is "
         "2e-3). jgc evaluates the reference in float64 and passes them.",
         "- A planted run marked `locate=N` isolated at most N wrong elements (jgc.check's "
