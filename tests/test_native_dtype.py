@@ -258,3 +258,32 @@ def test_a_confident_cross_entropy_in_float32_is_imprecise_and_its_twin_tells_a_
     assert "the float64 twin is off from the reference too" in str(bad)
     sign = jgc.check(case.cost, case.params, *case.args, grad=case.bugs["sign error"].grad)
     assert not sign.ok, sign
+
+
+def test_a_small_element_of_a_cost_summing_many_terms_is_judged_at_its_own_scale():
+    # J sums 20000 float32 terms, so it rounds far above its own size. A 10 % error, in
+    # float32 only, in the one element whose derivative is 1e-3 must still fail: the
+    # dtype's allowance follows each element's own value, not the magnitude of the
+    # whole cost's terms.
+    n = 20000
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=n), jnp.float32)
+    c = rng.uniform(0.5, 1.5, size=n)
+    c[7] = 1e-3
+    c = jnp.asarray(c, jnp.float32)
+
+    @jax.custom_vjp
+    def cost(w):
+        return jnp.sum(jnp.sin(w) * c)
+
+    def fwd(w):
+        return cost(w), w
+
+    def bwd(w, ct):  # cos(w)·c, with element 7 off by 10 % in float32 only
+        wrong = 1.1 if w.dtype == jnp.float32 else 1.0
+        return (ct * (jnp.cos(w) * c).at[7].multiply(wrong),)
+
+    cost.defvjp(fwd, bwd)
+    leaf = jgc.check(cost, w, mode="full").leaves[0]
+    assert leaf.status == "mismatch"
+    assert leaf.worst_index == (7,)

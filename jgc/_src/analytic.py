@@ -227,20 +227,33 @@ def analytic_scale(native: NativeSide | None, problem: Problem) -> float:
     absolute tolerance is 32·u of the dtype given times this, per unit of a coordinate's
     scale (see judge_leaf). 0 without a native side.
 
-    Two stand-ins, the larger counts: the largest change of J per relative unit change of
-    any coordinate, max_j |g_j|·s_j (scale-free); and |J_native − J_ref| / u, the size of
-    the terms that the cost itself rounds at the dtypes given. The second is what a small
-    difference of large terms shows: a confident cross-entropy J = 4e-9 is 1 − (1 − 4e-9)
-    in float32, rounded to 0 from terms of 1, and its float32 gradient pr − onehot, of
-    1e-8, rounds from the same terms: precision lost within the dtype's absolute scale
-    (imprecise), not a wrong gradient.
+    The stand-in is the largest change of J per relative unit change of any coordinate,
+    max_j |g_j|·s_j (scale-free). A cost that is a small difference of large terms has a
+    second, per-element allowance: see :func:`cost_cancellation`.
     """
     if native is None or native.leaves is None:
         return 0.0
-    grads = max((float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
-                 for a, s in zip(native.leaves, problem.scales)), default=0.0)
-    forward = abs(native.value - float(np.real(problem.j0))) / native.u
-    return max(grads, forward if math.isfinite(forward) else 0.0)
+    return max((float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
+                for a, s in zip(native.leaves, problem.scales)), default=0.0)
+
+
+def cost_cancellation(native: NativeSide | None, problem: Problem) -> float:
+    """How many times the terms the cost rounds at the dtypes given exceed the cost: at
+    least 1, else |J_native − J_ref| / (u·|J_ref|).
+
+    A confident cross-entropy J = 4e-9 is 1 − (1 − 4e-9) in float32, rounded to 0 from
+    terms of 1 (a factor of about 1e7), and its float32 gradient pr − onehot, of 1e-8,
+    rounds from the same terms: precision lost within the dtype's absolute scale
+    (imprecise), not a wrong gradient. The judge lets each element lose this factor
+    times 32·u of its own reference value, so the allowance follows the element: an
+    absolute allowance from the whole cost's terms would cover every small element of a
+    large model (whose J sums millions of terms) and hide a 1 % error in it.
+    """
+    if native is None:
+        return 1.0
+    j_ref = abs(float(np.real(problem.j0)))
+    factor = abs(native.value - float(np.real(problem.j0))) / (native.u * j_ref) if j_ref > 0 else 1.0
+    return max(1.0, factor) if math.isfinite(factor) else 1.0
 
 
 def analytic_gradient(problem: Problem, grad, native=None) -> list:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from . import policy, validate
-from .analytic import analytic_gradient, analytic_scale, native_gradient, runs_natively, twin_differs
+from .analytic import analytic_gradient, analytic_scale, cost_cancellation, native_gradient, runs_natively, twin_differs
 from .judge import judge_all
 from .problem import Problem
 from .progress import attached
@@ -84,6 +84,7 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
             native = None if differs else native
             problem.analytic_spread = native.spread if native is not None else None
             problem.analytic_scale = analytic_scale(native, problem)
+            problem.cost_cancellation = cost_cancellation(native, problem)
         a_leaves = analytic_gradient(problem, grad, native=native)
 
         def twin():  # the same program's gradient at the reference's precision, per leaf

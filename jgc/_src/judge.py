@@ -179,6 +179,11 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
         # are 'imprecise', not a mismatch.
         at = np.maximum(at, policy.default_atol_factor(adtype) * problem.analytic_scale
                         / problem.scales[k].ravel()[elems])
+        # A cost that rounds terms far larger than itself (analytic.cost_cancellation)
+        # rounds its gradient from them too: each element may lose that factor times
+        # 32·u of its own reference value.
+        at = np.maximum(at, policy.default_atol_factor(adtype) * problem.cost_cancellation
+                        * np.where(finite, np.abs(num), 0.0))
     lim = Limits(rt, at, 1e-3 * plan.g_ref, float(np.finfo(adtype).tiny),
                  0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems])
     judged = classify(a, num, err, finite, lim)
