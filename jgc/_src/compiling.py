@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import inspect
 import os
 import threading
 import time
@@ -47,6 +48,16 @@ def fast() -> dict | None:
     might trade compile time for run time differently, so programs compile as usual.
     """
     return FAST if jax.default_backend() == "cpu" else None
+
+
+# jax.jit takes compiler_options from JAX 0.4.36 on; older versions compile as usual.
+_JIT_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
+
+
+def jit_fast(fn: Callable) -> Callable:
+    """``jax.jit(fn)`` with the :func:`fast` compiler options, where this JAX takes them."""
+    options = fast()
+    return jax.jit(fn, compiler_options=options) if options and _JIT_TAKES_OPTIONS else jax.jit(fn)
 
 
 # At most one compilation per core at a time: the main thread mostly waits for these

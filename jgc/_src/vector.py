@@ -327,8 +327,7 @@ class VectorProblem(Prepared):
         self.tangent_of = tangent_of
         # A few calls a check (noise probe, directions, refinement): compiled without LLVM
         # optimisation (see compiling.fast).
-        self._dir_batch = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)),
-                                  compiler_options=compiling.fast())
+        self._dir_batch = compiling.jit_fast(jax.vmap(one, in_axes=(0, 0, None, None, None)))
 
     def chunked(self, fn, rows: np.ndarray, *operands):
         """Run a vmapped fn over bank rows in fixed-size chunks (one compile, bounded memory)."""

@@ -75,13 +75,13 @@ def jvp_batch(vp, user_jvp: Callable | None, from_bank: bool = False, broken_as_
     if from_bank:
         def one(b, bank, dyn, argarr):
             return one_t(vp.tangent_of(b, bank), dyn, argarr)
-        vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)), compiler_options=compiling.fast())
+        vfn = compiling.jit_fast(jax.vmap(one, in_axes=(0, None, None, None)))
 
         def fn(rows, dyn, argarr):
             return vp.chunked(vfn, np.asarray(rows), vp.bank, dyn, argarr)
         unbatched = _Unbatched(lambda b, dyn, argarr: one(b, vp.bank, dyn, argarr), lambda rows: list(np.asarray(rows)))
     else:
-        vfn = jax.jit(jax.vmap(one_t, in_axes=(0, None, None)), compiler_options=compiling.fast())
+        vfn = compiling.jit_fast(jax.vmap(one_t, in_axes=(0, None, None)))
 
         def fn(T, dyn, argarr):
             return vfn([jax.device_put(np.asarray(t)) if isinstance(t, np.ndarray) else t for t in T],
@@ -125,7 +125,7 @@ def vjp_batch(vp, user_vjp: Callable | None, broken_as_nan: bool = False):
             per = vp.split.treedef.flatten_up_to(tuple(w[i] for i in vp.argnums))
             return vp.vec(out), [per[pos] for pos in vp.split.dynamic_index]
     # Runs once or twice a check: compiled without LLVM optimisation (see compiling.fast).
-    vfn = jax.jit(jax.vmap(one, in_axes=(0, None, None)), compiler_options=compiling.fast())
+    vfn = compiling.jit_fast(jax.vmap(one, in_axes=(0, None, None)))
 
     def fn(C, dyn, argarr):
         return vfn(jax.device_put(np.asarray(C, vp.out_dtype)), dyn, argarr)
