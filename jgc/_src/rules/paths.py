@@ -38,6 +38,11 @@ def _inexact(v) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
+def _union(xs, ys) -> list[bool]:
+    """Elementwise or of two flags lists: on the path in either."""
+    return [a or b for a, b in zip(xs, ys)]
+
+
 def _is_var(v) -> bool:
     return not isinstance(v, jcore.Literal)
 
@@ -70,7 +75,7 @@ class Paths:
             return [False] * n_out
         if name in KINDS:
             prev = self.operands.get(id(eqn))
-            self.operands[id(eqn)] = ins if prev is None else [a or b for a, b in zip(prev, ins)]
+            self.operands[id(eqn)] = ins if prev is None else _union(prev, ins)
             # The primal's data flow: a right rule's derivative is non-zero only where it is.
             return self.forward(p["call_jaxpr"].jaxpr, ins)
         if name in CALLS:
@@ -81,7 +86,7 @@ class Paths:
             carry = ins[nc:nc + ncar]
             while True:
                 out = self.forward(p["jaxpr"].jaxpr, ins[:nc] + carry + ins[nc + ncar:])
-                new = [a or b for a, b in zip(carry, out[:ncar])]
+                new = _union(carry, out[:ncar])
                 if new == carry:
                     return out
                 carry = new
@@ -90,14 +95,14 @@ class Paths:
             consts, carry = ins[cn:cn + bn], ins[cn + bn:]
             while True:
                 out = self.forward(p["body_jaxpr"].jaxpr, consts + carry)
-                new = [a or b for a, b in zip(carry, out)]
+                new = _union(carry, out)
                 if new == carry:
                     return carry
                 carry = new
         if name == "cond":
             outs = [False] * n_out
             for b in p["branches"]:
-                outs = [a or c for a, c in zip(outs, self.forward(b.jaxpr, ins[1:]))]
+                outs = _union(outs, self.forward(b.jaxpr, ins[1:]))
             return outs
         # anything else: every output depends on every input (its sub-programs, if
         # any, are walked with every input on the path)
@@ -126,7 +131,7 @@ class Paths:
             return [False] * n_in
         if name in KINDS:
             prev = self.outputs.get(id(eqn))
-            self.outputs[id(eqn)] = outs if prev is None else [a or b for a, b in zip(prev, outs)]
+            self.outputs[id(eqn)] = outs if prev is None else _union(prev, outs)
             return self.backward(p["call_jaxpr"].jaxpr, outs)
         if name in CALLS:
             jx = p.get("jaxpr", p.get("call_jaxpr"))
@@ -136,7 +141,7 @@ class Paths:
             carry = outs[:ncar]
             while True:
                 ins = self.backward(p["jaxpr"].jaxpr, carry + outs[ncar:])
-                new = [a or b for a, b in zip(carry, ins[nc:nc + ncar])]
+                new = _union(carry, ins[nc:nc + ncar])
                 if new == carry:
                     return ins
                 carry = new
@@ -145,14 +150,14 @@ class Paths:
             carry = outs
             while True:
                 ins = self.backward(p["body_jaxpr"].jaxpr, carry)
-                new = [a or b for a, b in zip(carry, ins[bn:])]
+                new = _union(carry, ins[bn:])
                 if new == carry:
                     return [False] * cn + ins[:bn] + carry
                 carry = new
         if name == "cond":
             ins = [False] * (n_in - 1)
             for b in p["branches"]:
-                ins = [a or c for a, c in zip(ins, self.backward(b.jaxpr, outs))]
+                ins = _union(ins, self.backward(b.jaxpr, outs))
             return [False] + ins
         for sub in _subjaxprs(eqn):
             self.backward(sub, [any(outs)] * len(sub.outvars))
