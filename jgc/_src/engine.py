@@ -328,6 +328,78 @@ def _run_rows(ev, cols: tuple, total: int) -> np.ndarray:
     return np.concatenate(values)[:total]
 
 
+class LineEvaluator:
+    """Evaluates ``cost`` at points on lines through θ: a row (l, t) is θ + t·v_l.
+
+    ``leaves`` is θ (the list of arrays the cost takes first) and ``bank`` the
+    directions, an operand of the program: by default one array (L, *shape) per leaf,
+    v_l = [b[l] for b in bank] (a bank of one line is not indexed, so a batch holds no
+    copy of it per row); ``direction(l, bank)`` decodes any other bank (None for a leaf
+    not moved). A leaf moves to x + (t·v).astype(x.dtype) with t cast to v's dtype first:
+    the bank's dtype sets the precision of the product. Rows go through the engine's one
+    dispatch loop (:func:`_run_rows`, which counts them): ``rows`` per vmapped batch,
+    ``groups`` batches per call walked by ``lax.map``, every call of one shape, so the
+    program compiles once (through the process's program cache, compiling.Ahead) however
+    many rows a check asks for. The noise probes, the vector checks' direction bank,
+    check_taylor's line and the directional passes all use it.
+    """
+
+    def __init__(self, cost: Callable, leaves, operands, bank, *, rows: int, groups: int = 1,
+                 t_dtype=None, direction: Callable | None = None, counter: Counter | None = None,
+                 options: dict | None = None):
+        self.counter = counter if counter is not None else Counter()
+        self.shard = None
+        self.rows, self.groups = max(1, int(rows)), max(1, int(groups))
+        self.x0, self.operands = list(leaves), (operands, bank)
+        self.t_dtype = np.dtype(t_dtype if t_dtype is not None else compat.result_type(*[x.dtype for x in leaves]))
+        if direction is None:
+            def direction(l, bank):
+                return [b[0] if b.shape[0] == 1 else b[l] for b in bank]
+
+        def one(xs, l, t, ops):
+            ops, bank = ops
+            moved = [x if v is None else x + (t.astype(v.dtype) * v).astype(x.dtype)
+                     for x, v in zip(xs, direction(l, bank))]
+            return cost(moved, ops)
+
+        batch = jax.vmap(one, in_axes=(None, 0, 0, None))
+        if self.groups > 1:
+            def grouped(xs, l, t, ops):
+                return jax.lax.map(lambda r: batch(xs, r[0], r[1], ops), (l, t))
+
+            program = jax.jit(grouped)
+        else:
+            program = jax.jit(batch)
+        shape = (self.groups, self.rows) if self.groups > 1 else (self.rows,)
+        self._call = compiling.Ahead(program, self.x0, jax.ShapeDtypeStruct(shape, np.int32),
+                                     jax.ShapeDtypeStruct(shape, self.t_dtype), self.operands,
+                                     options=options, background=False)
+
+    per_call = LeafEvaluator.per_call
+
+    def __call__(self, line, t, bank=None) -> np.ndarray:
+        """The cost at θ + t[k]·v_{line[k]} for every k, shape (rows, *out): with ``bank``,
+        along that bank's lines instead (same shapes and dtypes: the same program)."""
+        t = np.asarray(t, self.t_dtype).ravel()
+        line = np.broadcast_to(np.asarray(line, np.int32).ravel(), t.shape)
+        if t.size == 0:
+            return np.zeros((0,))
+        ev = self
+        if bank is not None:
+            ev = _Rebanked(self, bank)
+        return _run_rows(ev, (line, t), t.size)
+
+
+class _Rebanked:
+    """A LineEvaluator's program with another bank of the same shapes."""
+
+    def __init__(self, ev, bank):
+        self.rows, self.groups, self.shard, self.counter = ev.rows, ev.groups, None, ev.counter
+        self.x0, self.operands, self._call = ev.x0, (ev.operands[0], bank), ev._call
+
+    per_call = LeafEvaluator.per_call
+
+
 class DirectionEvaluator:
     """Evaluates ``cost`` at θ + t·v for random directions v on index ranges of the parameters.
 

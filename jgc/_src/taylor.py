@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat
+from . import compat, engine
 from .analytic import analytic_gradient
 from .problem import Problem
 from .steps import Steps
@@ -112,25 +112,18 @@ def check_taylor(fn, params, *args, grad=None, has_aux: bool = False, key=0,
             h_min = math.sqrt(1e3 * Steps(problem).u_eff)
             num_steps = max(6, math.ceil(math.log2(largest_step / h_min)) + 1)
         steps = largest_step * 0.5 ** np.arange(num_steps)
-        dirs = [jax.device_put(np.asarray(v, x.dtype)) for v, x in zip(direction, problem.dyn)]
-
-        def at(h, dyn, argarr):
-            moved = []
-            for x, v in zip(dyn, dirs):
-                # Explicit casts: strict promotion has no implicit path between dtypes.
-                tv = compat.result_type(h.dtype, v.dtype)
-                moved.append(x + (h.astype(tv) * v.astype(tv)).astype(x.dtype))
-            return problem.full_cost(moved, argarr)
-
         wide = jnp.float64 if compat.x64_enabled() else jnp.float32
+        # The direction in the leaf's dtype, held in the dtype of h·v (strict promotion has
+        # no implicit path between dtypes): the product rounds as h·v does, then to x's dtype.
+        bank = [jax.device_put(np.asarray(v, x.dtype).astype(compat.result_type(wide, x.dtype))[None])
+                for v, x in zip(direction, problem.dyn)]
+        ts = np.concatenate([[0.0], steps])
+        line = engine.LineEvaluator(problem.full_cost, problem.dyn, problem.argarr, bank, rows=ts.size,
+                                    t_dtype=wide, counter=problem.counter)
         # J(θ) comes from the same program as J(θ+hv) (h = 0 is the first row): another
         # compilation may round float32 parts of the cost (random draws, a float32
         # layer) differently in the last bit, a constant offset that hides the order.
-        with compat.float_checks_off():  # points off θ may be non-finite: unused, not raised
-            vals = np.asarray(compat.host(jax.jit(jax.vmap(at, in_axes=(0, None, None)))(
-                jax.device_put(np.asarray(np.concatenate([[0.0], steps]), wide)), problem.dyn,
-                problem.argarr)), np.float64)
-        problem.counter.add(steps.size + 1)
+        vals = np.asarray(line(0, ts), np.float64)
         j0, vals = vals[0], vals[1:]
         r = np.abs(vals - j0 - steps * slope)
         resolved = np.isfinite(r) & (r > 100.0 * problem.sigma)
