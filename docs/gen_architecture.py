@@ -37,7 +37,7 @@ LAYERS = {
                     "check_grads", "taylor"],
     "wings": ["rules"],
     "compositions": ["api"],
-    "shells": ["testing", "training", "cli"],
+    "shells": ["testing", "training", "pytest_plugin", "cli"],
 }
 
 # What each layer holds: the last column of the table in docs/architecture.md.
@@ -67,7 +67,7 @@ ROLES = {
 # ``__init__`` imports any of them), and private names travel only inside the wing.
 WINGS = {
     "rules": ["sources", "surrogates", "report", "sites", "paths", "callbacks", "eager", "check", "subject",
-              "identities", "derivatives", "points", "rule"],
+              "identities", "derivatives", "points", "rule", "scan"],
 }
 
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)

@@ -3,6 +3,7 @@
 Exit codes: 0 the derivatives agree, 1 a mismatch was found, 2 usage or input error.
 ``jgc rules`` takes the same FN, ``--params`` and ``--args`` and runs ``jgc.check_rules``.
 ``jgc rule module:f --args module:factory`` runs ``jgc.check_rule(f, *args)`` on one rule.
+``jgc scan PACKAGE [pytest args]`` runs the package's tests under ``pytest --jgc-rules=PACKAGE``.
 
 ``jgc check`` imports ``fn`` from ``module:fn`` (``module`` is a dotted module name,
 importable from the current directory or PYTHONPATH, or a path to a ``.py`` file),
@@ -19,6 +20,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -261,6 +263,56 @@ def _rule(ns):
                          f"{type(e).__name__}: {e}") from e
 
 
+def _test_modules_in(package: str) -> list[str]:
+    """The package's directories when it ships test modules (``*_test.py``, ``test_*.py``), else none."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise InputError(f"there is no importable package {package!r}. Name the package whose rules to check "
+                         "as you would import it, e.g. jgc scan mylib.")
+    out = []
+    for d in spec.submodule_search_locations or ():
+        for _root, _dirs, names in os.walk(d):
+            if any(n.endswith("_test.py") or (n.startswith("test_") and n.endswith(".py")) for n in names):
+                out.append(d)
+                break
+    return out
+
+
+def _scan(ns) -> int:
+    """Run the package's tests (or the paths given) with the jgc pytest plugin on; pytest's exit code."""
+    extra = list(ns.pytest_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    # jgc's own options may also come after PACKAGE, among pytest's.
+    own = argparse.ArgumentParser(add_help=False)
+    for opt in ("--budget", "--report", "--known", "--write-known"):
+        own.add_argument(opt, type=float if opt == "--budget" else str,
+                         default=getattr(ns, opt[2:].replace("-", "_")))
+    ns_own, extra = own.parse_known_args(extra)
+    for k, v in vars(ns_own).items():
+        setattr(ns, k, v)
+    given = [a for a in extra if not a.startswith("-") and os.path.exists(a.split("::")[0])]
+    try:
+        paths = [] if given else _test_modules_in(ns.package)
+    except (InputError, ImportError, ValueError) as e:
+        print(f"jgc scan: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not given and not paths:
+        print(f"jgc scan: {ns.package} ships no test modules (*_test.py, test_*.py) inside the package. Give the "
+              "path of its tests, e.g. jgc scan mylib tests/.", file=sys.stderr)
+        return EXIT_USAGE
+    # The plugin by module name, with the entry point of the same plugin turned off so it
+    # is not registered twice (a checkout that is not installed has no entry point).
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "jgc.pytest_plugin", f"--jgc-rules={ns.package}",
+           *([f"--jgc-budget={ns.budget:g}"] if ns.budget is not None else []),
+           *(["--jgc-report", ns.report] if ns.report else []),
+           *(["--jgc-known", ns.known] if ns.known else []),
+           *(["--jgc-write-known", ns.write_known] if ns.write_known else []),
+           *(["-p", "no:cacheprovider"] if paths else []), *paths, *extra]
+    print("::", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _add_inputs(parser) -> None:
     """FN, --params and --args: how both subcommands load the cost and its inputs."""
     parser.add_argument("fn", metavar="FN", help="the cost as module:function, fn(params, *args) -> scalar")
@@ -348,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--step", type=float, help="relative step h/s")
     one.add_argument("--json", action="store_true", help="print the report as JSON")
     one.set_defaults(run=lambda ns: _run("rule", ns, _rule))
+
+    scan = sub.add_parser(
+        "scan", help="run a package's tests and check every custom rule of the package they run",
+        description="Run PACKAGE's tests under pytest with --jgc-rules=PACKAGE: every custom_jvp / "
+        "custom_vjp / custom_vmap rule defined under PACKAGE that a test runs is captured and checked with "
+        "jgc.check_rule after the session. The tests are those shipped inside the package (*_test.py, "
+        "test_*.py), or the paths given among the pytest arguments. Exit code: pytest's (1 when a test or a "
+        "rule not listed in --known fails).",
+        epilog="example: jgc scan optax -x -q   |   jgc scan mylib tests/ --report rules.json",
+    )
+    scan.add_argument("package", metavar="PACKAGE", help="the package whose rules to check, as imported")
+    scan.add_argument("--budget", type=float,
+                      help="seconds for the checks after the tests (pytest --jgc-budget; default 300)")
+    scan.add_argument("--report", metavar="PATH.json", help="write the rules' verdicts as JSON")
+    scan.add_argument("--known", metavar="PATH.json", help="known failures, which do not fail the run")
+    scan.add_argument("--write-known", metavar="PATH.json", help="write the failing rules as known failures")
+    scan.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest (test paths, -k, -x, ...)")
+    scan.set_defaults(run=_scan)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""`pytest --jgc-rules=PACKAGE` and `jgc scan`: every rule a package's own tests run, checked after them.
+
+The fixture package tests/scan_fixture/fixturepkg plants five wrong rules (a plain wrong
+JVP, one wrong for its second argument, one wrong at order 2 only, a VJP nonlinear in
+its cotangent, a custom_vmap wrong only under vmap) beside a right rule, an intended
+straight-through estimator and a rule no test runs; its own tests
+(tests/scan_fixture/fixture_rules.py) pass and never look at derivatives' values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jgc._src.rules import scan
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "scan_fixture"
+RULES_PY = FIXTURE / "fixturepkg" / "rules.py"
+WRONG = {"cube": "jvp", "mul_sin": "jvp", "softplus": "order 2", "tanh_clipped_vjp": "linearity",
+         "scaled_sin": "batching"}
+
+
+def defined_at(name: str) -> str:
+    """fixturepkg/rules.py:LINE of the first decorator above ``def name`` (read from the source)."""
+    lines = RULES_PY.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if re.match(rf"def {name}\(", ln))
+    while at > 0 and lines[at - 1].startswith("@"):
+        at -= 1
+    return f"fixturepkg/rules.py:{at + 1}"
+
+
+def run_fixture(tmp_path, *args, via_cli=False):
+    """The fixture's tests with the plugin, in a subprocess at the fixture's directory: (exit code, output)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(FIXTURE)]), JAX_PLATFORMS="cpu")
+    env.pop("PYTEST_ADDOPTS", None)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    if via_cli:
+        cmd = [sys.executable, "-m", "jgc", "scan", "fixturepkg", "fixture_rules.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "jgc.pytest_plugin", "--jgc-rules=fixturepkg",
+               "fixture_rules.py", *args]
+    p = subprocess.run(cmd, check=False, cwd=FIXTURE, env=env, capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout + p.stderr
+
+
+def by_name(report_path) -> dict:
+    return {r["name"]: r for r in json.loads(Path(report_path).read_text())["rules"]}
+
+
+# -- the acceptance run: every planted rule, then the same with the known failures -----------------
+@pytest.mark.slow
+def test_the_plugin_names_every_wrong_rule_and_only_those(tmp_path):
+    report, known = tmp_path / "rules.json", tmp_path / "known.json"
+    code, out = run_fixture(tmp_path, f"--jgc-report={report}", f"--jgc-write-known={known}", "--jgc-points=1")
+    assert code == 1, out
+    assert "9 passed" in out, out  # the tests themselves pass with the plugin on
+    rules = by_name(report)
+    for name, check in WRONG.items():
+        r = rules[name]
+        assert (r["status"], r["defined_at"], r["worst"]["check"]) == ("mismatch", defined_at(name), check), r
+        assert f"{defined_at(name)}" in out
+    assert "operand y" in rules["mul_sin"]["worst"]["element"]  # the second argument is the wrong one
+    assert rules["smooth_relu"]["status"] == "ok" and rules["smooth_relu"]["points"]
+    assert rules["ste_round"]["status"] == "intended"
+    assert rules["ignored"]["status"] == "not exercised"
+    assert rules["ignored"]["defined_at"] == defined_at("ignored")
+    assert set(rules) == set(WRONG) | {"smooth_relu", "ste_round", "ignored"}
+    # Failing first in the summary.
+    lines = out[out.index("jgc: custom rules"):].splitlines()
+    statuses = [ln.split()[0] for ln in lines[2:] if ln and not ln.startswith((" ", "not exercised:", "note"))
+                and ln.split()[0] in scan.STATUSES]
+    assert statuses == sorted(statuses, key=scan.STATUSES.index), statuses
+    listed = {e["name"] for e in json.loads(known.read_text())["known_failures"]}
+    assert listed == set(WRONG)
+
+    code, out = run_fixture(tmp_path, f"--jgc-known={known}", "--jgc-points=1")
+    assert code == 0, out
+    assert "mismatch (known)" in out
+
+
+# -- a fast run of part of the fixture, through `jgc scan` ---------------------------------------------
+def test_jgc_scan_flags_a_wrong_jvp_and_passes_an_intended_rule(tmp_path):
+    report = tmp_path / "rules.json"
+    # Two tests, one check each (jgc.check_rule's first-order check): seconds, not minutes.
+    code, out = run_fixture(tmp_path, "--report", str(report), "-q", "-k", "cube_values or ste_round",
+                            "--jgc-checks=jvp", via_cli=True)
+    assert code == 1, out
+    assert "2 passed" in out, out
+    rules = by_name(report)
+    assert rules["cube"]["status"] == "mismatch" and rules["cube"]["defined_at"] == defined_at("cube")
+    assert rules["cube"]["worst"]["check"] == "jvp" and list(rules["cube"]["checks"]) == ["jvp"]
+    assert rules["cube"]["tests"] == ["fixture_rules.py::test_cube_values"]
+    assert rules["ste_round"]["status"] == "intended"
+    for name in ("smooth_relu", "mul_sin", "softplus", "tanh_clipped_vjp", "scaled_sin", "ignored"):
+        assert rules[name]["status"] == "not exercised", rules[name]
+
+
+# -- the recorder in this process: what it captures, and that it leaves everything as it was --------------
+def _fixture_module():
+    sys.path.insert(0, str(FIXTURE))
+    try:
+        import fixturepkg
+    finally:
+        sys.path.remove(str(FIXTURE))
+    return fixturepkg
+
+
+def test_the_recorder_restores_every_original_object():
+    from jax._src import custom_derivatives as cd
+
+    before = (cd.custom_jvp.__call__, cd.custom_vjp.__call__, jax.grad, jax.vjp, jax.jacrev, jax.hessian)
+    rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])
+    rec.install()
+    assert jax.grad is not before[2]
+    rec.restore()
+    assert (cd.custom_jvp.__call__, cd.custom_vjp.__call__, jax.grad, jax.vjp, jax.jacrev, jax.hessian) == before
+
+
+def test_the_recorder_captures_eager_grad_vmap_and_jit_calls_and_changes_no_result():
+    fp = _fixture_module()
+    x = jnp.array([0.5, -1.5, 2.0])
+
+    def run():
+        return (fp.cube(x), jax.grad(lambda v: jnp.sum(fp.softplus(v)))(x),
+                jax.vmap(fp.scaled_sin)(jnp.stack([x, 2 * x])),
+                jax.grad(jax.jit(lambda v: jnp.sum(fp.smooth_relu(v) ** 2)))(x),
+                jax.value_and_grad(lambda v: jnp.sum(fp.tanh_clipped_vjp(v)))(x))
+
+    plain = run()
+    rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])
+    rec.install()
+    try:
+        rec.test = "t"
+        recorded = run()
+    finally:
+        rec.restore()
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(recorded)):
+        np.testing.assert_array_equal(a, b)
+    seen = {r.name: r for r in rec.rules.values()}
+    assert set(seen) == {"cube", "softplus", "scaled_sin", "smooth_relu", "tanh_clipped_vjp"}
+    np.testing.assert_array_equal(seen["cube"].points[0].args[0], x)  # the eager call's array
+    np.testing.assert_array_equal(seen["softplus"].points[0].args[0], x)  # the primal under grad's tracer
+    np.testing.assert_array_equal(seen["scaled_sin"].points[0].args[0], x)  # lane 0 under vmap
+    # Inside jit: no operand seen during the test, the outer grad call kept, operands found after it.
+    assert not seen["smooth_relu"].points and len(rec.outer) == 1
+    rec.capture_outer(deadline=float("inf"))
+    (p,) = seen["smooth_relu"].points
+    np.testing.assert_allclose(p.args[0], x)
+    assert seen["cube"].tests == {"t": None}
+
+
+def test_points_are_kept_per_new_shape_or_magnitude_only():
+    fp = _fixture_module()
+    rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])
+    rec.install()
+    try:
+        for x in (jnp.ones(3), 2 * jnp.ones(3), 1e3 * jnp.ones(3), jnp.ones((2, 2)), jnp.ones(3, jnp.int32) * 1.0):
+            fp.cube(x)
+    finally:
+        rec.restore()
+    (r,) = rec.rules.values()
+    assert r.calls == 5
+    assert [p.shapes for p in r.points] == ["float32[3]", "float32[3]", "float32[2, 2]"]
+
+
+def test_the_static_scan_lists_module_level_rules_with_their_first_decorator_line():
+    found = {d["name"]: d for d in scan.static_rules([str(FIXTURE / "fixturepkg") + os.sep])}
+    assert set(found) == set(WRONG) | {"smooth_relu", "ste_round", "ignored"}
+    for name, d in found.items():
+        assert f"fixturepkg/rules.py:{d['line']}" == defined_at(name)
+    assert found["scaled_sin"]["kind"] == "custom_vmap" and found["tanh_clipped_vjp"]["kind"] == "custom_vjp"
+
+
+def test_known_failures_do_not_fail_the_session(tmp_path):
+    results = [{"name": "cube", "defined_at": "pkg/a.py:3", "status": "mismatch", "worst": {"check": "jvp"}},
+               {"name": "sq", "defined_at": "pkg/a.py:9", "status": "mismatch", "worst": {"check": "vjp"}},
+               {"name": "ok", "defined_at": "pkg/a.py:20", "status": "ok", "worst": None}]
+    path = tmp_path / "known.json"
+    assert scan.write_known(str(path), results[:1]) == 1
+    # Known by file and name: a line that moved keeps the rule known.
+    moved = [dict(results[0], defined_at="pkg/a.py:5")] + results[1:]
+    done = scan.finish(moved, scan.read_known(str(path)))
+    assert [d["name"] for d in scan.unexpected(done)] == ["sq"]
+    assert [d["known"] for d in done] == [False, True, False]  # failing first, the unexpected one on top
+    (tmp_path / "bad.json").write_text('{"known_failures": [{"name": "x"}]}')
+    with pytest.raises(ValueError, match="defined_at"):
+        scan.read_known(str(tmp_path / "bad.json"))
