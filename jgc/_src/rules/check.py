@@ -50,6 +50,7 @@ from ..products import check_jvp, check_vjp
 from .callbacks import sequential_callbacks
 from .eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .paths import Paths, differentiated_paths
+from .primitives import PRIMITIVES, PrimitiveWatch, check_primitive_rules
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
 from .report import RuleReport, RulesReport, SiteReport, Worst
 
@@ -351,7 +352,7 @@ def _error(prep_or_site, e: Exception) -> SiteReport:
 # -- the front door ---------------------------------------------------------------------------------
 def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol: float | None = None,
                 atol: float | None = None, step: float | None = None, key=None,
-                all_operands: bool = False) -> RulesReport:
+                all_operands: bool = False, primitives: str = "user") -> RulesReport:
     """Find every custom derivative rule that runs inside ``fn`` and check each one alone.
 
     The loss is traced once; every ``jax.custom_jvp`` / ``jax.custom_vjp`` call in it
@@ -379,6 +380,12 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     Rules declared with :func:`jgc.intended`, ``optax.scale_gradient`` and Equinox's
     non-differentiable markers are reported as ``intended``, never as failures.
 
+    JVP and transpose rules registered on primitives (``ad.primitive_jvps``,
+    ``ad.primitive_transposes``; Equinox's ``filter_primitive_jvp`` /
+    ``filter_primitive_transpose``, as lineax's ``linear_solve``) are found and checked
+    likewise, named by the primitive and the ``file:line`` of the rule function: the
+    JVP rule against differences of the primitive, the transpose rule against the JVP.
+
     Args:
       fn: the loss ``fn(params, *args)``.
       params: the point (any pytree); its floating leaves are traced in float64 where
@@ -389,6 +396,9 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
       key: seed of the random directions used for large operands.
       all_operands: compare every operand and output of every rule, also those off the
         differentiated path (a library author checking a rule in full wants this).
+      primitives: which primitives' registered rules to check: "user" (default: those
+        whose rule functions are defined outside JAX, by the user or a library),
+        "all" (also JAX's built-in primitives, tested by JAX itself) or "none".
 
     Returns:
       A :class:`jgc.RulesReport`: ``.ok`` is False when any rule disagrees with its
@@ -412,6 +422,8 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         raise TypeError(f"{api}: fn must be callable as fn(params, *args), got {type(fn).__name__}.")
     if precision not in ("auto", "float64", "native"):
         raise ValueError(f"{api}: precision must be 'auto', 'float64' or 'native', got {precision!r}.")
+    if primitives not in PRIMITIVES:
+        raise ValueError(f"{api}: primitives must be one of {PRIMITIVES}, got {primitives!r}.")
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, args))):
         raise TypeError(f"{api} got traced values (it was called inside jit, vmap or grad). Checking "
                         "rules needs concrete numbers: call it outside transformations.")
@@ -423,7 +435,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     widen, scope = precision_scope(precision, orig_dtypes, notes)
     try:
         rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands)
+                            all_operands=all_operands, primitives=primitives)
     except (TypeError, compat.TypePromotionError) as e:
         # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
         refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
@@ -433,12 +445,12 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         widen, scope = precision_scope("native", orig_dtypes, notes)
         notes.append(as_given_note(refused, orig_dtypes))
         rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands)
+                            all_operands=all_operands, primitives=primitives)
     return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
 
 def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key,
-              all_operands: bool) -> list:
+              all_operands: bool, primitives: str = "user") -> list:
     """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``."""
     with scope:
         if widen:
@@ -451,7 +463,7 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         # Only array leaves are traced; the rest (an Equinox module's strings and
         # functions, Python numbers) stays static, as in every evaluation of jgc.check.
         closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
-        col = _Collector()
+        col = _Collector(PrimitiveWatch(primitives) if primitives != "none" else None)
         col.discover(closed.jaxpr)
         col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
         paths, moved = None, {}
@@ -460,7 +472,8 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
             paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
             moved = _moved_entries(col, closed, dyn, list(argarr))
         with sequential_callbacks():
-            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths, moved)
+            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths, moved) \
+                + (check_primitive_rules(col.watch, options, key, paths) if col.watch is not None else [])
 
 
 # Relative size of the move of the parameters that tells which operand entries depend

@@ -108,6 +108,9 @@ class Paths:
         # any, are walked with every input on the path)
         for sub in _subjaxprs(eqn):
             self.forward(sub, [any(ins)] * len(sub.invars))
+        # Kept for every other primitive too: the rules registered on a primitive are checked likewise.
+        prev = self.operands.get(id(eqn))
+        self.operands[id(eqn)] = ins if prev is None else _union(prev, ins)
         return [any(ins)] * n_out
 
     # backward: which values reach the cost ------------------------------------------------------
@@ -161,6 +164,8 @@ class Paths:
             return [False] + ins
         for sub in _subjaxprs(eqn):
             self.backward(sub, [any(outs)] * len(sub.outvars))
+        prev = self.outputs.get(id(eqn))
+        self.outputs[id(eqn)] = outs if prev is None else _union(prev, outs)
         return [any(outs)] * n_in
 
 

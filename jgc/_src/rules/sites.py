@@ -177,8 +177,10 @@ def _magnitude(ops) -> float:
 class _Collector:
     """Finds the rules of a traced program and captures their operands in one eager pass."""
 
-    def __init__(self):
+    def __init__(self, watch=None):
         self.rules: dict[tuple, _Rule] = {}
+        # Primitives with registered rules to capture too (primitives.PrimitiveWatch), or None.
+        self.watch = watch
         self.unreached: dict[str, str] = {}  # rule site key -> why it was not stepped into
         self._has_rule: dict[int, bool] = {}
         self._sites: dict[tuple, _Site] = {}  # (id of equation, constructs around it) -> site
@@ -218,6 +220,8 @@ class _Collector:
             if name in KINDS:
                 site = self.site(eqn, under, parent)
                 self.discover(eqn.params["call_jaxpr"].jaxpr, under + (f"{KINDS[name]} {_short(eqn)}",), site.at)
+            elif self._watched(eqn):
+                self.watch.site(eqn, under, parent, jaxpr)
             else:
                 for sub in _subjaxprs(eqn):
                     self.discover(sub, under + (_construct(name),), parent)
@@ -225,9 +229,12 @@ class _Collector:
     def has_rule(self, jaxpr) -> bool:
         k = id(jaxpr)
         if k not in self._has_rule:
-            self._has_rule[k] = any(e.primitive.name in KINDS or any(self.has_rule(s) for s in _subjaxprs(e))
-                                    for e in jaxpr.eqns)
+            self._has_rule[k] = any(e.primitive.name in KINDS or self._watched(e)
+                                    or any(self.has_rule(s) for s in _subjaxprs(e)) for e in jaxpr.eqns)
         return self._has_rule[k]
+
+    def _watched(self, eqn) -> bool:
+        return self.watch is not None and self.watch.wants(eqn)
 
     # eager
     def run(self, jaxpr, consts, args, *, under=(), steps=(), parent=None):
@@ -250,6 +257,9 @@ class _Collector:
             if self.has_rule(cj.jaxpr):
                 return self.run(cj.jaxpr, cj.consts, vals, under=under + (f"{KINDS[name]} {_short(eqn)}",),
                                 steps=steps, parent=site.at)
+            return self._bind(eqn, vals)
+        if self._watched(eqn):
+            self._record(self.watch.site(eqn, under, parent), eqn, vals, steps)
             return self._bind(eqn, vals)
         if not any(self.has_rule(s) for s in _subjaxprs(eqn)):
             return self._bind(eqn, vals)
@@ -310,7 +320,7 @@ class _Collector:
 
     def _record(self, site: _Site, eqn, vals, steps):
         site.calls += 1
-        nc = eqn.params["num_consts"]
+        nc = eqn.params.get("num_consts", 0)
         cap = _Capture(list(vals), " > ".join(steps) or "", _magnitude(vals[nc:]))
         if len(site.first) < FIRST_CALLS:
             site.first.append(cap)
