@@ -131,15 +131,15 @@ def test_noise_probe_line_by_line_evaluates_the_same_points(monkeypatch):
     t = np.arange(noise.POINTS) * 1e-4
     with Problem(loss, p, (x, y)) as problem:
         n = sum(v.size for v in problem.dyn)
-        together = problem._probe_together()(t)
+        together = problem._probe_lines(noise.LINES * noise.POINTS)(t)
         for fit in (1, 2, 5):
-            apart = problem._probe_line_by_line(fit)(t)
+            apart = problem._probe_lines(fit)(t)
             np.testing.assert_allclose(apart, together, rtol=1e-14)
     assert together.shape == (noise.LINES, noise.POINTS)
     # The check picks the line-by-line probe when the budget holds fewer than all points.
     calls = []
-    monkeypatch.setattr(Problem, "_probe_line_by_line", lambda self, fit: calls.append(fit) or
-                        (lambda t: self._probe_together()(t)))
+    probe = Problem._probe_lines
+    monkeypatch.setattr(Problem, "_probe_lines", lambda self, fit: calls.append(fit) or probe(self, fit))
     monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 3 * n)
     with Problem(loss, p, (x, y)):
         pass
@@ -155,8 +155,8 @@ def test_short_memory_gives_the_same_verdict(mode, wrong, monkeypatch):
     before = jgc.check(loss, p, x, y, grad=bad, mode=mode)
     n = sum(v.size for v in p.values())
     monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * n)  # a batch holds one copy
-    probe, fits = Problem._probe_line_by_line, []
-    monkeypatch.setattr(Problem, "_probe_line_by_line", lambda self, fit: fits.append(fit) or probe(self, fit))
+    probe, fits = Problem._probe_lines, []
+    monkeypatch.setattr(Problem, "_probe_lines", lambda self, fit: fits.append(fit) or probe(self, fit))
     after = jgc.check(loss, p, x, y, grad=bad, mode=mode)
     assert fits == [2]  # the noise probe went line by line, two points per batch
     assert not before.ok and not after.ok

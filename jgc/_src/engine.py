@@ -378,26 +378,15 @@ class LineEvaluator:
     per_call = LeafEvaluator.per_call
 
     def __call__(self, line, t, bank=None) -> np.ndarray:
-        """The cost at θ + t[k]·v_{line[k]} for every k, shape (rows, *out): with ``bank``,
-        along that bank's lines instead (same shapes and dtypes: the same program)."""
+        """The cost at θ + t[k]·v_{line[k]} for every k, shape (rows, *out). A ``bank`` given
+        (same shapes and dtypes: the same program) replaces the one held, from now on."""
         t = np.asarray(t, self.t_dtype).ravel()
         line = np.broadcast_to(np.asarray(line, np.int32).ravel(), t.shape)
         if t.size == 0:
             return np.zeros((0,))
-        ev = self
         if bank is not None:
-            ev = _Rebanked(self, bank)
-        return _run_rows(ev, (line, t), t.size)
-
-
-class _Rebanked:
-    """A LineEvaluator's program with another bank of the same shapes."""
-
-    def __init__(self, ev, bank):
-        self.rows, self.groups, self.shard, self.counter = ev.rows, ev.groups, None, ev.counter
-        self.x0, self.operands, self._call = ev.x0, (ev.operands[0], bank), ev._call
-
-    per_call = LeafEvaluator.per_call
+            self.operands = (self.operands[0], bank)
+        return _run_rows(self, (line, t), t.size)
 
 
 class DirectionEvaluator:

@@ -224,11 +224,7 @@ class Problem(Prepared):
         fit = engine.rows_in_budget(n)
         start = time.perf_counter()
         whole = self._whole_evaluator() if fit >= noise.LINES * noise.POINTS else None
-        if whole is not None:
-            cost_lines = self._probe_whole(whole)
-        else:
-            cost_lines = (self._probe_together() if fit >= noise.LINES * noise.POINTS
-                          else self._probe_line_by_line(fit))
+        cost_lines = self._probe_whole(whole) if whole is not None else self._probe_lines(fit)
         # What one program of the cost costs to build, and one evaluation to run: the
         # default mode estimates the time of a full check from them (strategies.py).
         self.compile_seconds = time.perf_counter() - start
@@ -245,6 +241,9 @@ class Problem(Prepared):
         # A big model's probe takes a while (70 evaluations, more if J is noisy).
         with progress.attached(self.counter, noise.LINES * noise.POINTS, "jgc: noise probe"):
             sigma, values, kept = noise.measure(counted, self.u)
+        # Kinks near θ (relu, abs, max): their roughness is not noise (see noise.py), and
+        # steps.Steps keeps steps at the size that balances the noise measured without them.
+        self.kinks = noise.kinked(values)
         if kept < noise.spacing(self.u):
             # At spacing 8·kept J's variation swamped its noise: J changes shape on that
             # scale, so no step should be longer than the spacing that resolved it.
@@ -270,7 +269,7 @@ class Problem(Prepared):
 
     def _probe_bank(self) -> np.ndarray:
         """The probe's LINES directions over every leaf raveled together, shape (LINES, n):
-        the lines of :meth:`_probe_together` (the same signs, drawn in the same order)."""
+        the lines of :meth:`_probe_lines` (the same signs, drawn in the same order)."""
         rng = np.random.default_rng(0)
         dirs = [rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s for s in self.scales]
         return np.concatenate(dirs, axis=1).astype(self.dyn[0].dtype)
@@ -306,75 +305,41 @@ class Problem(Prepared):
 
         return cost_lines
 
-    def _probe_together(self):
-        """cost_lines(t) with every line and point in one vmapped batch (LINES·POINTS copies)."""
-        rng = np.random.default_rng(0)
-        directions = [
-            jax.device_put(np.asarray((rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s)
-                                      .reshape((noise.LINES,) + x.shape), dtype=x.dtype))
-            for x, s in zip(self.dyn, self.scales)
-        ]
-        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
-
-        def at(ti, dirs, dyn, argarr):
-            # Cast first: under strict promotion wide × x.dtype has no implicit path.
-            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
-            return self.full_cost(moved, argarr)
-
-        over_t = jax.vmap(at, in_axes=(0, None, None, None))
-        # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
-        # on this thread while the programs compiled ahead build on the workers.
-        lines = compiling.Ahead(jax.jit(jax.vmap(over_t, in_axes=(None, 0, None, None))),
-                                jax.ShapeDtypeStruct((noise.POINTS,), wide), directions,
-                                self.dyn, self.argarr, options=compiling.fast(), background=False)
-
-        def cost_lines(t):
-            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-                values = compat.host(lines(jax.device_put(np.asarray(t, wide)), directions, self.dyn,
-                                           self.argarr))
-            self.counter.add(noise.LINES * noise.POINTS)
-            return values
-
-        return cost_lines
-
-    def _probe_line_by_line(self, fit: int):
-        """cost_lines(t) one line per call, at most ``fit`` points per vmapped batch (a
-        divisor of POINTS, walked by ``lax.map``), for models whose LINES·POINTS copies do
-        not fit the memory budget. The lines are those of :meth:`_probe_together` (the
-        same signs, drawn in the same order, kept as bits on the host)."""
+    def _probe_lines(self, fit: int):
+        """cost_lines(t) through an engine.LineEvaluator of every leaf: every line and
+        point in one batch (LINES·POINTS copies) when they fit the memory budget, else one
+        line per call, at most ``fit`` points per vmapped batch (a divisor of POINTS,
+        walked by ``lax.map``). The lines are those of :meth:`_probe_bank` (the same signs,
+        drawn in the same order, kept as bits on the host)."""
         rng = np.random.default_rng(0)
         bits = []
         for s in self.scales:  # leaf after leaf, line after line: the order of one (LINES, m) draw
             bits.append([np.packbits(noise.signs(rng, s.size) > 0) for _ in range(noise.LINES)])
-        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
-        per = max(d for d in range(1, noise.POINTS + 1) if noise.POINTS % d == 0 and d <= fit)
 
-        def at(ti, dirs, dyn, argarr):
-            moved = [x + ti.astype(d.dtype) * d for x, d in zip(dyn, dirs)]
-            return self.full_cost(moved, argarr)
-
-        batch = jax.vmap(at, in_axes=(0, None, None, None))
-
-        def line(t, dirs, dyn, argarr):
-            out = jax.lax.map(lambda ts: batch(ts, dirs, dyn, argarr), t.reshape(-1, per))
-            return out.reshape(-1)
-
-        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.dyn]
-        program = compiling.Ahead(jax.jit(line), jax.ShapeDtypeStruct((noise.POINTS,), wide), shapes,
-                                  self.dyn, self.argarr, options=compiling.fast(), background=False)
-
-        def direction(l):
-            return [jax.device_put(np.asarray((2.0 * np.unpackbits(b[l], count=s.size) - 1.0) * s,
-                                              dtype=x.dtype).reshape(x.shape))
+        def direction(lines):
+            return [jax.device_put(np.stack([(2.0 * np.unpackbits(b[l], count=s.size) - 1.0) * s for l in lines])
+                                   .astype(x.dtype).reshape((len(lines),) + x.shape))
                     for b, x, s in zip(bits, self.dyn, self.scales)]
 
+        together = fit >= noise.LINES * noise.POINTS
+        per = max(d for d in range(1, noise.POINTS + 1) if noise.POINTS % d == 0 and d <= fit)
+        wide = jnp.float64 if compat.x64_enabled() else jnp.float32
+        # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
+        # on this thread while the programs compiled ahead build on the workers.
+        ev = engine.LineEvaluator(
+            self.full_cost, self.dyn, self.argarr, direction(range(noise.LINES) if together else [0]),
+            rows=noise.LINES * noise.POINTS if together else per, groups=1 if together else noise.POINTS // per,
+            t_dtype=wide, counter=self.counter, options=compiling.fast())
+        held = [0]  # the line the evaluator's bank holds (line by line)
+
         def cost_lines(t):
-            tt = jax.device_put(np.asarray(t, wide))
+            if together:
+                lines = np.repeat(np.arange(noise.LINES), noise.POINTS)
+                return ev(lines, np.tile(np.asarray(t), noise.LINES)).reshape(noise.LINES, noise.POINTS)
             rows = []
-            with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-                for l in range(noise.LINES):
-                    rows.append(compat.host(program(tt, direction(l), self.dyn, self.argarr)))
-                    self.counter.add(noise.POINTS)
+            for l in range(noise.LINES):
+                rows.append(ev(0, t, bank=None if l == held[0] else direction([l])))
+                held[0] = l
             return np.stack(rows)
 
         return cost_lines
@@ -383,6 +348,8 @@ class Problem(Prepared):
     # Largest relative step for which J is resolved (set by the noise probe when J
     # oscillates on a scale shorter than its default spacing).
     wave_cap = math.inf
+    # Whether the noise probe found kinks near θ (set by the noise probe).
+    kinks = False
 
     def leaf_cost(self, k: int):
         shape = self.dyn[k].shape
