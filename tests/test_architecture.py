@@ -165,3 +165,37 @@ def test_functions_take_few_positional_parameters():
                     name = getattr(node, "name", "lambda")
                     wide.append(f"{p.relative_to(ROOT)}:{node.lineno} {name} ({n})")
     assert not wide, wide
+
+
+# Modules outside the runtime layer that call jax.vmap, and why: none of them batches the
+# checked function off the point (that is the runtime layer's, engine.py's, work).
+VMAP_ELSEWHERE = {
+    # JVPs and VJPs of f at the point itself, batched over tangents or cotangents: the
+    # analytic side of a vector check, not evaluations of f at perturbed points.
+    "vector_analytic",
+    # A custom rule's primitive over the call sites that share it (one input of the
+    # function that check_jacobian/check_jvp then perturb through the engine).
+    "rules/check",
+    # The batching identity: whether a rule under jax.vmap gives what one call per lane
+    # gives. vmap is what is checked there.
+    "rules/identities",
+}
+
+
+def test_the_checked_function_is_vmapped_only_in_the_runtime_layer():
+    """Every batch of the checked function at perturbed points goes through the runtime
+    layer (engine's coordinate and line rows): a faster evaluation is a change there only."""
+    runtime = set(arch.LAYERS["runtime"])
+    found = set()
+    for p in arch.SRC.rglob("*.py"):
+        name = str(p.relative_to(arch.SRC).with_suffix(""))
+        if name in runtime:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and (
+                    (isinstance(node.func, ast.Attribute) and node.func.attr == "vmap")
+                    or (isinstance(node.func, ast.Name) and node.func.id == "vmap")):
+                found.add(name)
+    assert found <= VMAP_ELSEWHERE, sorted(found - VMAP_ELSEWHERE)
+    # Every entry still calls vmap: an allowance is not kept for code that is gone.
+    assert found == VMAP_ELSEWHERE, sorted(VMAP_ELSEWHERE - found)

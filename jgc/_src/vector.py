@@ -318,16 +318,13 @@ class VectorProblem(Prepared):
             return [jnp.where(b == 0, p, jnp.where(k == j, t[d], jnp.zeros_like(p)))
                     for j, (p, t) in enumerate(zip(probe, tang))]
 
-        def one(s, b, bank, dyn, argarr):
-            # s is real, t may be complex: cast s to t's dtype (strict promotion).
-            moved = [x + (s.astype(t.dtype) * t).astype(x.dtype)
-                     for x, t in zip(dyn, tangent_of(b, bank))]
-            return self.F(moved, argarr)
-
         self.tangent_of = tangent_of
         # A few calls a check (noise probe, directions, refinement): compiled without LLVM
-        # optimisation (see compiling.fast).
-        self._dir_batch = compiling.jit_fast(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+        # optimisation (see compiling.fast). Rows (b, s) are line rows of the engine: s is
+        # cast to the direction's dtype (t may be complex), the product to the leaf's.
+        self._lines = engine.LineEvaluator(self.F, self.dyn, self.argarr, self.bank, rows=self.rows,
+                                           t_dtype=np.float64 if jax.config.jax_enable_x64 else np.float32,
+                                           direction=tangent_of, counter=self.counter, options=compiling.fast())
 
     def chunked(self, fn, rows: np.ndarray, *operands):
         """Run a vmapped fn over bank rows in fixed-size chunks (one compile, bounded memory)."""
@@ -340,18 +337,9 @@ class VectorProblem(Prepared):
 
     def eval_rows(self, s: np.ndarray, b: np.ndarray) -> np.ndarray:
         """y at x + s_r·bank[b_r] for every row r: shape (rows, n_out)."""
-        total, c = s.size, self.rows
-        if total == 0:
+        if s.size == 0:
             return np.zeros((0, self.n_out))
-        nch = math.ceil(total / c)
-        pad = nch * c - total
-        s = np.concatenate([s, np.repeat(s[-1:], pad)]).astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
-        b = np.concatenate([b, np.repeat(b[-1:], pad)]).astype(np.int32)
-        outs = [self._dir_batch(to_device(s[i * c:(i + 1) * c]), to_device(b[i * c:(i + 1) * c]), self.bank,
-                                self.dyn, self.argarr)
-                for i in range(nch)]
-        self.counter.add(total)
-        return np.concatenate([compat.host(o).astype(np.float64) for o in outs])[:total]
+        return np.asarray(self._lines(b, s), np.float64).reshape(s.size, self.n_out)
 
     def measure_noise(self):
         """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
@@ -378,7 +366,7 @@ class VectorProblem(Prepared):
             levels[h] = (vals, noise.per_output(vals, self.y0, self.u))
             return vals.T[moving], levels[h][1][1] / self.u
 
-        base = self.u**0.25
+        base = noise.spacing(self.u)  # the scalar probe's spacing (noise.spacing says why)
         _, _, kept = noise.finest(probe, base)
         vals, (self.sigma, self.u_eff) = levels[kept]
         if not np.all(np.isfinite(vals)):
@@ -394,10 +382,9 @@ class VectorProblem(Prepared):
             )
 
     def relative_step(self, stencil: str, step: float | None) -> float:
+        step = validate_options.step(self.api, step)
         if step is not None:
-            if not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0 and math.isfinite(step)):
-                raise ValueError(f"{self.api}: step must be a positive relative step h/s, got {step!r}.")
-            return float(step)
+            return step
         return policy.relative_step(stencil, min(self.u_eff, policy.MAX_U_EFF))
 
     # -- finite differences --------------------------------------------------------
