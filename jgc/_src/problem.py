@@ -107,6 +107,10 @@ class Problem(Prepared):
             self.notes.append(f"{'/'.join(narrow)} arrays in args were evaluated in float64 like the "
                               "parameters (copies); precision='native' passes them as given.")
         self.paths = self.split.dynamic_paths
+        # The compiled evaluators, built on first use (a check of few leaves uses few):
+        # "merged" (see _merged_evaluator) and (leaf, complex_step).
+        self._evaluators: dict = {}
+        self.merged_group = self._merged_group()
 
         def full_cost(dyn, argarr):
             out = self.fn(self.split.combine(dyn), *self.rebuild_args(argarr))
@@ -372,22 +376,10 @@ class Problem(Prepared):
         single evaluator, and in a larger model its leaves of at most SMALL_LEAF
         elements share one (in one real dtype). Returns (evaluator, {leaf: offset}).
         """
-        if "_merged" not in self.__dict__:
+        if "merged" not in self._evaluators:
             merged = None
-            real = [k for k, x in enumerate(self.dyn) if not jnp.iscomplexobj(x)]
-            total = sum(x.size for x in self.dyn)
-            if len(real) == len(self.dyn) and len({x.dtype for x in self.dyn}) == 1 and total <= MERGE_LIMIT:
-                group = real
-            else:
-                small = [k for k in real if self.dyn[k].size <= SMALL_LEAF]
-                dtype = max({self.dyn[k].dtype for k in small}, key=lambda d: sum(
-                    self.dyn[k].size for k in small if self.dyn[k].dtype == d), default=None)
-                group = [k for k in small if self.dyn[k].dtype == dtype]
-                while sum(self.dyn[k].size for k in group) > MERGE_LIMIT:
-                    group.remove(max(group, key=lambda k: self.dyn[k].size))
+            group, offsets = self.merged_group
             if len(group) > 1:
-                sizes = [self.dyn[k].size for k in group]
-                offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
                 shapes = [self.dyn[k].shape for k in group]
 
                 def cost(flat, ops):
@@ -406,11 +398,28 @@ class Problem(Prepared):
                                           counter=self.counter,
                                           lines=jax.device_put(self._probe_bank()) if whole else None)
                 merged = (ev, {k: int(o) for k, o in zip(group, offsets[:-1])})
-            self._merged = merged
-        return self._merged
+            self._evaluators["merged"] = merged
+        return self._evaluators["merged"]
+
+    def _merged_group(self) -> tuple[list, np.ndarray]:
+        """The leaves that share one raveled evaluator (see :meth:`_merged_evaluator`) and
+        their offsets in it: a pure function of the leaves' sizes and dtypes."""
+        real = [k for k, x in enumerate(self.dyn) if not jnp.iscomplexobj(x)]
+        total = sum(x.size for x in self.dyn)
+        if len(real) == len(self.dyn) and len({x.dtype for x in self.dyn}) == 1 and total <= MERGE_LIMIT:
+            group = real
+        else:
+            small = [k for k in real if self.dyn[k].size <= SMALL_LEAF]
+            dtype = max({self.dyn[k].dtype for k in small}, key=lambda d: sum(
+                self.dyn[k].size for k in small if self.dyn[k].dtype == d), default=None)
+            group = [k for k in small if self.dyn[k].dtype == dtype]
+            while sum(self.dyn[k].size for k in group) > MERGE_LIMIT:
+                group.remove(max(group, key=lambda k: self.dyn[k].size))
+        sizes = [self.dyn[k].size for k in group]
+        return group, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
-        cache = self.__dict__.setdefault("_evaluators", {})
+        cache = self._evaluators
         merged = None if complex_step else self._merged_evaluator()
         if merged is not None and k in merged[1]:
             ev, offset = merged[0], merged[1][k]

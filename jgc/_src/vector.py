@@ -123,7 +123,13 @@ class VectorProblem(Prepared):
         self.u = unit_roundoff(self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
         self._set_scales(absolute=self.absolute_step)
         self.F = lambda d, a: self.vec(self.call(d, a))
-        self.sigma = None  # set by measure_noise (needs the direction bank)
+        self.sigma = None  # set by measure_noise
+        self.bank = self._lines = None  # set by set_bank (measure_noise sets one without tangents)
+        # The compiled evaluator of each leaf's coordinates, built on first use (a check
+        # in directions uses none).
+        self._evaluators: dict = {}
+        # f(x) from a derivative rule's own trace, by rule, where it is not f's (see check_primal).
+        self.primal_mismatches: dict = {}
         self.native_view = vector_native.native_view(self, dyn, others, self.analytic_asked)
 
     def _same_form_as_given(self, out, dyn, others) -> None:
@@ -229,7 +235,7 @@ class VectorProblem(Prepared):
                               f"another ({label}): compared as NaN.")
             return
         if np.any(bad) and not np.any(self._differs(self._fresh_value())):
-            self.__dict__.setdefault("primal_mismatches", {}).setdefault(label, again)
+            self.primal_mismatches.setdefault(label, again)
             return
         if np.any(bad):
             raise ValueError(
@@ -344,6 +350,9 @@ class VectorProblem(Prepared):
     def measure_noise(self):
         """σ_j of every output element's rounding noise, along the probe direction (bank row 0).
 
+        The probe direction does not depend on the tangents, so the bank may be set before
+        or after (without one, a bank of no tangents is set here).
+
         Per element: sixth differences of 16 equally spaced values (see
         jgc/_src/noise.py), floored at u·|y_j| — the rounding of y_j itself, which the
         probe cannot go below. With 10 differences per element the estimate is good to
@@ -351,6 +360,8 @@ class VectorProblem(Prepared):
         look far noisier than the dtype, finer probes tell rounding noise from jumps or
         short waves crossed by the line (a remainder, a floor): see noise.finest.
         """
+        if self._lines is None:
+            self.set_bank([])
         points = np.arange(NOISE_POINTS, dtype=np.float64)
         levels = {}  # spacing -> (values, (σ_j, effective u))
         moving = None  # outputs that move along the first probe (a constant one is no staircase)
@@ -400,7 +411,7 @@ class VectorProblem(Prepared):
 
     def coordinate(self, k: int, coords: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
         """Estimate of Jacobian columns for real coordinates of leaf k; rows (len(coords)·n_out)."""
-        cache = self.__dict__.setdefault("_evaluators", {})
+        cache = self._evaluators
         x = self.dyn[k]
         if k not in cache:
             shape = x.shape
