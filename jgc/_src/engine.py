@@ -11,9 +11,15 @@ Every call has the same shape (short requests are padded), so a leaf compiles on
 however many passes it needs, and memory is bounded by one chunk, not by the number
 of parameters. With several devices, each chunk's rows are sharded across them.
 
+:class:`LineEvaluator` runs the other kind of row, a point on a line (l, t): θ + t·v_l
+for directions v_l held in a bank, through the same dispatch loop and counter: the
+noise probes, the vector checks' directions, check_taylor's line.
 :class:`DirectionEvaluator` does the same for perturbations along random directions
-restricted to index ranges, the building block of the directional mode and of its
-group-testing localisation.
+restricted to index ranges, generated on the device, the building block of the
+directional mode and of its group-testing localisation.
+
+Outside this layer nothing vmaps the checked function at perturbed points
+(tests/test_architecture.py), so a faster evaluation is a change here only.
 """
 
 from __future__ import annotations

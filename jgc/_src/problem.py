@@ -6,8 +6,12 @@
 scales, the form of fn's result) comes from :class:`jgc._src.preparation.Prepared`. On
 top it holds J at the point, its rounding noise measured along random lines (``noise``),
 the compiled evaluators per leaf (``engine``) and the finite-difference estimate of any
-real coordinates of a leaf (``stencils``). The steps come from ``steps.Steps``; the
-Jacobian, JVP, VJP and HVP checks use :class:`jgc._src.vector.VectorProblem` instead.
+real coordinates of a leaf (``stencils``). Every evaluation of J off the point goes
+through the engine: coordinate rows (``engine.LeafEvaluator``), and the noise probe's
+lines as line rows, of the whole evaluator of a small model or of an
+``engine.LineEvaluator``. The evaluators are built on first use and kept in a table
+that preparation starts. The steps come from ``steps.Steps``; the Jacobian, JVP, VJP
+and HVP checks use :class:`jgc._src.vector.VectorProblem` instead.
 """
 
 from __future__ import annotations

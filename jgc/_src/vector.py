@@ -15,7 +15,11 @@ is c_r − i·c_i.
 What it shares with Problem (options, precision, scales, the form of f's result) is in
 ``preparation``; the layout of y in ``vector_layout``; the analytic side (JVPs, VJPs) in
 ``vector_analytic``, and as the program runs it, at the dtypes given, in ``vector_native``.
-Its steps come from :meth:`VectorProblem.relative_step`, not from ``steps.Steps``.
+f is evaluated off the point only by the engine: the direction bank (the noise probe's
+line and the tangents) as line rows of ``engine.LineEvaluator``, whole Jacobian columns
+as coordinate rows of ``engine.LeafEvaluator``. The bank may be set before or after the
+noise is measured. Its steps come from :meth:`VectorProblem.relative_step`, not from
+``steps.Steps``.
 """
 
 from __future__ import annotations
