@@ -45,12 +45,30 @@ class Steps:
             return p.u
         return min(max(p.u, p.sigma / scale), policy.MAX_U_EFF)
 
+    @property
+    def cap(self) -> float:
+        """The largest relative step J allows: below the spacing that resolved a short
+        wave (the problem's wave_cap), and, when the noise probe found kinks near θ, the
+        central step that balances J's noise measured without them, (3·u_eff)^(1/3).
+
+        Near kinks a longer step buys nothing: its error is not the smooth truncation
+        a pilot measures but the slope change of every kink it straddles, and the chance
+        of straddling one grows with the step. The step that balances the noise is the
+        shortest one whose round-off stays at the level every check accepts; a stencil
+        that still straddles a kink is caught by the judge's kink test (one-sided
+        differences at h, 2h, 4h), whose thresholds are multiples of the same noise.
+        """
+        p = self.problem
+        if getattr(p, "kinks", False):
+            return min(p.wave_cap, policy.relative_step("central", self.u_eff))
+        return p.wave_cap
+
     def relative(self, stencil: str, step: float | None) -> float:
         """h/s for a stencil: given, or chosen from the effective precision of J."""
         step = validate.step(self.problem.api, step)
         if step is not None:
             return step
-        return min(policy.relative_step(stencil, self.u_eff), self.problem.wave_cap)
+        return min(policy.relative_step(stencil, self.u_eff), self.cap)
 
     def leaf(self, k: int, stencil: str, step: float | None, a_flat=None) -> float:
         """h/s for leaf k: the user's, or a central step calibrated on a few pilots.
@@ -71,7 +89,7 @@ class Steps:
         x = p.dyn[k]
         if step is not None or stencil != "central" or np.iscomplexobj(x) or x.size == 0:
             return base
-        big = min(policy.relative_step("central4", self.u_eff), p.wave_cap)
+        big = min(policy.relative_step("central4", self.u_eff), self.cap)
         m = x.size
         rng = np.random.default_rng(k)
         picks = list(rng.choice(m, size=min(2, m), replace=False))
