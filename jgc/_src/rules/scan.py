@@ -47,6 +47,7 @@ from .eager import _closes_over_traced_values
 from .rule import check_rule
 from .sites import _Collector
 from .sources import Where, _display_path, _is_wrapper_file, _primal_function, _where_fn
+from .surrogates import _library_intended, _user_intended
 
 # Distinct captured calls kept per rule (new shape, dtype or order of magnitude), and per
 # shape/dtype signature: a rule's check is a few compiled programs per call checked, so
@@ -480,6 +481,15 @@ def _check_point(r: _Seen, p: _Point, options: dict) -> dict:
                  "element": bad.worst.describe() if bad.worst is not None else bad.reason}
     status = rr.status if rr.status in STATUSES else "not checked"
     reason = rr.reason or (bad.reason if bad is not None else "")
+    surrogate = _user_intended(r.where) or _library_intended(r.where)
+    against_primal = {"jvp", "vjp", "order 2"} | ({"dot-product"} if r.kind == "custom_vjp" else set())
+    failed = {c for c, st in checks.items() if st == "mismatch"}
+    if surrogate and status == "mismatch" and failed <= against_primal:
+        # A surrogate differs from its primal's derivative on purpose; for a custom_vjp the
+        # dot-product check pairs the primal's JVP with the VJP rule, so it differs too.
+        # Its identities (primal, linearity, batching, symbolic zeros) still hold it.
+        checks = {c: "intended" if c in failed else st for c, st in checks.items()}
+        return {"status": "intended", "reason": surrogate, "checks": checks, "worst": None}
     return {"status": status, "reason": reason, "checks": checks, "worst": worst}
 
 

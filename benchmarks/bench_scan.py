@@ -1,0 +1,203 @@
+"""Question: run over real test suites, what does ``pytest --jgc-rules=PACKAGE`` find, does it
+raise false flags, and what does it cost next to the same suite without it?
+
+Suites (each the library's own tests, at the installed version):
+
+- optax: the test modules shipped in the optax wheel (``--optax-modules``: all of them, or
+  the modules named; optax defines 3 rules of its own).
+- jax: JAX's ``tests/nn_test.py`` and ``tests/lax_scipy_special_functions_test.py`` at the
+  installed JAX's tag (``--jax-tests DIR``, made as in benchmarks/bench_jax_tests.py:
+  ``git archive jax-v<version> conftest.py pyproject.toml jax/version.py tests/...``), run
+  as JAX's CI runs them (its conftest.py and pytest settings, ``JAX_SKIP_SLOW_TESTS``),
+  with ``--jgc-rules=jax``.
+- flax: tests of the flax sdist (``pip download flax==<version> --no-binary :all: --no-deps``;
+  ``--flax-src DIR`` is the unpacked sdist), the files that run flax's rules.
+- equinox: the tests of Equinox at its installed tag (``--equinox-src DIR`` with the
+  repository's ``tests/``), the files that run Equinox's own rules.
+
+Method: each suite runs twice in fresh pytest processes, back to back: without the plugin
+(``-p no:jgc``) and with it (``-p jgc.pytest_plugin --jgc-rules=PACKAGE --jgc-report``).
+Wall time is the subprocess's, start to end; CPU time is the user+system time of the
+child (the machine is shared: the CPU ratio is the steadier one; the load average is
+written next to each run). Outcomes come from pytest's last line; the rules from the
+JSON report. Every flag (a rule reported ``mismatch``) is reviewed by hand: the review is
+in ``REVIEWS`` below and printed next to the rule.
+
+Run:  python benchmarks/bench_scan.py --jax-tests /tmp/jax-tests-0.10.2 \\
+          --flax-src /tmp/flax-0.12.8 --equinox-src /tmp/equinox-src
+      python benchmarks/bench_scan.py --only optax --optax-modules _src/utils_test.py
+Writes benchmarks/results/scan.md and scan.json (per suite; a run of some suites keeps
+the others' entries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+# The test files of each suite that run the package's own rules (a representative part of
+# the library's suite; the whole suites take from minutes to hours on 2 shared cores).
+OPTAX_MODULES = ["_src/utils_test.py", "projections/_projections_test.py", "losses/_classification_test.py",
+                 "transforms/_clipping_test.py"]
+JAX_FILES = ["nn_test.py", "lax_scipy_special_functions_test.py"]
+FLAX_FILES = ["tests/linen/linen_transforms_test.py", "tests/nnx/transforms_test.py"]
+FLAX_K = "vjp or jvp or grad"
+EQUINOX_FILES = ["tests/test_ad.py", "tests/test_errors.py", "tests/test_nontraceable.py", "tests/test_debug.py"]
+
+# Each flag reviewed by hand: (suite, rule name) -> what it is.
+REVIEWS: dict[tuple[str, str], str] = {}
+
+
+def _counts(out: str) -> dict:
+    tail = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
+    last = tail[-1] if tail else ""
+    return {k: int(m.group(1)) for k in ("passed", "failed", "error", "errors", "skipped", "xfailed")
+            if (m := re.search(rf"(\d+) {k}\b", last))}
+
+
+def run(cmd: list, cwd: Path, env: dict) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out = p.stdout + p.stderr
+    return {"code": p.returncode, "wall": wall, "cpu": cpu, "load": [load0, os.getloadavg()[0]],
+            "counts": _counts(out), "summary": out[out.find("jgc: custom rules") - 40:][:6000]
+            if "jgc: custom rules" in out else out[-1500:]}
+
+
+def suite_commands(name: str, ns) -> tuple[list, Path, dict, str]:
+    """(pytest arguments, working directory, environment, package) of one suite."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PYTEST_ADDOPTS", None)
+    scratch = Path(tempfile.mkdtemp(prefix=f"jgc-scan-{name}-"))
+    if name == "optax":
+        import optax
+
+        base = Path(optax.__file__).parent
+        mods = ns.optax_modules or OPTAX_MODULES
+        paths = [str(base)] if mods == ["all"] else [str(base / m) for m in mods]
+        return paths + ["-p", "no:xdist"], scratch, env, "optax"
+    if name == "jax":
+        d = Path(ns.jax_tests)
+        env.update(JAX_SKIP_SLOW_TESTS="true", JAX_ENABLE_X64="0")
+        return [*(str(d / "tests" / f) for f in JAX_FILES), "--rootdir", str(d), "-c", str(d / "pyproject.toml"),
+                "-p", "no:xdist"], scratch, env, "jax"
+    if name == "flax":
+        d = Path(ns.flax_src)
+        return [*(str(d / f) for f in FLAX_FILES), "--rootdir", str(d), "-c", "/dev/null", "-p", "no:xdist",
+                "-k", FLAX_K], scratch, env, "flax"
+    if name == "equinox":
+        d = Path(ns.equinox_src)
+        return [*(str(d / f) for f in EQUINOX_FILES), "--rootdir", str(d), "-c", "/dev/null", "-p", "no:xdist"], \
+            scratch, env, "equinox"
+    raise ValueError(name)
+
+
+def run_suite(name: str, ns) -> dict:
+    args, cwd, env, package = suite_commands(name, ns)
+    report = cwd / "rules.json"
+    common = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:jgc", *args]
+    print(f":: {name}: without the plugin", flush=True)
+    plain = run(common, cwd, env)
+    print(f":: {name}: with --jgc-rules={package}", flush=True)
+    scanned = run(common + ["-p", "jgc.pytest_plugin", f"--jgc-rules={package}", f"--jgc-report={report}",
+                            f"--jgc-budget={ns.budget:g}"], cwd, env)
+    rules = json.loads(report.read_text())["rules"] if report.exists() else []
+    cmd = " ".join(["python -m pytest -q -p no:cacheprovider -p jgc.pytest_plugin", f"--jgc-rules={package}",
+                    *[a.replace(str(ROOT), ".") for a in args]])
+    return {"suite": name, "package": package, "command": cmd, "plain": plain, "scanned": scanned, "rules": rules,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _status_counts(rules: list) -> str:
+    counts: dict = {}
+    for r in rules:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
+
+
+def _outcomes(c: dict) -> str:
+    return " / ".join(f"{v} {k}" for k, v in c.items()) or "?"
+
+
+def markdown(entries: dict, machine: str) -> str:
+    method = ("Method: benchmarks/bench_scan.py (module docstring). Each suite runs twice in fresh pytest "
+              "processes, without and with the plugin; CPU is the child's user+system time (the machine is "
+              "shared: the load average at the start of each run is given).")
+    header = ("| suite | tests run | outcomes without / with | rules found | exercised | checked | "
+              "statuses | wall s without → with (ratio) | CPU s without → with (ratio) | load |")
+    lines = ["# `pytest --jgc-rules`: real test suites, with and without the plugin", "", method, "",
+             f"Machine: {machine}.", "", header, "|---|---|---|--:|--:|--:|---|---|---|---|"]
+    for e in entries.values():
+        rules, p, s = e["rules"], e["plain"], e["scanned"]
+        exercised = [r for r in rules if r["status"] != "not exercised"]
+        checked = [r for r in rules if r["points"]]
+        lines.append(f"| {e['suite']} | `{e['command'].split(e['package'], 1)[1].strip()[:160]}` | "
+                     f"{_outcomes(p['counts'])} / {_outcomes(s['counts'])} | {len(rules)} | "
+                     f"{len(exercised)} | {len(checked)} | {_status_counts(rules)} | "
+                     f"{p['wall']:.0f} → {s['wall']:.0f} ({s['wall'] / p['wall']:.2f}) | "
+                     f"{p['cpu']:.0f} → {s['cpu']:.0f} ({s['cpu'] / max(p['cpu'], 1e-9):.2f}) | "
+                     f"{p['load'][0]:.1f}, {s['load'][0]:.1f} |")
+    for e in entries.values():
+        lines += ["", f"## {e['suite']} ({e['date']})", "", f"Command: `{e['command']}`", "",
+                  "| status | kind | rule | defined at | tests | points | checks | worst / reason |",
+                  "|---|---|---|---|--:|--:|---|---|"]
+        for r in e["rules"]:
+            worst = (f"{r['worst']['check']}: {r['worst']['element']}" if r["worst"] else r["reason"])[:200]
+            checks = ", ".join(f"{c} {st}" for c, st in r["checks"].items() if st != "ok") or \
+                ("all ok" if r["checks"] else "")
+            lines.append(f"| {r['status']} | {r['kind']} | `{r['name']}` | {r['defined_at']} | {len(r['tests'])} | "
+                         f"{len(r['points'])} | {checks} | {worst.replace('|', '/')} |")
+        flags = [r for r in e["rules"] if r["status"] == "mismatch"]
+        for r in flags:
+            review = REVIEWS.get((e["suite"], r["name"]), "NOT YET REVIEWED BY HAND")
+            lines += ["", f"Flag `{r['name']}` ({r['defined_at']}): {review}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=["optax", "jax", "flax", "equinox"])
+    ap.add_argument("--optax-modules", nargs="*", help="optax test modules (paths in the package), or 'all'")
+    ap.add_argument("--jax-tests", default="/tmp/jax-tests-0.10.2")
+    ap.add_argument("--flax-src", default="/tmp/flax-0.12.8")
+    ap.add_argument("--equinox-src", default="/tmp/equinox-src")
+    ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--report-only", action="store_true", help="remake scan.md from scan.json")
+    ns = ap.parse_args(argv)
+    import jax
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared); Python "
+               f"{platform.python_version()}, jax {jax.__version__}")
+    store = RESULTS / "scan.json"
+    entries = json.loads(store.read_text()) if store.exists() else {}
+    if not ns.report_only:
+        for name in ns.only or ["optax", "jax", "flax", "equinox"]:
+            entries[name] = run_suite(name, ns)
+            store.write_text(json.dumps(entries, indent=1))
+            print(entries[name]["scanned"]["summary"], flush=True)
+    (RESULTS / "scan.md").write_text(markdown(entries, machine))
+    print("wrote", RESULTS / "scan.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
