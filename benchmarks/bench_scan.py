@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--equinox-src", default="/tmp/equinox-src")
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--report-only", action="store_true", help="remake scan.md from scan.json")
+    ap.add_argument("--merge", nargs="*", default=[], help="more scan.json files whose suites to add")
     ns = ap.parse_args(argv)
     import jax
 
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
                f"{platform.python_version()}, jax {jax.__version__}")
     store = RESULTS / "scan.json"
     entries = json.loads(store.read_text()) if store.exists() else {}
+    for more in ns.merge:  # suites run by other invocations at the same time (each with its own results dir)
+        entries.update(json.loads(Path(more).read_text()))
     if not ns.report_only:
         for name in ns.only or ["optax", "jax", "flax", "equinox"]:
             entries[name] = run_suite(name, ns)

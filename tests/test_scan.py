@@ -105,6 +105,18 @@ def test_jgc_scan_flags_a_wrong_jvp_and_passes_an_intended_rule(tmp_path):
         assert rules[name]["status"] == "not exercised", rules[name]
 
 
+@pytest.mark.slow
+def test_under_xdist_the_controller_merges_the_workers_rules(tmp_path):
+    pytest.importorskip("xdist", reason="pytest-xdist runs the workers")
+    report = tmp_path / "rules.json"
+    code, out = run_fixture(tmp_path, "-n", "2", "-k", "cube_values or ste_round", "--jgc-checks=jvp",
+                            f"--jgc-report={report}")
+    assert code == 1, out
+    rules = by_name(report)
+    assert rules["cube"]["status"] == "mismatch" and rules["cube"]["tests"] == ["fixture_rules.py::test_cube_values"]
+    assert rules["ste_round"]["status"] == "intended"
+
+
 # -- the recorder in this process: what it captures, and that it leaves everything as it was --------------
 def _fixture_module():
     sys.path.insert(0, str(FIXTURE))
