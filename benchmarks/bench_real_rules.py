@@ -2,14 +2,18 @@
 stay quiet where a rule is right, and what does it report for each rule it finds?
 
 Each case is a small float64 loss on jax.nn / jax.scipy / jax.numpy.linalg, optax,
-Equinox, lineax, optimistix, diffrax, jaxopt, TensorFlow Probability's JAX substrate
-or distrax. Per case it gives the rules found, their statuses, whether ``.ok`` holds
-(every case is built from correct library code unless its name says "planted" or
-"a library bug"; those must fail), and
-the time. A library that is not installed skips its cases (the table says so).
+Equinox, lineax, optimistix, diffrax, jaxopt, TensorFlow Probability's JAX substrate,
+distrax, or a primitive made here with its own JVP rule. Per case it gives the rules
+found (custom_jvp / custom_vjp rules and the JVP and transpose rules registered on
+primitives defined outside JAX), how many call sites were checked, the count of each
+status, whether ``.ok`` holds (every case is built from correct library code unless its
+name says "planted" or "a library bug"; those must fail), and the time. Below the
+table, each rule that is wrong or approximate is listed with its worst element or its
+measured error next to the tolerance. A library that is not installed skips its cases
+(the table says so).
 
-Run from the repository root:  python benchmarks/bench_libraries.py  (writes
-benchmarks/results/libraries.md; ``--only NAME`` runs the cases whose name holds NAME
+Run from the repository root:  python benchmarks/bench_real_rules.py  (writes
+benchmarks/results/real_rules.md; ``--only NAME`` runs the cases whose name holds NAME
 and prints their reports).
 """
 
@@ -138,6 +142,35 @@ def _():
     from jax.scipy import special as sp
     from jax.scipy.stats import norm
     return lambda x: jnp.sum(norm.logcdf(x)) + sp.logsumexp(x, b=jnp.array([1.0, 2.0, 0.5, 1.0])), X
+
+
+# -- a primitive made here, with a JVP rule registered on it ---------------------------------
+def _cube_primitive(factor):
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, batching, mlir
+
+    p = Primitive(f"cube_{factor}")
+    p.def_impl(lambda x: x ** 3)
+    p.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(p, mlir.lower_fun(lambda x: x ** 3, multiple_results=False))
+    batching.defvectorized(p)
+
+    def cube_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return p.bind(x), factor * 3 * x ** 2 * t
+
+    ad.primitive_jvps[p] = cube_jvp
+    return lambda x: jnp.sum(jnp.sin(p.bind(x))), X
+
+
+@case("user primitive with ad.primitive_jvps rule, correct")
+def _():
+    return _cube_primitive(1.0)
+
+
+@case("user primitive with ad.primitive_jvps rule, planted 1% error", planted=True)
+def _():
+    return _cube_primitive(1.01)
 
 
 # -- optax --------------------------------------------------------------------------------------
@@ -366,6 +399,27 @@ def _():
     return loss, jnp.array([0.1, -0.2])
 
 
+def _details(name, rep) -> list[str]:
+    """The wrong and approximate rules of a case, one line each, with where and how much."""
+    out = []
+    for r in rep.rules:
+        if r.status not in ("mismatch", "approximate", "error"):
+            continue
+        what = f"{r.kind} {r.name}, rule {r.rule_name} at {r.rule_at}: {r.status}"
+        site = next((s for s in r.sites if s.status == r.status), None)
+        if r.status == "mismatch" and r.worst is not None:
+            what += f"; worst {r.worst.describe()}"
+            if site is not None and site.error is not None:
+                what += f"; relative error {site.error:.2g}"
+        elif site is not None and site.reason:
+            what += f" ({site.reason})"
+        out.append(f"- {name}: {what}")
+    return out
+
+
+DETAILS = []
+
+
 def run(only=None):
     rows = []
     for name, needs, planted, make in sorted(CASES, key=lambda c: patches_library(c[0])):
@@ -373,7 +427,7 @@ def run(only=None):
             continue
         missing = [m for m in needs if not have(m)]
         if missing:
-            rows.append((name, "skipped: " + ", ".join(missing) + " not installed", "", "", ""))
+            rows.append((name, "skipped: " + ", ".join(missing) + " not installed", *[""] * (len(COLUMNS) - 2)))
             continue
         built = make()
         fn, params, *args = built
@@ -381,7 +435,7 @@ def run(only=None):
         try:
             rep = jgc.check_rules(fn, params, *args)
         except Exception as e:  # noqa: BLE001 (a crash is a row of the table, not the end of the run)
-            rows.append((name, f"raised {type(e).__name__}: {str(e).splitlines()[0][:80]}", "", "", ""))
+            rows.append((name, f"raised {type(e).__name__}: {str(e).splitlines()[0][:80]}", *[""] * (len(COLUMNS) - 2)))
             continue
         finally:
             while PLANTS_TO_UNDO:
@@ -392,9 +446,18 @@ def run(only=None):
         if only:
             print(rep, "\n")
         TOTALS.update(counts)
-        rows.append((name, len(rep.rules), ", ".join(f"{c} {s}" for s, c in counts.items()),
+        TOTALS["primitive rules"] += sum(r.kind.startswith("primitive") for r in rep.rules)
+        DETAILS.extend(_details(name, rep))
+        checked = sum(s.checked > 0 for r in rep.rules for s in r.sites if s.status in ("ok", "mismatch", "approximate"))
+        rows.append((name, len(rep.rules), sum(r.kind.startswith("primitive") for r in rep.rules), checked,
+                     *[counts.get(st, 0) for st in STATUS_COLUMNS],
                      ("ok" if rep.ok else "FAIL") + ("" if right else " (WRONG)"), f"{dt:.1f}"))
     return rows
+
+
+STATUS_COLUMNS = ("ok", "intended", "approximate", "not on the differentiated path", "mismatch", "error", "not checked")
+COLUMNS = ("loss", "rules found", "of them on primitives", "call sites checked", "ok", "intended", "approximate",
+           "not on the path", "mismatch", "error", "not checked", "verdict", "seconds")
 
 
 TOTALS = collections.Counter()
@@ -415,18 +478,21 @@ def main():
     ap.add_argument("--only")
     ns = ap.parse_args()
     rows = run(ns.only)
-    lines = ["| loss | rules found | statuses | verdict | seconds |", "|---|---:|---|---|---:|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 3) + "---|---:|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    lines += ["", "Wrong and approximate rules (worst element, or measured error next to the tolerance):", ""]
+    lines += DETAILS
     print("\n".join(lines))
     if ns.only:
         return
+    n_prim = TOTALS.pop("primitive rules", 0)
     total = sum(TOTALS.values())
     head = ["# jgc.check_rules on real libraries", "",
-            f"Command: `python benchmarks/bench_libraries.py` · Python {platform.python_version()} · {versions()}",
-            "", f"Rules found over all cases: {total} ("
+            f"Command: `python benchmarks/bench_real_rules.py` · Python {platform.python_version()} · {versions()}",
+            "", f"Rules found over all cases: {total}, {n_prim} of them registered on primitives ("
             + ", ".join(f"{c} {st}" for st, c in TOTALS.most_common()) + "). A verdict marked WRONG is "
             "one the case did not expect (a correct rule called wrong, or a planted error missed).", ""]
-    (ROOT / "benchmarks" / "results" / "libraries.md").write_text("\n".join(head + lines) + "\n")
+    (ROOT / "benchmarks" / "results" / "real_rules.md").write_text("\n".join(head + lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ BENCHES = {
 # Sections collected into RESULTS.md but not run from here: each needs inputs or time
 # this script does not take (JAX's own test files at the installed tag, --jax-tests
 # DIR; research-size models, an hour and most of the machine's memory; libraries that
-# are not dependencies of jgc, for bench_libraries.py; other libraries' test suites with
+# are not dependencies of jgc, for bench_real_rules.py; other libraries' test suites with
 # the rules plugin, for bench_scan.py). Their own header names the
 # command that made them.
-COLLECTED_ONLY = ("jax_tests", "big", "libraries", "scan")
+COLLECTED_ONLY = ("jax_tests", "big", "real_rules", "scan")
 
 
 def cpu_name() -> str:

@@ -22,7 +22,9 @@ perturbed on its own: it is recomputed from the perturbed operands, so the diffe
 move it as the program would, while its tangent stays zero, as the rule expects.
 
 Rules whose functions all live in JAX (``jax._src``, ``jaxlib``) are JAX's own, tested
-by JAX; they are checked only with ``primitives="all"``.
+by JAX, and those of Equinox's own primitives are its plumbing (``unvmap_any``,
+``select_if_vmap``...); they are checked only with ``primitives="all"``. A primitive
+with no floating output has nothing to differentiate and is not watched.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ _BATCHERS = getattr(batching, "fancy_primitive_batchers", batching.primitive_bat
 PRIMITIVES = ("user", "all", "none")
 JVP_KIND, TRANSPOSE_KIND = "primitive jvp", "primitive transpose"
 
-_JAX_DIRS = tuple(d for d in (_pkg_dir("jax"), _pkg_dir("jaxlib")) if d)
-_EQX = _pkg_dir("equinox")
-# Equinox's wrappers around the functions a library registers (filter_primitive_*):
-# the library's function is found inside them.
-_EQX_PRIMITIVE_FILE = os.path.join(_EQX, "internal", "_primitive.py") if _EQX else None
+# Packages whose own primitives are machinery, not a user's or a library's rules: JAX's
+# built-ins (tested by JAX) and Equinox's (its loop and vmap plumbing: unvmap_any,
+# select_if_vmap, maybe_set, nondifferentiable...). Equinox's wrappers around the
+# functions another library registers (filter_primitive_jvp, as lineax does) are seen
+# through to that library's function.
+_OWN_DIRS = tuple(d for d in (_pkg_dir("jax"), _pkg_dir("jaxlib"), _pkg_dir("equinox")) if d)
 # Constructs, not primitives with rules of their own: the collector steps through them.
 _CONSTRUCTS = frozenset(KINDS) | frozenset(CALL_PRIMS) | frozenset(REMAT_PRIMS) | {"scan", "while", "cond"}
 # Bound on the equations recomputed for an operand derived through stop_gradient
@@ -70,9 +73,9 @@ FULL_JACOBIAN_COORDINATES = 256
 
 
 # -- naming the rule functions ---------------------------------------------------------------------
-def _is_jax_file(path: str) -> bool:
+def _is_own_file(path: str) -> bool:
     path = os.path.abspath(path)
-    return any(path.startswith(d) for d in _JAX_DIRS)
+    return any(path.startswith(d) for d in _OWN_DIRS)
 
 
 def _functions(obj, depth: int = 0, seen: set | None = None):
@@ -108,18 +111,22 @@ def _where(fn) -> Where:
 
 
 def rule_function(registered) -> tuple[Where, bool] | None:
-    """(the function behind a registered rule, whether it lives outside JAX), or None.
+    """(the function behind a registered rule, whether it lives outside JAX and Equinox), or None.
 
     Equinox's and JAX's wrappers (``filter_primitive_jvp``, ``ad.defjvp``'s partials)
     are seen through to the function they hold.
     """
-    fns = [f for f in _functions(registered) if not (_EQX_PRIMITIVE_FILE and
-                                                       os.path.abspath(f.__code__.co_filename) == _EQX_PRIMITIVE_FILE)]
+    fns = list(_functions(registered))
     for f in fns:
-        if not _is_jax_file(f.__code__.co_filename):
+        if not _is_own_file(f.__code__.co_filename):
             return _where(f), True
-    own = [f for f in fns if not f.__code__.co_filename.replace(os.sep, "/").endswith("interpreters/ad.py")]
+    wrappers = ("interpreters/ad.py", "equinox/internal/_primitive.py")
+    own = [f for f in fns if not f.__code__.co_filename.replace(os.sep, "/").endswith(wrappers)]
     return (_where((own or fns)[0]), False) if (own or fns) else None
+
+
+def _inexact(v) -> bool:
+    return jnp.issubdtype(getattr(getattr(v, "aval", None), "dtype", np.int32), jnp.inexact)
 
 
 @dataclasses.dataclass
@@ -218,10 +225,12 @@ class PrimitiveWatch:
         return r
 
     def wants(self, eqn) -> bool:
+        """A primitive with a watched rule, some floating output (else nothing to differentiate), no sub-programs."""
         prim = eqn.primitive
-        if prim in self._known:
-            return self._known[prim] is not None
-        return self._rule(prim) is not None and not any(True for _ in _subjaxprs(eqn))
+        if prim not in self._known:
+            self._rule(prim)
+        return self._known[prim] is not None and any(_inexact(v) for v in eqn.outvars) \
+            and not any(True for _ in _subjaxprs(eqn))
 
     def site(self, eqn, under: tuple, parent: Where | None = None, jaxpr=None) -> _PrimSite:
         cached = self._sites.get((id(eqn), under))
