@@ -8,8 +8,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import policy, validate
-from .analytic import analytic_gradient, analytic_scale, cost_cancellation, native_gradient, runs_natively, twin_differs
+from . import validate
+from .analytic import (
+    analytic_gradient,
+    analytic_scale,
+    cost_cancellation,
+    native_gradient,
+    runs_natively,
+    twin_differs,
+)
 from .judge import judge_all
 from .problem import Problem
 from .progress import attached
@@ -23,19 +30,12 @@ from .trees import is_inexact_array
 MODES = ("full", "sampled", "directional", "auto")
 
 
-def _validate(stencil, mode, rtol, atol):
-    if stencil not in policy.STENCILS:
-        raise ValueError(f"jgc.check: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
+def _options(mode, **given) -> validate.Options:
+    """The options of ``jgc.check``, validated once (the stencil, the mode, the rest)."""
+    validate.stencil("jgc.check", given["stencil"])
     if mode is not None and mode not in MODES:
         raise ValueError(f"jgc.check: mode must be one of {MODES} or None (chosen by time), got {mode!r}.")
-    validate.tolerances("jgc.check", rtol, atol)
-
-
-# Where the analytic side runs: "native", the user's program at the dtypes given (its
-# float32/bfloat16 rounding, its casts inside; what training uses); "reference", the same
-# program at the reference precision (float64), which hides bugs that live only at the
-# user's dtype.
-ANALYTIC = ("native", "reference")
+    return validate.options("jgc.check", **given)
 
 
 def _native_note(params, args) -> str:
@@ -60,17 +60,16 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
     ``jgc.check`` (in ``api``) composes it with the rules wing; the arguments and the
     result are those documented there.
     """
-    _validate(stencil, mode, rtol, atol)
+    opts = _options(mode, stencil=stencil, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
+                    chunk_size=chunk_size, analytic=analytic)
     # Programs compiled on worker threads while the noise probe runs: jax.grad when it
     # is the analytic side, and in full mode every leaf's evaluator.
     # Without a mode, evaluators are compiled ahead where full mode is certain to run.
     likely_full = mode == "full" or (mode is None and 2 * _size(params) <= DEFAULT_BUDGET)
-    if analytic not in ANALYTIC:
-        raise ValueError(f"jgc.check: analytic must be one of {ANALYTIC}, got {analytic!r}.")
-    native_side = analytic == "native" and runs_natively(params, args, grad, precision)
+    native_side = opts.analytic == "native" and runs_natively(params, args, grad, opts.precision)
     ahead = (("grad",) if grad is None and not native_side else ()) + (
-        ("evaluators",) if likely_full and stencil != "complex" else ())
-    problem = Problem(fn, params, args, precision=precision, chunk_size=chunk_size, ahead=ahead,
+        ("evaluators",) if likely_full and opts.stencil != "complex" else ())
+    problem = Problem(fn, params, args, precision=opts.precision, chunk_size=opts.chunk_size, ahead=ahead,
                       has_aux=has_aux)
     # The analytic side as the user's program runs it: before the reference's precision
     # scope is entered (inputs already validated by Problem), at the dtypes given.
@@ -91,17 +90,15 @@ def check_scalar(fn: Callable, params: Any, *args, grad=None, has_aux: bool = Fa
             return {path: np.asarray(g).ravel() for path, g in zip(problem.paths, analytic_gradient(problem, grad))}
         steps = Steps(problem, gradient_scale(a_leaves, problem.scales))
         if mode is None:
-            mode = "full" if default_full(problem, stencil) else "default"
+            mode = "full" if default_full(problem, opts.stencil) else "default"
         if mode != "full":
-            rep = run_mode(problem, steps, a_leaves, mode=mode, stencil=stencil, rtol=rtol,
-                           atol=atol, step=step, strict=strict, **mode_options)
+            rep = run_mode(problem, steps, a_leaves, opts, mode=mode, **mode_options)
             return with_native_figures(rep, native, float(np.real(problem.j0)), twin)
         if mode_options:
             raise TypeError(f"jgc.check: unexpected options {sorted(mode_options)} for mode='full'.")
         elems = [np.arange(x.size) for x in problem.dyn]
         with attached(problem.counter, 2 * sum(problem.coordinates(k) for k in range(len(elems)))):
-            rep = judge_all(problem, steps, a_leaves, elems, stencil=stencil, rtol=rtol, atol=atol,
-                            step=step, strict=strict, mode="full")
+            rep = judge_all(problem, steps, a_leaves, elems, opts, mode="full")
         # The cost's own accurate bits at the dtypes given, and the float64 twin's
         # derivative beside every mismatched or imprecise element.
         return with_native_figures(rep, native, float(np.real(problem.j0)), twin)
@@ -126,16 +123,16 @@ def numerical_grad(fn: Callable, params: Any, *args, has_aux: bool = False,
       >>> [round(float(v), 4) for v in g]
       [3.0, 12.0]
     """
-    if stencil not in policy.STENCILS:
-        raise ValueError(f"jgc.numerical_grad: stencil must be one of {policy.STENCILS}, got {stencil!r}.")
-    ahead = ("evaluators",) if stencil != "complex" else ()
-    with Problem(fn, params, args, precision=precision, chunk_size=chunk_size,
-                 api="jgc.numerical_grad", ahead=ahead, has_aux=has_aux) as problem:
+    opts = validate.options("jgc.numerical_grad", stencil=stencil, precision=precision, step=step,
+                            chunk_size=chunk_size)
+    ahead = ("evaluators",) if opts.stencil != "complex" else ()
+    with Problem(fn, params, args, precision=opts.precision, chunk_size=opts.chunk_size,
+                 api=opts.api, ahead=ahead, has_aux=has_aux) as problem:
         out = []
         steps = Steps(problem)  # no analytic gradient here: its scale is unknown, taken as 0
         for k, x in enumerate(problem.dyn):
-            h_rel = steps.leaf(k, stencil, step)
-            est = problem.estimate(k, np.arange(problem.coordinates(k)), stencil, h_rel)
+            h_rel = steps.leaf(k, opts.stencil, opts.step)
+            est = problem.estimate(k, np.arange(problem.coordinates(k)), opts.stencil, h_rel)
             v = to_elements(est.value, x.size, bool(np.iscomplexobj(x)))
             # Cast on the host and moved explicitly (transfer guards; no eager op on NaN).
             out.append(jax.device_put(np.asarray(v.reshape(x.shape)).astype(problem.orig_dtypes[k])))

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat
+from . import compat, validate
 from .errors import GradCheckError
 from .messages import failure_message, where
 from .names import short_name
@@ -183,8 +183,7 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
       True
     """
     api = "jgc.check_grads"
-    if not callable(f):
-        raise TypeError(f"{api}: f must be callable as f(*args), got {type(f).__name__}.")
+    validate.function(api, "f", f, "callable as f(*args)")
     if isinstance(args, (str, bytes, dict)) or not hasattr(args, "__iter__"):
         raise TypeError(f"{api}: args must be a tuple of arguments, e.g. (x,) for f(x); got {type(args).__name__}.")
     args = tuple(as_array_primal(a) for a in args)
@@ -201,9 +200,13 @@ def check_grads(f: Callable, args, order: int, modes=("fwd", "rev"), atol=None, 
     # Every check of every order shares these settings; each level says what it compares.
     # allow_nonfinite: outputs NaN at x compare as JAX compares them; absolute_step: eps
     # moves x by eps·t for an unscaled t, as in JAX.
-    base = Plan(api=api, rtol=_resolve_tol(rtol, args, "rtol"), atol=_resolve_tol(atol, args, "atol"),
-                step=None if eps is None else float(eps), strict=strict, directions=num_directions,
-                problem={"precision": precision, "allow_nonfinite": True, "absolute_step": eps is not None})
+    # The options, parsed as JAX's check_grads reads them (tolerances per dtype, an
+    # absolute eps); the analytic side at the reference precision, as JAX compares.
+    opts = validate.Options(api, precision=precision, rtol=_resolve_tol(rtol, args, "rtol"),
+                            atol=_resolve_tol(atol, args, "atol"), step=None if eps is None else float(eps),
+                            strict=strict, analytic="reference")
+    base = Plan(api=api, options=opts, directions=num_directions,
+                problem={"allow_nonfinite": True, "absolute_step": eps is not None})
     rng = rng_from_key(key, api)
     parts, notes = [], []
     _check_level(f, args, int(order), modes, prefix="", rng=rng, base=base, found=(parts, notes))

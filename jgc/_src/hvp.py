@@ -61,14 +61,14 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
       True
     """
     api = "jgc.check_hvp"
-    if not callable(f):
-        raise TypeError(f"{api}: f must be callable as f(params, *args) -> scalar, got {type(f).__name__}.")
+    validate.function(api, "f", f, "callable as f(params, *args) -> scalar")
     if not (isinstance(order, int) and not isinstance(order, bool) and order >= 2):
         raise ValueError(f"{api}: order must be an int ≥ 2 (2 checks Hessian-vector products), got {order!r}.")
     if hvp is not None and order != 2:
         raise ValueError(f"{api}: a user hvp can only be checked with order=2, got order={order}.")
-    if hvp is not None and not callable(hvp):
-        raise TypeError(f"{api}: hvp must be a callable hvp(params, v, *args), got {type(hvp).__name__}.")
+    validate.function(api, "hvp", hvp, "a callable hvp(params, v, *args)", optional=True)
+    opts = validate.options(api, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
+                            chunk_size=chunk_size, analytic=analytic)
     split0, dyn0 = trees.split_params(params, what=f"{api}: params")
     rng = rng_from_key(key, api)
     seed = int(rng.integers(2**31))
@@ -115,13 +115,9 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
             return derivative(*primals), as_tree(dl)
 
     derivative.__qualname__ = f"{short_name(f)} (derivative of order {order - 1})"
-    validate.tolerances(api, rtol, atol)
     validate.count(api, "num_directions", num_directions)
-    validate.analytic(api, analytic)
-    plan = Plan(api=api, jvp=True, user_jvp=user_jvp, key=seed, directions=num_directions, rtol=rtol,
-                atol=atol, step=step, strict=strict,
-                problem={"argnums": 0, "precision": precision, "chunk_size": chunk_size, "analytic": analytic,
-                             "in_label": lambda i: "params", "out_name": "grad"})
+    plan = Plan(api=api, jvp=True, user_jvp=user_jvp, key=seed, directions=num_directions, options=opts,
+                problem={"argnums": 0, "in_label": lambda i: "params", "out_name": "grad"})
     rep = run(derivative, (params, *args), plan)[0]
     return dataclasses.replace(rep, mode=f"hvp (order {order}, {num_directions} directions per leaf)",
                                function=function_name(f))

@@ -18,10 +18,9 @@ import jax
 import numpy as np
 
 from . import compare, policy, validate
-from .judge import Limits, Refined, classify, limits, line_indices, refine, step_ladder, suspect_lines
+from .judge import Evidence, Limits, Refined, judge, limits, line_central
 from .names import short_name
 from .report import Report
-from .statuses import MISMATCH
 from .summary import block_report, gref, make_report
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
@@ -188,16 +187,15 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
       (True, (2, 2))
     """
     api = "jgc.check_jacobian"
-    validate.tolerances(api, rtol, atol)
+    opts = validate.options(api, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
+                            chunk_size=chunk_size, analytic=analytic)
     if mode not in JACOBIAN_MODES:
         raise ValueError(f"{api}: mode must be one of {JACOBIAN_MODES}, got {mode!r}.")
-    if jac is not None and not callable(jac):
-        raise TypeError(f"{api}: jac must be None or a callable jac(*primals), got {type(jac).__name__}.")
-    validate.analytic(api, analytic)
+    validate.function(api, "jac", jac, "None or a callable jac(*primals)", optional=True)
     single = isinstance(argnums, int) or (argnums is None and len(primals) == 1)
     notes = []
-    with VectorProblem(f, primals, argnums=argnums, has_aux=has_aux, precision=precision, api=api,
-                       chunk_size=chunk_size, analytic=analytic) as vp:
+    with VectorProblem(f, primals, argnums=argnums, has_aux=has_aux, precision=opts.precision, api=api,
+                       chunk_size=opts.chunk_size, analytic=opts.analytic) as vp:
         vp.set_bank([])
         vp.measure_noise()
         S = None  # the analytic side's measured rounding, per block (None: not measured)
@@ -221,22 +219,44 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
                     raise
                 (A, S), used = _jac_fwd(vp), "fwd"
                 notes.append(f"{short_name(f)} has no reverse-mode derivative: the Jacobian was taken in forward mode.")
-        h = vp.relative_step("central", step)
-        leaves = _judge_jacobian(vp, A, h, step, rtol, atol, S=S)
+        h = vp.relative_step("central", opts.step)
+        leaves = _judge_jacobian(vp, A, h, opts, S=S)
         return make_report(vp, leaves, api=api, mode=f"jacobian ({used})", stencil="central",
-                           step=h, strict=strict, notes=notes)
+                           step=h, strict=opts.strict, notes=notes)
 
 
-def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol, *, S: list | None = None) -> list:
+def _column_evidence(vp: VectorProblem, k: int, shape: tuple, h: float, step) -> Evidence:
+    """The Jacobian adapter of the judge: block k's columns (n_out × coordinates of leaf k),
+    by central differences at ``h``, suspect columns re-estimated whole by Richardson."""
+    nc = vp.coordinates(k)
+
+    def cheap():
+        est = vp.coordinate(k, np.arange(nc), "central", h)
+        err = compare.method_error(est.err_round, est.err_trunc, vp.sigma_rows(nc))
+        return tuple(v.reshape(nc, vp.n_out).T for v in (est.value, err, est.finite))  # (n_out, columns)
+
+    def richardson(cols):
+        r = vp.coordinate(k, cols, "richardson", vp.relative_step("richardson", step))
+        flat = (lambda v: v.reshape(cols.size, vp.n_out).T.ravel())
+        e2 = compare.method_error(r.err_round, r.err_trunc, vp.sigma_rows(cols.size))
+        if vp.is_complex(k):
+            return Refined(flat(r.value), flat(e2), flat(r.finite))
+        side = (lambda v: v.reshape(cols.size, vp.n_out, -1).transpose(1, 0, 2).reshape(-1, v.shape[-1]))
+        noise = vp.sigma_rows(cols.size) * r.err_round / policy.RICHARDSON_NOISE_GAIN
+        return Refined(flat(r.value), flat(e2), flat(r.finite), side(r.onesided), side(r.table), flat(noise))
+
+    central = line_central(lambda cols, h_rel: vp.coordinate(k, cols, "central", h_rel), shape, 0, vp.sigma)
+    return Evidence(cheap, richardson=richardson, lines=0, central=central, imprecise=False, h_rel=h, u=vp.u)
+
+
+def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options, *, S: list | None = None) -> list:
     """Judge every entry of the Jacobian blocks ``A[k]`` (n_out × coordinates of leaf k);
     ``S[k]``: their measured rounding at the dtypes given (None: none measured)."""
+    step, rtol, atol = opts.step, opts.rtol, opts.atol
     g_all = max((gref(a, 0.0) for a in A), default=0.0) or 1.0
     leaves = []
     for k, a in enumerate(A):
         nc = vp.coordinates(k)
-        est = vp.coordinate(k, np.arange(nc), "central", h)
-        err = compare.method_error(est.err_round, est.err_trunc, vp.sigma_rows(nc))
-        by_row = (lambda v, n=nc: v.reshape(n, vp.n_out).T)  # (n_out, columns)
         RT, AT, FL, GR = (np.zeros_like(a) for _ in range(4))
         for ol in vp.out_leaves:
             g = gref(a[ol.start:ol.stop], g_all)
@@ -244,31 +264,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, step, rtol, atol, *, S
             RT[ol.start:ol.stop], AT[ol.start:ol.stop], FL[ol.start:ol.stop] = lim.rtol, lim.atol, lim.floor
             GR[ol.start:ol.stop] = g
         lim = Limits(RT, AT, FL, analytic=0.0 if S is None else policy.ANALYTIC_SAFETY * S[k])
-        judged = classify(a, by_row(est.value), by_row(err), by_row(est.finite), lim)
-        bad_cols = suspect_lines(judged, a, axis=0)
-        if bad_cols.size:
-            r = vp.coordinate(k, bad_cols, "richardson", vp.relative_step("richardson", step))
-            flat = (lambda v, n=bad_cols.size: v.reshape(n, vp.n_out).T.ravel())
-            e2 = compare.method_error(r.err_round, r.err_trunc, vp.sigma_rows(bad_cols.size))
-            refined = Refined(flat(r.value), flat(e2), flat(r.finite))
-            if not vp.is_complex(k):
-                side = (lambda v, n=bad_cols.size: v.reshape(n, vp.n_out, -1).transpose(1, 0, 2)
-                        .reshape(-1, v.shape[-1]))
-                noise = vp.sigma_rows(bad_cols.size) * r.err_round / 1.65
-                refined = Refined(refined.value, refined.err, refined.finite, side(r.onesided), side(r.table),
-                                  flat(noise))
-            idx = line_indices(a.shape, bad_cols, axis=0)
-            refine(judged, a, idx, refined, lim, imprecise=False)
-            bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
-            rows, cols = np.unravel_index(bad, a.shape)
-            ucols, where = np.unique(cols, return_inverse=True)
-            pick = where * vp.n_out + rows  # (column, output) of each mismatch in a (ucols · n_out) estimate
-
-            def central_at(h_rel, k=k, ucols=ucols, pick=pick, rows=rows):
-                est = vp.coordinate(k, ucols, "central", h_rel)
-                return est.value[pick], vp.sigma[rows] * est.err_round[pick], est.finite[pick]
-
-            step_ladder(judged, a, bad, central_at, h_rel=h, u=vp.u, floor=np.ravel(FL)[bad])
+        judged = judge(a, lim, _column_evidence(vp, k, a.shape, h, step)).judged
         perm = vp.block_columns(k)
         for ol in vp.out_leaves:
             def blk(M, rows=slice(ol.start, ol.stop), perm=perm):

@@ -162,6 +162,28 @@ ANALYTIC_SAFETY = 4.0
 # the reference side judges it.
 ANALYTIC_JUMP = 1e3
 
+# Noise gain of the Richardson table (stencils.estimate): its O(h⁶) value is
+# (64·D_h − 20·D_2h + D_4h)/45, and D_kh carries 1/k of D_h's round-off, so it carries
+# (64 + 10 + 0.25)/45 = 1.65 times the round-off of one central difference at h.
+# Dividing a Richardson round-off bound by it gives back the noise of a single
+# difference at h, the scale the kink test compares one-sided differences with; it is
+# also the largest gain of a directional screen.
+RICHARDSON_NOISE_GAIN = 1.65
+
+# Derivatives smaller than this fraction of the largest one judged with them (a leaf's,
+# or a block's) are judged against that floor when deciding whether an error bar is too
+# wide to say anything (inconclusive): below a thousandth of the scale the check sees,
+# an error bar half the derivative's size is what the finite differences of the larger
+# ones carry anyway, not a sign that this element's own difference is unresolved.
+SMALL_DERIVATIVE = 1e-3
+
+
+def inconclusive_floor(g_ref):
+    """The floor (``SMALL_DERIVATIVE`` of the largest derivative ``g_ref``) under which
+    an element's error bar is compared with the floor instead of its own value."""
+    return SMALL_DERIVATIVE * g_ref
+
+
 # Safety factor on the truncation estimate |D_h − D_2h|/3 (Richardson), which is a
 # direct estimate of the leading error term rather than a noise level.
 TRUNCATION_SAFETY = 2.0

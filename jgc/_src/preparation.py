@@ -23,10 +23,11 @@ import jax
 import numpy as np
 
 from . import compat, compiling, policy, trees
+from . import validate as valid
 from .names import short_name
 from .progress import Counter
 
-PRECISIONS = ("auto", "float64", "native")
+PRECISIONS = valid.PRECISIONS
 
 
 # -- the form of fn's result ------------------------------------------------------------
@@ -94,15 +95,11 @@ def validate(api: str, fn, *, signature: str, has_aux, precision, leaves, traced
     ``signature`` is how fn is called (``"fn(params, *args) -> scalar"``); its name is
     the option named in the message. ``traced_hint`` follows the traced-values message.
     """
-    if not callable(fn):
-        name = signature.split("(", 1)[0]
-        raise TypeError(f"{api}: {name} must be callable as {signature}, got {type(fn).__name__}.")
+    valid.function(api, signature.split("(", 1)[0], fn, f"callable as {signature}")
     if not isinstance(has_aux, bool):
         raise TypeError(f"{api}: has_aux must be True or False, got {has_aux!r}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {precision!r}.")
-    if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves(leaves)):
-        raise TypeError(f"{api} got traced values (it was called inside jit, vmap or grad). {traced_hint}")
+    valid.precision(api, precision)
+    valid.concrete(api, leaves, traced_hint)
 
 
 def validate_chunk_size(api: str, chunk_size) -> None:

@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from . import compare, policy, validate
-from .judge import Limits, Refined, classify, limits, line_indices, refine, step_ladder, suspect_lines
+from .judge import Evidence, Limits, Refined, judge, limits, line_central
 from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
-from .statuses import MISMATCH
 from .summary import block_report, gref, make_report
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
@@ -59,14 +58,18 @@ class Plan:
     key: Any = None  # seeds tangents and cotangents
     directions: int = DEFAULT_DIRECTIONS  # tangents per input leaf
     cotangents: int = 1  # cotangents per output leaf
-    rtol: float | None = None
-    atol: float | None = None
-    step: float | None = None
-    strict: bool = False
+    # The options shared with every check (tolerances, step, strict, precision, chunk
+    # size, analytic side), validated at the front door; None: the defaults.
+    options: validate.Options | None = None
     labels: tuple = ("", "")  # row prefixes of the JVP and the VJP blocks
-    # Options of the VectorProblem: argnums, has_aux, precision, chunk_size, in_label,
+    # What the VectorProblem takes beyond the options: argnums, has_aux, in_label,
     # out_name, allow_nonfinite, absolute_step.
     problem: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def opts(self) -> validate.Options:
+        """The options; without any, the defaults of a VectorProblem (reference side)."""
+        return self.options if self.options is not None else validate.Options(self.api, analytic="reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _richardson_rows(vp: VectorProblem, rows: np.ndarray, step) -> Refined:
     r = vp.directional(rows + 1, "richardson", vp.relative_step("richardson", step))
     shp = (rows.size, vp.n_out)
     E = compare.method_error(r.err_round, r.err_trunc, vp.sigma_rows(rows.size)).reshape(shp)
-    noise = (vp.sigma_rows(rows.size) * r.err_round / 1.65).reshape(shp)
+    noise = (vp.sigma_rows(rows.size) * r.err_round / policy.RICHARDSON_NOISE_GAIN).reshape(shp)
     return Refined(r.value.reshape(shp), E, r.finite.reshape(shp), r.onesided.reshape(rows.size, vp.n_out, -1),
                    r.table.reshape(rows.size, vp.n_out, -1), noise)
 
@@ -149,25 +152,24 @@ def check_jvp(f: Callable, *primals, jvp: Callable | None = None, argnums=None, 
       True
     """
     api = "jgc.check_jvp"
-    validate.tolerances(api, rtol, atol)
+    opts = validate.options(api, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
+                            chunk_size=chunk_size, analytic=analytic)
     validate.count(api, "num_directions", num_directions)
-    validate.analytic(api, analytic)
-    plan = Plan(api=api, jvp=True, user_jvp=jvp, key=key, directions=num_directions, rtol=rtol, atol=atol,
-                step=step, strict=strict,
-                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size,
-                         "analytic": analytic})
+    plan = Plan(api=api, jvp=True, user_jvp=jvp, key=key, directions=num_directions, options=opts,
+                problem={"argnums": argnums, "has_aux": has_aux})
     return run(f, primals, plan)[0]
 
 
 def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
     """Run the product checks of ``plan`` on ``f`` at ``primals``: (report, did JVP, did VJP)."""
-    api, nd, nc, against = plan.api, plan.directions, plan.cotangents, plan.against
+    api, nd, nc, against, opts = plan.api, plan.directions, plan.cotangents, plan.against, plan.opts
     do_jvp, do_vjp = plan.jvp, plan.vjp
     rng = rng_from_key(plan.key, api)
     notes = []
-    with VectorProblem(f, primals, api=api, **plan.problem) as vp:
+    with VectorProblem(f, primals, api=api, precision=opts.precision, chunk_size=opts.chunk_size,
+                       analytic=opts.analytic, **plan.problem) as vp:
         T, rows = _setup_directions(vp, rng, nd)
-        h = vp.relative_step("central", plan.step)
+        h = vp.relative_step("central", opts.step)
         name = short_name(f)
         JT = S_JT = None  # J·t from the JVP, and its measured rounding at the dtypes given
         if do_jvp or (do_vjp and against in ("auto", "jvp")):
@@ -237,7 +239,7 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
                 leaves += _judge_pairs_identity(vp, pairing, JT, plan, h, S_JT=S_JT)
         mode = " + ".join(([f"jvp ({nd} directions per leaf)"] if do_jvp else [])
                           + ([f"vjp ({against})"] if do_vjp else []))
-        rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=plan.strict,
+        rep = make_report(vp, leaves, api=api, mode=mode, stencil="central", step=h, strict=opts.strict,
                           notes=notes, prefixes={"JVP": plan.labels[0], "VJP": plan.labels[1]})
         return rep, do_jvp, do_vjp
 
@@ -246,7 +248,6 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
     """Judge J·t from the JVP (rows: tangents, columns: outputs) against finite differences
     ``fd``; ``S_JT``: its measured rounding at the dtypes given (None: none measured)."""
     nd = plan.directions
-    N, E, Fin = (x.copy() for x in fd)
     g_all = gref(JT, 1.0)
     RT, AT, FL = (np.zeros_like(JT) for _ in range(3))
     GR = {}  # (input leaf, output leaf start) -> g_ref (a dict: empty leaves have no column)
@@ -255,29 +256,22 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
         for ol in vp.out_leaves:
             c = slice(ol.start, ol.stop)
             g = gref(JT[r, c], g_all)
-            lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
+            lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g)
             RT[r, c], AT[r, c], FL[r, c] = lim.rtol, lim.atol, lim.floor
             GR[k, ol.start] = g
     lim = Limits(RT, AT, FL, analytic=0.0 if S_JT is None else policy.ANALYTIC_SAFETY * S_JT)
-    judged = classify(JT, N, E, Fin, lim)
-    bad_rows = suspect_lines(judged, JT, axis=1)
-    if bad_rows.size:
-        r2 = _richardson_rows(vp, bad_rows, plan.step)
+
+    def richardson(rows):
+        r2 = _richardson_rows(vp, rows, plan.opts.step)
         side = (lambda v: v.reshape(-1, v.shape[-1]))
-        refined = Refined(r2.value.ravel(), r2.err.ravel(), r2.finite.ravel(), side(r2.onesided),
-                          side(r2.table), r2.noise.ravel())
-        idx = line_indices(JT.shape, bad_rows, axis=1)
-        refine(judged, JT, idx, refined, lim, imprecise=False)
-        bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
-        rows, cols = np.unravel_index(bad, JT.shape)
-        urows, where = np.unique(rows, return_inverse=True)
-        pick = where * vp.n_out + cols  # (row, output) of each mismatch in a (urows · n_out) estimate
+        return Refined(r2.value.ravel(), r2.err.ravel(), r2.finite.ravel(), side(r2.onesided), side(r2.table),
+                       r2.noise.ravel())
 
-        def central_at(h_rel):
-            est = vp.directional(urows + 1, "central", h_rel)
-            return est.value[pick], vp.sigma[cols] * est.err_round[pick], est.finite[pick]
-
-        step_ladder(judged, JT, bad, central_at, h_rel=h, u=vp.u, floor=np.ravel(FL)[bad])
+    central = line_central(lambda rows, h_rel: vp.directional(rows + 1, "central", h_rel), JT.shape, 1, vp.sigma)
+    # The JVP adapter of the judge: rows are tangents, a suspect row re-estimated whole.
+    ev = Evidence(lambda: tuple(x.copy() for x in fd), richardson=richardson, lines=1, central=central,
+                  imprecise=False, h_rel=h, u=vp.u)
+    judged = judge(JT, lim, ev).judged
     leaves = []
     for k in range(len(vp.dyn)):
         r = slice(k * nd, (k + 1) * nd)
@@ -300,11 +294,27 @@ def _pair_blocks(vp, nd, nc):
             yield k, ol, r, slice(li * nc, (li + 1) * nc), slice(ol.start, ol.stop)
 
 
-def _paired_central(h_rel, *, vp, rows, cols, U, absU, picks):
+def _paired_richardson(vp, first: int, U, absU, cols, ds: np.ndarray, *, step) -> Refined:
+    """Richardson re-estimate of the pairing ⟨u, J t⟩ for directions ``ds`` (bank rows
+    ``first + ds + 1``), every cotangent of ``U`` (restricted to output columns ``cols``)."""
+    r2 = _richardson_rows(vp, first + ds, step)
+    n2 = U @ r2.value[:, cols].T
+    o2 = np.einsum("uj,djs->uds", U, r2.onesided[:, cols, :])
+    tb2 = np.einsum("uj,djs->uds", U, r2.table[:, cols, :])
+    return Refined(
+        n2.ravel(), (absU @ r2.err[:, cols].T).ravel(),
+        np.broadcast_to(np.all(r2.finite[:, cols], axis=1)[None, :], n2.shape).ravel(),
+        o2.reshape(-1, o2.shape[-1]), tb2.reshape(-1, tb2.shape[-1]), (absU @ r2.noise[:, cols].T).ravel())
+
+
+def _paired_central(bad, h_rel, *, vp, first, shape, cols, U, absU):
     """Central differences of the pairing ⟨u, J t⟩ at relative step h_rel, for the step
-    ladder: (value, round-off scale, finite) of the pairs ``picks`` = (cotangent, index
-    into ``rows``), where ``rows`` are bank rows and ``cols`` the output leaf's columns."""
-    us, where = picks
+    ladder: (value, round-off scale, finite) of the pairs at flat indices ``bad`` of a
+    (cotangents, directions) block whose directions are bank rows ``first + 1 …``, and
+    ``cols`` the output leaf's columns."""
+    us, ds = np.unravel_index(bad, shape)
+    uds, where = np.unique(ds, return_inverse=True)
+    rows = first + uds + 1
     est = vp.directional(rows, "central", h_rel)
     v, g, f = (x.reshape(rows.size, vp.n_out)[:, cols] for x in (est.value, est.err_round, est.finite))
     return (U @ v.T)[us, where], (absU @ (g * vp.sigma[cols]).T)[us, where], np.all(f, axis=1)[where]
@@ -325,30 +335,16 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
         fin = np.broadcast_to(np.all(Fin[r, c], axis=1)[None, :], a.shape).copy()
         # Magnitude of the terms of the pairing: its rounding scale for atol.
         g = gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
-        lim = limits(vp, k, ol, plan.rtol, plan.atol, g)
+        lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g)
         if pairing.S is not None:
             lim = dataclasses.replace(lim, analytic=policy.ANALYTIC_SAFETY * pairing.S[k][cu])
-        judged = classify(a, n, err, fin, lim)
-        bad_d = suspect_lines(judged, a, axis=0)
-        if bad_d.size:
-            r2 = _richardson_rows(vp, k * nd + bad_d, plan.step)
-            n2 = Uc @ r2.value[:, c].T
-            o2 = np.einsum("uj,djs->uds", Uc, r2.onesided[:, c, :])
-            tb2 = np.einsum("uj,djs->uds", Uc, r2.table[:, c, :])
-            refined = Refined(
-                n2.ravel(), (absU[cu, c] @ r2.err[:, c].T).ravel(),
-                np.broadcast_to(np.all(r2.finite[:, c], axis=1)[None, :], n2.shape).ravel(),
-                o2.reshape(-1, o2.shape[-1]), tb2.reshape(-1, tb2.shape[-1]),
-                (absU[cu, c] @ r2.noise[:, c].T).ravel())
-            idx = line_indices(a.shape, bad_d, axis=0)
-            refine(judged, a, idx, refined, lim, imprecise=False)
-            bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
-            us, ds = np.unravel_index(bad, a.shape)
-            uds, where = np.unique(ds, return_inverse=True)
-
-            central_at = functools.partial(_paired_central, vp=vp, rows=k * nd + uds + 1, cols=c, U=Uc,
-                                           absU=absU[cu, c], picks=(us, where))
-            step_ladder(judged, a, bad, central_at, h_rel=h, u=vp.u, floor=lim.floor)
+        ev = Evidence(lambda n=n, err=err, fin=fin: (n, err, fin),
+                      richardson=functools.partial(_paired_richardson, vp, k * nd, Uc, absU[cu, c], c,
+                                                   step=plan.opts.step),
+                      lines=0, central=functools.partial(_paired_central, vp=vp, first=k * nd, shape=a.shape,
+                                                         cols=c, U=Uc, absU=absU[cu, c]),
+                      imprecise=False, h_rel=h, u=vp.u)
+        judged = judge(a, lim, ev).judged
         leaves.append(block_report(
             a, judged.num, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
@@ -372,8 +368,10 @@ def _judge_pairs_identity(vp, pairing: _Pairing, JT, plan: Plan, h: float, *, S_
         g = gref(terms, 1.0)
         both = (0.0 if pairing.S is None else pairing.S[k][cu]) + (
             0.0 if S_JT is None else absU[cu, c] @ S_JT[r, c].T)
-        judged = classify(a, b, policy.ANALYTIC_SAFETY * both * np.ones_like(a), np.isfinite(b),
-                          limits(vp, k, ol, plan.rtol, plan.atol, g), imprecise=False)
+        # The identity adapter of the judge: exact on both sides, a cheap pass only.
+        first = (b, policy.ANALYTIC_SAFETY * both * np.ones_like(a), np.isfinite(b))
+        ev = Evidence(lambda first=first: first, imprecise=False)
+        judged = judge(a, limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g), ev).judged
         leaves.append(block_report(
             a, b, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩ transpose",
@@ -434,15 +432,13 @@ def check_vjp(f: Callable, *primals, vjp: Callable | None = None, jvp: Callable 
       True
     """
     api = "jgc.check_vjp"
-    validate.tolerances(api, rtol, atol)
+    opts = validate.options(api, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
+                            chunk_size=chunk_size, analytic=analytic)
     validate.count(api, "num_directions", num_directions)
     validate.count(api, "num_cotangents", num_cotangents)
     if against not in VJP_AGAINST:
         raise ValueError(f"{api}: against must be one of {VJP_AGAINST}, got {against!r}.")
-    validate.analytic(api, analytic)
     plan = Plan(api=api, vjp=True, against=against, user_jvp=jvp, user_vjp=vjp, key=key,
-                directions=num_directions, cotangents=num_cotangents, rtol=rtol, atol=atol, step=step,
-                strict=strict,
-                problem={"argnums": argnums, "has_aux": has_aux, "precision": precision, "chunk_size": chunk_size,
-                         "analytic": analytic})
+                directions=num_directions, cotangents=num_cotangents, options=opts,
+                problem={"argnums": argnums, "has_aux": has_aux})
     return run(f, primals, plan)[0]

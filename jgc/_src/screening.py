@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from . import compare, engine, policy, stencils
+from .judge import Evidence, Limits, judge
 from .statuses import MISMATCH
 
 # Random directions per leaf: a single wrong element fails every direction; for two
@@ -111,8 +112,8 @@ class Directions:
         # The largest rounding of θ + t·v against the smallest allowance (CHEAP_DOTS_SHARE).
         n = sum(m for m, mv in zip(self.sizes, movable) if mv)
         rs = min((t[2] for t, mv in zip(tols, movable) if mv), default=0.0)
-        # 1.65: the noise gain of the Richardson table (stencils.py), the largest of a screen.
-        worst = problem.u * (1 + 4 * self.T) * math.sqrt(max(n, 1)) * 1.65 / self.t_min
+        worst = (problem.u * (1 + 4 * self.T) * math.sqrt(max(n, 1)) * policy.RICHARDSON_NOISE_GAIN
+                 / self.t_min)
         self.ev = engine.DirectionEvaluator(
             # Each leaf's scales are max(|θ_i|, rms of the leaf) (policy.coordinate_scale),
             # so the smallest of them, the rms, rebuilds them on the device: no copy of
@@ -276,9 +277,12 @@ class Directions:
                 idx = short[better]
                 num[idx], err[idx] = e2.value[better], err2[better]
                 a[idx] = ((ds[:, 0] - ds[:, 1]) / (2 * ts))[better]
-        floor = 1e-3 * gv2
-        codes = compare.classify(a, num, err, screen_tol, finite, floor=floor)
-        fails = compare.classify(a, num, err, user_tol, finite, floor=floor) == MISMATCH
+        # The directional adapter of the judge: the screen's estimate is its only look,
+        # against an absolute allowance per test (the screening one, then the user's).
+        floor = policy.inconclusive_floor(gv2)
+        screen = Evidence(lambda: (num, err, finite), imprecise=False)
+        codes = judge(a, Limits(0.0, screen_tol, floor), screen).judged.codes
+        fails = judge(a, Limits(0.0, user_tol, floor), screen).judged.codes == MISMATCH
         bound = screen_tol + err
         diff = np.abs(a - num)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from . import policy
+
 
 @dataclasses.dataclass
 class Estimate:
@@ -86,8 +88,8 @@ def _estimate(stencil: str, j0: float, jv: np.ndarray, hv: np.ndarray) -> Estima
     r1b = _extrapolate(d2, d4, h2, h4, 2)
     r2 = _extrapolate(r1, r1b, h1, h2, 4)  # O(h⁶)
     # The difference of the last two table entries bounds the error of the better
-    # one; the noise gain of the O(h⁶) combination is ≈ 1.6/h.
-    est = Estimate(r2, 1.65 * g1, np.abs(r2 - r1), finite)
+    # one; the noise gain of the O(h⁶) combination is policy.RICHARDSON_NOISE_GAIN/h.
+    est = Estimate(r2, policy.RICHARDSON_NOISE_GAIN * g1, np.abs(r2 - r1), finite)
     fwd1 = (jv[:, 0] - j0) / hv[:, 0]
     bwd1 = (j0 - jv[:, 1]) / hv[:, 1]
     fwd2 = (jv[:, 2] - j0) / hv[:, 2]

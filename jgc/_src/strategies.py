@@ -54,15 +54,16 @@ DEFAULT_BUDGET = 20_000
 PILOT_EVALS = 16
 
 
-def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step, seed, k_dirs, locate, rng):
+def _directional(problem, steps, a_leaves, counts, opts, *, seed, k_dirs, locate, rng):
     """Screen every leaf, localise failures, judge found and sampled elements."""
+    stencil, step = opts.stencil, opts.step
     g_all = max((float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0)) for a in a_leaves), default=0.0)
     movable = [not np.iscomplexobj(x) for x in problem.dyn]
     tols = []
     for k, a in enumerate(a_leaves):
         a_flat = a.ravel()
         g_leaf = float(np.max(np.abs(a_flat[np.isfinite(a_flat)]), initial=0.0))
-        tols.append(tolerances(problem, k, a_flat, rtol, atol, g_leaf if g_leaf > 0 else g_all))
+        tols.append(tolerances(problem, k, a_flat, opts.rtol, opts.atol, g_leaf if g_leaf > 0 else g_all))
     screened = [k for k, mv in enumerate(movable) if mv]
     dirs = Directions(problem, steps, a_leaves, movable=movable, seed=seed, k_dirs=k_dirs, tols=tols,
                       step=step) if screened else None
@@ -111,7 +112,7 @@ def _directional(problem, steps, a_leaves, counts, *, stencil, rtol, atol, step,
             notes.append(f"{problem.paths[k]}: complex leaf, not screened by directions; its "
                          f"{counts[k]} sampled elements were checked individually.")
         lr, _ = judge_elements(problem, steps, a_leaves, k, np.unique(np.concatenate(elems)).astype(np.int64),
-                               stencil=stencil, step=step, rtol=rtol, atol=atol, g_all=g_all, h_rel=h_rel)
+                               opts, g_all=g_all, h_rel=h_rel)
         status = max(STATUS_NAMES.index(lr.status), screen_code)
         if unlocalised is not None and screen_code == MISMATCH and locate == 0:
             a, n, b = unlocalised[:3]
@@ -155,7 +156,8 @@ def _stated_power(problem, steps, dirs, k, *, res, sl, a_flat, tols, h_rel, step
     An element is caught when the screen sees it (``Directions.power``) and when, once
     localised, its individual judgement does: there the allowed difference is atol +
     rtol·|g_i| plus the round-off 8σ/h of the first pass or 8·1.65σ/H of the Richardson
-    refinement at H, whichever is larger (both must fail).
+    refinement at H (1.65: ``policy.RICHARDSON_NOISE_GAIN``), whichever is larger (both
+    must fail).
     """
     rt, at = tols[:2]
     at_idx = typical_and_largest_index(a_flat)
@@ -167,7 +169,7 @@ def _stated_power(problem, steps, dirs, k, *, res, sl, a_flat, tols, h_rel, step
     g = np.abs(a_flat[elems]).astype(np.float64)
     s = problem.scales[k][elems]
     H = steps.relative("richardson", step)
-    gain = max(1.0 / h_rel, 1.65 / H)
+    gain = max(1.0 / h_rel, policy.RICHARDSON_NOISE_GAIN / H)
     alone = (at + rt * g + policy.ROUNDOFF_SAFETY * problem.sigma * gain / s) / g
     per = np.maximum(dirs.power(k, res, sl, elems), alone)
     return float(per[0]), float(per[1])
@@ -196,11 +198,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step, strict, key=0, samples=None,
+def run_mode(problem, steps, a_leaves: list, opts: validate.Options, *, mode, key=0, samples=None,
              directions=None, budget=None, locate=None, **unknown):
-    """Run a non-full mode; see the module docstring and :func:`jgc.check`.
+    """Run a non-full mode with the check's options ``opts``; see the module docstring
+    and :func:`jgc.check`.
 
-    Options: ``key`` (int or JAX PRNG key; default 0) seeds samples and directions;
+    Mode options: ``key`` (int or JAX PRNG key; default 0) seeds samples and directions;
     ``samples`` (int per leaf, or a fraction in (0, 1]); ``directions`` (k per leaf);
     ``budget`` (cost evaluations, for "auto" and "sampled"); ``locate`` (wrong
     elements to isolate per failing leaf).
@@ -217,8 +220,7 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
     budget = validate.count("jgc.check", "budget", budget)
     sizes = [x.size for x in problem.dyn]
     n = sum(sizes)
-    coords = [problem.coordinates(k) for k in range(len(sizes))]
-    kw = {"stencil": stencil, "rtol": rtol, "atol": atol, "step": step, "strict": strict}
+    stencil, step = opts.stencil, opts.step
 
     if mode == "sampled":
         total = None if budget is None else max(len(sizes), budget // 2)  # 2 evaluations per element
@@ -230,7 +232,7 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
                   "checked, so 'detect' is inf for a leaf not checked in full (a typical element "
                   "was most likely not in the sample)."),)
         with progress.attached(problem.counter, 2 * picked + PILOT_EVALS * len(sizes)):
-            rep = judge_all(problem, steps, a_leaves, elems, mode="sampled", notes=notes, **kw)
+            rep = judge_all(problem, steps, a_leaves, elems, opts, mode="sampled", notes=notes)
         # The largest-|g| element is always sampled; a typical one only by chance.
         leaves = tuple(lf if lf.checked == lf.size else dataclasses.replace(lf, detectable_rel=math.inf)
                        for lf in rep.leaves)
@@ -261,8 +263,8 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
         if need <= budget and samples is None:
             notes = (f"auto: full mode, every element checked (≈{need} evaluations ≤ budget {budget}).",)
             with progress.attached(problem.counter, need):
-                return judge_all(problem, steps, a_leaves, [np.arange(x.size) for x in problem.dyn],
-                                 mode="auto (full)", notes=notes, **kw)
+                return judge_all(problem, steps, a_leaves, [np.arange(x.size) for x in problem.dyn], opts,
+                                 mode="auto (full)", notes=notes)
         levels = max(1, math.ceil(math.log(max(max(sizes), 2), LOCALISE_SPLIT)))
         # Set-up already spent, a screen and step pilots per leaf, one localisation.
         overhead = (problem.counter.evaluations + len(sizes) * (SCREEN_EVALS * k_dirs + PILOT_EVALS)
@@ -279,9 +281,8 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
     start = problem.counter.evaluations
     est = len(sizes) * (SCREEN_EVALS * k_dirs + PILOT_EVALS) + 2 * sum(counts)
     with progress.attached(problem.counter, est):
-        leaves, notes, screened, n_groups = _directional(problem, steps, a_leaves, counts, seed=seed, k_dirs=k_dirs,
-                                               locate=locate, rng=rng, stencil=stencil, rtol=rtol,
-                                               atol=atol, step=step)
+        leaves, notes, screened, n_groups = _directional(problem, steps, a_leaves, counts, opts, seed=seed,
+                                                         k_dirs=k_dirs, locate=locate, rng=rng)
     checked = sum(lf.checked for lf in leaves)
     used = problem.counter.evaluations - start
     together = (f" (in {n_groups} groups of consecutive leaves, each along directions over the whole group: "
@@ -302,5 +303,5 @@ def run_mode(problem, steps, a_leaves: list, *, mode, stencil, rtol, atol, step,
         if problem.counter.evaluations > budget:
             head += (f" The check used {problem.counter.evaluations} in all: set-up, screening and "
                      "localisation are not cut to fit a budget this small.")
-    return assemble(problem, leaves, stencil=stencil, step=steps.relative(stencil, step), strict=strict,
+    return assemble(problem, leaves, stencil=stencil, step=steps.relative(stencil, step), strict=opts.strict,
                     mode=mode_name, notes=[head] + notes, cost=problem.j0)

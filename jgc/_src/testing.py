@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-
+from . import validate
 from .api import check
 from .errors import GradCheckError
 from .messages import failure_message, where
@@ -39,13 +38,11 @@ def _paths(paths) -> str:
 
 def _refuse_tracers(name: str, params, args) -> None:
     # Checked here (not only in jgc.check) so the message names this assertion.
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, args))):
-        raise TypeError(
-            f"jgc.testing.{name} got traced values: it was called inside jit, vmap or grad "
-            "(for example inside a function passed to self.variant). A gradient check needs "
-            "concrete numbers. Jit the function under test instead and call the assertion "
-            "outside it: jgc.testing." + name + "(self.variant(loss), params, batch)."
-        )
+    validate.concrete(f"jgc.testing.{name}", (params, args), "", message=(
+        f"jgc.testing.{name} got traced values: it was called inside jit, vmap or grad "
+        "(for example inside a function passed to self.variant). A gradient check needs "
+        "concrete numbers. Jit the function under test instead and call the assertion "
+        "outside it: jgc.testing." + name + "(self.variant(loss), params, batch)."))
 
 
 def assert_grads_close(fn: Callable, params: Any, *args, grad=None,
@@ -216,7 +213,7 @@ def assert_rules_ok(fn: Callable, params: Any, *args, custom_message: str | None
         :class:`jgc.RulesReport`.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from jgc import testing
       >>> testing.assert_rules_ok(lambda w: jnp.sum(jax.nn.relu(w)), jnp.array([0.5, -1.0])).ok
       True

@@ -20,8 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-
+from . import validate
 from .api import check
 from .errors import GradCheckError
 from .messages import failure_message, where
@@ -106,7 +105,7 @@ class CheckedStep:
                 f"select must return (params, loss_args) with loss_args a tuple, got "
                 f"{type(loss_args).__name__}. Wrap a single batch as (batch,)."
             ))
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, loss_args))):
+        if validate.traced((params, loss_args)):
             raise TypeError(_api_error(
                 "the checked step was called inside jit (its arguments are tracers). Jit the "
                 "step first and wrap the jitted one: jgc.with_grad_check(jax.jit(step), loss_fn)."

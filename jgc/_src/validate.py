@@ -1,14 +1,54 @@
-"""Validation of the option values every front door shares: tolerances, counts, steps, argnums.
+"""Validation of the option values every front door shares: the function, traced values,
+precision, tolerances, counts, steps, argnums.
 
 Each validator names the front door (``api``) and the option in its message, so a
-bad value is reported where the user wrote it.
+bad value is reported where the user wrote it. Each rule is written here once; the
+front doors call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import jax
 import numpy as np
+
+from . import compat, policy
+
+# Where the reference side evaluates: "auto" (float64 where the backend has it),
+# "float64" (always), "native" (at the dtypes given).
+PRECISIONS = ("auto", "float64", "native")
+
+
+def function(api: str, name: str, v, expected: str, *, optional: bool = False) -> None:
+    """Refuse a ``v`` that is not callable (None too, unless ``optional``).
+
+    ``expected`` completes "``name`` must be …" (``"callable as f(*args)"``).
+    """
+    if (v is not None or not optional) and not callable(v):
+        raise TypeError(f"{api}: {name} must be {expected}, got {type(v).__name__}.")
+
+
+def traced(tree) -> bool:
+    """Whether any leaf of ``tree`` is a JAX tracer (a value inside jit, vmap or grad)."""
+    return any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def concrete(api: str, tree, hint: str, *, message: str | None = None) -> None:
+    """Refuse traced values in ``tree``: a check needs concrete numbers.
+
+    The message says ``api`` got traced values, then ``hint`` (what to do instead);
+    ``message`` replaces the whole sentence where a front door words it its own way.
+    """
+    if traced(tree):
+        raise TypeError(message or f"{api} got traced values (it was called inside jit, vmap or grad). {hint}")
+
+
+def precision(api: str, v) -> None:
+    """The precision option: one of :data:`PRECISIONS`."""
+    if v not in PRECISIONS:
+        raise ValueError(f"{api}: precision must be one of {PRECISIONS}, got {v!r}.")
 
 
 def _is_number(v) -> bool:
@@ -79,3 +119,45 @@ def argnums(argnums, n: int, api: str) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"{api}: argnums={argnums!r} repeats an argument; list each once.")
     return tuple(sorted(out))
+
+
+def stencil(api: str, v) -> None:
+    """The stencil option: one of ``policy.STENCILS``."""
+    if v not in policy.STENCILS:
+        raise ValueError(f"{api}: stencil must be one of {policy.STENCILS}, got {v!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options every check shares, validated once at its front door.
+
+    One object travels from the front door to the judge and the report instead of the
+    keywords one by one; ``None`` keeps its meaning (chosen by jgc per dtype).
+    """
+
+    api: str  # the front door, named in every message
+    precision: str = "auto"
+    rtol: float | None = None
+    atol: float | None = None
+    step: float | None = None  # relative step h/s
+    strict: bool = False
+    chunk_size: int | None = None
+    analytic: str = "native"
+    stencil: str = "central"
+
+
+
+def options(api: str, **given) -> Options:
+    """Validate the shared options of front door ``api`` once and freeze them.
+
+    ``given``: any fields of :class:`Options`. Tolerances, the analytic side, the
+    stencil and the step are validated here; the precision and the chunk size where
+    the problem is prepared, after the function and its inputs (the order the messages
+    have always come in).
+    """
+    opts = Options(api, **given)
+    if "stencil" in given:
+        stencil(api, opts.stencil)
+    tolerances(api, opts.rtol, opts.atol)
+    analytic(api, opts.analytic)
+    return dataclasses.replace(opts, step=step(api, opts.step))
