@@ -179,7 +179,15 @@ def test_a_flax_block_computing_in_bfloat16_is_no_false_alarm():
     # undecided (with steps sized below the quantum, 2 of 313 elements were).
     assert rep.step > 1e-2, rep
     codes = np.concatenate([np.ravel(lf.codes) for lf in rep.leaves])
-    assert np.mean(codes == 0) > 0.2, rep
+    # Inconclusive elements get a second look over a wider span, fitted on many points:
+    # most are then resolved (85 of 313 were without it). Those that stay undecided are
+    # said to sit on the staircase of the cost's low-precision compute.
+    assert np.mean(codes == 0) > 0.5, rep
+    still = int(np.sum(codes == 1))
+    said = [n for n in rep.notes if "staircase" in n and "low precision inside" in n]
+    assert said and str(rep).count("of 64.") + str(rep).count("of 8.") >= 1, rep.notes
+    assert sum(int(n.rsplit(": ", 1)[1].split(" of ")[0]) for n in rep.notes if "on the staircase" in n
+               or n.startswith("inconclusive elements on a staircase")) == still, rep.notes
 
 
 def test_each_leaf_reports_the_bits_its_gradient_holds():
@@ -287,3 +295,55 @@ def test_a_small_element_of_a_cost_summing_many_terms_is_judged_at_its_own_scale
     leaf = jgc.check(cost, w, mode="full").leaves[0]
     assert leaf.status == "mismatch"
     assert leaf.worst_index == (7,)
+
+
+# -- check_rules: each rule's derivative at the dtypes its call site receives ----------------
+@jax.custom_vjp
+def _tanh_kept(x):
+    return jnp.tanh(x)
+
+
+def _tanh_kept_fwd(x):
+    y = jnp.tanh(x)
+    return y, y
+
+
+def _tanh_kept_bwd(y, g):
+    return ((1 - y**2) * g,)
+
+
+_tanh_kept.defvjp(_tanh_kept_fwd, _tanh_kept_bwd)
+
+
+def test_check_rules_judges_a_rule_at_the_dtypes_its_call_site_receives():
+    # The rule is right in float64 and wrong only for float32 work (its residual saved
+    # in bfloat16): captured at the dtypes the loss runs, the rule is judged there,
+    # against float64 differences of its primal.
+    f, p = BUGS["bfloat16 residual"]
+    rep = jgc.check_rules(f, p)
+    rule = rep.rules[0]
+    assert not rep.ok and rule.status == "mismatch" and rule.name == "_tanh_saving", rep
+    site = rule.sites[0]
+    assert site.report.precision == "float64", site.report  # the reference widened
+    assert any("at the dtypes given (float32)" in n for n in site.report.notes), site.report
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_check_rules_passes_a_correct_rule_at_a_narrow_dtype(dtype):
+    x = X.astype(dtype)
+    rep = jgc.check_rules(lambda p: jnp.sum(_tanh_kept(x @ p) ** 2).astype(jnp.float32), W.astype(dtype))
+    assert rep.ok and [r.status for r in rep.rules] == ["ok"], rep
+    notes = rep.rules[0].sites[0].report.notes
+    assert any(f"at the dtypes given ({jnp.dtype(dtype).name})" in n for n in notes), notes
+
+
+def test_a_fit_over_a_staircase_recovers_the_slope_within_its_bar():
+    # J = 2 + 0.3·t rounded to steps of 1e-2 (a cost computed in low precision): a
+    # two-point difference over 0.05 sees 0 or one quantum; the 64-point fit over the
+    # whole span sees the slope, and its bar covers its error without being vacuous.
+    from jgc._src import staircase
+
+    t = np.linspace(-0.5, 0.5, 64)[None, :]
+    v = np.round((2.0 + 0.3 * t) / 1e-2) * 1e-2
+    slope, bar = staircase.slope_fit(t, v, 3e-3)
+    assert abs(slope[0] - 0.3) <= bar[0] < 0.15, (slope, bar)

@@ -134,3 +134,24 @@ def test_float64_inputs_have_one_side_only():
 def test_analytic_option_is_validated(which):
     with pytest.raises(ValueError, match="analytic must be one of"):
         CHECKS[which](_layer, W, analytic="float16")
+
+
+@pytest.mark.parametrize("which", ["jacobian", "vjp"])
+def test_vector_reports_give_element_lines_and_accuracy_at_the_dtypes_given(which):
+    # The same per-element lines and accuracy figures as jgc.check: the native value,
+    # the reference, the error in ulps of the native dtype; f(x)'s correct bits and
+    # each block's (median/worst against the bits float32 holds).
+    bad = CHECKS[which](_dtype_bug, W)
+    text = str(bad)
+    assert bad.cost_bits == {"bits": pytest.approx(24, abs=2), "dtype": 24}, bad.cost_bits
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("mismatch ") and "native" in ln)
+    assert "(float32), reference" in line and "ulps of float32" in line, line
+    bits = [lf.accurate_bits() for lf in bad.leaves if lf.status == "mismatch"]
+    assert bits and all(b["dtype"] == 24 and b["worst"] < 10 for b in bits), bits  # 1 % off: ~7 bits
+    assert "accuracy at the dtypes given: f(x) holds" in text and "bits per block" in text, text
+    good = CHECKS[which](_layer, W)
+    assert good.cost_bits["bits"] >= 20, good.cost_bits
+    assert all(lf.accurate_bits()["median"] >= 18 for lf in good.leaves
+               if not np.isnan(lf.accurate_bits()["median"])), [lf.accurate_bits() for lf in good.leaves]
+    # The reference precision on both sides has no dtype-given figure.
+    assert CHECKS[which](_layer, W, analytic="reference").cost_bits is None

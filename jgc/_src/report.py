@@ -18,7 +18,8 @@ STATUS_HELP = {
         "the finite-difference error bar is larger than half the derivative itself, so "
         "even a gross error there would pass. Settle it by (a) checking in float64 "
         "(precision='float64'), (b) a larger step, or (c) a point where these "
-        "derivatives are not tiny."
+        "derivatives are not tiny. Where a note says J moves in a staircase, the cost "
+        "computes in low precision inside (bfloat16/float16): compute it in float32 there."
     ),
     "non-smooth": (
         "one-sided differences disagree far beyond their error bars (a kink: relu, abs, "
@@ -246,8 +247,9 @@ class Report:
     compile_seconds: float = 0.0
     programs: int = 0
     # Where the analytic side ran at the dtypes given: the correct bits of the cost J itself
-    # there, against the reference's J ({"bits", "dtype"}; see jgc.check), next to each
-    # leaf's LeafReport.accurate_bits() for its gradient; None otherwise.
+    # there, against the reference's J ({"bits", "dtype"}; see jgc.check), or of f(x) for
+    # the Jacobian, JVP, VJP and HVP checks, next to each leaf's (block's)
+    # LeafReport.accurate_bits() for its derivatives; None otherwise.
     cost_bits: Any = None
 
     # ---- summaries -------------------------------------------------------------
@@ -389,14 +391,15 @@ def _why(status: str, bound: float, twin_off: bool = False) -> str:
             f"tolerance of the leaf's dtype (allowed ±{_g(bound, 0)}): precision lost, not a wrong value")
 
 
-def _element_lines(leaves) -> list[str]:
+def _element_lines(leaves, native: bool = False) -> list[str]:
     """One line per imprecise element (the first few), and per mismatched one where the
-    analytic side ran at the dtypes given: which status fired and why, the native value,
-    the float64 twin's, the reference and the error in ulps of the native dtype."""
+    analytic side ran at the dtypes given (``native``, or a leaf with twin values): which
+    status fired and why, the native value, the float64 twin's (where it was evaluated),
+    the reference and the error in ulps of the native dtype."""
     out, more = {"imprecise": [], "mismatch": []}, {"imprecise": 0, "mismatch": 0}
     for lf in leaves:
         for status, code in (("mismatch", MISMATCH), ("imprecise", IMPRECISE)):
-            if status == "mismatch" and lf.twin is None:
+            if status == "mismatch" and lf.twin is None and not native:
                 continue
             for j in np.flatnonzero(lf.codes == code):
                 if len(out[status]) == IMPRECISE_SHOWN:
@@ -404,6 +407,11 @@ def _element_lines(leaves) -> list[str]:
                     continue
                 idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
                 a, n = lf.analytic[j], lf.numeric[j]
+                if lf.twin is None and native:
+                    out[status].append(
+                        f"  {status} {lf.name}{idx}: native {_g(a, 0)} ({lf.dtype}), reference {_g(n, 0)}: off by "
+                        f"{ulps(a - n, n, lf.dtype):.3g} ulps of {lf.dtype}; {_why(status, float(lf.bound[j]))}.")
+                    continue
                 if lf.twin is None:
                     rel = abs(a - n) / abs(n) if n != 0 else math.inf
                     out[status].append(f"  imprecise {lf.name}{idx}: analytic {_g(a, 0)} vs reference "
@@ -487,13 +495,16 @@ def format_report(r: Report) -> str:
         if status == "mismatch" and "mismatch" in seen and any(
                 np.any(~np.isfinite(lf.analytic[lf.codes == MISMATCH])) for lf in r.leaves):
             lines.append(f"  mismatch, non-finite analytic: {NONFINITE_ANALYTIC_HELP}")
-    lines += _element_lines(order)
+    lines += _element_lines(order, native=bool(r.cost_bits))
     if r.cost_bits:
         per = [f"{lf.name} {b['median'] + 0.0:.0f}/{b['worst'] + 0.0:.0f} of {b['dtype']}"
                for lf in order[:4] for b in [lf.accurate_bits()] if not math.isnan(b["median"])]
-        lines.append(f"  accuracy at the dtypes given: the cost J holds {r.cost_bits['bits']:.0f} of "
+        scalar = r.api == "jgc.check"
+        lines.append(f"  accuracy at the dtypes given: {'the cost J' if scalar else 'f(x)'} holds "
+                     f"{r.cost_bits['bits']:.0f} of "
                      f"{r.cost_bits['dtype']} bits"
-                     + (f"; its gradient's bits per leaf (median/worst): {', '.join(per)}"
+                     + (f"; {'its gradient' + chr(39) + 's' if scalar else 'the derivatives' + chr(39)} bits per "
+                        f"{'leaf' if scalar else 'block'} (median/worst): {', '.join(per)}"
                         + (", ... (LeafReport.accurate_bits())" if len(order) > 4 else "") if per else "") + ".")
     for note in r.notes:
         lines.append(f"  note: {note}")

@@ -164,8 +164,32 @@ def make_report(vp, leaves: list, *, api, mode, stencil, step, strict, notes=(),
     """A vector check's Report: its judged blocks, the primal-output blocks, its skipped inputs and outputs."""
     leaves = list(leaves) + primal_blocks(vp, prefixes or {})
     skipped = tuple(vp.skipped) + tuple((p, f"output {d}") for p, d in vp.out_skipped)
-    return assemble(vp, leaves, stencil=stencil, step=step, strict=strict, mode=mode, notes=notes,
-                    skipped=skipped, noise=float(np.max(vp.sigma, initial=0.0)), api=api)
+    report = assemble(vp, leaves, stencil=stencil, step=step, strict=strict, mode=mode, notes=notes,
+                      skipped=skipped, noise=float(np.max(vp.sigma, initial=0.0)), api=api)
+    view = getattr(vp, "native_view", None)
+    if view is None:
+        return report
+    # The derivatives ran at the dtypes given: the correct bits of f(x) there against the
+    # reference's, as jgc.check gives for its cost J (each block's own bits are its
+    # LeafReport.accurate_bits()).
+    try:
+        with view.scope():
+            y = np.asarray(view.F(view.dyn, view.argarr))
+    except Exception:  # noqa: BLE001 - f at the dtypes given failed here: no figure
+        return report
+    return dataclasses.replace(report, cost_bits=correct_bits(y, vp.y0, view.u))
+
+
+def correct_bits(native, reference, u: float) -> dict:
+    """{"bits", "dtype"}: the correct bits of values computed at a dtype of unit round-off
+    ``u`` (float32: 24 bits held), normwise against the reference, capped at those held."""
+    held = round(-math.log2(u))  # float32: u = 2^-24, 24 bits; bfloat16: 8
+    native, reference = np.ravel(np.asarray(native)), np.ravel(np.asarray(reference))
+    keep = np.isfinite(native) & np.isfinite(reference)
+    scale = float(np.linalg.norm(reference[keep])) or float(np.linalg.norm(native[keep]))
+    rel = float(np.linalg.norm(native[keep] - reference[keep])) / scale if scale > 0 else 0.0
+    bits = float(min(held, max(0.0, -math.log2(max(rel, 2.0 ** -held))))) if math.isfinite(rel) else 0.0
+    return {"bits": bits, "dtype": held}
 
 
 def with_native_figures(report: Report, native, j_ref: float, twin: Callable[[], dict]) -> Report:
@@ -180,10 +204,6 @@ def with_native_figures(report: Report, native, j_ref: float, twin: Callable[[],
     """
     if native is None:
         return report
-    held = round(-math.log2(native.u))  # float32: u = 2^-24, 24 bits; bfloat16: 8
-    scale = abs(j_ref) or abs(native.value)
-    rel = abs(native.value - j_ref) / scale if scale > 0 else 0.0
-    bits = float(min(held, max(0.0, -math.log2(max(rel, 2.0 ** -held))))) if math.isfinite(rel) else 0.0
     flagged = {id(lf) for lf in report.leaves if np.any(np.isin(lf.codes, (MISMATCH, IMPRECISE)))}
     values = None
     if flagged:
@@ -196,7 +216,7 @@ def with_native_figures(report: Report, native, j_ref: float, twin: Callable[[],
         if values is not None and id(lf) in flagged and lf.path in values else lf
         for lf in report.leaves)
     ok, _ = verdict(leaves, report.strict)
-    return dataclasses.replace(report, leaves=leaves, ok=ok, cost_bits={"bits": bits, "dtype": held})
+    return dataclasses.replace(report, leaves=leaves, ok=ok, cost_bits=correct_bits(native.value, j_ref, native.u))
 
 # The reference's error bar is an estimate (8σ/h plus a Richardson truncation term), good
 # for a verdict on the analytic side; a claim that the program itself is wrong gets 4

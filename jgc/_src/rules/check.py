@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import compat, trees
-from .surrogates import (_library_approximate, _library_intended, _user_approximate, _user_intended,
-                         with_solver_tolerance)
+from .surrogates import _library_approximate, _library_intended, _user_approximate, _user_intended
 from ..jacobian import check_jacobian
 from ..names import function_name
 from ..preparation import as_given_note, precision_scope, refused_widening
@@ -82,9 +81,13 @@ class _Prepared:
     # forward mode, where a left-out entry's tangent is dropped; in reverse mode its zero
     # cotangent times the rule's infinite derivative there would be NaN.
     masked_outputs: bool = False
+    # The check's precision: the one asked where the site was also traced at the
+    # reference's precision (the rule at the dtypes given, the differences there), else
+    # "native" (both at the captured dtypes).
+    precision: str = "native"
 
 
-def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list):
+def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list, wide=None):
     """The rule at one call site as a function of its varying operands, vmapped over calls.
 
     ``ops`` are every operand (stacked over calls); those at positions ``varying`` are
@@ -92,8 +95,15 @@ def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list):
     its mask is False, which keep their captured value (an infinite bound, a buffer
     entry the parameters never reach: constants of the check). Only the outputs at
     positions ``outs`` are returned.
+
+    ``wide``: the same call site's equation traced at the reference's precision. Called
+    with operands at other dtypes than ``eqn`` was traced at (the reference widens
+    them), the rule is bound from ``wide`` instead, its held operands cast to its
+    dtypes (exactly: they were captured at the narrower dtypes given); at the dtypes
+    given it runs as the program runs.
     """
     prim = eqn.primitive
+    given = [v.aval.dtype for v in eqn.invars]
     # An operand held fixed that is the same in every captured call is not batched: a
     # rule that branches on it (Equinox's runtime checks on a flag) keeps its branch.
     same = [pos not in varying and all(np.array_equal(np.asarray(x[0]), np.asarray(x[i])) for i in range(1, len(x)))
@@ -104,10 +114,15 @@ def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list):
     masks = {pos: jnp.asarray(m) for pos, m in partial.items()}
 
     def one(base, mask, var):
+        bound = eqn
+        if wide is not None and any(var[j].dtype != given[pos] for j, pos in enumerate(varying)):
+            bound = wide
+            base = [b.astype(v.aval.dtype) if hasattr(v.aval, "dtype") and b.dtype != v.aval.dtype else b
+                    for b, v in zip(base, wide.invars)]
         full = list(base)
         for j, pos in enumerate(varying):
             full[pos] = jnp.where(mask[pos], var[j], base[pos]) if pos in mask else var[j]
-        out = compat.bind(eqn, *full)
+        out = compat.bind(bound, *full)
         out = tuple(out) if prim.multiple_results else (out,)
         return tuple(out[i] for i in outs)
 
@@ -153,11 +168,14 @@ def _value(x) -> str:
     return ", ".join(str(float(np.real(u))) for u in v[:3])
 
 
-def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | None = None) -> _Prepared | SiteReport:
+def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | None = None,
+             wide: tuple | None = None) -> _Prepared | SiteReport:
     """One site ready to check, or its report when there is nothing to compare.
 
     ``moved`` maps an operand position to the entries (stacked over the captured calls)
-    that changed when the parameters moved; the others are held fixed.
+    that changed when the parameters moved; the others are held fixed. ``wide``: (the
+    site's equation traced at the reference's precision, the precision asked), or None
+    (see :func:`_wide_twins`).
     """
     base = _site_base(site)
     if not site.calls:
@@ -213,7 +231,7 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
                                  "path is non-finite at the captured calls")
     explicit = [jnp.where(partial[pos], ops[pos], 0) if pos in partial else ops[pos] for pos in varying]
     coords = sum(int(x.size) for x in explicit)
-    f = _site_function(eqn, ops, varying, partial, outs)
+    f = _site_function(eqn, ops, varying, partial, outs, wide=wide[0] if wide else None)
     # Outputs non-finite at the captured calls (a masked branch, an infinite fill value)
     # have no derivative there: those entries are held out of the comparison, per entry.
     at = [np.asarray(y) for y in f(*explicit)]
@@ -231,7 +249,8 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
                                      "path is non-finite at the captured calls")
         f = _finite_outputs(f, keep, {i: finite_out[i] for i in partial_out})
     return _Prepared(key, site, kind, caps, explicit, [names[pos - nc] for pos in varying], f, coords,
-                     len(keep), held_text, masked_outputs=bool(partial_out))
+                     len(keep), held_text, masked_outputs=bool(partial_out),
+                     precision=wide[1] if wide else "native")
 
 
 def _finite_outputs(f, keep: list, masks: dict):
@@ -280,11 +299,12 @@ def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
     """Check one call site alone: every Jacobian entry when small, random directions when large."""
     if prep.coordinates <= FULL_JACOBIAN_COORDINATES:
         mode = "fwd" if prep.masked_outputs and prep.kind == "custom_jvp" else "auto"
-        rep = check_jacobian(prep.f, *prep.explicit, precision="native", mode=mode, **options)
+        rep = check_jacobian(prep.f, *prep.explicit, precision=prep.precision, mode=mode, **options)
     elif prep.kind == "custom_jvp":
-        rep = check_jvp(prep.f, *prep.explicit, precision="native", key=key, **options)
+        rep = check_jvp(prep.f, *prep.explicit, precision=prep.precision, key=key, **options)
     else:
-        rep = check_vjp(prep.f, *prep.explicit, precision="native", against="numerical", key=key, **options)
+        rep = check_vjp(prep.f, *prep.explicit, precision=prep.precision, against="numerical", key=key,
+                        **options)
     return _verdict(prep, rep, rep.leaves)
 
 
@@ -294,7 +314,7 @@ def _check_together(preps: list, options: dict) -> dict:
 
     The sites are independent functions of disjoint operands, so the Jacobian of all
     of them together is block diagonal: the off-diagonal blocks are zero on both sides
-    and each site is judged on its own diagonal blocks.
+    and each site is judged on its own diagonal blocks. They share one precision.
     """
     spans, outs, lo, o = [], [], 0, 0
     for prep in preps:
@@ -310,7 +330,8 @@ def _check_together(preps: list, options: dict) -> dict:
         return tuple(res)
 
     all_sites.__qualname__ = "custom rules"
-    rep = check_jacobian(all_sites, *[x for p in preps for x in p.explicit], precision="native", **options)
+    rep = check_jacobian(all_sites, *[x for p in preps for x in p.explicit], precision=preps[0].precision,
+                         **options)
     found = {}
     for prep, (a, b), (oa, ob) in zip(preps, spans, outs):
         mine = [lf for lf in rep.leaves
@@ -436,7 +457,7 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     widen, scope = precision_scope(precision, orig_dtypes, notes)
     try:
         rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands, primitives=primitives)
+                            all_operands=all_operands, primitives=primitives, precision=precision)
     except (TypeError, compat.TypePromotionError) as e:
         # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
         refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
@@ -451,30 +472,109 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
 
 
 def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key,
-              all_operands: bool, primitives: str = "user") -> list:
-    """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``."""
+              all_operands: bool, primitives: str = "user", precision: str = "auto") -> list:
+    """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``.
+
+    Where the check widens narrower params or data (float32, bfloat16), the operands
+    are captured as the program runs: at the dtypes given, under the caller's own x64
+    setting, so each rule's JVP or VJP is judged at the dtypes it really receives (a
+    backward that saves its residual in bfloat16 only for float32 work is caught). The
+    loss is traced once more at the reference's precision, inside ``scope``: each call
+    site found there lends its equation to the finite differences (:func:`_wide_twins`),
+    and tells which operand entries move with the parameters (a bfloat16 parameter
+    moved by 1e-4 of itself would not move at all).
+    """
+    given = [np.dtype(x.dtype) for x in list(dyn) + list(trees.split_args(args)[1]) if trees.is_inexact_array(x)]
+    if not (widen and any(d != trees.wide_dtype(d) for d in given)):
+        with scope:
+            cap = _capture(fn, split, dyn, args, widen=widen, all_operands=all_operands, primitives=primitives)
+            with sequential_callbacks():
+                return _judge(cap.col, options, key, cap.eager, cap.paths, cap.moved) \
+                    + _primitive_rules(cap.col, options, key, cap.paths)
+    cap = _capture(fn, split, dyn, args, widen=False, all_operands=True, primitives=primitives)
     with scope:
-        if widen:
-            dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
-        dyn = [jnp.asarray(x) for x in dyn]
-        p = split.combine(dyn)
-        # Floating data is widened with the params, as in jgc.check (one precision inside fn).
-        rebuild_args, argarr = trees.split_args(args, widen=widen)
-        args = rebuild_args(argarr)
-        # Only array leaves are traced; the rest (an Equinox module's strings and
-        # functions, Python numbers) stays static, as in every evaluation of jgc.check.
-        closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
-        col = _Collector(PrimitiveWatch(primitives) if primitives != "none" else None)
-        col.discover(closed.jaxpr)
-        col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
-        paths, moved = None, {}
-        if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
-            n_args = len(closed.jaxpr.invars) - len(dyn)
-            paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
-            moved = _moved_entries(col, closed, dyn, list(argarr))
-        with sequential_callbacks():
-            return _judge(col, options, key, lambda: _eager_calls(fn, p, args), paths, moved) \
-                + (check_primitive_rules(col.watch, options, key, paths) if col.watch is not None else [])
+        wide = _capture(fn, split, dyn, args, widen=True, all_operands=all_operands)
+    twins = _wide_twins(cap.col, wide.col, precision)
+    moved = {k: wide.moved[w[2]] for k, w in twins.items() if w[2] in wide.moved}
+    paths = None
+    if not all_operands:
+        n_args = len(cap.closed.jaxpr.invars) - len(cap.dyn)
+        paths = differentiated_paths(cap.closed.jaxpr, [True] * len(cap.dyn) + [False] * n_args)
+    with sequential_callbacks():
+        return _judge(cap.col, options, key, cap.eager, paths, moved,
+                      wide={k: w[:2] for k, w in twins.items()}, precision=precision) \
+            + _primitive_rules(cap.col, options, key, paths)
+
+
+def _primitive_rules(col: _Collector, options: dict, key, paths: Paths | None) -> list:
+    """The verdicts on the rules registered on the primitives the collector watched (none without a watch)."""
+    return check_primitive_rules(col.watch, options, key, paths) if col.watch is not None else []
+
+
+@dataclasses.dataclass
+class _Captured:
+    """One trace of the loss and the operands its rules received (see :func:`_capture`)."""
+
+    closed: Any
+    col: _Collector
+    dyn: list
+    paths: Paths | None
+    moved: dict
+    eager: Callable[[], list]
+
+
+def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bool,
+             primitives: str = "none") -> _Captured:
+    """Trace the loss at params leaves ``dyn`` (widened with ``widen``) and record every rule's operands."""
+    if widen:
+        dyn = [x.astype(trees.wide_dtype(x.dtype)) for x in dyn]
+    dyn = [jnp.asarray(x) for x in dyn]
+    p = split.combine(dyn)
+    # Floating data is widened with the params, as in jgc.check (one precision inside fn).
+    rebuild_args, argarr = trees.split_args(args, widen=widen)
+    args = rebuild_args(argarr)
+    # Only array leaves are traced; the rest (an Equinox module's strings and
+    # functions, Python numbers) stays static, as in every evaluation of jgc.check.
+    closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
+    col = _Collector(PrimitiveWatch(primitives) if primitives != "none" else None)
+    col.discover(closed.jaxpr)
+    col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
+    paths, moved = None, {}
+    if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
+        n_args = len(closed.jaxpr.invars) - len(dyn)
+        paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
+        moved = _moved_entries(col, closed, dyn, list(argarr))
+    return _Captured(closed, col, dyn, paths, moved, lambda: _eager_calls(fn, p, args))
+
+
+def _wide_twins(col: _Collector, wide: _Collector, precision: str) -> dict:
+    """Per call site of ``col`` (captured at the dtypes given): (its equation in ``wide``,
+    the trace at the reference's precision; ``precision``; the site's key there).
+
+    Sites are matched by rule, call site, enclosing constructs and operand shapes. Only
+    a site whose every floating operand is widened there (to float64) gets a twin: its
+    rule then runs at the captured dtypes and the finite differences of its primal at
+    the reference's. A site without one (a rule that branches on the dtype into other
+    rules, code that fixes its own dtypes) is checked at the captured dtypes on both
+    sides, as before.
+    """
+    def shapes(eqn):
+        return tuple(tuple(getattr(v.aval, "shape", ())) for v in eqn.invars)
+
+    index = {(rkey, s.at, s.under, shapes(s.eqn)): (s, skey) for rkey, r in wide.rules.items()
+             for skey, s in r.sites.items()}
+    out = {}
+    for rkey, r in col.rules.items():
+        for skey, s in r.sites.items():
+            found = index.get((rkey, s.at, s.under, shapes(s.eqn)))
+            if found is None:
+                continue
+            w = found[0].eqn
+            pairs = [(np.dtype(a.aval.dtype), np.dtype(b.aval.dtype)) for a, b in zip(s.eqn.invars, w.invars)
+                     if hasattr(a.aval, "dtype") and jnp.issubdtype(a.aval.dtype, jnp.inexact)]
+            if any(d != a for a, d in pairs) and all(d == trees.wide_dtype(a) for a, d in pairs):
+                out[(rkey, skey)] = (w, precision, (rkey, found[1]))
+    return out
 
 
 # Relative size of the move of the parameters that tells which operand entries depend
@@ -528,8 +628,13 @@ def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
 
 
 def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None,
-           moved: dict) -> list:
-    """Check every call site: small ones together, large ones alone, each rule's verdict from its sites."""
+           moved: dict, *, wide: dict | None = None, precision: str = "native") -> list:
+    """Check every call site: small ones together, large ones alone, each rule's verdict from its sites.
+
+    ``wide``: per site, (its equation at the reference's precision, the precision asked)
+    where its operands were captured at narrower dtypes given (see :func:`_rules_of`).
+    """
+    wide = wide or {}
     verdicts, small, retrace = {}, [], []
     intended_by = {}
     for rkey, r in col.rules.items():
@@ -545,7 +650,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                                                 "jgc.check_rules does not step through")
                 continue
             try:
-                prep = _prepare(k, s, r.kind, paths, moved.get(k))
+                prep = _prepare(k, s, r.kind, paths, moved.get(k), wide.get(k))
             except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands)
                 prep = _error(s, e)
             if isinstance(prep, SiteReport):
@@ -559,11 +664,11 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                 except Exception as e:  # noqa: BLE001 (the rule itself raised: an error for this rule only)
                     verdicts[k] = _error(prep, e)
                     retrace.append(prep)
-    if small:
+    for group in ([p for p in small if p.precision == c] for c in dict.fromkeys(p.precision for p in small)):
         try:
-            verdicts.update(_check_together(small, options))
+            verdicts.update(_check_together(group, options))
         except Exception:  # noqa: BLE001 (one site's rule raised: check each alone, so only it is an error)
-            for prep in small:
+            for prep in group:
                 try:
                     verdicts[prep.key] = _check_one(prep, options, key)
                 except Exception as e:  # noqa: BLE001 (as above)
@@ -575,7 +680,8 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
         for prep in leaked:
             r = col.rules[prep.key[0]]
             try:
-                verdicts[prep.key] = _check_eager(prep.site, r.primal, calls, options)
+                verdicts[prep.key] = _check_eager(prep.site, r.primal, calls, options,
+                                                  precision if wide else "native")
             except Exception as e:  # noqa: BLE001 (as above)
                 verdicts[prep.key] = _error(prep, e)
     out = []
@@ -591,8 +697,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
             out.append(RuleReport(**base, status="intended", reason=reason, sites=sites, calls=calls))
         else:
             sites = tuple(verdicts[(rkey, skey)] for skey in r.sites)
-            approx = _user_approximate(r.primal) or with_solver_tolerance(
-                _library_approximate(r.primal, r.rule), [s.eqn.params for s in r.sites.values()])
+            approx = _user_approximate(r.primal) or _library_approximate(r.primal, r.rule)
             if approx:
                 sites = tuple(_as_approximate(s, *approx) for s in sites)
             out.append(RuleReport.from_sites(base, sites, calls))

@@ -81,8 +81,14 @@ def _matches(obj, primal: Where) -> bool:
         span[1] <= primal.line <= span[2]
 
 
-def _check_eager(site: _Site, primal: Where, eager: list, options: dict) -> SiteReport:
-    """Check a rule that closes over traced values on the Python object called in an eager run."""
+def _check_eager(site: _Site, primal: Where, eager: list, options: dict, precision: str = "native") -> SiteReport:
+    """Check a rule that closes over traced values on the Python object called in an eager run.
+
+    ``precision``: that of the check; the operands are as the eager run received them
+    (at the dtypes given where check_rules captured them so), and the object, called
+    again, runs at any dtype, so its rule runs at theirs and the differences at the
+    reference's precision.
+    """
     base = _site_base(site)
     mine = [(o, a, k) for o, a, k in eager if _matches(o, primal)]
     if not mine:
@@ -98,7 +104,7 @@ def _check_eager(site: _Site, primal: Where, eager: list, options: dict) -> Site
     for obj, a, k in picks:
         nondiff = set(getattr(obj, "nondiff_argnums", ()) or ())
         nums = tuple(i for i in range(len(a)) if i not in nondiff)
-        rep = check_jacobian(lambda *x, obj=obj, k=k: obj(*x, **k), *a, argnums=nums, precision="native",
+        rep = check_jacobian(lambda *x, obj=obj, k=k: obj(*x, **k), *a, argnums=nums, precision=precision,
                              **options)
         reports.append(rep)
         if not rep.ok:
