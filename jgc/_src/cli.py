@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .api import check
-from .preparation import OutputFormError, drop_aux
+from .preparation import PRECISIONS, OutputFormError, drop_aux
 from .rules import check_rule, check_rules
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--directions", type=int, help="random directions per leaf (mode directional)")
     chk.add_argument("--seed", type=int, help="seed of the sampled / random directions")
     chk.add_argument("--stencil", choices=("central", "forward", "central4", "richardson", "complex"))
-    chk.add_argument("--precision", choices=("auto", "float64", "native"))
+    chk.add_argument("--precision", choices=PRECISIONS)
     chk.add_argument("--analytic", choices=("native", "reference"),
                      help="where the gradient runs: at the dtypes given (default) or at the reference's precision")
     chk.add_argument("--rtol", type=float)
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: jgc rules mymodel:loss --params mymodel:init_params --args mymodel:batch",
     )
     _add_inputs(rls)
-    rls.add_argument("--precision", choices=("auto", "float64", "native"))
+    rls.add_argument("--precision", choices=PRECISIONS)
     rls.add_argument("--rtol", type=float)
     rls.add_argument("--atol", type=float)
     rls.add_argument("--step", type=float, help="relative step h/s")
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "'order 2' 'symbolic zeros'")
     one.add_argument("--explore", action="store_true", help="also check at −x, 10⁻²·x, 10²·x, 0 and ±1")
     one.add_argument("--seed", type=int, help="seed of every random tangent, cotangent and lane")
-    one.add_argument("--precision", choices=("auto", "float64", "native"))
+    one.add_argument("--precision", choices=PRECISIONS)
     one.add_argument("--rtol", type=float)
     one.add_argument("--atol", type=float)
     one.add_argument("--step", type=float, help="relative step h/s")
