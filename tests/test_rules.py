@@ -758,7 +758,7 @@ def test_a_right_rule_with_an_infinite_output_entry_is_not_called_wrong():
 
 
 def _library_or_skip(name):
-    return pytest.importorskip(name, reason=f"{name} is an optional library (bench_libraries.py runs it)")
+    return pytest.importorskip(name, reason=f"{name} is an optional library (bench_real_rules.py runs it)")
 
 
 def test_known_library_surrogates_are_intended_at_the_checked_versions():

@@ -1,25 +1,29 @@
 """The judge: from analytic values and finite-difference estimates to a status per element.
 
-One sequence serves every check, scalar costs and vector functions alike:
+One driver, :func:`judge`, runs the same sequence for every check, scalar costs and
+vector functions alike:
 
 1. a cheap pass classifies every element against atol + rtol·max(|a|, |n|) plus the
    error the method can explain (``compare.classify``);
 2. elements that fail it are re-estimated with a Richardson table (steps h, 2h, 4h),
    whose one-sided differences feed the kink test, and re-classified; the refined
-   figures are spliced back in place of the cheap ones (:func:`refine`).
+   figures are spliced back in place of the cheap ones (:func:`refine`);
+3. confirmed mismatches take a step ladder (is the numerical value stable in h?);
+4. derivatives too small for central differences to resolve take a complex-step probe.
 
-A scalar cost's leaf (:func:`judge_leaf`) then takes two further looks that only a
-scalar cost affords: a step ladder on confirmed mismatches (is the numerical value
-stable in h?) and a complex-step probe of derivatives too small for central
-differences to resolve.
-
-The Jacobian, JVP, VJP and HVP checks judge entries in blocks, one output leaf against
-one input leaf, each with its own :func:`limits`.
+Each side supplies its evidence through :class:`Evidence` (the cheap pass, Richardson,
+central differences at a step, the complex step; each look but the first optional),
+so the sides are adapters: a scalar cost's leaf (:func:`judge_leaf`: every look), a
+Jacobian's columns (``jacobian``), JVP rows and VJP pairings (``products``; the
+transpose identity takes the cheap pass only) and the directional screen
+(``screening``: its one estimate). The vector checks judge entries in blocks, one
+output leaf against one input leaf, each with its own :func:`limits`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,6 +33,7 @@ from . import compare, policy, staircase, stencils, vector_native
 from .report import LeafReport, Report
 from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, OK
 from .summary import assemble, summarize
+from .validate import Options
 
 
 @dataclasses.dataclass
@@ -74,7 +79,7 @@ def limits(vp, k: int, ol, rtol, atol, g_ref) -> Limits:
     """
     d = vector_native.analytic_dtype(vp, k, ol)
     rt, at = policy.default_tolerances(d, g_ref, rtol, atol)
-    return Limits(rt, at, 1e-3 * g_ref)
+    return Limits(rt, at, policy.inconclusive_floor(g_ref))
 
 
 @dataclasses.dataclass
@@ -135,6 +140,105 @@ def refine(judged: Judged, a, idx: np.ndarray, est: Refined, lim: Limits, *, imp
         getattr(judged, name).flat[at] = getattr(new, name)[sel]
 
 
+# -- the driver --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ComplexStep:
+    """The complex-step evidence of a side that has it (a scalar cost's real leaf)."""
+
+    at: Callable  # (flat element indices, relative step h) -> stencils.Estimate of Im J(θ + ih)/h
+    h: float  # the complex step's relative step
+    u: float  # the reference's unit round-off
+    unresolved: Callable  # (count, error bars) -> None: says so when the cost is not complex-safe
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """What one side of a check can supply to :func:`judge`; every look but the first optional.
+
+    A side is an adapter of this interface: a scalar cost's leaf, a Jacobian's columns,
+    JVP rows, VJP pairings. Arrays are shaped like the analytic values ``a``; flat
+    indices are row-major into them.
+    """
+
+    # The cheap pass: () -> (num, err, finite), the numerical values, the error the
+    # method can explain, and whether every J value behind them was finite.
+    cheap: Callable
+    # Richardson re-estimates (steps h, 2h, 4h, one-sided values for the kink test where
+    # the side has them): suspects -> Refined, in the order of their flat indices. The
+    # suspects are flat indices, or with ``lines`` the columns (0) or rows (1) that hold
+    # one, re-estimated whole.
+    richardson: Callable | None = None
+    lines: int | None = None
+    # Central differences for the step ladder: (flat indices, relative step h) ->
+    # (value, round-off scale σ·gain, finite) of those elements.
+    central: Callable | None = None
+    complex_step: ComplexStep | None = None
+    imprecise: bool = True  # also flag precision lost under atol (see classify)
+    h_rel: float = 0.0  # the cheap pass's relative step: the ladder starts below it
+    u: float = 0.0  # the reference's unit round-off: the ladder stops at its balancing step
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What :func:`judge` found: the figures, and which elements Richardson re-estimated."""
+
+    judged: Judged
+    refined_at: np.ndarray  # flat indices re-estimated (empty when none was)
+    refined: Refined | None  # their re-estimate
+
+
+def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
+    """Judge analytic values ``a`` on evidence ``ev``: classify → refine → ladder → complex probe.
+
+    1. the cheap pass classifies every element (:func:`classify`); ``lim`` may be a
+       callable (num, finite) -> Limits where the tolerance depends on that pass;
+    2. elements that fail it (or the lines holding them) are re-estimated with
+       Richardson and the kink test, and the refined figures spliced in (:func:`refine`);
+    3. confirmed mismatches take the step ladder (:func:`step_ladder`);
+    4. tiny derivatives central differences cannot resolve take the complex step.
+
+    Each look runs only where the side supplies its evidence.
+    """
+    num, err, finite = ev.cheap()
+    lim = lim(num, finite) if callable(lim) else lim
+    judged = classify(a, num, err, finite, lim, imprecise=ev.imprecise)
+    idx, est = np.zeros(0, np.int64), None
+    if ev.richardson is not None:
+        if ev.lines is None:
+            cand = idx = suspects(judged, a)
+        else:
+            cand = suspect_lines(judged, a, axis=ev.lines)
+            idx = line_indices(np.shape(a), cand, axis=ev.lines) if cand.size else idx
+        if cand.size:
+            est = ev.richardson(cand)
+            refine(judged, a, idx, est, lim, imprecise=ev.imprecise)
+            if ev.central is not None:
+                bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
+                step_ladder(judged, a, bad, functools.partial(ev.central, bad), h_rel=ev.h_rel, u=ev.u,
+                            floor=lim.at(bad).floor)
+    if ev.complex_step is not None:
+        _complex_probe(ev.complex_step, a, judged, lim)
+    return Verdict(judged, idx, est)
+
+
+def line_central(estimate: Callable, shape: tuple, out_axis: int, sigma: np.ndarray) -> Callable:
+    """The ladder's central differences for a block judged by lines (see ``Evidence.lines``).
+
+    The block has the outputs along ``out_axis``; ``estimate(lines, h)`` gives the central
+    differences of whole lines at relative step h, (lines · outputs) flat; ``sigma``: the
+    noise of each output.
+    """
+    def central(bad, h):
+        idx = np.unravel_index(bad, shape)
+        out, line = idx[out_axis], idx[1 - out_axis]
+        lines, where = np.unique(line, return_inverse=True)
+        pick = where * shape[out_axis] + out  # (line, output) of each element in the estimate
+        est = estimate(lines, h)
+        return est.value[pick], sigma[out] * est.err_round[pick], est.finite[pick]
+
+    return central
+
+
 # -- a scalar cost's leaf -----------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -157,16 +261,59 @@ def _fold(est: stencils.Estimate, sigma: float, m: int, is_c: bool):
 
 
 def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: Plan):
-    """Estimate, compare and refine the elements behind real coordinates ``coords`` of leaf k.
+    """Judge the elements behind real coordinates ``coords`` of leaf k: the scalar adapter.
 
     ``a``: their analytic values (complex leaves: both halves of each element are in
-    ``coords``). Returns (elements, Judged, one-sided slopes of refined elements or None).
+    ``coords``). The evidence: the cheap pass with ``plan.stencil``, Richardson with
+    one-sided values (real leaves) where the cheap pass is not Richardson already, the
+    ladder's central differences (real leaves) and the complex step (real leaves,
+    unless the cheap pass took it). Returns (elements, Judged, one-sided slopes of
+    refined elements or None).
     """
     x = problem.dyn[k]
     m, is_c = x.size, np.iscomplexobj(x)
     elems = np.unique(coords % m)
-    num, err, finite = _fold(problem.estimate(k, coords, plan.stencil, plan.h_rel), problem.sigma,
-                             elems.size, is_c)
+
+    def cheap():
+        return _fold(problem.estimate(k, coords, plan.stencil, plan.h_rel), problem.sigma, elems.size, is_c)
+
+    def richardson(cand):
+        sel = elems[cand]
+        rich = problem.estimate(k, np.concatenate([sel, sel + m]) if is_c else sel, "richardson",
+                                steps.relative("richardson", plan.step))
+        value, e2, f2 = _fold(rich, problem.sigma, sel.size, is_c)
+        if is_c:
+            return Refined(value, e2, f2)
+        return Refined(value, e2, f2, rich.onesided, rich.table,
+                       problem.sigma * rich.err_round / policy.RICHARDSON_NOISE_GAIN)
+
+    def central(bad, h):
+        est = problem.estimate(k, elems[bad], "central", h)
+        return est.value, problem.sigma * est.err_round, est.finite
+
+    ev = Evidence(
+        cheap, richardson=None if plan.stencil == "richardson" else richardson,
+        central=None if is_c else central, h_rel=plan.h_rel, u=problem.u,
+        complex_step=None if is_c or plan.stencil == "complex" else ComplexStep(
+            lambda idx, h: problem.estimate(k, elems[idx] % m, "complex", h), steps.relative("complex", None),
+            problem.u, functools.partial(_unresolved_note, problem, k)))
+    verdict = judge(a, lambda num, finite: _leaf_limits(problem, k, elems, a, plan, num=num, finite=finite), ev)
+    if not is_c and plan.step is None and staircase.noisy(steps):
+        # A cost quantised inside (bfloat16 compute): inconclusive elements get steps that span the staircase.
+        j = verdict.judged
+        still = staircase.span(problem, k, elems, a, j, _leaf_limits(problem, k, elems, a, plan, num=j.num,
+                               finite=j.finite), h_rel=plan.h_rel)
+        if still:
+            staircase.add_note(problem.notes, problem.paths[k], still, elems.size,
+                               float(problem.sigma) / abs(float(np.real(problem.j0))))
+    refined = verdict.refined
+    onesided = None if refined is None or refined.onesided is None else (verdict.refined_at, refined.onesided)
+    return elems, verdict.judged, onesided
+
+
+def _leaf_limits(problem, k: int, elems: np.ndarray, a: np.ndarray, plan: Plan, *, num, finite) -> Limits:
+    """The limits of elements ``elems`` of leaf k, whose cheap pass gave ``num`` (``finite``)."""
+    is_c = np.iscomplexobj(problem.dyn[k])
     adtype = problem.orig_dtypes[k] if a.dtype == problem.orig_dtypes[k] else a.dtype
     rt, at = policy.default_tolerances(adtype, plan.g_ref, plan.rtol, plan.atol)
     spread = getattr(problem, "analytic_spread", None)
@@ -184,50 +331,19 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
         # 32·u of its own reference value.
         at = np.maximum(at, policy.default_atol_factor(adtype) * problem.cost_cancellation
                         * np.where(finite, np.abs(num), 0.0))
-    lim = Limits(rt, at, 1e-3 * plan.g_ref, float(np.finfo(adtype).tiny),
-                 0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems])
-    judged = classify(a, num, err, finite, lim)
-    onesided = None
-    # Refine only what failed the cheap pass: Richardson over h, 2h, 4h for an error
-    # estimate with truncation, plus one-sided differences for the kink test.
-    cand = suspects(judged, a)
-    if cand.size and plan.stencil != "richardson":
-        sel = elems[cand]
-        rc = np.concatenate([sel, sel + m]) if is_c else sel
-        rich = problem.estimate(k, rc, "richardson", steps.relative("richardson", plan.step))
-        value, e2, f2 = _fold(rich, problem.sigma, sel.size, is_c)
-        refined = Refined(value, e2, f2)
-        if not is_c:
-            refined = Refined(value, e2, f2, rich.onesided, rich.table, problem.sigma * rich.err_round / 1.65)
-            onesided = (cand, rich.onesided)
-        refine(judged, a, cand, refined, lim)
-        if not is_c:
-            bad = cand[judged.codes[cand] == MISMATCH]
-
-            def central_at(h):
-                est = problem.estimate(k, elems[bad], "central", h)
-                return est.value, problem.sigma * est.err_round, est.finite
-
-            step_ladder(judged, a, bad, central_at, h_rel=plan.h_rel, u=problem.u, floor=lim.floor)
-    if not is_c and plan.stencil != "complex":
-        _complex_probe(problem, steps, k, elems, a, judged, lim=lim)
-    if not is_c and plan.step is None and staircase.noisy(steps):
-        # A cost quantised inside (bfloat16 compute): inconclusive elements get steps that span the staircase.
-        still = staircase.span(problem, k, elems, a, judged, lim, h_rel=plan.h_rel)
-        if still:
-            staircase.add_note(problem.notes, problem.paths[k], still, elems.size,
-                               float(problem.sigma) / abs(float(np.real(problem.j0))))
-    return elems, judged, onesided
+    return Limits(rt, at, policy.inconclusive_floor(plan.g_ref), float(np.finfo(adtype).tiny),
+                  0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems])
 
 
-def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, *, stencil: str,
-                   step: float | None, rtol: float | None, atol: float | None, g_all: float,
+def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, opts: Options, *, g_all: float,
                    h_rel: float | None = None) -> tuple[LeafReport, float]:
     """Judge elements ``elems`` of leaf k individually and summarise them: (LeafReport, h/s).
 
-    ``g_all`` stands in for the leaf's largest |g| when that is 0; ``h_rel`` is the
-    first pass's relative step (default: calibrated on the leaf's pilots).
+    ``opts``: the check's options (stencil, step, tolerances); ``g_all`` stands in for
+    the leaf's largest |g| when that is 0; ``h_rel`` is the first pass's relative step
+    (default: calibrated on the leaf's pilots).
     """
+    stencil, step = opts.stencil, opts.step
     a_full = a_leaves[k].ravel()
     g_leaf = float(np.max(np.abs(a_full[np.isfinite(a_full)]), initial=0.0))
     g_ref = g_leaf if g_leaf > 0 else g_all
@@ -246,25 +362,23 @@ def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, *,
     a = a_full[elems]
     if is_c and not np.iscomplexobj(a):
         a = a.astype(np.complex128)
-    plan = Plan(stencil, h_rel, step, rtol, atol, g_ref)
+    plan = Plan(stencil, h_rel, step, opts.rtol, opts.atol, g_ref)
     elems, judged, onesided = judge_leaf(problem, steps, k, coords, a, plan)
     return summarize(a, judged.num, judged.bound, judged.codes, indices=elems, onesided=onesided, error=judged.err,
                      step=float(np.median(h_rel * problem.scales[k][elems])), **where), h_rel
 
 
-def judge_all(problem, steps, a_leaves: list, elems: list, *, stencil: str, step: float | None,
-              rtol: float | None, atol: float | None, strict: bool, mode: str, notes=()) -> Report:
-    """Judge elements ``elems[k]`` of every leaf k and assemble the report."""
+def judge_all(problem, steps, a_leaves: list, elems: list, opts: Options, *, mode: str, notes=()) -> Report:
+    """Judge elements ``elems[k]`` of every leaf k with options ``opts`` and assemble the report."""
     g_all = max((float(np.max(np.abs(a), initial=0.0)) for a in a_leaves), default=0.0)
     g_all = g_all if np.isfinite(g_all) else 0.0
     leaves, h = [], []
     for k, e in enumerate(elems):
-        leaf, h_rel = judge_elements(problem, steps, a_leaves, k, e, stencil=stencil, step=step,
-                                     rtol=rtol, atol=atol, g_all=g_all)
+        leaf, h_rel = judge_elements(problem, steps, a_leaves, k, e, opts, g_all=g_all)
         leaves.append(leaf)
         h.append(h_rel)
-    return assemble(problem, leaves, stencil=stencil, step=float(np.median(h)), strict=strict, mode=mode,
-                    notes=notes, cost=problem.j0)
+    return assemble(problem, leaves, stencil=opts.stencil, step=float(np.median(h)), strict=opts.strict,
+                    mode=mode, notes=notes, cost=problem.j0)
 
 
 # Elements per leaf probed with the complex step (1 evaluation each, plus 2 at the
@@ -273,7 +387,7 @@ def judge_all(problem, steps, a_leaves: list, elems: list, *, stencil: str, step
 COMPLEX_PROBES = 256
 
 
-def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) -> None:
+def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
     """Resolve tiny derivatives that central differences cannot, with the complex step.
 
     An element hidden under the absolute tolerance (|a| ≤ atol) whose central
@@ -296,20 +410,18 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
         return
     if cand.size > COMPLEX_PROBES:
         cand = cand[np.linspace(0, cand.size - 1, COMPLEX_PROBES).astype(np.int64)]
-    m = problem.dyn[k].size
     a_flat = np.abs(np.asarray(a))
     good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol))
     check_at = good[np.argsort(-a_flat[good])[:2]]
     if check_at.size == 0:
         return  # nothing resolved to validate the complex step against
-    h = steps.relative("complex", None)
-    rows = np.concatenate([elems[check_at], elems[cand]]) % m
+    h = cs.h
     try:
         with np.errstate(all="ignore"):
-            e1 = problem.estimate(k, rows, "complex", h)
-            e3 = problem.estimate(k, elems[cand] % m, "complex", 3.0 * h)
+            e1 = cs.at(np.concatenate([check_at, cand]), h)
+            e3 = cs.at(cand, 3.0 * h)
     except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
-        _unresolved_note(problem, k, np.count_nonzero(unresolved), err[cand])
+        cs.unresolved(np.count_nonzero(unresolved), err[cand])
         return
     v = np.concatenate([e1.value, e3.value])
     fin = np.concatenate([e1.finite, e3.finite])
@@ -317,12 +429,12 @@ def _complex_probe(problem, steps, k, elems, a, judged: Judged, *, lim: Limits) 
     # Complex-safe only if the probe reproduces the resolved elements.
     if not np.all(fin[: check_at.size]) or np.any(
             np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
-        _unresolved_note(problem, k, np.count_nonzero(unresolved), err[cand])
+        cs.unresolved(np.count_nonzero(unresolved), err[cand])
         return
     # Rounding of the imaginary part is relative to the terms summed for that element,
     # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
     # round-off safety) measures it; 16u|v| covers a chain of complex operations.
-    e_c = policy.ROUNDOFF_SAFETY * np.abs(v1 - v3) + 16.0 * problem.u * np.abs(v1)
+    e_c = policy.ROUNDOFF_SAFETY * np.abs(v1 - v3) + 16.0 * cs.u * np.abs(v1)
     ok_fin = fin[check_at.size: check_at.size + cand.size] & fin[check_at.size + cand.size:]
     rel = rt * np.maximum(np.abs(a[cand]), np.abs(v1))
     at_c = np.ravel(at)[cand] if np.ndim(at) else at

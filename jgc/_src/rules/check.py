@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import compat, trees
-from .surrogates import _library_approximate, _library_intended, _user_approximate, _user_intended
+from .surrogates import (_library_approximate, _library_intended, _user_approximate, _user_intended,
+                         with_solver_tolerance)
 from ..jacobian import check_jacobian
 from ..names import function_name
 from ..preparation import as_given_note, precision_scope, refused_widening
@@ -697,7 +698,8 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
             out.append(RuleReport(**base, status="intended", reason=reason, sites=sites, calls=calls))
         else:
             sites = tuple(verdicts[(rkey, skey)] for skey in r.sites)
-            approx = _user_approximate(r.primal) or _library_approximate(r.primal, r.rule)
+            approx = _user_approximate(r.primal) or with_solver_tolerance(
+                _library_approximate(r.primal, r.rule), [s.eqn.params for s in r.sites.values()])
             if approx:
                 sites = tuple(_as_approximate(s, *approx) for s in sites)
             out.append(RuleReport.from_sites(base, sites, calls))

@@ -11,7 +11,9 @@ recognised by where its primal is defined.
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 from collections.abc import Callable
 
 from ..names import short_name
@@ -103,7 +105,7 @@ _APPROXIMATE: dict[tuple[str, str], list[tuple[int, int, float, str]]] = {}
 
 # Relative error allowed to a library rule that is approximate by construction (a
 # continuous adjoint, an implicit rule at a solver tolerance) when no tolerance is
-# declared: the adjoints of benchmarks/bench_libraries.py (diffrax BacksolveAdjoint at
+# declared: the adjoints of benchmarks/bench_real_rules.py (diffrax BacksolveAdjoint at
 # dt = 0.1, optimistix and jaxopt at their tolerances) stay below 1e-4, and a 1 %
 # error in a term of the rule is ten times above it, so it is still called a mismatch.
 LIBRARY_APPROXIMATE_TOL = 1e-3
@@ -180,3 +182,104 @@ def _library_approximate(primal: Where, rule: Where) -> tuple[float, str] | None
         return LIBRARY_APPROXIMATE_TOL, ("jaxopt's implicit differentiation (custom_root / custom_fixed_point) "
                                          "is right to the solver's tolerance (jaxopt docs, Implicit differentiation)")
     return None
+
+
+# -- the tolerance of the solver behind an approximate rule ------------------------------------------
+# The objects searched for a solver's tolerance: at most this deep below a rule's
+# parameters, and this many in all. Equinox keeps a rule's static arguments in the
+# nodes of a flattened tree, one level per node: optimistix's solver sits about 40
+# levels down; the bound on objects keeps a pathological rule cheap (searched only for
+# the few rules known to be approximate).
+_SEARCH_DEPTH, _SEARCH_OBJECTS = 64, 20000
+# Programs, values and arrays hold no solver: not searched.
+_NOT_SOLVERS = ("jax._src.core", "jax._src.array", "jaxlib", "numpy")
+
+
+def solver_tolerance(root) -> tuple[float, float | None, str] | None:
+    """(rtol, atol, the solver's type name) of the first solver found below ``root``, or None.
+
+    A solver is an object with numeric ``rtol`` and ``atol`` (diffrax's step-size
+    controllers, optimistix's and lineax's iterative solvers) or ``tol`` (jaxopt's
+    solvers). ``root`` is a rule's parameters: functions (closures, partials, JAX's
+    wrapped functions and their static arguments), containers and objects are searched.
+    """
+    seen: set[int] = set()
+    stack = [(root, 0)]
+    while stack and len(seen) < _SEARCH_OBJECTS:
+        obj, depth = stack.pop(0)
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool, type)) or id(obj) in seen \
+                or depth > _SEARCH_DEPTH or type(obj).__module__.startswith(_NOT_SOLVERS):
+            continue
+        seen.add(id(obj))
+        try:  # properties of arbitrary objects may raise (an empty JAX store): skip those objects
+            found = _tolerance_of(obj)
+            if found is not None:
+                return found
+            stack.extend((x, depth + 1) for x in _children(obj))
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return None
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 else None
+
+
+def _tolerance_of(obj) -> tuple[float, float | None, str] | None:
+    name = type(obj).__name__
+    rtol, atol = _number(getattr(obj, "rtol", None)), _number(getattr(obj, "atol", None))
+    if rtol is not None and atol is not None:
+        return rtol, atol, name
+    tol = _number(getattr(obj, "tol", None))
+    if tol is not None and hasattr(obj, "maxiter"):  # jaxopt's solvers
+        return tol, None, name
+    return None
+
+
+def _children(obj):
+    if isinstance(obj, types.FunctionType):
+        for cell in obj.__closure__ or ():
+            try:
+                yield cell.cell_contents
+            except ValueError:
+                continue
+    elif isinstance(obj, functools.partial):
+        yield obj.func
+        yield from obj.args
+        yield from obj.keywords.values()
+    elif isinstance(obj, (tuple, list, set, frozenset)):
+        yield from obj
+    elif isinstance(obj, dict):
+        yield from obj.values()
+    elif type(obj).__name__ == "WrappedFun":  # JAX's: static arguments live in its transforms
+        yield obj.f
+        yield getattr(obj, "transforms", ())
+        yield getattr(obj, "params", ())
+    elif type(obj).__name__ == "PyTreeDef":  # static parts of a flattened tree live in its nodes' data
+        yield obj.node_data()
+        yield from obj.children()
+    elif type(obj).__name__ == "Unhashable":
+        yield obj.val
+    elif hasattr(obj, "__dict__") and not isinstance(obj, types.ModuleType):
+        yield from vars(obj).values()
+
+
+# A solve's derivative carries about the solve's own relative error: an adaptive solve's
+# global error is a few times its local tolerance, so 10 × rtol is allowed. Never less
+# than LIBRARY_APPROXIMATE_TOL (a tight solver, rtol = 1e-10, is right to what the finite
+# differences resolve, and its rule was measured within that allowance).
+SOLVER_TOL_FACTOR = 10
+
+
+def with_solver_tolerance(approx: tuple[float, str] | None, params: list) -> tuple[float, str] | None:
+    """A library's (tolerance, reason) with the tolerance of the solver found in its rule's ``params``."""
+    if approx is None:
+        return None
+    tol, reason = approx
+    for p in params:
+        found = solver_tolerance(p)
+        if found is not None:
+            rtol, atol, name = found
+            told = f"{name} rtol={rtol:g}" + (f", atol={atol:g}" if atol is not None else "")
+            return max(tol, SOLVER_TOL_FACTOR * rtol), f"{reason}; solver tolerance {told}"
+    return tol, f"{reason}; no solver tolerance found (a constant step size, or none readable)"
