@@ -113,16 +113,20 @@ def suite_commands(name: str, ns) -> tuple[list, Path, dict, str]:
 
 def run_suite(name: str, ns) -> dict:
     args, cwd, env, package = suite_commands(name, ns)
+    for item in ns.k:
+        suite, _, expr = item.partition("=")
+        if suite == name:
+            args = [a for i, a in enumerate(args) if a != "-k" and (i == 0 or args[i - 1] != "-k")] + ["-k", expr]
     report = cwd / "rules.json"
     common = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:jgc", *args]
     print(f":: {name}: without the plugin", flush=True)
     plain = run(common, cwd, env)
     print(f":: {name}: with --jgc-rules={package}", flush=True)
     scanned = run(common + ["-p", "jgc.pytest_plugin", f"--jgc-rules={package}", f"--jgc-report={report}",
-                            f"--jgc-budget={ns.budget:g}"], cwd, env)
+                            f"--jgc-budget={ns.budget:g}", f"--jgc-points={ns.points}"], cwd, env)
     rules = json.loads(report.read_text())["rules"] if report.exists() else []
     cmd = " ".join(["python -m pytest -q -p no:cacheprovider -p jgc.pytest_plugin", f"--jgc-rules={package}",
-                    *[a.replace(str(ROOT), ".") for a in args]])
+                    f"--jgc-points={ns.points}", *[repr(a) if " " in a else a for a in args]])
     return {"suite": name, "package": package, "command": cmd, "plain": plain, "scanned": scanned, "rules": rules,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flax-src", default="/tmp/flax-0.12.8")
     ap.add_argument("--equinox-src", default="/tmp/equinox-src")
     ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--points", type=int, default=3, help="--jgc-points")
+    ap.add_argument("-k", dest="k", nargs="*", default=[], metavar="SUITE=EXPR",
+                    help="a pytest -k expression for a suite, e.g. jax='Relu or Softmax'")
     ap.add_argument("--report-only", action="store_true", help="remake scan.md from scan.json")
     ap.add_argument("--merge", nargs="*", default=[], help="more scan.json files whose suites to add")
     ns = ap.parse_args(argv)

@@ -376,7 +376,8 @@ class Recorder:
         if kwargs:
             return  # keyword-only arguments: the rule cannot be called as f(*args)
         try:
-            concrete = jax.tree_util.tree_map(_concrete_leaf, args)
+            with jax.transfer_guard("allow"):  # reading lane 0 under vmap copies to the host
+                concrete = jax.tree_util.tree_map(_concrete_leaf, args)
         except _NotConcrete:
             r.traced += 1
             missed = getattr(self._local, "missed", None)
