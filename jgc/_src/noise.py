@@ -9,8 +9,9 @@ A kink (relu, abs, max) crossed by the line also leaves large k-th differences, 
 piecewise-linear network has many kinks. We therefore probe several short lines in
 independent random directions and take the median of their estimates: a kink spoils
 the lines that cross it, not the median. A ReLU network with many units and samples
-has kinks so close to θ that most lines cross one (a hidden unit 4e-7 from its switch
-point, the line 9e-5 long), and its slope change, not rounding, then sets the median.
+has kinks so close to θ that most lines cross one (the MLP of tests/test_kinks.py:
+5 of 7 lines switch a unit within 1.2e-6·s of θ, the line is 9e-5·s long), and their
+slope changes, not rounding, then set the median.
 Kink roughness is localised where rounding noise is not: between kinks J is smooth, so
 only the few differences whose span holds a kink are large, while rounding noise
 leaves every difference of the same size. So the probe also takes a robust estimate,
@@ -69,7 +70,7 @@ MEDIAN_ABS = 0.6745
 # 10 differences of one output of a vector probe, never (in 2e5 draws) above 3 for the
 # 28 differences of the scalar probe; 16 leaves a margin for heavier-tailed rounding
 # across the ≈1e5 outputs of a big Jacobian. A kink dominates by far more: the slope
-# change of one hidden unit of the ReLU MLP in tests/test_numerics.py gives a ratio of
+# change of one hidden unit of the ReLU MLP in tests/test_kinks.py gives a ratio of
 # ≈1e4.
 CONCENTRATED = 16.0
 
