@@ -185,6 +185,7 @@ class Verdict:
     judged: Judged
     refined_at: np.ndarray  # flat indices re-estimated (empty when none was)
     refined: Refined | None  # their re-estimate
+    limits: Limits  # the limits judged against (from the cheap pass where they depend on it)
 
 
 def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
@@ -218,7 +219,7 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
                             floor=lim.at(bad).floor)
     if ev.complex_step is not None:
         _complex_probe(ev.complex_step, a, judged, lim)
-    return Verdict(judged, idx, est)
+    return Verdict(judged, idx, est, lim)
 
 
 def line_central(estimate: Callable, shape: tuple, out_axis: int, sigma: np.ndarray) -> Callable:
@@ -300,9 +301,7 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
     verdict = judge(a, lambda num, finite: _leaf_limits(problem, k, elems, a, plan, num=num, finite=finite), ev)
     if not is_c and plan.step is None and staircase.noisy(steps):
         # A cost quantised inside (bfloat16 compute): inconclusive elements get steps that span the staircase.
-        j = verdict.judged
-        still = staircase.span(problem, k, elems, a, j, _leaf_limits(problem, k, elems, a, plan, num=j.num,
-                               finite=j.finite), h_rel=plan.h_rel)
+        still = staircase.span(problem, k, elems, a, verdict.judged, verdict.limits, h_rel=plan.h_rel)
         if still:
             staircase.add_note(problem.notes, problem.paths[k], still, elems.size,
                                float(problem.sigma) / abs(float(np.real(problem.j0))))
