@@ -56,7 +56,7 @@ OPTAX_MODULES = ["_src/utils_test.py", "projections/_projections_test.py", "loss
 JAX_FILES = ["nn_test.py", "lax_scipy_special_functions_test.py"]
 FLAX_FILES = ["tests/linen/linen_transforms_test.py", "tests/nnx/transforms_test.py"]
 FLAX_K = "vjp or jvp or grad"
-EQUINOX_FILES = ["tests/test_ad.py", "tests/test_errors.py", "tests/test_nontraceable.py", "tests/test_debug.py"]
+EQUINOX_FILES = ["tests/test_ad.py", "tests/test_nontraceable.py"]
 
 # Each flag reviewed by hand: (suite, rule name) -> what it is.
 REVIEWS: dict[tuple[str, str], str] = {}

@@ -128,14 +128,19 @@ def _fixture_module():
 
 
 def test_the_recorder_restores_every_original_object():
+    from jax._src import api
     from jax._src import custom_derivatives as cd
 
-    before = (cd.custom_jvp.__call__, cd.custom_vjp.__call__, jax.grad, jax.vjp, jax.jacrev, jax.hessian)
+    def now():
+        return (cd.custom_jvp.__call__, cd.custom_vjp.__call__, jax.grad, jax.vjp, jax.jacrev, jax.hessian, api.jvp,
+                api.vjp)
+
+    before = now()
     rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])
     rec.install()
-    assert jax.grad is not before[2]
+    assert jax.grad is not before[2] and api.vjp is not before[-1]
     rec.restore()
-    assert (cd.custom_jvp.__call__, cd.custom_vjp.__call__, jax.grad, jax.vjp, jax.jacrev, jax.hessian) == before
+    assert all(a is b for a, b in zip(now(), before))
 
 
 def test_the_recorder_captures_eager_grad_vmap_and_jit_calls_and_changes_no_result():

@@ -254,11 +254,17 @@ class Recorder:
             original = cls.__dict__["__call__"]
             self._saved.append((cls, "__call__", original))
             cls.__call__ = self._call_wrapper(original, kind, eqx=cls.__module__.startswith("equinox"))
+        from jax._src import api
+
         for name in DERIVATIVE_TRANSFORMS:
             original = getattr(jax, name, None)
-            if original is not None:
-                self._saved.append((jax, name, original))
-                setattr(jax, name, self._transform_wrapper(original, name))
+            if original is None:
+                continue
+            wrapper = self._transform_wrapper(original, name)
+            for owner in (jax, api):
+                if getattr(owner, name, None) is original:
+                    self._saved.append((owner, name, original))
+                    setattr(owner, name, wrapper)
         self.active = True
 
     def restore(self) -> None:
