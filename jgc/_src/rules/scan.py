@@ -469,13 +469,25 @@ def _worse(a: str, b: str) -> str:
     return min(a, b, key=lambda s: STATUSES.index(s) if s in STATUSES else len(STATUSES))
 
 
+def _combined(a: str | None, b: str) -> str:
+    """A rule's status over its points: wrong or raising anywhere wins; else a point checked beats one not."""
+    if a is None:
+        return b
+    if "not checked" in (a, b) and {a, b} - {"mismatch", "error", "not checked"}:
+        return next(s for s in (a, b) if s != "not checked")
+    return _worse(a, b)
+
+
 def _check_point(r: _Seen, p: _Point, options: dict) -> dict:
     """One captured call through :func:`jgc.check_rule`: status, the checks that ran, the worst element."""
     try:
         rep = check_rule(p.f, *p.args, nondiff_argnums=p.nondiff, **options)
     except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands: an error)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return {"status": "error", "reason": f"{type(e).__name__}: {msg}", "checks": {}, "worst": None}
+        # A point where the primal itself is not finite (xlog1py at y = -1) has no derivative
+        # to compare: that point is not checked, and the rule's other points still are.
+        status = "not checked" if "non-finite" in msg else "error"
+        return {"status": status, "reason": f"{type(e).__name__}: {msg}", "checks": {}, "worst": None}
     rr = rep.rules[0]
     checks = {}
     for s in rr.sites:
@@ -521,7 +533,7 @@ def check_recorded(rec: Recorder, *, budget: float, points: int = 3, options: di
             p = r.points[round_]
             one = _check_point(r, p, options)
             res["points"].append({"operands": p.shapes, "captured": p.how, "status": one["status"]})
-            res["status"] = one["status"] if res["status"] is None else _worse(res["status"], one["status"])
+            res["status"] = _combined(res["status"], one["status"])
             for c, s in one["checks"].items():
                 res["checks"][c] = _worse(res["checks"][c], s) if c in res["checks"] else s
             if one["worst"] is not None and res["worst"] is None:
