@@ -214,6 +214,7 @@ def test_a_float64_tail_is_resolved_by_the_complex_step_or_said_unresolved():
     assert unsafe.ok and not unsafe.leaves[0].elements("imprecise"), unsafe
     said = [n for n in unsafe.notes if "smaller than float64 central differences resolve" in n]
     assert said and "not complex-safe" in said[0], unsafe.notes
+    assert "<root>[0] (analytic 0, error bar" in said[0], said  # the element, by name
 
 
 def test_each_flagged_element_says_what_fired_with_native_twin_and_reference_values():

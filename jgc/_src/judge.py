@@ -148,7 +148,8 @@ class ComplexStep:
     at: Callable  # (flat element indices, relative step h) -> stencils.Estimate of Im J(θ + ih)/h
     h: float  # the complex step's relative step
     u: float  # the reference's unit round-off
-    unresolved: Callable  # (count, error bars) -> None: says so when the cost is not complex-safe
+    # (count, error bars, their elements' positions) -> None: says so when the cost is not complex-safe
+    unresolved: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +298,7 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
         central=None if is_c else central, h_rel=plan.h_rel, u=problem.u,
         complex_step=None if is_c or plan.stencil == "complex" else ComplexStep(
             lambda idx, h: problem.estimate(k, elems[idx] % m, "complex", h), steps.relative("complex", None),
-            problem.u, functools.partial(_unresolved_note, problem, k)))
+            problem.u, functools.partial(_unresolved_note, problem, k, elems=elems, a=a)))
     verdict = judge(a, lambda num, finite: _leaf_limits(problem, k, elems, a, plan, num=num, finite=finite), ev)
     if not is_c and plan.step is None and staircase.noisy(steps):
         # A cost quantised inside (bfloat16 compute): inconclusive elements get steps that span the staircase.
@@ -420,7 +421,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
             e1 = cs.at(np.concatenate([check_at, cand]), h)
             e3 = cs.at(cand, 3.0 * h)
     except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
-        cs.unresolved(np.count_nonzero(unresolved), err[cand])
+        cs.unresolved(np.count_nonzero(unresolved), err[cand], cand)
         return
     v = np.concatenate([e1.value, e3.value])
     fin = np.concatenate([e1.finite, e3.finite])
@@ -428,7 +429,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
     # Complex-safe only if the probe reproduces the resolved elements.
     if not np.all(fin[: check_at.size]) or np.any(
             np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
-        cs.unresolved(np.count_nonzero(unresolved), err[cand])
+        cs.unresolved(np.count_nonzero(unresolved), err[cand], cand)
         return
     # Rounding of the imaginary part is relative to the terms summed for that element,
     # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
@@ -444,17 +445,29 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
     codes[idx] = IMPRECISE
 
 
-def _unresolved_note(problem, k: int, count: int, err: np.ndarray) -> None:
+def _unresolved_note(problem, k: int, count: int, err: np.ndarray, at: np.ndarray, *, elems: np.ndarray,
+                     a: np.ndarray) -> None:
     """Say plainly, for a float64 leaf, that some of its tiny derivatives are below what
     central differences resolve and the cost is not complex-safe: they pass by the
-    absolute tolerance only (a tail rounded to 0, σ' at 40 = 4e-18, looks the same)."""
+    absolute tolerance only (a tail rounded to 0, σ' at 40 = 4e-18, looks the same).
+    The first few such elements are named, each with its analytic value and error bar
+    (``at``: their positions among ``elems``, whose analytic values are ``a``)."""
     if problem.orig_dtypes[k] != np.float64 or count == 0:
         return
+    shape, m = tuple(problem.dyn[k].shape), max(problem.dyn[k].size, 1)
+    named = [f"{problem.paths[k]}{[int(i) for i in np.unravel_index(int(elems[j]) % m, shape)]} "
+             f"(analytic {float(np.real(a[j])):.2g}, error bar {float(e):.1e})"
+             for j, e in zip(np.asarray(at)[:UNRESOLVED_NAMED], np.asarray(err)[:UNRESOLVED_NAMED])]
     problem.notes.append(
         f"{count} element(s) of {problem.paths[k]} are smaller than float64 central differences "
         f"resolve (error bar ≈ {float(np.median(err)):.1e}; σ' at 40 is 4e-18) and the cost is not "
         "complex-safe, so the complex step could not resolve them: they pass by the leaf's absolute "
-        "tolerance only, and a derivative rounded to 0 there would pass too.")
+        "tolerance only, and a derivative rounded to 0 there would pass too: "
+        + "; ".join(named) + ("; ..." if count > len(named) else "") + ".")
+
+
+# Elements named in the note on float64 elements that nothing resolves (the rest counted).
+UNRESOLVED_NAMED = 5
 
 
 # Rungs of the step ladder: h/4, h/16, ... down to the step that balances the dtype's

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from . import compare, compat, noise, policy
+from . import compare, compat, noise
 from .statuses import INCONCLUSIVE, OK
 
 # Offsets per element on the wide span: 64 average the rounding of the staircase by
@@ -72,7 +72,7 @@ def slope_fit(t: np.ndarray, values: np.ndarray, sigma: float) -> tuple[np.ndarr
         span = float(np.max(np.abs(x))) or 1.0
         z = x / span  # a well-conditioned basis on [-1, 1]
         full = np.vander(z, DEGREE + 1, increasing=True)
-        coef, res, rank, _ = np.linalg.lstsq(full, y, rcond=None)
+        coef, res, _, _ = np.linalg.lstsq(full, y, rcond=None)
         low = np.linalg.lstsq(np.vander(z, LOWER + 1, increasing=True), y, rcond=None)[0]
         dof = k - (DEGREE + 1)
         rss = float(res[0]) if res.size else float(np.sum((full @ coef - y) ** 2))
