@@ -194,6 +194,16 @@ def _derived(eqn, jaxpr) -> _Derived | None:
     return _Derived(tuple(positions), tuple(sorted(needed.values(), key=lambda e: order[id(e)])))
 
 
+def _library_frame(eqn) -> Where | None:
+    """The innermost frame of the equation's traceback outside JAX and Equinox (the library that binds it)."""
+    try:
+        frames = list(eqn.source_info.traceback.frames)
+    except AttributeError:  # no traceback kept
+        return None
+    fr = next((f for f in frames if not _is_own_file(f.file_name)), None)
+    return Where(fr.function_name, fr.file_name, fr.line_num) if fr is not None else None
+
+
 @dataclasses.dataclass
 class _PrimSite(_Site):
     derived: _Derived | None = None
@@ -240,8 +250,8 @@ class PrimitiveWatch:
         key = (r.name, r.jvp)
         self.rules.setdefault(key, r)
         at = call_site(eqn)
-        if not at.file and parent is not None:
-            at = parent
+        if not at.file:  # no frame of the user's (traced inside a library's jit): the caller, else the library
+            at = parent or _library_frame(eqn) or at
         skey = (at, under, tuple(str(v.aval) for v in eqn.invars))
         s = r.sites.get(skey)
         if s is None:
