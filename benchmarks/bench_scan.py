@@ -74,11 +74,15 @@ NOTES = [
      "(primal, linearity, batching, symbolic zeros) still apply. The same run found `weighted_logsoftmax` "
      "(optax/losses/_classification.py:156) ok at 2 points (float32[3]×2, float32[2, 3]×2) and "
      "`_projection_unit_simplex` ok at 3 (float32[3], [6], [50])."),
-    ("`xlog1py` (jax/_src/scipy/special.py:970) was reported `error` in the first JAX run: JAX's tests call it "
-     "where log1p(y) is not finite (y ≤ -1), and `check_rule` refuses a point with a non-finite primal. Not a "
-     "JAX bug; such a point is now `not checked` and the rule's other captured points are checked."),
-    ("`not checked` rules in JAX's tests (`logaddexp`, `_softmax` in the first run) ran only inside `jit`; "
-     "JAX's `check_grads` differentiates through `jax._src.api.jvp`/`vjp`, which the scan now wraps too."),
+    ("`xlog1py` (jax/_src/scipy/special.py:970) is reported `error` in the JAX run above: JAX's tests call it "
+     "where log1p(y) is not finite (y = -1), and `check_rule` does not compare derivatives where the primal is "
+     "not finite. Checked by hand: not a JAX bug (xlog1py(1, -1) = -inf is the right value). Since this run, "
+     "such a point is `not checked` and the rule's other points decide (in-process: xlog1py at y = [-1, 0.5] "
+     "then at y = [30, 40.5] gives points [not checked, ok], status ok); the JAX run was not repeated."),
+    ("`_softmax` (jax/_src/nn/functions.py:614) is `not checked`: nn_test's tests that ran it (with this -k) "
+     "call it inside `jit` without a derivative of concrete arguments around it. `logaddexp` was `not checked` "
+     "in a first run, when JAX's `check_grads` (which calls `jax._src.api.jvp`/`vjp`) was not seen; the scan "
+     "now wraps those too, and the run above checks it (ok)."),
     ("Parts of suites only (the machine was shared, load 13-25 on 2 cores): the optax modules named, JAX's two "
      "files with the `-k` shown, Equinox's files shown. Flax (sdist tests/linen/linen_transforms_test.py, "
      "tests/nnx/transforms_test.py -k 'vjp or jvp or grad') was not run in the time available."),
