@@ -66,8 +66,8 @@ ROLES = {
 # The inside of each wing, lowest first: a module imports only modules before it (its
 # ``__init__`` imports any of them), and private names travel only inside the wing.
 WINGS = {
-    "rules": ["sources", "surrogates", "report", "sites", "paths", "callbacks", "eager", "primitives", "check", "subject",
-              "identities", "derivatives", "points", "rule", "scan"],
+    "rules": ["sources", "surrogates", "report", "sites", "paths", "callbacks", "eager", "primitives", "subject",
+              "identities", "derivatives", "points", "hidden", "sitechecks", "rule", "check", "scan"],
 }
 
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)

@@ -54,6 +54,10 @@ from .paths import Paths, differentiated_paths
 from .primitives import PRIMITIVES, PrimitiveWatch, check_primitive_rules
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
 from .report import RuleReport, RulesReport, SiteReport, Worst
+from .derivatives import derivatives
+from .hidden import replay, watching
+from .sitechecks import CHEAP, SiteChecks, check_hidden, check_sites
+from .subject import ORDER2
 
 __all__ = ["attach_rules", "check_rules"]
 
@@ -86,6 +90,11 @@ class _Prepared:
     # reference's precision (the rule at the dtypes given, the differences there), else
     # "native" (both at the captured dtypes).
     precision: str = "native"
+    # Where the operands of one captured call go (the call-site checks rebind the rule on
+    # them): the positions that vary, their masks (stacked over calls), the outputs kept.
+    varying: tuple = ()
+    partial: dict = dataclasses.field(default_factory=dict)
+    outs: tuple = ()
 
 
 def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list, wide=None):
@@ -251,7 +260,8 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
         f = _finite_outputs(f, keep, {i: finite_out[i] for i in partial_out})
     return _Prepared(key, site, kind, caps, explicit, [names[pos - nc] for pos in varying], f, coords,
                      len(keep), held_text, masked_outputs=bool(partial_out),
-                     precision=wide[1] if wide else "native")
+                     precision=wide[1] if wide else "native", varying=tuple(varying), partial=partial,
+                     outs=tuple(outs[i] for i in keep))
 
 
 def _finite_outputs(f, keep: list, masks: dict):
@@ -375,7 +385,8 @@ def _error(prep_or_site, e: Exception) -> SiteReport:
 # -- the front door ---------------------------------------------------------------------------------
 def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol: float | None = None,
                 atol: float | None = None, step: float | None = None, key=None,
-                all_operands: bool = False, primitives: str = "user") -> RulesReport:
+                all_operands: bool = False, primitives: str = "user", order: int | None = None,
+                explore: bool = False) -> RulesReport:
     """Find every custom derivative rule that runs inside ``fn`` and check each one alone.
 
     The loss is traced once; every ``jax.custom_jvp`` / ``jax.custom_vjp`` call in it
@@ -456,9 +467,13 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     orig_dtypes = [np.dtype(x.dtype) for x in dyn]
     options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
     widen, scope = precision_scope(precision, orig_dtypes, notes)
+    if order not in (None, 1, 2):
+        raise ValueError(f"{api}: order must be None, 1 or 2, got {order!r}.")
+    settings = SiteChecks(CHEAP + ((ORDER2,) if order == 2 else ()), bool(explore), dict(options), order)
     try:
         rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands, primitives=primitives, precision=precision)
+                          all_operands=all_operands, primitives=primitives, precision=precision,
+                          settings=settings)
     except (TypeError, compat.TypePromotionError) as e:
         # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
         refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
@@ -468,12 +483,13 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
         widen, scope = precision_scope("native", orig_dtypes, notes)
         notes.append(as_given_note(refused, orig_dtypes))
         rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands, primitives=primitives)
+                            all_operands=all_operands, primitives=primitives, settings=settings)
     return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
 
 def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options: dict, key,
-              all_operands: bool, primitives: str = "user", precision: str = "auto") -> list:
+              all_operands: bool, primitives: str = "user", precision: str = "auto",
+              settings: SiteChecks | None = None) -> list:
     """Find, capture and judge every rule of ``fn`` at (params leaves ``dyn``, ``args``) in ``scope``.
 
     Where the check widens narrower params or data (float32, bfloat16), the operands
@@ -490,8 +506,8 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         with scope:
             cap = _capture(fn, split, dyn, args, widen=widen, all_operands=all_operands, primitives=primitives)
             with sequential_callbacks():
-                return _judge(cap.col, options, key, cap.eager, cap.paths, cap.moved) \
-                    + _primitive_rules(cap.col, options, key, cap.paths)
+                return _judge(cap.col, options, key, cap.eager, cap.paths, cap.moved, settings=settings) \
+                    + _primitive_rules(cap.col, options, key, cap.paths) + _hidden_rules(cap, settings)
     cap = _capture(fn, split, dyn, args, widen=False, all_operands=True, primitives=primitives)
     with scope:
         wide = _capture(fn, split, dyn, args, widen=True, all_operands=all_operands)
@@ -503,8 +519,8 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
         paths = differentiated_paths(cap.closed.jaxpr, [True] * len(cap.dyn) + [False] * n_args)
     with sequential_callbacks():
         return _judge(cap.col, options, key, cap.eager, paths, moved,
-                      wide={k: w[:2] for k, w in twins.items()}, precision=precision) \
-            + _primitive_rules(cap.col, options, key, paths)
+                      wide={k: w[:2] for k, w in twins.items()}, precision=precision, settings=settings) \
+            + _primitive_rules(cap.col, options, key, paths) + _hidden_rules(cap, settings)
 
 
 def _primitive_rules(col: _Collector, options: dict, key, paths: Paths | None) -> list:
@@ -522,6 +538,18 @@ class _Captured:
     paths: Paths | None
     moved: dict
     eager: Callable[[], list]
+    # Rules the traced program does not show as calls (custom_vmap; rules under the loss's
+    # own jax.jvp / grad), seen while tracing, and the op-by-op run that captures them.
+    hidden: list = dataclasses.field(default_factory=list)
+    replay: Callable[[], list] | None = None
+
+
+def _hidden_rules(cap: _Captured, settings: SiteChecks | None) -> list:
+    """The verdicts on the rules the trace hides (:mod:`hidden`), checked on an op-by-op run."""
+    if not cap.hidden or settings is None or cap.replay is None:
+        return []
+    return check_hidden(cap.replay(), order=settings.order, explore=settings.explore, options=settings.options,
+                        derivatives=derivatives)
 
 
 def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bool,
@@ -536,7 +564,9 @@ def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bo
     args = rebuild_args(argarr)
     # Only array leaves are traced; the rest (an Equinox module's strings and
     # functions, Python numbers) stays static, as in every evaluation of jgc.check.
-    closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
+    hidden: list = []
+    with watching(hidden):
+        closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
     col = _Collector(PrimitiveWatch(primitives) if primitives != "none" else None)
     col.discover(closed.jaxpr)
     col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
@@ -545,7 +575,8 @@ def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bo
         n_args = len(closed.jaxpr.invars) - len(dyn)
         paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
         moved = _moved_entries(col, closed, dyn, list(argarr))
-    return _Captured(closed, col, dyn, paths, moved, lambda: _eager_calls(fn, p, args))
+    return _Captured(closed, col, dyn, paths, moved, lambda: _eager_calls(fn, p, args), hidden,
+                     lambda: replay(fn, p, args))
 
 
 def _wide_twins(col: _Collector, wide: _Collector, precision: str) -> dict:
@@ -629,14 +660,15 @@ def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
 
 
 def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None,
-           moved: dict, *, wide: dict | None = None, precision: str = "native") -> list:
+           moved: dict, *, wide: dict | None = None, precision: str = "native",
+           settings: SiteChecks | None = None) -> list:
     """Check every call site: small ones together, large ones alone, each rule's verdict from its sites.
 
     ``wide``: per site, (its equation at the reference's precision, the precision asked)
     where its operands were captured at narrower dtypes given (see :func:`_rules_of`).
     """
     wide = wide or {}
-    verdicts, small, retrace = {}, [], []
+    verdicts, small, retrace, prepared = {}, [], [], {}
     intended_by = {}
     for rkey, r in col.rules.items():
         reason = _user_intended(r.primal) or _library_intended(r.primal)
@@ -654,6 +686,8 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                 prep = _prepare(k, s, r.kind, paths, moved.get(k), wide.get(k))
             except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands)
                 prep = _error(s, e)
+            if isinstance(prep, _Prepared):
+                prepared[k] = prep
             if isinstance(prep, SiteReport):
                 verdicts[k] = prep
             elif prep.coordinates <= FULL_JACOBIAN_COORDINATES and not prep.masked_outputs \
@@ -685,6 +719,10 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                                                   precision if wide else "native")
             except Exception as e:  # noqa: BLE001 (as above)
                 verdicts[prep.key] = _error(prep, e)
+    # jgc.check_rule's checks at each call site (linearity, batching, primal, symbolic zeros).
+    extra = check_sites(prepared, verdicts, settings, key,
+                        skip=lambda prep: prep in leaked or _closes_over_traced_values(prep.site.eqn),
+                        primal_of=lambda rkey: col.rules[rkey].primal, derivatives=derivatives)
     out = []
     for rkey, r in col.rules.items():
         base = {"kind": r.kind, "name": r.primal.name, "primal_at": str(r.primal), "rule_name": r.rule.name,
@@ -702,7 +740,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
                 _library_approximate(r.primal, r.rule), [s.eqn.params for s in r.sites.values()])
             if approx:
                 sites = tuple(_as_approximate(s, *approx) for s in sites)
-            out.append(RuleReport.from_sites(base, sites, calls))
+            out.append(RuleReport.from_sites(base, sites, calls, checks=extra.get(rkey, ())))
     return out
 
 

@@ -150,6 +150,9 @@ class RuleReport:
       sites: the :class:`SiteReport` of every call site.
       calls: calls seen over all sites.
       hint: a likely explanation ("surrogate gradient?") or "".
+      checks: for :func:`jgc.check_rules`, the rows of :func:`jgc.check_rule`'s checks run
+        at its call sites (linearity, batching, primal, symbolic zeros, order 2), each
+        naming its check and the call site in ``at``; they count in ``status``.
     """
 
     kind: str
@@ -164,15 +167,16 @@ class RuleReport:
     sites: tuple
     calls: int
     hint: str = ""
+    checks: tuple = ()
 
     @classmethod
-    def from_sites(cls, base: dict, sites: tuple, calls: int) -> RuleReport:
-        ran = [s for s in sites if s.status != "not executed"]
+    def from_sites(cls, base: dict, sites: tuple, calls: int, checks: tuple = ()) -> RuleReport:
+        ran = [s for s in tuple(sites) + tuple(checks) if s.status != "not executed"]
         status = min((s.status for s in ran), key=RULE_STATUSES.index, default="not executed")
-        reason = next((s.reason for s in sites if s.status == status and s.reason), "")
+        reason = next((s.reason for s in tuple(sites) + tuple(checks) if s.status == status and s.reason), "")
         worst = next((s.worst for s in sites if s.worst is not None), None)
         hint = SURROGATE_HINT if worst is not None and worst.locally_constant else ""
-        return cls(**base, status=status, reason=reason, sites=sites, calls=calls, hint=hint)
+        return cls(**base, status=status, reason=reason, sites=sites, calls=calls, hint=hint, checks=tuple(checks))
 
     @property
     def ok(self) -> bool:
@@ -180,7 +184,10 @@ class RuleReport:
 
     @property
     def checked(self) -> int:
-        return sum(s.checked for s in self.sites if s.status in ("ok", "mismatch", "approximate"))
+        """Calls checked: over the call sites, and the points where a first-derivative check ran."""
+        done = ("ok", "mismatch", "approximate")
+        return sum(s.checked for s in self.sites if s.status in done and not s.check) \
+            + len({s.at for s in self.sites if s.check in ("jvp", "vjp") and s.status in done})
 
     @property
     def worst(self) -> Worst | None:
@@ -198,7 +205,7 @@ class RuleReport:
                 "rule_at": self.rule_at, "fwd_name": self.fwd_name, "fwd_at": self.fwd_at,
                 "status": self.status, "reason": self.reason, "hint": self.hint, "calls": self.calls,
                 "checked": self.checked, "worst": self.worst.to_dict() if self.worst else None,
-                "sites": [s.to_dict() for s in self.sites]}
+                "sites": [s.to_dict() for s in self.sites], "checks": [s.to_dict() for s in self.checks]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +237,10 @@ class RulesReport:
                    notes=tuple(notes), api=api)
 
     def failed_checks(self) -> tuple:
-        """The checks of :func:`jgc.check_rule` that found a failure, in the order they ran."""
-        seen = dict.fromkeys(s.check for r in self.rules for s in r.sites if s.check and s.status in FAILING)
+        """The checks that found a failure, in the order they ran ("jvp", "linearity", "batching", …)."""
+        # A call site's finite-difference row (check_rules) is the check of the rule's JVP or VJP.
+        seen = dict.fromkeys(s.check or ("vjp" if r.kind == "custom_vjp" else "jvp") for r in self.rules
+                             for s in r.sites + r.checks if s.status in FAILING)
         return tuple(seen)
 
     def failing(self) -> tuple:
@@ -266,7 +275,7 @@ class RulesReport:
             lines.append(r.headline())
             if r.status == "intended":
                 lines.append(f"  intended: {r.reason}")
-            for s in r.sites:
+            for s in r.sites + r.checks:
                 lines.append(f"  {s.describe()}")
                 if s.worst is not None:
                     lines.append(f"    worst: {s.worst.describe()}")

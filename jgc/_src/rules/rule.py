@@ -11,106 +11,17 @@ differences); ``points`` makes the points they run at.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
 import jax
-import numpy as np
 
-from ..names import function_name
 from .derivatives import derivatives
-from .identities import batching, dot_product, linearity, primal, symbolic_zeros
-from .points import points
-from .report import RuleReport, RulesReport
-from .sites import CALL_PRIMS, KINDS, rule_names
-from .sources import Where, _primal_function, _where_fn
-from .subject import (BATCHING, CHECKS, DOT, JVP, LINEARITY, ORDER2, PRIMAL, VJP, ZEROS, _Subject, make_subject,
-                      raised, site)
-from .surrogates import _library_intended, _user_intended
+from .report import RulesReport
+from .sitechecks import check_one
+from .subject import CHECKS
 
 __all__ = ["check_rule"]
-
-
-def _custom_eqns(jaxpr, depth: int = 0):
-    """The custom rule equations of a program, outside any other rule (through jit and calls)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in KINDS:
-            yield eqn
-        elif eqn.primitive.name in CALL_PRIMS and depth < 8:
-            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            if inner is not None:
-                yield from _custom_eqns(getattr(inner, "jaxpr", inner), depth + 1)
-
-
-def _naming(f, subject: _Subject) -> tuple[dict, Where, list]:
-    """The RuleReport fields that name the rule (kind, primal, rule, fwd with file:line), the primal, notes."""
-    notes = []
-    if isinstance(f, jax.custom_batching.custom_vmap):
-        p, r = _where_fn(f.fun), _where_fn(f.vmap_rule) if f.vmap_rule is not None else None
-        p = p or Where(function_name(f), "", 0)
-        return _base("custom_vmap", p, r or Where("?", "", 0), None), p, notes
-    try:
-        eqns = list(_custom_eqns(jax.make_jaxpr(subject.go)(*subject.x).jaxpr))
-    except Exception:  # noqa: BLE001 (naming only: the checks report the error)
-        eqns = []
-    # Library markers around the user's rule (Equinox's nondifferentiable) do not name it.
-    eqns = [e for e in eqns if not _library_intended(rule_names(e)[0])] or eqns
-    if len(eqns) == 1:
-        p, r, fw = rule_names(eqns[0])
-        return _base(KINDS[eqns[0].primitive.name], p, r, fw), p, notes
-    me = _where_fn(f) or Where(function_name(f), "", 0)
-    if eqns:
-        found = sorted({str(rule_names(e)[0].name) + " (" + str(rule_names(e)[0]) + ")" for e in eqns})
-        notes.append(f"{len(eqns)} custom rule calls inside: " + ", ".join(found))
-    return _base("function", me, me, None), me, notes
-
-
-def _base(kind: str, p: Where, r: Where, fw: Where | None) -> dict:
-    return {"kind": kind, "name": p.name, "primal_at": str(p), "rule_name": r.name, "rule_at": str(r),
-            "fwd_name": fw.name if fw else "", "fwd_at": str(fw) if fw else ""}
-
-
-def _capabilities(subject: _Subject, rng) -> None:
-    """Whether jax.jvp and jax.vjp of the rule run at the point (a custom_vjp has no JVP)."""
-    t = subject.tangent(rng)
-    try:
-        out = subject.jvp(subject.x, t)[0]
-    except Exception as e:  # noqa: BLE001 (recorded: the checks that need a JVP say why they did not run)
-        subject.fwd = raised(e)
-        out = None
-    try:
-        if out is None:
-            out = subject.value(subject.x)
-        subject.vjp(subject.x, subject.cotangent(rng, out))
-    except Exception as e:  # noqa: BLE001 (as above)
-        subject.rev = raised(e)
-    if out is not None:
-        subject.out_names = [f"out[{j}]" if len(out) > 1 else "out" for j in range(len(out))]
-        subject.out_dtypes = [np.dtype(o.dtype) for o in out]
-
-
-def _primal_jvp(f, subject: _Subject):
-    """For a custom_vjp: JAX's JVP of the undecorated primal function (what its VJP must transpose)."""
-    fun = _primal_function(f)
-    if fun is f or not callable(fun) or subject.fwd is None:
-        return None
-    bare = _Subject(fun, subject.leaves, subject.treedef, subject.diff, subject.names, subject.x)
-    try:
-        bare.jvp(subject.x, subject.tangent(np.random.default_rng(0)))
-    except Exception:  # noqa: BLE001 (a primal JAX cannot differentiate: the dot product is not run)
-        return None
-    return bare.jvp
-
-
-def _under_vmap(rows: list, vmap_wrong: bool) -> list:
-    """A finite-difference check that failed where vmap of the rule is wrong says nothing more."""
-    if not vmap_wrong:
-        return rows
-    return [dataclasses.replace(r, status="not checked", worst=None,
-                                reason="jgc's finite differences and Jacobians run f and its rule under vmap, "
-                                "which the batching check finds wrong here")
-            if r.status in ("mismatch", "error") else r for r in rows]
 
 
 def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=None, explore: bool = False,
@@ -198,62 +109,6 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
     # jgc's own host/device traffic (seeds, random tangents, values read back to judge) is
     # implicit here: allowed inside the check, and the caller's guard is restored after it.
     with jax.transfer_guard("allow"):
-        return _check_rule(f, args, nondiff_argnums=nondiff_argnums, seed=seed, chosen=chosen, explore=explore,
-                           precision=precision, options={"rtol": rtol, "atol": atol, "step": step}, t0=t0)
-
-
-def _check_rule(f, args, *, nondiff_argnums, seed, chosen, explore, precision, options, t0) -> RulesReport:
-    api = "jgc.check_rule"
-    nondiff = {int(k) for k in ((nondiff_argnums,) if isinstance(nondiff_argnums, int) else nondiff_argnums)}
-    nondiff |= set(getattr(f, "nondiff_argnums", ()) or ())
-    if type(f).__name__ == "filter_custom_vjp" and type(f).__module__.startswith("equinox"):
-        nondiff |= set(range(1, len(args)))  # Equinox differentiates its first argument only
-    subject = make_subject(f, args, nondiff, api)
-    rng = np.random.default_rng(seed)
-    key = jax.random.key(seed)
-    _capabilities(subject, rng)
-    base, where, notes = _naming(f, subject)
-    name = base["name"]
-    intended = _user_intended(where) or _library_intended(where)
-    options = {k: v for k, v in options.items() if v is not None}
-    fd_options = dict(options, precision=precision)
-    if subject.fwd is not None and subject.rev is not None:
-        row = site(PRIMAL, "the given args", name, "error", reason=f"neither jax.jvp nor jax.vjp of f runs: "
-                   f"{subject.fwd}; {subject.rev}")
-        rr = RuleReport.from_sites(base, (row,), 1)
-        return RulesReport(ok=False, rules=(rr,), function=name, seconds=time.perf_counter() - t0,
-                           notes=tuple(notes), api=api)
-    if subject.fwd is not None and "custom_vjp" not in subject.fwd:
-        notes.append(f"jax.jvp of f does not run ({subject.fwd}): checked in reverse mode")
-    if subject.rev is not None:
-        notes.append(f"jax.vjp of f does not run ({subject.rev}): checked in forward mode")
-    primal_jvp = _primal_jvp(f, subject)
-    rows = []
-    todo = [("the given args", subject)]
-    if explore:
-        todo += [(label, subject.at(x)) for label, x in points(subject, rng)]
-    for at, subj in todo:
-        # Batching first: jgc's finite differences and Jacobians run f and its rule under vmap.
-        batched = batching(subj, name, at, rng, options) if BATCHING in chosen else []
-        vmap_wrong = any(r.status == "mismatch" for r in batched)
-        if PRIMAL in chosen:
-            rows += primal(subj, name, at, rng, options)
-        first, second = JVP in chosen or VJP in chosen, ORDER2 in chosen
-        fd = _under_vmap(derivatives(subj, name, at, rng, fd_options, key=key, intended=intended, first=first,
-                                     second=second),
-                         vmap_wrong) if first or second else []
-        rows += [r for r in fd if r.check != ORDER2]
-        if DOT in chosen:
-            rows += dot_product(subj, name, at, rng, options, primal_jvp)
-        if LINEARITY in chosen:
-            rows += linearity(subj, name, at, rng, options)
-        rows += batched
-        rows += [r for r in fd if r.check == ORDER2]
-        if ZEROS in chosen:
-            rows += symbolic_zeros(subj, name, at, rng, options)
-    rr = RuleReport.from_sites(base, tuple(rows), len(todo))
-    if intended and rr.status == "ok" and any(r.status == "intended" for r in rows):
-        rr = RuleReport(**base, status="intended", reason=intended, sites=tuple(rows), calls=len(todo))
-    return RulesReport.build([rr], function=name, seconds=time.perf_counter() - t0, notes=notes,
-                             api=api)
-
+        return check_one(f, args, nondiff_argnums=nondiff_argnums, seed=seed, chosen=chosen, explore=explore,
+                         precision=precision, options={"rtol": rtol, "atol": atol, "step": step}, t0=t0,
+                         derivatives=derivatives)

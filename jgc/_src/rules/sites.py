@@ -22,7 +22,7 @@ from jax.extend import core as jcore
 from .. import compat
 from .surrogates import _library_intended
 from ..jaxprs import interpret
-from .sources import Where, _def_line, _is_wrapper_file, _parse_src_info, _primal_of_rule, _see_through
+from .sources import Where, _def_line, _is_recorder_file, _is_wrapper_file, _parse_src_info, _primal_of_rule, _see_through
 
 # -- the JAX internals this module reads (pinned by tests/test_rules.py) ----------------------
 JVP_CALL, VJP_CALL = "custom_jvp_call", "custom_vjp_call"
@@ -81,7 +81,7 @@ def _user_frame_in(jaxpr) -> Where | None:
     """The first frame outside JAX and Equinox among the equations of a primal's jaxpr."""
     for eqn in _all_eqns(jaxpr):
         for fr in compat.user_frames(eqn.source_info):
-            if not _is_wrapper_file(fr.file_name):
+            if not (_is_wrapper_file(fr.file_name) or _is_recorder_file(fr.file_name)):
                 return Where(fr.function_name, fr.file_name,
                              _def_line(fr.file_name, fr.function_name, fr.start_line))
     return None
@@ -96,7 +96,7 @@ def _all_eqns(jaxpr):
 
 def call_site(eqn) -> Where:
     """Where the rule is called: the user's frame of the equation."""
-    fr = next(compat.user_frames(eqn.source_info), None)
+    fr = next((f for f in compat.user_frames(eqn.source_info) if not _is_recorder_file(f.file_name)), None)
     if fr is None:
         return Where("?", "", 0)
     return Where(fr.function_name, fr.file_name, fr.start_line)

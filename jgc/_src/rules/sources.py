@@ -64,6 +64,15 @@ _WRAPPER_FILES = tuple(os.path.join(d, *f.split("/")) for d, f in (
     (_JAX, "_src/interpreters/batching.py"), (_EQX, "_ad.py")) if d)
 
 
+# The module that watches custom-rule calls while the loss is traced (rules.hidden): its
+# frame sits between the user's call and JAX's, and is never the user's call site.
+_RECORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hidden.py")
+
+
+def _is_recorder_file(path: str) -> bool:
+    return os.path.abspath(path) == _RECORDER_FILE
+
+
 def _is_wrapper_file(path: str) -> bool:
     """Files whose functions wrap the user's (JAX's custom-derivative machinery, Equinox's filtered rules)."""
     return os.path.abspath(path) in _WRAPPER_FILES

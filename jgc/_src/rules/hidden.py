@@ -1,0 +1,133 @@
+"""Rules a traced loss does not show as calls: ``custom_vmap``, and rules under the loss's own AD.
+
+``jax.make_jaxpr`` of a loss shows each ``custom_jvp`` / ``custom_vjp`` call as one
+equation, except where the loss transforms the call itself: under its own ``jax.jvp``,
+``jax.linearize``, ``jax.grad`` or ``jax.hessian`` the rule is applied while tracing
+(its JVP's operations appear, not the call), and under ``jax.vmap`` a
+``jax.custom_batching.custom_vmap`` function's batching rule is. :func:`watching` sees
+these calls while the loss is traced; :func:`replay` runs the loss op by op and records
+each such call with concrete operands (a value under ``vmap`` is taken at lane 0, one
+under AD at its primal); ``sitechecks.check_hidden`` checks each rule at its first call
+and at its call with the largest operand, with :func:`jgc.check_rule`'s checks (order 2
+too where the loss differentiates through the rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import custom_batching as cb  # private: pinned by tests/test_rules.py
+from jax._src import custom_derivatives as cd  # private: pinned by tests/test_rules.py
+from jax._src.interpreters import ad, batching  # private: tracer types, pinned by tests/test_rules.py
+
+from .sources import _is_wrapper_file
+
+# Tracers of the loss's own differentiation (forward mode, and JAX's linearize, which
+# jax.grad and jax.vjp run on) and of its own vmap.
+AD_TRACERS = tuple(t for t in (getattr(ad, "JVPTracer", None), getattr(ad, "LinearizeTracer", None)) if t)
+BATCH_TRACER = batching.BatchTracer
+UNDER_AD = "under the loss's own jax.jvp / jax.linearize / jax.grad"
+UNDER_VMAP = "custom_vmap under jax.vmap"
+CALLED = "custom_vmap"
+_JAX_DIR = os.path.dirname(os.path.abspath(jax.__file__))
+_JGC_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass
+class _Call:
+    obj: object
+    why: str
+    args: tuple
+    kwargs: dict
+    at: str  # file:line of the call in the user's code
+
+
+def _why(cls, leaves) -> str:
+    if cls is cb.custom_vmap:
+        return UNDER_VMAP if any(isinstance(x, BATCH_TRACER) for x in leaves) else CALLED
+    if any(isinstance(x, AD_TRACERS) for x in leaves):
+        return UNDER_AD
+    return ""
+
+
+def _user_call_site() -> str:
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        f = os.path.abspath(fr.filename)
+        if not (f.startswith((_JAX_DIR, _JGC_DIR)) or _is_wrapper_file(f) or "equinox" in f):
+            return f"{fr.filename}:{fr.lineno}"
+    return "?"
+
+
+@contextlib.contextmanager
+def watching(calls: list, concrete: bool = False):
+    """Record the calls a traced loss hides while active (with concrete operands when ``concrete``)."""
+    classes = (cd.custom_jvp, cd.custom_vjp, cb.custom_vmap)
+    saved = {cls: cls.__call__ for cls in classes}
+    depth = [0]
+
+    def recorder(cls, original):
+        def __call__(self, *a, **k):
+            if depth[0] == 0:  # a rule inside a recorded rule is checked through it
+                why = _why(cls, jax.tree_util.tree_leaves((a, k)))
+                if why:
+                    got = _concrete((a, k)) if concrete else (a, k)
+                    if got is not None:
+                        calls.append(_Call(self, why, got[0], got[1], _user_call_site()))
+            depth[0] += 1
+            try:
+                return original(self, *a, **k)
+            finally:
+                depth[0] -= 1
+        return __call__
+
+    for cls, original in saved.items():
+        cls.__call__ = recorder(cls, original)
+    try:
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.__call__ = original
+
+
+def _concrete(tree):
+    """``tree`` with every tracer replaced by its concrete value (lane 0 under vmap), or None."""
+    failed = []
+
+    def one(x):
+        axes = []
+        for _ in range(32):
+            if not isinstance(x, jax.core.Tracer):
+                break
+            if isinstance(x, BATCH_TRACER):
+                axes.append(x.batch_dim)
+                x = x.val
+            elif hasattr(x, "primal"):
+                x = x.primal
+            else:
+                failed.append(x)
+                return x
+        if isinstance(x, jax.core.Tracer):
+            failed.append(x)
+            return x
+        v = np.asarray(x) if axes else x
+        for d in reversed(axes):  # the outermost vmap's axis indexes the concrete value first
+            if isinstance(d, int):
+                v = np.take(v, 0, axis=d)
+        return jnp.asarray(v, dtype=x.dtype) if axes else x
+
+    out = jax.tree_util.tree_map(one, tree)
+    return None if failed else out
+
+
+def replay(fn, p, args) -> list:
+    """The hidden calls of one op-by-op run of the loss, with concrete operands."""
+    calls: list = []
+    with watching(calls, concrete=True), jax.disable_jit():
+        fn(p, *args)
+    return calls
