@@ -16,7 +16,7 @@ Suites (each the library's own tests, at the installed version):
   repository's ``tests/``), the files that run Equinox's own rules.
 
 Method: each suite runs twice in fresh pytest processes, back to back: without the plugin
-(``-p no:jgc``) and with it (``-p jgc.pytest_plugin --jgc-rules=PACKAGE --jgc-report``).
+(``-p no:jgc``) and with it (``-p pytest_jgc --jgc-rules=PACKAGE --jgc-report``).
 Wall time is the subprocess's, start to end; CPU time is the user+system time of the
 child (the machine is shared: the CPU ratio is the steadier one; the load average is
 written next to each run). Outcomes come from pytest's last line; the rules from the
@@ -149,10 +149,10 @@ def run_suite(name: str, ns) -> dict:
     print(f":: {name}: without the plugin", flush=True)
     plain = run(common, cwd, env)
     print(f":: {name}: with --jgc-rules={package}", flush=True)
-    scanned = run(common + ["-p", "jgc.pytest_plugin", f"--jgc-rules={package}", f"--jgc-report={report}",
+    scanned = run(common + ["-p", "pytest_jgc", f"--jgc-rules={package}", f"--jgc-report={report}",
                             f"--jgc-budget={ns.budget:g}", f"--jgc-points={ns.points}"], cwd, env)
     rules = json.loads(report.read_text())["rules"] if report.exists() else []
-    cmd = " ".join(["python -m pytest -q -p no:cacheprovider -p jgc.pytest_plugin", f"--jgc-rules={package}",
+    cmd = " ".join(["python -m pytest -q -p no:cacheprovider -p pytest_jgc", f"--jgc-rules={package}",
                     f"--jgc-points={ns.points}", *[repr(a) if " " in a else a for a in args]])
     return {"suite": name, "package": package, "command": cmd, "plain": plain, "scanned": scanned, "rules": rules,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

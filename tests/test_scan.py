@@ -47,7 +47,7 @@ def run_fixture(tmp_path, *args, via_cli=False):
     if via_cli:
         cmd = [sys.executable, "-m", "jgc", "scan", "fixturepkg", "fixture_rules.py", *args]
     else:
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "jgc.pytest_plugin", "--jgc-rules=fixturepkg",
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "pytest_jgc", "--jgc-rules=fixturepkg",
                "fixture_rules.py", *args]
     p = subprocess.run(cmd, check=False, cwd=FIXTURE, env=env, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
@@ -212,3 +212,13 @@ def test_known_failures_do_not_fail_the_session(tmp_path):
     (tmp_path / "bad.json").write_text('{"known_failures": [{"name": "x"}]}')
     with pytest.raises(ValueError, match="defined_at"):
         scan.read_known(str(tmp_path / "bad.json"))
+
+
+def test_the_entry_point_pytest_loads_everywhere_imports_neither_jgc_nor_jax():
+    # pytest imports the pytest11 entry point in every session of every project where jgc
+    # is installed; importing JAX there would fix its flags before the project's conftest.
+    code = ("import sys, pytest_jgc; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'jgc')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -61,8 +61,10 @@ def test_the_installed_wheel_runs_the_demo_and_the_rules_checker(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("jgc-*.whl")
 
     with zipfile.ZipFile(wheel) as z:
-        carried = {n.rsplit("/", 1)[0].replace("/", ".") for n in z.namelist() if n.endswith(".py")}
-    expected = _source_packages() | {"jgc.examples"}
+        # A package by its directory; a top-level module (the pytest plugin's entry point) by its name.
+        carried = {n.rsplit("/", 1)[0].replace("/", ".") if "/" in n else n[:-3]
+                   for n in z.namelist() if n.endswith(".py")}
+    expected = _source_packages() | {"jgc.examples", "pytest_jgc"}
     assert carried == expected, f"left out: {sorted(expected - carried)}; extra: {sorted(carried - expected)}"
 
     venv = tmp_path / "venv"
@@ -76,6 +78,10 @@ def test_the_installed_wheel_runs_the_demo_and_the_rules_checker(tmp_path):
 
     away = tmp_path / "elsewhere"
     away.mkdir()
+    # pytest loads the plugin's entry point in every session: it must not import JAX.
+    light = _run([bin_ / "python", "-c", "import sys, pytest_jgc; assert 'jax' not in sys.modules, 'jax'; "
+                  "print(pytest_jgc.__file__)"], cwd=away)
+    assert light.returncode == 0 and str(venv) in light.stdout, light.stderr + light.stdout
     where = _run([bin_ / "python", "-c", "import jgc; jgc.check_rules; print(jgc.__file__)"], cwd=away)
     assert where.returncode == 0, where.stderr
     imported = pathlib.Path(where.stdout.strip())

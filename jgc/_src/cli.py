@@ -303,7 +303,7 @@ def _scan(ns) -> int:
         return EXIT_USAGE
     # The plugin by module name, with the entry point of the same plugin turned off so it
     # is not registered twice (a checkout that is not installed has no entry point).
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "jgc.pytest_plugin", f"--jgc-rules={ns.package}",
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:jgc", "-p", "pytest_jgc", f"--jgc-rules={ns.package}",
            *([f"--jgc-budget={ns.budget:g}"] if ns.budget is not None else []),
            *(["--jgc-report", ns.report] if ns.report else []),
            *(["--jgc-known", ns.known] if ns.known else []),

@@ -1,9 +1,9 @@
 """The pytest plugin: ``pytest --jgc-rules=PACKAGE`` checks every custom rule of PACKAGE its tests run.
 
-Registered as the ``pytest11`` entry point ``jgc`` (``jgc.pytest_plugin``), so it is
-there in any project where jgc is installed and does nothing unless ``--jgc-rules`` is
-given. The recording and the checks are :mod:`jgc._src.rules.scan`; this module holds
-the hooks: options, installing the recorder for the session, the test each call
+The ``pytest11`` entry point ``jgc`` (the top-level module ``pytest_jgc``) adds the
+options in every session and registers this module only when ``--jgc-rules`` is given.
+The recording and the checks are :mod:`jgc._src.rules.scan`; this module holds the
+hooks: installing the recorder for the session, the test each call
 belongs to, the checks when the session ends (per pytest-xdist worker, merged by the
 controller), the terminal summary, the JSON report, known failures and the exit status.
 """
@@ -31,33 +31,7 @@ from .rules.scan import (
     write_known,
 )
 
-# Seconds the checks after the session may take when --jgc-budget is not given: each
-# check of a rule at one point compiles a few small programs (seconds on a CPU), so
-# five minutes covers a package with tens of rules at a point or more each.
-DEFAULT_BUDGET = 300.0
-# Distinct captured calls checked per rule (different shapes, dtypes or magnitudes).
-DEFAULT_POINTS = 3
-
 _STATE = pytest.StashKey[dict]() if hasattr(pytest, "StashKey") else None
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("jgc", "jgc: check the custom derivative rules a package's tests run")
-    group.addoption("--jgc-rules", metavar="PACKAGE", default=None,
-                    help="record every custom_jvp / custom_vjp / custom_vmap rule defined under PACKAGE that the "
-                         "tests run, and check each one after the session (jgc.check_rule)")
-    group.addoption("--jgc-budget", metavar="SECONDS", type=float, default=DEFAULT_BUDGET,
-                    help=f"wall time for the checks after the session (default {DEFAULT_BUDGET:g})")
-    group.addoption("--jgc-points", metavar="N", type=int, default=DEFAULT_POINTS,
-                    help=f"distinct captured calls checked per rule (default {DEFAULT_POINTS})")
-    group.addoption("--jgc-checks", metavar="CHECK,...", default=None,
-                    help="only these checks of jgc.check_rule, comma-separated (default all): primal, jvp, vjp, "
-                         "dot-product, linearity, batching, order 2, symbolic zeros")
-    group.addoption("--jgc-report", metavar="PATH.json", default=None, help="write the rules' verdicts as JSON")
-    group.addoption("--jgc-known", metavar="PATH.json", default=None,
-                    help="known failures: rules listed there do not fail the session")
-    group.addoption("--jgc-write-known", metavar="PATH.json", default=None,
-                    help="write the failing rules as a known-failures file")
 
 
 def _state(config) -> dict | None:
