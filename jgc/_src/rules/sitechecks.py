@@ -212,6 +212,11 @@ def _picked(prepared: dict) -> dict:
     return out
 
 
+def _installed(where) -> bool:
+    parts = os.path.abspath(where.file).split(os.sep) if where.file else []
+    return "site-packages" in parts or "dist-packages" in parts
+
+
 def _in_jax(where) -> bool:
     return bool(where.file) and os.path.abspath(where.file).startswith(_JAX_DIR)
 
@@ -245,8 +250,13 @@ def check_sites(prepared: dict, verdicts: dict, settings: SiteChecks | None, key
             subject = call_subject(prep.site.eqn, operands, list(prep.varying), masks, list(prep.outs),
                                    names=list(prep.names), rng=np.random.default_rng(0))
             # Only a rule declared with symbolic_zeros=True sees symbolic zeros; JAX gives any
-            # other rule dense zeros, the same computation the check compares against.
-            chosen = tuple(c for c in settings.chosen if c != ZEROS or prep.site.eqn.params.get("symbolic_zeros"))
+            # other rule dense zeros, the same computation the check compares against. An
+            # installed library's rule may read a symbolic zero as "not perturbed" on purpose
+            # (Equinox's _stop_gradient_on_unperturbed stops the gradient there), so the
+            # partial-differentiation patterns the loss never runs are compared for the user's
+            # rules only.
+            zeros = prep.site.eqn.params.get("symbolic_zeros") and not _installed(primal_of(k[0]))
+            chosen = tuple(c for c in settings.chosen if c != ZEROS or zeros)
             rows = site_rows(subject, name, base["at"], chosen=chosen, explore=settings.explore,
                              options=settings.options, key=key, base=base, derivatives=derivatives)
         except Exception as e:  # noqa: BLE001 (the rule raised at its captured operands: reported on this site)
