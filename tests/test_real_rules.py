@@ -122,6 +122,29 @@ def test_lineax_linear_solve_rules_are_found_and_right():
     assert tr.status == "ok", str(rep)
 
 
+def test_lineax_iterative_solve_is_approximate_with_the_solvers_tolerance():
+    # CG stops at a residual tolerance, and so does the second solve its JVP rule makes:
+    # at rtol=3e-5 on this matrix (condition number about 1e3) the JVP differs from the
+    # finite differences by about 3.5e-4 relative, far beyond what float64 differences
+    # resolve. That is the solver's approximation, not a wrong rule.
+    lx = pytest.importorskip("lineax", reason="lineax is an optional test dependency")
+    with jax.enable_x64(True):
+        a = jax.random.normal(jax.random.key(0), (6, 6), jnp.float64)
+        a = a @ a.T + 0.05 * jnp.eye(6)
+        b = jnp.arange(1.0, 7.0)
+
+        def loss(m):
+            op = lx.MatrixLinearOperator(m, lx.positive_semidefinite_tag)
+            return jnp.sum(lx.linear_solve(op, b, lx.CG(rtol=3e-5, atol=3e-5, max_steps=1000),
+                                           throw=False).value ** 2)
+
+        rep = jgc.check_rules(loss, a)
+    jvp = _only(rep, "primitive jvp")
+    assert jvp.status == "approximate", str(rep)
+    assert "CG rtol=3e-05" in jvp.reason and "relative error" in jvp.reason
+    assert rep.ok
+
+
 def planted_linear_solve_jvp(primals, tangents, **params):
     """lineax's JVP rule with every tangent 1 % too large."""
     out, t_out = _RIGHT_JVP[0](primals, tangents, **params)

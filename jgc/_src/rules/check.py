@@ -53,7 +53,7 @@ from .eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .paths import Paths, differentiated_paths
 from .primitives import PRIMITIVES, PrimitiveWatch, check_primitive_rules
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
-from .report import RuleReport, RulesReport, SiteReport, Worst
+from .report import RuleReport, RulesReport, SiteReport, Worst, as_approximate
 from .derivatives import derivatives
 from .hidden import replay, watching
 from .sitechecks import CHEAP, SiteChecks, check_hidden, check_sites
@@ -293,17 +293,6 @@ def _relative_error(leaves) -> float | None:
             diff = max(diff, float(np.max(np.abs(a[ok] - n[ok]))))
             scale = max(scale, float(np.max(np.abs(n[ok]))), float(np.max(np.abs(a[ok]))))
     return diff / scale if scale > 0 else None
-
-
-def _as_approximate(site: SiteReport, tol: float, reason: str) -> SiteReport:
-    """A rule approximate by construction: "approximate" within ``tol``, still "mismatch" beyond it."""
-    if site.status != "mismatch" or site.error is None:
-        return site
-    measured = f"relative error {site.error:.1e}, tolerance {tol:.0e}"
-    if site.error <= tol:
-        return dataclasses.replace(site, status="approximate", reason=f"{reason}; {measured}")
-    return dataclasses.replace(site, reason=f"approximate by construction ({reason}), but {measured}: beyond "
-                                            "what the approximation explains")
 
 
 def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:
@@ -739,7 +728,7 @@ def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths
             approx = _user_approximate(r.primal) or with_solver_tolerance(
                 _library_approximate(r.primal, r.rule), [s.eqn.params for s in r.sites.values()])
             if approx:
-                sites = tuple(_as_approximate(s, *approx) for s in sites)
+                sites = tuple(as_approximate(s, *approx) for s in sites)
             out.append(RuleReport.from_sites(base, sites, calls, checks=extra.get(rkey, ())))
     return out
 

@@ -46,9 +46,10 @@ from .. import compat, trees
 from ..jacobian import check_jacobian
 from ..products import check_jvp, check_vjp
 from .paths import Paths
-from .report import RuleReport, SiteReport, Worst
+from .report import RuleReport, SiteReport, Worst, as_approximate
 from .sites import CALL_PRIMS, KINDS, REMAT_PRIMS, _site_base, _Site, _subjaxprs, call_site
 from .sources import Where, _pkg_dir
+from .surrogates import primitive_approximate
 
 # The registry of batching rules, a dict (JAX wraps what is set in ``primitive_batchers`` into it).
 _BATCHERS = getattr(batching, "fancy_primitive_batchers", batching.primitive_batchers)
@@ -497,6 +498,9 @@ def _check_all(watch: PrimitiveWatch, options: dict, key, paths: Paths | None) -
                 jvp_sites.append(_error(s, e))
                 tr_sites.append(_error(s, e))
         calls = sum(s.calls for s in r.sites.values())
+        approx = primitive_approximate(r.jvp, [s.eqn.params for s in r.sites.values()])
+        if approx:
+            jvp_sites = [as_approximate(s, *approx) for s in jvp_sites]
         base = {"name": r.name, "primal_at": str(r.impl), "fwd_name": "", "fwd_at": ""}
         out.append(RuleReport.from_sites({**base, "kind": JVP_KIND, "rule_name": r.jvp.name,
                                           "rule_at": str(r.jvp)}, tuple(jvp_sites), calls))

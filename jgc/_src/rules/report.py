@@ -290,3 +290,14 @@ class RulesReport:
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+
+def as_approximate(site: SiteReport, tol: float, reason: str) -> SiteReport:
+    """A rule approximate by construction: "approximate" within ``tol``, still "mismatch" beyond it."""
+    if site.status != "mismatch" or site.error is None:
+        return site
+    measured = f"relative error {site.error:.1e}, tolerance {tol:.0e}"
+    if site.error <= tol:
+        return dataclasses.replace(site, status="approximate", reason=f"{reason}; {measured}")
+    return dataclasses.replace(site, reason=f"approximate by construction ({reason}), but {measured}: beyond "
+                                            "what the approximation explains")

@@ -16,6 +16,8 @@ import os
 import types
 from collections.abc import Callable
 
+import jax
+
 from ..names import short_name
 from .sources import Where, _code_span, _primal_function, inspect_unwrap
 
@@ -182,6 +184,40 @@ def _library_approximate(primal: Where, rule: Where) -> tuple[float, str] | None
         return LIBRARY_APPROXIMATE_TOL, ("jaxopt's implicit differentiation (custom_root / custom_fixed_point) "
                                          "is right to the solver's tolerance (jaxopt docs, Implicit differentiation)")
     return None
+
+
+def primitive_approximate(rule: Where, params: list) -> tuple[float, str] | None:
+    """A library primitive's JVP rule approximate by construction: (relative tolerance, reason).
+
+    lineax differentiates ``linear_solve`` by solving again with the same solver. A direct
+    solver (LU, QR, Cholesky) makes that derivative exact to rounding; an iterative one
+    (CG, GMRES, BiCGStab: the solvers with an ``rtol``) makes it right to that solver's
+    tolerance, as the primal solve is. Only a solve whose tolerance is found is approximate.
+    """
+    if "/lineax/" not in rule.file.replace(os.sep, "/") or rule.name != "_linear_solve_jvp":
+        return None
+    params = [_filtered_operands(p) for p in params]
+    if not any(solver_tolerance(p) is not None for p in params):
+        return None
+    return with_solver_tolerance((LIBRARY_APPROXIMATE_TOL, (
+        "lineax differentiates linear_solve by a second solve with the same iterative solver: its derivative "
+        "is right to the solver's tolerance, which bounds the residual: the error of the solution and of its "
+        "derivative is up to the operator's condition number times larger (lineax docs, linear_solve)")), params)
+
+
+def _filtered_operands(params):
+    """An Equinox filtered primitive's parameters as its operands' tree, or ``params`` as given.
+
+    ``filter_primitive_bind`` passes the static leaves (a solver's ``rtol``) in ``static``,
+    with placeholders where the arrays go, and the tree's structure in ``treedef``; rebuilt,
+    the tree holds the solver object whose tolerance is read.
+    """
+    if isinstance(params, dict) and "treedef" in params and "static" in params:
+        try:
+            return jax.tree_util.tree_unflatten(params["treedef"], params["static"])
+        except Exception:  # noqa: BLE001 (an unexpected layout: read the parameters as they are)
+            return params
+    return params
 
 
 # -- the tolerance of the solver behind an approximate rule ------------------------------------------
