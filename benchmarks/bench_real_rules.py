@@ -289,12 +289,12 @@ def _():
 
 
 # -- diffrax ------------------------------------------------------------------------------------
-def _ode_loss(adjoint, scale=1.0):
+def _ode_loss(adjoint, scale=1.0, dt=0.1):
     import diffrax
 
     def loss(k):
         term = diffrax.ODETerm(lambda t, y, k: -k * y + jnp.sin(t))
-        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.1, jnp.array([1.0, 0.5]), args=k,
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, dt, jnp.array([1.0, 0.5]), args=k,
                                   adjoint=adjoint, stepsize_controller=diffrax.ConstantStepSize())
         return jnp.sum(sol.ys[-1] ** 2)
 
@@ -311,6 +311,12 @@ def _():
 def _():
     import diffrax
     return _ode_loss(diffrax.BacksolveAdjoint())
+
+
+@case("diffrax Tsit5, BacksolveAdjoint at dt=0.5 (the continuous adjoint's error shows)", needs=("diffrax",))
+def _():
+    import diffrax
+    return _ode_loss(diffrax.BacksolveAdjoint(), dt=0.5)
 
 
 @case("diffrax Tsit5, BacksolveAdjoint, planted 1% error in its backward", needs=("diffrax",), planted=True)
