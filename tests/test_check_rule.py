@@ -456,3 +456,14 @@ def test_under_jax_modes_strict_promotion_transfer_guard_debug_nans():
         # The caller's guard is in force again after the check.
         with pytest.raises(Exception, match="[Dd]isallowed"):
             jnp.asarray(np.ones(2)) + 1
+
+
+def test_a_python_number_the_wrapper_branches_on_is_held_not_a_false_flag():
+    # optax.scale_gradient(x, scale) tests `scale == 1.0` in Python before calling its
+    # rule: scale cannot be traced, by JAX or by the check. It is held as given, the rule
+    # is checked in x, and the library's known surrogate is reported as intended.
+    rep = jgc.check_rule(optax.scale_gradient, jnp.array([0.3, -1.2, 2.0]), 0.5)
+    assert rep.ok, str(rep)
+    (r,) = rep.rules
+    assert r.status == "intended", str(rep)
+    assert any(n.startswith("held as given: scale") for n in rep.notes), rep.notes

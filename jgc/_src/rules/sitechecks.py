@@ -40,6 +40,7 @@ from .subject import (
     VJP,
     ZEROS,
     _Subject,
+    hold_untraceable,
     make_subject,
     raised,
     site,
@@ -328,11 +329,14 @@ def check_one(f, args, *, nondiff_argnums, seed, chosen, explore, precision, opt
     nondiff |= set(getattr(f, "nondiff_argnums", ()) or ())
     if type(f).__name__ == "filter_custom_vjp" and type(f).__module__.startswith("equinox"):
         nondiff |= set(range(1, len(args)))  # Equinox differentiates its first argument only
-    subject = make_subject(f, args, nondiff, api)
+    subject, held = hold_untraceable(make_subject(f, args, nondiff, api))
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     capabilities(subject, rng)
     base, where, notes = _naming(f, subject)
+    if held:
+        notes.append(f"held as given: {', '.join(held)} (a Python number that f uses in Python control flow, so "
+                     "neither JAX nor this check can differentiate it; pass it in nondiff_argnums to say so)")
     name = base["name"]
     intended = _user_intended(where) or _library_intended(where)
     options = {k: v for k, v in options.items() if v is not None}

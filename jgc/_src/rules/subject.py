@@ -76,6 +76,8 @@ class _Subject:
     # names: JAX gives them float0 tangents and cotangents when a caller differentiates them too.
     ints: list = dataclasses.field(default_factory=list)
     int_names: list = dataclasses.field(default_factory=list)
+    # Positions in ``leaves`` that were Python numbers (``scale=0.5``), not arrays.
+    python: list = dataclasses.field(default_factory=list)
 
     # -- the function of the differentiated leaves ---------------------------------------------
     def go(self, *x):
@@ -145,11 +147,12 @@ def _normal(rng: np.random.Generator, shape, dtype, scale) -> jax.Array:
 def make_subject(f: Callable, args: tuple, nondiff: set, api: str) -> _Subject:
     """The subject of a check: which leaves of ``args`` are differentiated, and their names."""
     leaves_p, treedef = jax.tree_util.tree_flatten_with_path(list(args))
-    leaves, diff, names, ints, int_names = [], [], [], [], []
+    leaves, diff, names, ints, int_names, python = [], [], [], [], [], []
     for k, (path, v) in enumerate(leaves_p):
         arg = path[0].idx if path and hasattr(path[0], "idx") else -1
         if isinstance(v, (float, complex)) and not isinstance(v, bool):
             v = jnp.asarray(v)
+            python.append(k)
         leaves.append(v)
         if arg not in nondiff and _is_float_leaf(v):
             diff.append(k)
@@ -162,7 +165,42 @@ def make_subject(f: Callable, args: tuple, nondiff: set, api: str) -> _Subject:
         raise TypeError(f"{api}: no argument has floating-point array leaves to differentiate "
                         f"(nondiff_argnums={sorted(nondiff)}).")
     x = [leaves[k] for k in diff]
-    return _Subject(f, leaves, treedef, diff, names, x, ints=ints, int_names=int_names)
+    return _Subject(f, leaves, treedef, diff, names, x, ints=ints, int_names=int_names, python=python)
+
+
+# What JAX raises when a traced value meets Python control flow (``if scale == 1.0``).
+_UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                jax.errors.TracerIntegerConversionError)
+
+
+def hold_untraceable(s: _Subject) -> tuple[_Subject, list]:
+    """``s`` with its Python-number arguments held as given where ``f`` cannot trace them.
+
+    A wrapper such as ``optax.scale_gradient(x, scale)`` branches on ``scale`` in Python
+    before it calls its rule, so ``scale`` cannot be differentiated, by JAX or here: held
+    as given, the rule is checked in the other arguments. Returns the subject and the
+    names of the leaves held (none when ``f`` traces as it is, or when holding the Python
+    numbers does not make it trace: then the error is reported by the checks as it is).
+    """
+    try:
+        jax.eval_shape(s.go, *s.x)
+        return s, []
+    except _UNTRACEABLE:
+        pass
+    keep = [i for i, k in enumerate(s.diff) if k not in s.python]
+    if not keep or len(keep) == len(s.diff):
+        return s, []
+    # Held as the Python numbers they were given as: an array, even a concrete one, becomes
+    # a tracer again once jnp touches it inside a trace.
+    leaves = [v.item() if k in s.python and k not in [s.diff[i] for i in keep] else v
+              for k, v in enumerate(s.leaves)]
+    held = dataclasses.replace(s, leaves=leaves, diff=[s.diff[i] for i in keep], names=[s.names[i] for i in keep],
+                               x=[s.x[i] for i in keep])
+    try:
+        jax.eval_shape(held.go, *held.x)
+    except _UNTRACEABLE:
+        return s, []
+    return held, [s.names[i] for i in range(len(s.diff)) if i not in keep]
 
 
 def _arg_name(f, arg: int, rest) -> str:
