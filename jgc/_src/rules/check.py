@@ -53,7 +53,7 @@ from .eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .paths import Paths, differentiated_paths
 from .primitives import PRIMITIVES, PrimitiveWatch, check_primitive_rules
 from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
-from .report import RuleReport, RulesReport, SiteReport, Worst, as_approximate
+from .report import RuleReport, RulesReport, SiteReport, Worst, as_approximate, relative_error
 from .derivatives import derivatives
 from .hidden import replay, watching
 from .sitechecks import CHEAP, SiteChecks, check_hidden, check_sites
@@ -280,19 +280,7 @@ def _verdict(prep: _Prepared, rep, leaves, offset: int = 0) -> SiteReport:
     failing = [lf for lf in rep.failing() if lf in leaves]
     worst = _worst(failing[0], prep, offset) if failing else None
     return SiteReport(**_site_base(prep.site), checked=len(prep.caps), status="mismatch" if failing else "ok",
-                      report=rep, worst=worst, method=rep.mode, held=prep.held, error=_relative_error(leaves))
-
-
-def _relative_error(leaves) -> float | None:
-    """max |rule − differences| over the largest |derivative| of the site (finite entries only)."""
-    diff, scale = 0.0, 0.0
-    for lf in leaves:
-        a, n = np.asarray(lf.analytic), np.asarray(lf.numeric)
-        ok = np.isfinite(a) & np.isfinite(n)
-        if ok.any():
-            diff = max(diff, float(np.max(np.abs(a[ok] - n[ok]))))
-            scale = max(scale, float(np.max(np.abs(n[ok]))), float(np.max(np.abs(a[ok]))))
-    return diff / scale if scale > 0 else None
+                      report=rep, worst=worst, method=rep.mode, held=prep.held, error=relative_error(leaves))
 
 
 def _check_one(prep: _Prepared, options: dict, key) -> SiteReport:

@@ -46,7 +46,7 @@ from .. import compat, trees
 from ..jacobian import check_jacobian
 from ..products import check_jvp, check_vjp
 from .paths import Paths
-from .report import RuleReport, SiteReport, Worst, as_approximate
+from .report import RuleReport, SiteReport, Worst, as_approximate, relative_error
 from .sites import CALL_PRIMS, KINDS, REMAT_PRIMS, _site_base, _Site, _subjaxprs, call_site
 from .sources import Where, _pkg_dir
 from .surrogates import primitive_approximate
@@ -346,17 +346,6 @@ def _ready(site: _PrimSite, paths: Paths | None) -> _Ready | SiteReport:
     return _Ready(site, caps, [ops[j] for j in varying], varying, f, "; ".join(held))
 
 
-def _relative_error(leaves) -> float | None:
-    diff, scale = 0.0, 0.0
-    for lf in leaves:
-        a, n = np.asarray(lf.analytic), np.asarray(lf.numeric)
-        ok = np.isfinite(a) & np.isfinite(n)
-        if ok.any():
-            diff = max(diff, float(np.max(np.abs(a[ok] - n[ok]))))
-            scale = max(scale, float(np.max(np.abs(n[ok]))), float(np.max(np.abs(a[ok]))))
-    return diff / scale if scale > 0 else None
-
-
 def _leaf_index(path: str) -> int:
     head = path.split("]", 1)[0]
     digits = "".join(ch for ch in head if ch.isdigit())
@@ -380,7 +369,7 @@ def _verdict(ready: _Ready, rep, leaves: list) -> SiteReport:
                       input=float(np.real(x[idx])) if inside else None, rule=lf.worst_analytic,
                       numeric=lf.worst_numeric, allowed=lf.worst_bound, block=lf.name)
     return SiteReport(**_site_base(ready.site), checked=len(ready.caps), status="mismatch" if failing else "ok",
-                      report=rep, worst=worst, method=rep.mode, held=ready.held, error=_relative_error(leaves))
+                      report=rep, worst=worst, method=rep.mode, held=ready.held, error=relative_error(leaves))
 
 
 def _error(site, e: Exception) -> SiteReport:

@@ -7,6 +7,8 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
 from ..report import find
 
 # Rule statuses, most severe first (the text report lists rules in this order).
@@ -301,3 +303,15 @@ def as_approximate(site: SiteReport, tol: float, reason: str) -> SiteReport:
         return dataclasses.replace(site, status="approximate", reason=f"{reason}; {measured}")
     return dataclasses.replace(site, reason=f"approximate by construction ({reason}), but {measured}: beyond "
                                             "what the approximation explains")
+
+
+def relative_error(leaves) -> float | None:
+    """max |rule − differences| over the largest |derivative| of the site (finite entries only)."""
+    diff, scale = 0.0, 0.0
+    for lf in leaves:
+        a, n = np.asarray(lf.analytic), np.asarray(lf.numeric)
+        ok = np.isfinite(a) & np.isfinite(n)
+        if ok.any():
+            diff = max(diff, float(np.max(np.abs(a[ok] - n[ok]))))
+            scale = max(scale, float(np.max(np.abs(n[ok]))), float(np.max(np.abs(a[ok]))))
+    return diff / scale if scale > 0 else None
