@@ -761,6 +761,27 @@ def _library_or_skip(name):
     return pytest.importorskip(name, reason=f"{name} is an optional library (bench_real_rules.py runs it)")
 
 
+def test_jax_md_transform_and_quaternion_rotation_are_intended_at_the_checked_version():
+    # Both rules differ from their primal's derivative on purpose (see their source);
+    # without the recognition each is a mismatch (rule 0 vs 0.3 for transform).
+    from jgc._src.rules.surrogates import CHECKED_WITH
+
+    jax_md = _library_or_skip("jax_md")
+    from jax_md import rigid_body, space
+
+    box = jnp.array([[2.0, 0.3, 0.0], [0.0, 1.8, 0.2], [0.0, 0.0, 2.2]])
+    q = jnp.array([0.9, 0.1, -0.3, 0.2])
+    q, v = q / jnp.linalg.norm(q), jnp.array([0.3, -0.5, 0.8])
+    with jax.enable_x64(True):
+        moved = jgc.check_rules(lambda r: jnp.sum(jnp.sin(space.transform(box, r))),
+                                jnp.array([[0.1, 0.2, 0.3], [0.5, 0.4, 0.9]], jnp.float64))
+        turned = jgc.check_rules(lambda q: jnp.sum(rigid_body._quaternion_rotate(q, v) ** 3), q.astype(jnp.float64))
+    version = getattr(jax_md, "__version__", "?"), CHECKED_WITH["jax_md"]
+    for rep in (moved, turned):
+        assert rep.ok and [r.status for r in rep.rules] == ["intended"], (version, str(rep))
+        assert "jax_md source" in rep.rules[0].reason
+
+
 def test_known_library_surrogates_are_intended_at_the_checked_versions():
     from jgc._src.rules.surrogates import CHECKED_WITH
 

@@ -93,13 +93,21 @@ def _library_intended(primal: Where) -> str | None:
         return ("TFP differentiates Gamma samples by implicit reparameterisation (the derivative of the "
                 "sample at a fixed CDF value), not through its rejection sampler (TFP docs, "
                 "tfp.distributions.Gamma; Figurnov et al. 2018)")
+    if "/jax_md/" in path and path.endswith("/space.py") and primal.name == "transform":
+        return ("jax_md.space.transform passes the tangent of R through without the box on purpose, so that "
+                "jax.grad of an energy of fractional coordinates gives real-space forces (jax_md source, "
+                "space.transform_jvp docstring)")
+    if "/jax_md/" in path and path.endswith("/rigid_body.py") and primal.name == "_quaternion_rotate":
+        return ("jax_md's quaternion rotation projects its gradient onto the unit quaternions' tangent space "
+                "(the component along q removed), a gradient on the sphere of orientations (jax_md source, "
+                "rigid_body._quaternion_rotate_bwd)")
     return None
 
 
 # The library versions the recognised rules above were checked against (tests/test_rules.py
 # runs each recognition where the library is installed).
 CHECKED_WITH = {"optax": "0.2.8", "equinox": "0.13.8", "jaxopt": "0.8.5", "diffrax": "0.7.2",
-                "optimistix": "0.1.0", "tensorflow_probability": "0.26.0-dev20261027"}
+                "optimistix": "0.1.0", "tensorflow_probability": "0.26.0-dev20261027", "jax_md": "0.2.29"}
 
 
 # -- approximate by construction ---------------------------------------------------------------------
