@@ -176,6 +176,45 @@ def test_the_recorder_captures_eager_grad_vmap_and_jit_calls_and_changes_no_resu
     assert seen["cube"].tests == {"t": None}
 
 
+def test_rules_registered_on_primitives_are_recorded_and_checked():
+    # fixturepkg/prims.py: fixture_cube's JVP rule is wrong (2x² for 3x²); fixture_double's JVP
+    # rule is right and its transpose rule wrong (3·ct for 2·ct). The module is imported
+    # after the recorder is installed, as a package's tests import it.
+    rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])
+    rec.install()
+    try:
+        sys.path.insert(0, str(FIXTURE))
+        from fixturepkg import prims
+    finally:
+        sys.path.remove(str(FIXTURE))
+    x = jnp.array([0.5, -1.5, 2.0])
+    try:
+        rec.watch_primitives()
+        rec.test = "t"
+        cubed = prims.prim_cube(x)  # eager
+        g = jax.grad(jax.jit(lambda v: jnp.sum(jnp.tanh(prims.prim_double(v)))))(x)  # inside jit, under grad
+    finally:
+        rec.restore()
+    assert "bind" not in vars(prims.cube_p) and "bind" not in vars(prims.double_p)
+    np.testing.assert_array_equal(cubed, x ** 3)
+    # The wrong transpose's gradient, as without the recorder (float32 tanh: results ~2e-5 apart).
+    np.testing.assert_allclose(g, 3 * (1 - jnp.tanh(2 * x) ** 2), rtol=1e-4)
+    results = {(d["name"], d["kind"]): d for d in scan.check_recorded(rec, budget=120, points=1)}
+    cube = results[("fixture_cube", "primitive jvp")]
+    assert cube["status"] == "mismatch" and cube["worst"]["check"] == "jvp", cube
+    assert cube["defined_at"] == f"{RULES_PY.parent.relative_to(ROOT) / 'prims.py'}:{_line_of('def _cube_jvp')}"
+    assert "rule 8 vs finite differences 12" in cube["worst"]["element"]  # at x = 2: 2·4 against 3·4
+    assert results[("fixture_double", "primitive jvp")]["status"] == "ok"
+    tr = results[("fixture_double", "primitive transpose")]
+    assert tr["status"] == "mismatch" and tr["defined_at"].endswith(f"prims.py:{_line_of('def _double_transpose')}")
+    assert cube["tests"] == ["t"] and tr["tests"] == ["t"]
+
+
+def _line_of(text: str) -> int:
+    lines = (RULES_PY.parent / "prims.py").read_text().splitlines()
+    return next(i + 1 for i, ln in enumerate(lines) if ln.startswith(text))
+
+
 def test_points_are_kept_per_new_shape_or_magnitude_only():
     fp = _fixture_module()
     rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])

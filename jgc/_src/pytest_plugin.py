@@ -66,6 +66,7 @@ def pytest_runtest_protocol(item, nextitem):
     state = _state(item.config)
     if state is not None:
         state["recorder"].test = item.nodeid
+        state["recorder"].watch_primitives()  # primitives the package registered since (cheap when none)
     try:
         yield
     finally:

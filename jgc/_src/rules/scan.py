@@ -16,6 +16,13 @@ of its operands:
   traced and interpreted once at those arguments (the capture of
   :func:`jgc.check_rules`), which yields the rule's operands there.
 
+Rules registered on primitives (``ad.primitive_jvps`` / ``ad.primitive_transposes``)
+whose rule functions are defined under the package are recorded the same way: the
+``bind`` of each such primitive is wrapped (on the primitive object, once the tests have
+imported the package), and each is checked after the session as :func:`jgc.check_rules`
+checks it (``primitives="user"``): the JVP rule against differences of the primitive,
+the transpose rule by the dot-product identity.
+
 Captures are kept only for new shapes, dtypes or orders of magnitude (a few per rule),
 so the tests run at nearly their own speed; the wrappers return what the wrapped call
 returns, and every original is restored when the session ends. Each rule is then
@@ -37,13 +44,16 @@ import math
 import os
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad
 
 from .. import compat
 from .eager import _closes_over_traced_values
+from .primitives import JVP_KIND, PrimitiveWatch, check_primitive_rules, rule_function
 from .rule import check_rule
 from .sites import _Collector
 from .sources import Where, _display_path, _is_wrapper_file, _primal_function, _where_fn
@@ -61,6 +71,9 @@ OUTER_IN_ALL = 64
 # Statuses of a rule after the scan, most severe first.
 STATUSES = ("mismatch", "error", "not checked", "approximate", "ok", "intended", "not exercised")
 DERIVATIVE_TRANSFORMS = ("grad", "value_and_grad", "vjp", "jvp", "linearize", "jacfwd", "jacrev", "hessian")
+
+
+_JGC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 # -- where the package is ---------------------------------------------------------------------
@@ -190,6 +203,7 @@ class _Point:
     how: str
     shapes: str
     nondiff: tuple = ()
+    test: str = ""
 
 
 @dataclasses.dataclass
@@ -238,6 +252,11 @@ class Recorder:
         self._local = threading.local()
         self.errors: list[str] = []  # recording failures (never raised into a test)
         self.active = False  # False: every wrapper only calls the original (after restore)
+        self.primitives: dict = {}  # primitive -> its _Seen (kind "primitive jvp"), for the package's rules
+        self._looked_at: set = set()  # primitives of the registry already looked at
+        self._registry_size = -1
+        self._prim_saved: list[tuple] = []  # (primitive, had its own bind, that bind)
+        self.watch: _PackageWatch | None = None  # the package's primitives met when capturing (after the session)
 
     # -- installing ------------------------------------------------------------------------------
     def install(self) -> None:
@@ -266,6 +285,32 @@ class Recorder:
                     self._saved.append((owner, name, original))
                     setattr(owner, name, wrapper)
         self.active = True
+        self.watch_primitives()
+
+    def watch_primitives(self) -> None:
+        """Wrap the ``bind`` of primitives whose registered JVP rule is defined under the package.
+
+        Cheap when the registry has not grown: called again before each test, since the
+        package registers its primitives when the tests import it.
+        """
+        if not self.active or len(ad.primitive_jvps) == self._registry_size:
+            return
+        self._registry_size = len(ad.primitive_jvps)
+        for prim, jvp in list(ad.primitive_jvps.items()):
+            if prim in self._looked_at:
+                continue
+            self._looked_at.add(prim)
+            try:
+                named = rule_function(jvp)
+            except Exception:  # noqa: BLE001, S112 (a registered object jgc cannot read: not the package's)
+                continue
+            if named is None or not named[1] or not self._under_package(named[0].file):
+                continue
+            where = named[0]
+            self.primitives[prim] = _Seen(prim.name, JVP_KIND, where, str(where))
+            own = vars(prim).get("bind")
+            self._prim_saved.append((prim, "bind" in vars(prim), own))
+            prim.bind = self._bind_wrapper(prim, prim.bind)
 
     def restore(self) -> None:
         """Put back every original, exactly (the same objects)."""
@@ -273,6 +318,12 @@ class Recorder:
         while self._saved:
             owner, name, original = self._saved.pop()
             setattr(owner, name, original)
+        while self._prim_saved:
+            prim, had, own = self._prim_saved.pop()
+            if had:
+                prim.bind = own
+            else:
+                vars(prim).pop("bind", None)
 
     def _depth(self, what: str) -> int:
         return getattr(self._local, what, 0)
@@ -303,6 +354,21 @@ class Recorder:
             return original(obj, *args, **kwargs)
 
         return __call__
+
+    def _bind_wrapper(self, prim, original):
+        recorder = self
+
+        @functools.wraps(original)
+        def bind(*args, **params):
+            if recorder.active and recorder._depth("recording") == 0:
+                with recorder._entered("recording"):
+                    try:
+                        recorder._record_primitive(prim, original, args, params)
+                    except Exception as e:  # noqa: BLE001 (a recording failure never reaches the test)
+                        recorder.errors.append(f"{type(e).__name__}: {e}")
+            return original(*args, **params)
+
+        return bind
 
     def _transform_wrapper(self, original, name: str):
         recorder = self
@@ -335,7 +401,7 @@ class Recorder:
             with contextlib.suppress(Exception):
                 leaves = jax.tree_util.tree_leaves((args, kwargs))
                 if not any(isinstance(x, jax.core.Tracer) for x in leaves):
-                    todo = [self.rules[k] for k in missed if self.rules[k].outer < OUTER_PER_RULE]
+                    todo = [r for r in map(self._seen_by_key, missed) if r is not None and r.outer < OUTER_PER_RULE]
                     if todo:
                         for r in todo:
                             r.outer += 1
@@ -405,10 +471,50 @@ class Recorder:
             (f" in {self.test}" if self.test else "")
         r.points.append(_Point(obj, concrete, how, _describe(leaves)))
 
+    def _record_primitive(self, prim, bind, args: tuple, params: dict) -> None:
+        r = self.primitives[prim]
+        r.calls += 1
+        if self.test:
+            r.tests.setdefault(self.test, None)
+        if len(r.points) >= KEPT_PER_RULE:
+            return
+        try:
+            with jax.transfer_guard("allow"):
+                concrete = tuple(_concrete_leaf(x) for x in args)
+        except _NotConcrete:
+            r.traced += 1
+            missed = getattr(self._local, "missed", None)
+            if missed is not None:
+                missed.add(r.key)
+            return
+        with jax.transfer_guard("allow"):
+            bucket = (_signature(concrete), _decade(concrete))
+        if bucket in r.buckets or not any(jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.inexact)
+                                          for x in concrete):
+            return
+        r.buckets[bucket] = 1
+        traced = any(isinstance(x, jax.core.Tracer) for x in args)
+        how = ("concrete call" if not traced else "primal values under grad/jvp/vmap") + \
+            (f" in {self.test}" if self.test else "")
+        r.points.append(_Point(functools.partial(_bind_with, bind, params), concrete, how, _describe(concrete),
+                               test=self.test))
+
+    def _seen_by_key(self, key: tuple) -> _Seen | None:
+        r = self.rules.get(key)
+        if r is None:
+            r = next((p for p in self.primitives.values() if p.key == key), None)
+        return r
+
     # -- after the session: operands of rules run inside jit ----------------------------------------
     def capture_outer(self, deadline: float) -> None:
-        """Trace each kept outer call and interpret it at its arguments: the rules' operands inside jit."""
-        for fun, args, kwargs, test in self.outer:
+        """Trace each kept outer call and interpret it at its arguments: the rules' operands inside jit.
+
+        The package's primitives met there, and those called during the tests, become the
+        call sites of :attr:`watch` (traced once each, as :func:`jgc.check_rules` captures them).
+        """
+        self.watch = _PackageWatch(self._under_package, set(self.primitives))
+        calls = [(p.f, p.args, {}, p.test) for r in self.primitives.values() for p in r.points]
+        for fun, args, kwargs, test in self.outer + calls:
             if time.perf_counter() > deadline:
                 break
             try:
@@ -417,6 +523,8 @@ class Recorder:
                 self.errors.append(f"re-tracing {getattr(fun, '__name__', fun)}: {type(e).__name__}: {e}")
 
     def _capture_one(self, fun, args, kwargs, test: str) -> None:
+        if self.watch is not None:
+            self.watch.test = test
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         dyn_at = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
 
@@ -429,7 +537,7 @@ class Recorder:
 
         dyn = [jnp.asarray(leaves[i]) for i in dyn_at]
         closed = jax.make_jaxpr(rebuilt)(dyn)
-        col = _Collector()
+        col = _Collector(self.watch)
         col.discover(closed.jaxpr)
         col.run(closed.jaxpr, closed.consts, dyn)
         for (kind, primal, rule), rr in col.rules.items():
@@ -452,6 +560,32 @@ class Recorder:
                     how = "captured inside jit by re-tracing " + getattr(fun, "__name__", "the function") + \
                         (f" in {test}" if test else "")
                     r.points.append(_Point(_bound(eqn), ops, how, _describe(ops[nc:]), tuple(range(nc))))
+
+
+def _bind_with(bind, params, *args):
+    return bind(*args, **params)
+
+
+class _PackageWatch(PrimitiveWatch):
+    """The primitives the recorder wrapped (rules defined under the package), watched as check_rules does."""
+
+    def __init__(self, inside, prims: set):
+        super().__init__("user")
+        self.test = ""  # the test whose call is being traced again
+        self._prims = prims
+        self._inside = inside
+
+    def site(self, eqn, under: tuple, parent=None, jaxpr=None):
+        s = super().site(eqn, under, parent, jaxpr)
+        if self.test and (not s.at.file or os.path.abspath(s.at.file).startswith(_JGC_DIR)):
+            s.at = Where(self.test, self.test, 0)  # bound by the recorder's re-tracing: named by its test
+        return s
+
+    def _rule(self, prim):
+        if prim not in self._known:
+            r = super()._rule(prim) if prim in self._prims else None
+            self._known[prim] = r if r is not None and self._inside(r.jvp.file) else None
+        return self._known[prim]
 
 
 def _bound(eqn):
@@ -559,7 +693,61 @@ def check_recorded(rec: Recorder, *, budget: float, points: int = 3, options: di
                     "status": status, "reason": reason, "calls": r.calls, "tests": list(r.tests),
                     "checks": res["checks"], "worst": res["worst"], "points": res["points"],
                     "captured": len(r.points)})
+    return out + _check_primitives(rec, deadline, points, options)
+
+
+def _check_primitives(rec: Recorder, deadline: float, points: int, options: dict) -> list[dict]:
+    """The package's primitive rules: each JVP rule (and transpose rule) at up to ``points`` call sites."""
+    watch = rec.watch
+    wanted = options.get("checks")
+    out = []
+    for seen in rec.primitives.values():
+        base = {"name": seen.name, "calls": seen.calls, "tests": list(seen.tests), "captured": len(seen.points)}
+        found = [r for r in (watch.rules.values() if watch is not None else ()) if r.name == seen.name
+                 and r.jvp == seen.where]
+        rule = found[0] if found else None
+        entry = {**base, "kind": JVP_KIND, "defined_at": str(seen.where), "rule_at": str(seen.where),
+                 "status": "not checked", "reason": "", "checks": {}, "worst": None, "points": []}
+        if not seen.calls:
+            out.append({**entry, "status": "not exercised", "reason": "no test ran it"})
+            continue
+        if rule is None or not rule.sites:
+            entry["reason"] = (f"its {seen.traced} call(s) ran inside jit on traced values, and no derivative of "
+                               "a function of concrete arguments around them was taken" if seen.traced else
+                               "no call with floating-point arrays was seen")
+            out.append(entry)
+            continue
+        if wanted and not {"jvp", "vjp"} & set(wanted):
+            out.append({**entry, "reason": "--jgc-checks names neither jvp nor vjp"})
+            continue
+        if time.perf_counter() > deadline:
+            out.append({**entry, "reason": "the time budget ran out before it was checked (--jgc-budget)"})
+            continue
+        sites = list(rule.sites.values())[:points]
+        one = dataclasses.replace(rule, sites={i: s for i, s in enumerate(sites)})
+        try:
+            reports = check_primitive_rules(types.SimpleNamespace(rules={0: one}), {}, jax.random.PRNGKey(0), None)
+        except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands: an error)
+            out.append({**entry, "status": "error", "reason": f"{type(e).__name__}: {e}"})
+            continue
+        for rep in reports:
+            out.append({**base, **_primitive_verdict(rep, sites)})
     return out
+
+
+def _primitive_verdict(rep, sites: list) -> dict:
+    """The plugin's entry for one :class:`RuleReport` of a primitive rule."""
+    check = "jvp" if rep.kind == JVP_KIND else "transpose"
+    status = rep.status if rep.status in STATUSES else "not checked"
+    bad = next((s for s in rep.sites if s.status == "mismatch"), None)
+    worst = None
+    if bad is not None:
+        worst = {"check": check, "at": bad.at,
+                 "element": bad.worst.describe() if bad.worst is not None else bad.reason}
+    pts = [{"operands": ", ".join(str(v.aval) for v in site.eqn.invars),
+            "captured": f"{site.calls} call(s) in {sr.at}", "status": sr.status} for site, sr in zip(sites, rep.sites)]
+    return {"kind": rep.kind, "defined_at": rep.rule_at, "rule_at": rep.rule_at, "status": status,
+            "reason": rep.reason, "checks": {check: status}, "worst": worst, "points": pts}
 
 
 # -- the scan's result: merged, with the rules no test ran, the known failures -----------------------
