@@ -147,16 +147,20 @@ def run_suite(name: str, ns) -> dict:
             args = [a for i, a in enumerate(args) if a != "-k" and (i == 0 or args[i - 1] != "-k")] + ["-k", expr]
     report = cwd / "rules.json"
     common = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:jgc", *args]
-    print(f":: {name}: without the plugin", flush=True)
-    plain = run(common, cwd, env)
-    print(f":: {name}: with --jgc-rules={package}", flush=True)
-    scanned = run(common + ["-p", "pytest_jgc", f"--jgc-rules={package}", f"--jgc-report={report}",
-                            f"--jgc-budget={ns.budget:g}", f"--jgc-points={ns.points}"], cwd, env)
+    plain = scanned = None
+    if ns.half in (None, "plain"):
+        print(f":: {name}: without the plugin", flush=True)
+        plain = run(common, cwd, env)
+    if ns.half in (None, "scanned"):
+        print(f":: {name}: with --jgc-rules={package}", flush=True)
+        scanned = run(common + ["-p", "pytest_jgc", f"--jgc-rules={package}", f"--jgc-report={report}",
+                                f"--jgc-budget={ns.budget:g}", f"--jgc-points={ns.points}"], cwd, env)
     rules = json.loads(report.read_text())["rules"] if report.exists() else []
     cmd = " ".join(["python -m pytest -q -p no:cacheprovider -p pytest_jgc", f"--jgc-rules={package}",
                     f"--jgc-points={ns.points}", *[repr(a) if " " in a else a for a in args]])
     return {"suite": name, "package": package, "command": cmd, "plain": plain, "scanned": scanned, "rules": rules,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "side_by_side": ns.half is not None}
 
 
 def _status_counts(rules: list) -> str:
@@ -180,6 +184,8 @@ def markdown(entries: dict, machine: str) -> str:
              f"Machine: {machine}.", "", header, "|---|---|---|--:|--:|--:|---|---|---|---|"]
     for e in entries.values():
         rules, p, s = e["rules"], e["plain"], e["scanned"]
+        if not p or not s:
+            continue
         exercised = [r for r in rules if r["status"] != "not exercised"]
         checked = [r for r in rules if r["points"]]
         lines.append(f"| {e['suite']} | `{e['command'].split(e['package'], 1)[1].strip()[:160]}` | "
@@ -187,7 +193,8 @@ def markdown(entries: dict, machine: str) -> str:
                      f"{len(exercised)} | {len(checked)} | {_status_counts(rules)} | "
                      f"{p['wall']:.0f} → {s['wall']:.0f} ({s['wall'] / p['wall']:.2f}) | "
                      f"{p['cpu']:.0f} → {s['cpu']:.0f} ({s['cpu'] / max(p['cpu'], 1e-9):.2f}) | "
-                     f"{p['load'][0]:.1f}, {s['load'][0]:.1f} |")
+                     f"{p['load'][0]:.1f}, {s['load'][0]:.1f}" + (" (side by side)" if e.get("side_by_side") else "")
+                     + " |")
     lines += ["", "Reviewed by hand:", ""] + [f"- {n}" for n in NOTES]
     for e in entries.values():
         lines += ["", f"## {e['suite']} ({e['date']})", "", f"Command: `{e['command']}`", "",
@@ -223,6 +230,11 @@ def main(argv=None) -> int:
                     help="a pytest -k expression for a suite, e.g. jax='Relu or Softmax'")
     ap.add_argument("--report-only", action="store_true", help="remake scan.md from scan.json")
     ap.add_argument("--merge", nargs="*", default=[], help="more scan.json files whose suites to add")
+    ap.add_argument("--half", choices=["plain", "scanned"], default=None,
+                    help="run only one half (without / with the plugin); two such runs side by side share the "
+                         "machine's load alike, and --plain-from puts them together")
+    ap.add_argument("--plain-from", default=None,
+                    help="a scan.json whose suites' runs without the plugin replace those in --store")
     ap.add_argument("--store", default=str(RESULTS / "scan.json"),
                     help="the JSON file of results to update (another file lets runs go side by side; --merge)")
     ns = ap.parse_args(argv)
@@ -234,6 +246,11 @@ def main(argv=None) -> int:
     entries = json.loads(store.read_text()) if store.exists() else {}
     for more in ns.merge:  # suites run by other invocations at the same time (each with its own results dir)
         entries.update(json.loads(Path(more).read_text()))
+    if ns.plain_from:
+        for name, e in json.loads(Path(ns.plain_from).read_text()).items():
+            if name in entries and e.get("plain"):
+                entries[name]["plain"] = e["plain"]
+                entries[name]["side_by_side"] = True
     if not ns.report_only:
         for name in ns.only or ["optax", "jax", "flax", "equinox"]:
             entries[name] = run_suite(name, ns)

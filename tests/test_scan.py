@@ -215,6 +215,51 @@ def _line_of(text: str) -> int:
     return next(i + 1 for i, ln in enumerate(lines) if ln.startswith(text))
 
 
+def test_a_primal_that_reads_state_outside_its_arguments_is_not_checked():
+    calls = [0]
+
+    @jax.custom_jvp
+    def drifting(x):  # a new value at each call, as a parameter drawn during Flax's init
+        calls[0] += 1
+        return x + calls[0]
+
+    drifting.defjvp(lambda p, t: (drifting(p[0]), t[0]))
+    r = scan._Seen("drifting", "custom_jvp", scan.Where("drifting", __file__, 1))
+    out = scan._check_point(r, scan._Point(drifting, (jnp.ones(2),), "concrete call", "float32[2]"), {})
+    assert out["status"] == "not checked" and "called twice" in out["reason"], out
+
+
+def test_a_rule_lifted_by_flax_belongs_to_the_module_that_defines_its_backward_pass():
+    nn = pytest.importorskip("flax.linen", reason="Flax's lifted custom_vjp")
+
+    class SignGrad(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            def f(mdl, x):
+                return mdl(x)
+
+            def bwd(vjp_fn, y_t):
+                params_t, input_t = vjp_fn(y_t)
+                return jax.tree_util.tree_map(jnp.sign, params_t), input_t
+
+            return nn.custom_vjp(f, forward_fn=lambda mdl, x: nn.vjp(f, mdl, x), backward_fn=bwd)(nn.Dense(1), x)
+
+    x = jnp.ones((2,))
+    seen = {}
+    for package, dirs in (("flax", scan.package_dirs("flax")), ("tests", [str(ROOT / "tests") + os.sep])):
+        rec = scan.Recorder(package, dirs=dirs)
+        rec.install()
+        try:
+            variables = SignGrad().init(jax.random.key(0), x)
+            jax.grad(lambda v: jnp.sum(SignGrad().apply(v, x)))(variables)
+        finally:
+            rec.restore()
+        seen[package] = [(r.name, r.where.file) for r in rec.rules.values()]
+    assert seen["flax"] == []  # flax/core/lift.py only passes the rule on
+    assert seen["tests"] == [("test_a_rule_lifted_by_flax_belongs_to_the_module_that_defines_its_backward_pass"
+                              ".<locals>.SignGrad.__call__.<locals>.bwd", __file__)]
+
+
 def test_points_are_kept_per_new_shape_or_magnitude_only():
     fp = _fixture_module()
     rec = scan.Recorder("fixturepkg", dirs=[str(FIXTURE / "fixturepkg") + os.sep])

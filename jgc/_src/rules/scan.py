@@ -53,7 +53,7 @@ from jax.interpreters import ad
 
 from .. import compat
 from .eager import _closes_over_traced_values
-from .primitives import JVP_KIND, PrimitiveWatch, check_primitive_rules, rule_function
+from .primitives import JVP_KIND, PrimitiveWatch, _functions, check_primitive_rules, rule_function
 from .rule import check_rule
 from .sites import _Collector
 from .sources import Where, _display_path, _is_wrapper_file, _primal_function, _where_fn
@@ -64,6 +64,9 @@ from .surrogates import _library_intended, _user_intended
 # only a few distinct calls are worth keeping.
 KEPT_PER_RULE = 6
 KEPT_PER_SIGNATURE = 3
+# Two calls of a primal at the same operands that differ by more than this (relative to the
+# output's largest entry) mean it reads state outside its arguments: see _not_reproducible.
+REPRODUCIBLE_RTOL = 1e-4
 # Outer derivative calls kept for capture after the session, per missed rule and in all.
 OUTER_PER_RULE = 3
 OUTER_IN_ALL = 64
@@ -234,8 +237,29 @@ def _rule_of(obj, kind: str) -> tuple[Where, str] | None:
         fn = getattr(obj, attr, None)
         if callable(fn):
             rule = _where_fn(fn)
+            if rule is not None and rule.file.replace(os.sep, "/").endswith(_LIFTED_RULES):
+                caller = _caller_rule(fn)
+                if caller is not None:  # the rule is the caller's: the rule and its primal are named by it
+                    return caller, str(caller)
             break
     return primal, str(rule) if rule else ""
+
+
+# Modules whose custom_vjp rules only pass on a rule their caller gives (Flax's lifted
+# ``custom_vjp``: ``flax.core.lift.custom_vjp``, behind ``flax.linen.custom_vjp``). Such a
+# rule belongs to the caller (its backward function), not to the library that lifts it.
+_LIFTED_RULES = ("flax/core/lift.py",)
+_LIFTING = ("flax/core/", "flax/linen/transforms.py", "flax/linen/module.py")
+
+
+def _caller_rule(bwd) -> Where | None:
+    """The first function outside the lifting modules that a lifted backward pass calls through."""
+    cells = dict(zip(bwd.__code__.co_freevars, bwd.__closure__ or ()))
+    with contextlib.suppress(ValueError, KeyError):
+        for f in _functions(cells["backward_fn"].cell_contents):
+            if not any(d in f.__code__.co_filename.replace(os.sep, "/") for d in _LIFTING):
+                return _where_fn(f)
+    return None
 
 
 class Recorder:
@@ -612,8 +636,34 @@ def _combined(a: str | None, b: str) -> str:
     return _worse(a, b)
 
 
+def _not_reproducible(p: _Point) -> str:
+    """Why the primal cannot be checked at this point, when two calls at the same operands differ; else "".
+
+    A function that reads state outside its arguments (Flax's lifted ``custom_vjp`` during
+    ``init`` draws new parameters from the module's random stream at each call) has no
+    derivative at its operands to compare with: every check would pair two different draws.
+    """
+    with contextlib.suppress(Exception):  # a primal that raises is judged by check_rule itself
+        a, b = (jax.tree_util.tree_leaves(p.f(*p.args)) for _ in range(2))
+        for x, y in zip(a, b):
+            x, y = np.asarray(x), np.asarray(y)
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                continue
+            scale = max(float(np.max(np.abs(x[np.isfinite(x)]), initial=0.0)), 1e-30)
+            diff = np.abs(np.where(np.isfinite(x) & np.isfinite(y), x - y, 0.0))
+            # Beyond rounding (a reduction's order may vary between runs, ~1e-7 relative in
+            # float32), far below the O(1) change of a new random draw.
+            if np.max(diff, initial=0.0) > REPRODUCIBLE_RTOL * scale:
+                return ("the primal gives different values when called twice at the same operands (it reads "
+                        "state outside its arguments, e.g. a random draw during init): no derivative to compare")
+    return ""
+
+
 def _check_point(r: _Seen, p: _Point, options: dict) -> dict:
     """One captured call through :func:`jgc.check_rule`: status, the checks that ran, the worst element."""
+    why = _not_reproducible(p)
+    if why:
+        return {"status": "not checked", "reason": why, "checks": {}, "worst": None}
     try:
         rep = check_rule(p.f, *p.args, nondiff_argnums=p.nondiff, **options)
     except Exception as e:  # noqa: BLE001 (the rule raised at its own captured operands: an error)
