@@ -48,8 +48,9 @@ ROLES = {
     "runtime": "evaluating the cost at many perturbed points: compiled, vmapped, chunked (batches sized from "
                "the memory available, `memory`), sharded, sparse where it can (its value kinds in "
                "`sparse_values`, its rules for matrix products and convolutions in `sparse_products`)",
-    "problems": "a check's inputs prepared once: one preparation for scalar and vector problems (validation, "
-                "precision with its x64 scope and widening, scales), the form of the function's output "
+    "problems": "a check's inputs prepared once: one frozen record for scalar and vector problems "
+                "(`preparation.prepare`: the split, leaves at evaluation precision with the x64 scope and "
+                "widening, u, scales; one retry at the dtypes given), the form of the function's output "
                 "(`has_aux`), a vector function's output layout and its JVP/VJP side, measured noise, "
                 "steps, the analytic gradient",
     "judging": "from analytic and numerical values to a status per element (one judge), a `LeafReport` per "

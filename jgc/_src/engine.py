@@ -16,7 +16,9 @@ for directions v_l held in a bank, through the same dispatch loop and counter: t
 noise probes, the vector checks' directions, check_taylor's line.
 :class:`DirectionEvaluator` does the same for perturbations along random directions
 restricted to index ranges, generated on the device, the building block of the
-directional mode and of its group-testing localisation.
+directional mode and of its group-testing localisation. Every evaluator's calls, its
+line layout for research-size models included, go through one dispatch loop
+(:func:`_dispatch`), which queues them, gathers the values in order and counts them.
 
 Outside this layer nothing vmaps the checked function at perturbed points
 (tests/test_architecture.py), so a faster evaluation is a change here only.
@@ -307,31 +309,40 @@ class _Single:
 
 
 def _run_rows(ev, cols: tuple, total: int) -> np.ndarray:
-    """Pad ``cols`` (arrays of length ``total``) to whole calls, dispatch, gather."""
+    """Pad ``cols`` (arrays of length ``total``) to whole calls of ``ev``'s program, and
+    run them through the one dispatch loop (:func:`_dispatch`)."""
     per = ev.per_call
     ncalls = math.ceil(total / per)
     pad = ncalls * per - total
     # Padding repeats the last row: a valid point, so no NaN/Inf from padding.
     cols = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in cols]
     shape = (ev.groups, ev.rows) if ev.groups > 1 else (ev.rows,)
+    calls = [([c[k * per:(k + 1) * per].reshape(shape + c.shape[1:]) for c in cols], min(per, total - k * per))
+             for k in range(ncalls)]
+    return _dispatch(ev, ev._call, calls, len(shape))
+
+
+def _dispatch(ev, program, calls: list, lead: int) -> np.ndarray:
+    """The engine's one dispatch loop: ``program(ev.x0, *args, ev.operands)`` for every
+    (args, rows) of ``calls``; returns the first ``rows`` values of each call (its ``lead``
+    leading axes merged into one), in order, and counts them on ``ev.counter``.
+
+    Dispatch is asynchronous: every call is queued before we block on the first result,
+    and results are collected (and progress reported) in order. With a row sharding
+    (``ev.shard``) each call's rows are split across the devices and gathered back.
+    """
     outs = []
     values = []
-    done = 0
     # Perturbed points may legitimately give a non-finite J: reported, never raised.
     with compat.float_checks_off():
-        # Dispatch is asynchronous: the loop queues every call before we block on the
-        # first result, and results are collected (and progress reported) in order.
-        for k in range(ncalls):
-            args = [c[k * per:(k + 1) * per].reshape(shape + c.shape[1:]) for c in cols]
+        for args, rows in calls:
             args = ev.shard.split_rows(args) if ev.shard else jax.device_put(args)
-            outs.append(ev._call(ev.x0, *args, ev.operands))
-        for o in outs:
+            outs.append((program(ev.x0, *args, ev.operands), rows))
+        for o, rows in outs:
             v = ev.shard.gather(o) if ev.shard else compat.host(o)
-            values.append(v.reshape((per,) + v.shape[len(shape):]))
-            got = min(per, total - done)
-            done += got
-            ev.counter.add(got)
-    return np.concatenate(values)[:total]
+            values.append(v.reshape((-1,) + v.shape[lead:])[:rows])
+            ev.counter.add(rows)
+    return np.concatenate(values)
 
 
 class LineEvaluator:
@@ -553,30 +564,24 @@ class DirectionEvaluator:
 
     def _run_lines(self, seed, lo, hi, t) -> np.ndarray:
         """The line layout: runs of consecutive rows of one direction (same seed and range),
-        LINE_STEPS at most each, LINE_DIRS runs per call."""
+        LINE_STEPS at most each, LINE_DIRS runs per call, dispatched by :func:`_dispatch`."""
         new = np.flatnonzero(np.concatenate([[True], (seed[1:] != seed[:-1]) | (lo[1:] != lo[:-1])
                                              | (hi[1:] != hi[:-1])]))
         runs = []
         for a, b in zip(new, np.append(new[1:], seed.size)):
             runs += [(int(c), int(min(c + LINE_STEPS, b))) for c in range(a, b, LINE_STEPS)]
-        calls = [runs[c:c + LINE_DIRS] for c in range(0, len(runs), LINE_DIRS)]
-        outs = []
-        with compat.float_checks_off():  # points off θ may be non-finite: reported, not raised
-            for call in calls:  # queued asynchronously, gathered in order below
-                first = np.asarray([a for a, _ in call] + [call[-1][0]] * (LINE_DIRS - len(call)))
-                size = LINE_DIRS * LINE_STEPS
-                ts, dirs, steps = np.zeros(size, t.dtype), np.zeros(size, np.int32), np.zeros(size, np.int32)
-                k = 0
-                for d, (a, b) in enumerate(call):
-                    ts[k:k + b - a], dirs[k:k + b - a], steps[k:k + b - a] = t[a:b], d, np.arange(b - a)
-                    k += b - a
-                args = jax.device_put(((seed[first], lo[first], hi[first]), (ts, dirs, steps), np.int32(k)))
-                outs.append((self._line(self.x0, *args, self.operands), k))
-            values = []
-            for o, k in outs:
-                values.append(np.asarray(compat.host(o), np.float64)[:k])
-                self.counter.add(k)
-        return np.concatenate(values)
+        calls = []
+        size = LINE_DIRS * LINE_STEPS
+        for call in (runs[c:c + LINE_DIRS] for c in range(0, len(runs), LINE_DIRS)):
+            first = np.asarray([a for a, _ in call] + [call[-1][0]] * (LINE_DIRS - len(call)))
+            ts, dirs, steps = np.zeros(size, t.dtype), np.zeros(size, np.int32), np.zeros(size, np.int32)
+            k = 0
+            for d, (a, b) in enumerate(call):
+                ts[k:k + b - a], dirs[k:k + b - a], steps[k:k + b - a] = t[a:b], d, np.arange(b - a)
+                k += b - a
+            calls.append((((seed[first], lo[first], hi[first]), (ts, dirs, steps), np.int32(k)), k))
+        # The engine's one dispatch loop and counter (the line layout is never sharded).
+        return _dispatch(self, self._line, calls, 1).astype(np.float64)
 
 
 def signs(i, seed, dtype):

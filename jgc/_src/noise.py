@@ -29,10 +29,16 @@ smooth wave looks exactly like noise. The spacing tells them apart. Shrinking it
 shrinks the smooth part of a 6th difference by up to 8⁶ ≈ 2.6e5 and leaves rounding
 noise as it is. So when the first probe reports J far noisier than its dtype, we probe
 again with finer spacings and keep a finer result only when it is clearly smaller.
+
+Every check measures its noise through :func:`probe` (equally spaced points at
+:func:`spacing`, then :func:`finest`), in one of two designs: :data:`SCALAR` (7 lines
+of 10 points, a scalar cost) and :data:`VECTOR` (1 line of 16 points, σ per output
+element of a vector function); why they differ is written next to them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -40,11 +46,36 @@ import numpy as np
 
 # 6th differences: their smooth part is spacing⁶·|J⁽⁶⁾|, negligible for the spacing below.
 ORDER = 6
-# 10 points per line give 4 sixth differences per line.
-POINTS = 10
-# 7 lines: the median survives up to 3 lines spoiled by kinks; 70 evaluations in one
-# vmapped batch, negligible next to the 2n of a full check.
-LINES = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """A noise probe's design: ``lines`` lines of ``points`` equally spaced points each,
+    at the spacing :func:`spacing` gives (and finer ones, :func:`finest`)."""
+
+    lines: int
+    points: int
+
+    @property
+    def evaluations(self) -> int:
+        return self.lines * self.points
+
+
+# A scalar cost: 7 lines of 10 points. 10 points give 4 sixth differences a line; 7
+# lines let the median survive up to 3 lines spoiled by kinks (a ReLU network's lines
+# cross one often, see above); 70 evaluations in one vmapped batch, negligible next to
+# the 2n of a full check.
+SCALAR = Design(lines=7, points=10)
+# A vector function: 1 line of 16 points, σ_j per output element from its 10 sixth
+# differences (good to ~25%, which the comparison's 8σ factor covers). One line, because
+# every output element needs its own σ_j along the same evaluations: the lines of the
+# scalar design would give each element 7 medians of 4 differences for 70 evaluations
+# of the whole f, while an element crossed by a kink is told apart per element by
+# :func:`localised` over its 10 differences. The two cannot be one design without
+# changing the σ_j, hence every step and error bar, of one side's checks.
+VECTOR = Design(lines=1, points=16)
+# The scalar design's lines and points, as :func:`estimate` and :func:`measure` take them.
+LINES, POINTS = SCALAR.lines, SCALAR.points
 
 
 def spacing(u: float) -> float:
@@ -221,22 +252,33 @@ def finest(probe: Callable[[float], tuple[np.ndarray, float]], h: float):
     return first, values, kept
 
 
+def probe(evaluate: Callable, u: float, design: Design):
+    """The one noise probe of every check: the points t_j = j·h, j < ``design.points``, at
+    h = ``spacing(u)`` and, when the first level looks far noisier than the dtype, at
+    finer spacings (:func:`finest`). ``evaluate(t)`` returns (values, excess) along the
+    design's lines at offsets ``t`` (see :func:`finest`). Returns (first values, kept
+    values, kept spacing, first spacing)."""
+    offsets = np.arange(design.points, dtype=np.float64)
+    h = spacing(u)
+    first, values, kept = finest(lambda s: evaluate(offsets * s), h)
+    return first, values, kept, h
+
+
 def measure(cost_lines: Callable, u: float) -> tuple[float, np.ndarray, float]:
-    """Evaluate ``cost_lines(t)`` (J at θ + t_j·v_l, shape (L, P)); return σ, values, spacing.
+    """Evaluate ``cost_lines(t)`` (J at θ + t_j·v_l, shape (L, P), the :data:`SCALAR`
+    design); return σ, values, spacing.
 
     The values returned are those of the first probe; at t = 0 they are J(θ) as compiled
     code computes it. The spacing is that of the probe whose σ was kept (relative to the
     per-leaf scale); it is smaller than ``spacing(u)`` only when finer probes showed
     that the first one was resolving a short wave, not noise.
     """
-    base = np.arange(POINTS, dtype=np.float64)
-
-    def probe(h):
-        values = np.asarray(cost_lines(base * h), np.float64)
+    def evaluate(t):
+        values = np.asarray(cost_lines(t), np.float64)
         floor = u * abs(values[0, 0])
         return values, (estimate(values) / floor if floor > 0 else 0.0)
 
-    first, values, kept = finest(probe, spacing(u))
+    first, values, kept, _ = probe(evaluate, u, SCALAR)
     return estimate(values), first, kept
 
 

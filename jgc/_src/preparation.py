@@ -1,11 +1,15 @@
-"""Preparation shared by every check: validated options, evaluation precision and step scales.
+"""Preparation shared by every check: one frozen record of the inputs at evaluation precision.
 
-:class:`jgc._src.problem.Problem` (a scalar cost) and
-:class:`jgc._src.vector.VectorProblem` (a vector function) both derive from
-:class:`Prepared`. It owns what the two have in common: the check of the options they
-share, the scoped x64 context, the perturbed leaves cast to their evaluation precision
-(float64 where available, never below float32), the precision label of the report,
-the unit round-off u and the scale s_i that sizes the step of every element.
+:func:`prepare` makes the :class:`Preparation` of every check, scalar
+(:class:`jgc._src.problem.Problem`) or vector (:class:`jgc._src.vector.VectorProblem`):
+the split of the checked tree into perturbed leaves and the rest, those leaves as given
+and at their evaluation precision (float64 where available, never below float32), the
+data widened with them, the unit round-off u, the scale s_i that sizes the step of
+every element, and notes saying what changed. :class:`Prepared`, the base of both
+problems, holds that record (``prep``) with what a running check adds: the check of the
+options they share, the scoped x64 context, the counter, clock and notes.
+:func:`retried` is the one place where a check falls back to the dtypes given when fn
+refuses wider inputs: both problems and ``check_rules`` go through it.
 
 It also reads the form of fn's result: a cost alone, or a pair (output, aux) with
 ``has_aux``. Both kinds of check trace fn and take from its result the part that is
@@ -16,8 +20,11 @@ differentiated; a result of the wrong form for its ``has_aux`` setting raises
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -236,15 +243,112 @@ def as_given_note(refused: str, orig_dtypes) -> str:
     return f"{refused}: checked at the dtypes given ({given}), with steps and tolerances for that precision."
 
 
+def retried(attempt: Callable, *, precision: str, orig_dtypes, notes: list, fn: str = "fn"):
+    """``attempt(widen, scope, as_given)`` at evaluation precision; if fn refuses its inputs
+    there, once more at the dtypes given. The one place a check falls back to them.
+
+    Code that fixes its own dtypes (a float32 constant under strict promotion, a
+    float16 init value of ``lax.reduce_window``) cannot take float64 (or float32 for
+    16-bit) inputs: the first trace raises a TypeError. Unless float64 was asked for
+    explicitly, ``attempt`` then runs again at the dtypes given (``widen`` False, the
+    scope of :func:`precision_scope` for "native"), with steps and tolerances for that
+    precision, and a note in ``notes`` says so; the notes the first attempt added are
+    dropped. An error at the dtypes given is fn's own and is raised. Every prepared
+    check (:class:`Prepared`) and ``check_rules`` run through it.
+    """
+    widen, scope = precision_scope(precision, orig_dtypes, notes)
+    kept = len(notes)
+    try:
+        return attempt(widen, scope, False)
+    except (TypeError, compat.TypePromotionError) as e:
+        refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn=fn)
+        if refused is None:
+            raise
+    del notes[kept:]
+    widen, scope = precision_scope("native", orig_dtypes, notes)
+    notes.append(as_given_note(refused, orig_dtypes))
+    return attempt(widen, scope, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """What every check prepares from its inputs, once: the record :func:`prepare` makes.
+
+    ``split`` separates the checked leaves from the rest (``trees.split_params``);
+    ``given`` are those leaves as passed and ``dyn`` the same leaves at evaluation
+    precision (``eval_dtypes``); ``rebuild_args``/``argarr`` the data, widened with them;
+    ``widen`` and ``as_given`` say which precision that is (``as_given``: fn refused the
+    wider one, see :func:`retried`); ``u`` is the unit round-off of the leaves,
+    ``global_scale`` and ``scales`` size every step (:func:`step_scales`); ``notes``
+    say what preparation changed. The lists are not to be changed in place.
+    """
+
+    split: Any
+    given: list
+    dyn: list
+    eval_dtypes: tuple
+    rebuild_args: Callable
+    argarr: list
+    widen: bool
+    as_given: bool
+    u: float
+    global_scale: float
+    scales: tuple
+    notes: tuple
+
+    @property
+    def precision(self) -> str:
+        """The report's precision: "float64", or "native (float32, ...)"."""
+        return precision_label(self.eval_dtypes)
+
+
+def prepare(checked, args, *, widen: bool, as_given: bool = False, what: str, names: tuple[str, str],
+            finite: bool = True, absolute: bool = False) -> Preparation:
+    """The :class:`Preparation` of a check of ``checked`` (the tree that is perturbed) with
+    data ``args`` (never perturbed), at evaluation precision (``widen``: float64).
+
+    ``what`` names ``checked`` in errors; ``names`` = (the checked leaves, the data) in
+    notes ("parameters", "args"); ``finite`` refuses non-finite leaves; ``absolute`` makes
+    every scale 1 (see :func:`step_scales`).
+    """
+    split, given = trees.split_params(checked, what=what, finite=finite)
+    notes = []
+    dyn, narrowed = evaluation_leaves(given, widen, as_given)
+    if narrowed:
+        notes.append(f"bfloat16/float16 {names[0]} were evaluated in float32 (the narrowest precision "
+                     "in which finite differences resolve).")
+    eval_dtypes = tuple(np.dtype(x.dtype) for x in dyn)
+    # Floating data is widened with the checked leaves (exact casts of copies): code that
+    # checks its own dtypes (Equinox's State.set, a scan carry started from the data)
+    # would otherwise meet float64 values computed from params next to float32 data.
+    rebuild_args, argarr = trees.split_args(args, widen=widen)
+    narrow = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(args)
+                     if trees.is_inexact_array(x) and np.dtype(x.dtype) != trees.wide_dtype(x.dtype)})
+    if widen and narrow:
+        notes.append(f"{'/'.join(narrow)} arrays in {names[1]} were evaluated in float64 like the "
+                     f"{names[0]} (copies); precision='native' passes them as given.")
+    global_scale, scales = step_scales(dyn, absolute=absolute)
+    return Preparation(split=split, given=given, dyn=dyn, eval_dtypes=eval_dtypes, rebuild_args=rebuild_args,
+                       argarr=argarr, widen=widen, as_given=as_given, u=unit_roundoff(eval_dtypes),
+                       global_scale=global_scale, scales=tuple(scales), notes=tuple(notes))
+
+
 class Prepared(Scoped):
-    """The state every prepared check holds: notes, evaluation counter and clock, the
-    dtypes of the checked leaves, and (once prepared) those leaves at evaluation
-    precision with their scales."""
+    """A prepared check: its notes, evaluation counter and clock, the dtypes of the checked
+    leaves, and (once entered) its :class:`Preparation` ``prep``, whose fields it reads
+    through (``dyn``, ``scales``, ...). Subclasses keep only what differs: a scalar cost
+    (``problem.Problem``) or an output layout (``vector.VectorProblem``).
+    """
 
     FN = "fn"  # how notes name the checked function
+    # Largest relative step for which fn is resolved (the scalar noise probe sets it when
+    # J oscillates on a scale shorter than its default spacing; see steps.Steps.cap).
+    wave_cap = math.inf
+    # Whether the noise probe found kinks near the point (the scalar probe sets it).
+    kinks = False
 
-    def _begin(self, checked, precision: str):
-        """Start the counter and clock; return the precision scope for ``checked``'s leaves."""
+    def _begin(self, checked, precision: str) -> None:
+        """Start the counter and clock; note the dtypes of ``checked``'s leaves."""
         self.counter = Counter()
         self.t0 = time.perf_counter()
         self.compile_clock = compiling.Clock()  # programs built while the check runs
@@ -256,52 +360,42 @@ class Prepared(Scoped):
         self.as_given = False
         orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
         self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
-        self.widen, scope = precision_scope(precision, self.orig_dtypes, self.notes)
-        return scope
 
     def __enter__(self):
-        """Prepare at evaluation precision; if fn refuses its inputs there, at the dtypes given.
+        """Prepare at evaluation precision; if fn refuses its inputs there, at the dtypes
+        given (see :func:`retried`). x64 is enabled inside when the check needs it."""
 
-        Code that fixes its own dtypes (a float32 constant under strict promotion, a
-        float16 init value of ``lax.reduce_window``) cannot take float64 (or float32 for
-        16-bit) inputs: the first trace raises a TypeError. Unless float64 was asked
-        for explicitly, the check is then prepared again at the dtypes given, with steps
-        and tolerances for that precision, and a note says so. An error at the dtypes
-        given is fn's own and is raised.
-        """
-        kept = len(self.notes)
-        try:
-            return super().__enter__()
-        except (TypeError, compat.TypePromotionError) as e:
-            refused = None if self.as_given else refused_widening(
-                e, widened=self.widen, orig_dtypes=self.orig_dtypes, asked=self.precision_asked, fn=self.FN)
-            if refused is None:
-                raise
-        del self.notes[kept:]
-        self.widen, scope = precision_scope("native", self.orig_dtypes, self.notes)
-        self._scope = self._scoped(scope)
-        self.as_given = True
-        self.counter = Counter()
-        self.notes.append(as_given_note(refused, self.orig_dtypes))
-        return super().__enter__()
+        def attempt(widen, scope, as_given):
+            self.widen, self.as_given = widen, as_given
+            self._scope = self._scoped(scope)
+            self.counter = Counter()
+            return super(Prepared, self).__enter__()
+
+        return retried(attempt, precision=self.precision_asked, orig_dtypes=self.orig_dtypes,
+                       notes=self.notes, fn=self.FN)
 
     def _scoped(self, scope):
         """The context a check runs in, given its precision scope (subclasses add to it)."""
         return scope
 
-    def _at_eval_precision(self, dyn: list, *, narrowed_note: str) -> None:
-        """Set ``dyn`` and ``eval_dtypes`` (see :func:`evaluation_leaves`)."""
-        self.dyn, narrowed = evaluation_leaves(dyn, self.widen, self.as_given)
-        if narrowed:
-            self.notes.append(narrowed_note)
-        self.eval_dtypes = [np.dtype(x.dtype) for x in self.dyn]
+    def _prepared(self, checked, args, **how) -> Preparation:
+        """Make ``self.prep`` (see :func:`prepare`) at this attempt's precision; keep its notes."""
+        self.prep = prepare(checked, args, widen=self.widen, as_given=self.as_given, **how)
+        self.notes.extend(self.prep.notes)
+        return self.prep
 
-    def _set_scales(self, *, absolute: bool = False) -> None:
-        self.global_scale, self.scales = step_scales(self.dyn, absolute=absolute)
+    # The prepared record's fields, read through.
+    split = property(lambda self: self.prep.split)
+    dyn = property(lambda self: self.prep.dyn)
+    eval_dtypes = property(lambda self: list(self.prep.eval_dtypes))
+    rebuild_args = property(lambda self: self.prep.rebuild_args)
+    argarr = property(lambda self: self.prep.argarr)
+    global_scale = property(lambda self: self.prep.global_scale)
+    scales = property(lambda self: self.prep.scales)
 
     @property
     def precision(self) -> str:
-        return precision_label(self.eval_dtypes)
+        return self.prep.precision
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

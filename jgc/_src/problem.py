@@ -2,16 +2,19 @@
 
 :class:`Problem` is built once per scalar check: ``jgc.check`` in every mode,
 ``numerical_grad`` and ``check_taylor``. What it shares with the vector checks
-(validated options, the scoped x64 context, the leaves at evaluation precision, the
-scales, the form of fn's result) comes from :class:`jgc._src.preparation.Prepared`. On
-top it holds J at the point, its rounding noise measured along random lines (``noise``),
+(validated options, the scoped x64 context, the form of fn's result, and the frozen
+record ``preparation.prepare`` makes: the split, the leaves at evaluation precision,
+the data, u and the scales) comes from :class:`jgc._src.preparation.Prepared`. On top
+it holds the scalar cost: J at the point, its rounding noise measured along random
+lines (``noise.probe`` in the scalar design, ``noise.SCALAR``),
 the compiled evaluators per leaf (``engine``) and the finite-difference estimate of any
 real coordinates of a leaf (``stencils``). Every evaluation of J off the point goes
 through the engine: coordinate rows (``engine.LeafEvaluator``), and the noise probe's
 lines as line rows, of the whole evaluator of a small model or of an
 ``engine.LineEvaluator``. The evaluators are built on first use and kept in a table
-that preparation starts. The steps come from ``steps.Steps``; the Jacobian, JVP, VJP
-and HVP checks use :class:`jgc._src.vector.VectorProblem` instead.
+that preparation starts. The steps come from ``steps.Steps`` (J's noise relative to its
+scale, :meth:`Problem.relative_noise`); the Jacobian, JVP, VJP and HVP checks use
+:class:`jgc._src.vector.VectorProblem` instead.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, engine, noise, progress, stencils, trees
+from . import compat, compiling, engine, noise, progress, stencils
 from .names import short_name
-from .preparation import OutputFormError, Prepared, cost_of, unit_roundoff, validate
+from .preparation import OutputFormError, Prepared, cost_of, validate
 
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
@@ -92,24 +95,12 @@ class Problem(Prepared):
         # probe runs: "grad" (jax.grad of the cost), "evaluators" (every leaf's).
         self.ahead = ahead
         self._grad = None
-        self._scope = self._begin(params, precision)
+        self._begin(params, precision)
 
     # -- preparation -----------------------------------------------------------
     def _prepare(self):
-        self.split, dyn = trees.split_params(self.params, what=f"{self.api}: params")
-        self._at_eval_precision(dyn, narrowed_note=(
-            "bfloat16/float16 parameters were evaluated in float32 (the narrowest precision "
-            "in which finite differences resolve)."))
-        self.u = unit_roundoff(self.eval_dtypes)
-        # Floating data is widened with the parameters (exact casts of copies): code that
-        # checks its own dtypes (Equinox's State.set, a scan carry started from the data)
-        # would otherwise meet float64 values computed from params next to float32 data.
-        self.rebuild_args, self.argarr = trees.split_args(self.args, widen=self.widen)
-        narrow = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(self.args)
-                         if trees.is_inexact_array(x) and np.dtype(x.dtype) != trees.wide_dtype(x.dtype)})
-        if self.widen and narrow:
-            self.notes.append(f"{'/'.join(narrow)} arrays in args were evaluated in float64 like the "
-                              "parameters (copies); precision='native' passes them as given.")
+        prep = self._prepared(self.params, self.args, what=f"{self.api}: params", names=("parameters", "args"))
+        self.u = prep.u
         self.paths = self.split.dynamic_paths
         # The compiled evaluators, built on first use (a check of few leaves uses few):
         # "merged" (see _merged_evaluator) and (leaf, complex_step).
@@ -122,7 +113,6 @@ class Problem(Prepared):
 
         self.full_cost = full_cost
         self.j0 = self._first_value()
-        self._set_scales()
         self._compile_ahead()
         self.sigma = self._measure_noise()
 
@@ -231,7 +221,7 @@ class Problem(Prepared):
         n = sum(x.size for x in self.dyn)
         fit = engine.rows_in_budget(n)
         start = time.perf_counter()
-        whole = self._whole_evaluator() if fit >= noise.LINES * noise.POINTS else None
+        whole = self._whole_evaluator() if fit >= noise.SCALAR.evaluations else None
         cost_lines = self._probe_whole(whole) if whole is not None else self._probe_lines(fit)
         # What one program of the cost costs to build, and one evaluation to run: the
         # default mode estimates the time of a full check from them (strategies.py).
@@ -243,11 +233,11 @@ class Problem(Prepared):
             begin = time.perf_counter()
             values = cost_lines(t)
             if len(probes) == 1:
-                self.eval_seconds = (time.perf_counter() - begin) / (noise.LINES * noise.POINTS)
+                self.eval_seconds = (time.perf_counter() - begin) / (noise.SCALAR.evaluations)
             return values
 
         # A big model's probe takes a while (70 evaluations, more if J is noisy).
-        with progress.attached(self.counter, noise.LINES * noise.POINTS, "jgc: noise probe"):
+        with progress.attached(self.counter, noise.SCALAR.evaluations, "jgc: noise probe"):
             sigma, values, kept = noise.measure(counted, self.u)
         # Kinks near θ (relu, abs, max): their roughness is not noise (see noise.py), and
         # steps.Steps keeps steps at the size that balances the noise measured without them.
@@ -279,7 +269,7 @@ class Problem(Prepared):
         """The probe's LINES directions over every leaf raveled together, shape (LINES, n):
         the lines of :meth:`_probe_lines` (the same signs, drawn in the same order)."""
         rng = np.random.default_rng(0)
-        dirs = [rng.choice([-1.0, 1.0], size=(noise.LINES, s.size)) * s for s in self.scales]
+        dirs = [rng.choice([-1.0, 1.0], size=(noise.SCALAR.lines, s.size)) * s for s in self.scales]
         return np.concatenate(dirs, axis=1).astype(self.dyn[0].dtype)
 
     def _whole_evaluator(self):
@@ -306,10 +296,10 @@ class Problem(Prepared):
         except Exception:  # noqa: BLE001, S110 - compiled (and raised, in context) on first call
             pass
         ev.ready()
-        lines = np.repeat(np.arange(noise.LINES), noise.POINTS)
+        lines = np.repeat(np.arange(noise.SCALAR.lines), noise.SCALAR.points)
 
         def cost_lines(t):
-            return ev.along(lines, np.tile(np.asarray(t), noise.LINES)).reshape(noise.LINES, noise.POINTS)
+            return ev.along(lines, np.tile(np.asarray(t), noise.SCALAR.lines)).reshape(noise.SCALAR.lines, noise.SCALAR.points)
 
         return cost_lines
 
@@ -322,30 +312,30 @@ class Problem(Prepared):
         rng = np.random.default_rng(0)
         bits = []
         for s in self.scales:  # leaf after leaf, line after line: the order of one (LINES, m) draw
-            bits.append([np.packbits(noise.signs(rng, s.size) > 0) for _ in range(noise.LINES)])
+            bits.append([np.packbits(noise.signs(rng, s.size) > 0) for _ in range(noise.SCALAR.lines)])
 
         def direction(lines):
             return [jax.device_put(np.stack([(2.0 * np.unpackbits(b[l], count=s.size) - 1.0) * s for l in lines])
                                    .astype(x.dtype).reshape((len(lines),) + x.shape))
                     for b, x, s in zip(bits, self.dyn, self.scales)]
 
-        together = fit >= noise.LINES * noise.POINTS
-        per = max(d for d in range(1, noise.POINTS + 1) if noise.POINTS % d == 0 and d <= fit)
+        together = fit >= noise.SCALAR.evaluations
+        per = max(d for d in range(1, noise.SCALAR.points + 1) if noise.SCALAR.points % d == 0 and d <= fit)
         wide = jnp.float64 if compat.x64_enabled() else jnp.float32
         # Runs a few times only: compiled without LLVM optimisation (compiling.fast()),
         # on this thread while the programs compiled ahead build on the workers.
         ev = engine.LineEvaluator(
-            self.full_cost, self.dyn, self.argarr, direction(range(noise.LINES) if together else [0]),
-            rows=noise.LINES * noise.POINTS if together else per, groups=1 if together else noise.POINTS // per,
+            self.full_cost, self.dyn, self.argarr, direction(range(noise.SCALAR.lines) if together else [0]),
+            rows=noise.SCALAR.evaluations if together else per, groups=1 if together else noise.SCALAR.points // per,
             t_dtype=wide, counter=self.counter, options=compiling.fast())
         held = [0]  # the line the evaluator's bank holds (line by line)
 
         def cost_lines(t):
             if together:
-                lines = np.repeat(np.arange(noise.LINES), noise.POINTS)
-                return ev(lines, np.tile(np.asarray(t), noise.LINES)).reshape(noise.LINES, noise.POINTS)
+                lines = np.repeat(np.arange(noise.SCALAR.lines), noise.SCALAR.points)
+                return ev(lines, np.tile(np.asarray(t), noise.SCALAR.lines)).reshape(noise.SCALAR.lines, noise.SCALAR.points)
             rows = []
-            for l in range(noise.LINES):
+            for l in range(noise.SCALAR.lines):
                 rows.append(ev(0, t, bank=None if l == held[0] else direction([l])))
                 held[0] = l
             return np.stack(rows)
@@ -353,11 +343,15 @@ class Problem(Prepared):
         return cost_lines
 
     # -- steps and evaluators ----------------------------------------------------
-    # Largest relative step for which J is resolved (set by the noise probe when J
-    # oscillates on a scale shorter than its default spacing).
-    wave_cap = math.inf
-    # Whether the noise probe found kinks near θ (set by the noise probe).
-    kinks = False
+    def relative_noise(self, grad_scale: float) -> float:
+        """J's rounding noise relative to its scale, never below u (see steps.Steps.u_eff).
+
+        The noise is taken relative to max(|J|, grad_scale): when J is a small difference
+        of large terms (a confident cross-entropy), |J| alone would make the relative noise
+        look huge and the steps absurdly large.
+        """
+        scale = max(abs(self.j0), grad_scale)
+        return self.u if scale == 0 else max(self.u, self.sigma / scale)
 
     def leaf_cost(self, k: int):
         shape = self.dyn[k].shape

@@ -1,9 +1,13 @@
-"""Step sizes of a scalar check: per stencil from J's measured precision, and per leaf from pilots.
+"""Step sizes of every check: per stencil from f's measured precision, and per leaf from pilots.
 
 A :class:`Steps` is a pure function of what it is built from: the problem's measured
-noise and scales, and the gradient scale passed in (how much J moves per relative
-unit change of a coordinate, known once the analytic gradient is). Nothing is written
-back into the problem, so every step of a check comes from one stated set of inputs.
+noise (its ``relative_noise``, the one number the scalar and vector problems each give
+in their own terms) and scales, and the gradient scale passed in (how much J moves per
+relative unit change of a coordinate, known once the analytic gradient is). Nothing is
+written back into the problem, so every step of a check comes from one stated set of
+inputs. Scalar checks take every step from it (with the pilots of :meth:`Steps.leaf`);
+the vector checks (Jacobian, JVP, VJP, HVP) take theirs from :meth:`Steps.relative`,
+through ``VectorProblem.relative_step``: the same defaults, wave cap and kink cap.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def gradient_scale(a_leaves: list, scales: list) -> float:
 
 
 class Steps:
-    """The relative steps h/s of a scalar problem, given the gradient scale."""
+    """The relative steps h/s of a problem (scalar or vector), given the gradient scale."""
 
     def __init__(self, problem, grad_scale: float = 0.0):
         self.problem = problem
@@ -32,18 +36,12 @@ class Steps:
 
     @property
     def u_eff(self) -> float:
-        """Effective unit round-off of J: the dtype's, or the measured noise if larger.
-
-        The noise is taken relative to max(|J|, grad_scale): when J is a small
-        difference of large terms (a confident cross-entropy), |J| alone would make the
-        relative noise look huge and the steps absurdly large. Capped at
+        """Effective unit round-off of f: the dtype's, or the measured noise if larger
+        (the problem's ``relative_noise``: for a scalar cost σ relative to max(|J|,
+        grad_scale), for a vector function the 90th percentile of σ_j/|y_j|). Capped at
         policy.MAX_U_EFF (central steps of at most ≈ 0.14·s).
         """
-        p = self.problem
-        scale = max(abs(p.j0), self.grad_scale)
-        if scale == 0:
-            return p.u
-        return min(max(p.u, p.sigma / scale), policy.MAX_U_EFF)
+        return min(self.problem.relative_noise(self.grad_scale), policy.MAX_U_EFF)
 
     @property
     def cap(self) -> float:

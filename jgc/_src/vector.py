@@ -12,14 +12,17 @@ JAX's convention for complex derivatives is honoured: a complex number is a poin
 R², tangents are R-linear, and ``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i)
 is c_r − i·c_i.
 
-What it shares with Problem (options, precision, scales, the form of f's result) is in
-``preparation``; the layout of y in ``vector_layout``; the analytic side (JVPs, VJPs) in
+What it shares with Problem (options, precision, the form of f's result, and the frozen
+record of ``preparation.prepare``: split, leaves at evaluation precision, data, scales)
+is in ``preparation``; what it keeps of its own is the output: the layout of y in
+``vector_layout`` (whose dtypes enter u); the analytic side (JVPs, VJPs) in
 ``vector_analytic``, and as the program runs it, at the dtypes given, in ``vector_native``.
 f is evaluated off the point only by the engine: the direction bank (the noise probe's
 line and the tangents) as line rows of ``engine.LineEvaluator``, whole Jacobian columns
 as coordinate rows of ``engine.LeafEvaluator``. The bank may be set before or after the
-noise is measured. Its steps come from :meth:`VectorProblem.relative_step`, not from
-``steps.Steps``.
+noise is measured. Its noise comes from the probe every check uses (``noise.probe``) in
+the vector design (``noise.VECTOR``: one line, σ_j per output element), its steps from
+``steps.Steps`` (:meth:`VectorProblem.relative_step`), as a scalar check's do.
 """
 
 from __future__ import annotations
@@ -32,17 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, engine, noise, policy, stencils, trees, vector_analytic, vector_native
+from . import compat, compiling, engine, noise, stencils, trees, vector_analytic, vector_native
 from . import validate as validate_options
 from .names import short_name
 from .preparation import (ChangedByWidening, OutputFormError, Prepared, drop_aux, unit_roundoff, validate,
                           validate_chunk_size)
+from .steps import Steps
 from .vector_layout import Layout
-
-# Points on the noise probe line; 16 points give 10 sixth differences per output
-# element (jgc/_src/noise.py explains the method).
-NOISE_POINTS = 16
-
 
 @contextlib.contextmanager
 def _quiet_nonfinite(scope):
@@ -92,7 +91,7 @@ class VectorProblem(Prepared):
         self.in_label = in_label or (lambda i: f"args[{i}]")
         self.out_name = out_name
         checked = tuple(self.primals[i] for i in self.argnums)
-        self._scope = self._scoped(self._begin(checked, precision))
+        self._begin(checked, precision)
 
     def _scoped(self, scope):
         return _quiet_nonfinite(scope)
@@ -106,16 +105,16 @@ class VectorProblem(Prepared):
     def _prepare(self):
         nums = self.argnums
         checked = tuple(self.primals[i] for i in nums)
-        self.split, dyn = trees.split_params(checked, what=f"{self.api}: the primals at argnums {nums}",
-                                             finite=not self.allow_nonfinite)
+        others = tuple(None if i in nums else p for i, p in enumerate(self.primals))
         # bfloat16/float16 steps round to 0 or to coarse multiples of θ; float32 is the
-        # narrowest precision in which differences resolve (as in Problem).
-        self._at_eval_precision(dyn, narrowed_note="bfloat16/float16 primals were evaluated in float32.")
+        # narrowest precision in which differences resolve (as in Problem). Floating data
+        # is widened with the primals, as in jgc.check (one precision inside f).
+        prep = self._prepared(checked, others, what=f"{self.api}: the primals at argnums {nums}",
+                              names=("primals", "the primals not checked"), finite=not self.allow_nonfinite,
+                              absolute=self.absolute_step)
+        dyn = prep.given
         self.paths = [self._relabel(p) for p in self.split.dynamic_paths]
         self.skipped = tuple((self._relabel(p), d) for p, d in self.split.skipped)
-        others = tuple(None if i in nums else p for i, p in enumerate(self.primals))
-        # Floating data is widened with the primals, as in jgc.check (one precision inside f).
-        self.rebuild_args, self.argarr = trees.split_args(others, widen=self.widen)
         # Shapes only (a trace, no compile): the first value comes from the compiled noise
         # probe at t = 0, so checking a function costs no op-by-op eager run.
         out = self._first_output()
@@ -124,8 +123,8 @@ class VectorProblem(Prepared):
         self.out_leaves, self.out_skipped = self.layout.leaves, self.layout.skipped
         self.n_out, self.out_dtype = self.layout.size, self.layout.dtype
         self.y0 = None
-        self.u = unit_roundoff(self.eval_dtypes + [ol.dtype for ol in self.out_leaves])
-        self._set_scales(absolute=self.absolute_step)
+        # The output layout's dtypes round too: u is that of the coarsest of them and the leaves'.
+        self.u = unit_roundoff(list(prep.eval_dtypes) + [ol.dtype for ol in self.out_leaves])
         self.F = lambda d, a: self.vec(self.call(d, a))
         self.sigma = None  # set by measure_noise
         self.bank = self._lines = None  # set by set_bank (measure_noise sets one without tangents)
@@ -357,7 +356,7 @@ class VectorProblem(Prepared):
         The probe direction does not depend on the tangents, so the bank may be set before
         or after (without one, a bank of no tangents is set here).
 
-        Per element: sixth differences of 16 equally spaced values (see
+        Per element: sixth differences of 16 equally spaced values (``noise.VECTOR``, see
         jgc/_src/noise.py), floored at u·|y_j| — the rounding of y_j itself, which the
         probe cannot go below. With 10 differences per element the estimate is good to
         ~25%; the comparison's 8σ safety factor covers that spread. When the elements
@@ -366,23 +365,22 @@ class VectorProblem(Prepared):
         """
         if self._lines is None:
             self.set_bank([])
-        points = np.arange(NOISE_POINTS, dtype=np.float64)
         levels = {}  # spacing -> (values, (σ_j, effective u))
         moving = None  # outputs that move along the first probe (a constant one is no staircase)
 
-        def probe(h):
+        def probe(t):
             nonlocal moving
-            vals = self.eval_rows(points * h, np.zeros(points.size, np.int64))
+            vals = self.eval_rows(t, np.zeros(t.size, np.int64))
             if moving is None:
                 self.y0 = vals[0].copy()  # t = 0: f at the point itself
                 self._check_first()
                 with np.errstate(invalid="ignore"):
                     moving = np.any(np.diff(vals, axis=0) != 0, axis=0)
-            levels[h] = (vals, noise.per_output(vals, self.y0, self.u))
-            return vals.T[moving], levels[h][1][1] / self.u
+            levels[t[1]] = (vals, noise.per_output(vals, self.y0, self.u))  # t[1]: the spacing
+            return vals.T[moving], levels[t[1]][1][1] / self.u
 
-        base = noise.spacing(self.u)  # the scalar probe's spacing (noise.spacing says why)
-        _, _, kept = noise.finest(probe, base)
+        # The one probe of every check (noise.probe), in the vector design (noise.VECTOR says why).
+        _, _, kept, base = noise.probe(probe, self.u, noise.VECTOR)
         vals, (self.sigma, self.u_eff) = levels[kept]
         if not np.all(np.isfinite(vals)):
             self.notes.append("f was not finite along the noise probe; noise taken as u·|y|.")
@@ -396,11 +394,14 @@ class VectorProblem(Prepared):
                 "steps and error bars were sized for the measured noise."
             )
 
+    def relative_noise(self, grad_scale: float = 0.0) -> float:
+        """f's noise relative to its outputs: ``u_eff`` from :meth:`measure_noise` (the 90th
+        percentile of σ_j/|y_j|, never below u); the gradient scale does not enter."""
+        return self.u_eff
+
     def relative_step(self, stencil: str, step: float | None) -> float:
-        step = validate_options.step(self.api, step)
-        if step is not None:
-            return step
-        return policy.relative_step(stencil, min(self.u_eff, policy.MAX_U_EFF))
+        """h/s for a stencil: given, or from :class:`steps.Steps` (as every scalar step is)."""
+        return Steps(self).relative(stencil, step)
 
     # -- finite differences --------------------------------------------------------
     def directional(self, dirs: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
