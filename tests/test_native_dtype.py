@@ -211,10 +211,86 @@ def test_a_float64_tail_is_resolved_by_the_complex_step_or_said_unresolved():
         unsafe = jgc.check(lambda q: jnp.sum(jax.nn.sigmoid(jnp.abs(q))), p)  # abs: not complex-safe
     assert safe.leaves[0].elements("imprecise") == [(0,)], safe
     assert abs(safe.leaves[0].numeric[0] - 4.248354255291589e-18) < 1e-3 * 4.25e-18
+    # An analytic 0 that nothing resolves is no evidence either way (a dead unit looks the
+    # same): it stays ok, and a note names it.
     assert unsafe.ok and not unsafe.leaves[0].elements("imprecise"), unsafe
-    said = [n for n in unsafe.notes if "smaller than float64 central differences resolve" in n]
+    assert not unsafe.leaves[0].elements("inconclusive"), unsafe
+    said = [n for n in unsafe.notes if "float64 central differences cannot check" in n]
     assert said and "not complex-safe" in said[0], unsafe.notes
     assert "<root>[0] (analytic 0, error bar" in said[0], said  # the element, by name
+
+
+@jax.custom_jvp
+def _sigmoid_by_input(x):
+    return jax.nn.sigmoid(x)
+
+
+@_sigmoid_by_input.defjvp
+def _sigmoid_by_input_jvp(primals, tangents):
+    # σ' written in terms of the input keeps its digits in the tail: 4.2e-18 at 40.
+    (x,), (t,) = primals, tangents
+    e = jnp.exp(-jnp.abs(x))
+    return _sigmoid_by_input(x), e / (1 + e) ** 2 * t
+
+
+TAIL_POINT = [40.0, 1.0, -2.0, 38.0, 0.5, -41.0, 3.0]
+TAIL_AT = [(0,), (3,), (5,)]  # |x| ≥ 38: σ' ≤ 3.1e-17, below float64 differences' ≈1e-11
+
+
+def test_a_float64_tail_nothing_resolves_is_inconclusive_with_its_reason():
+    with jax.enable_x64(True):
+        p = jnp.array(TAIL_POINT)
+        cost = lambda q: jnp.sum(_sigmoid_by_input(jnp.abs(q)) * jnp.arange(1.0, 8.0))  # noqa: E731
+        rep = jgc.check(cost, p)
+        strict = jgc.check(cost, p, strict=True)
+        single = jgc.check(lambda q: _sigmoid_by_input(jnp.abs(q[0])), jnp.array([40.0, 1.0]))
+    lf = rep.leaves[0]
+    assert lf.elements("inconclusive") == TAIL_AT, rep
+    assert lf.counts["ok"] == len(TAIL_POINT) - len(TAIL_AT)  # the others are checked for real
+    assert rep.ok and not strict.ok  # inconclusive fails only under strict
+    assert single.leaves[0].elements("inconclusive") == [(0,)], single
+    line = next(s for s in str(rep).splitlines() if s.strip().startswith("inconclusive <root>[0]"))
+    assert "analytic 4.25e-18" in line and "smaller than float64 central differences resolve" in line
+    assert "not complex-safe" in line, line
+    why = rep.to_dict()["leaves"][0]["reasons"]
+    assert [w["index"] for w in why] == [list(i) for i in TAIL_AT]
+    assert all(w["status"] == "inconclusive" and "not complex-safe" in w["reason"] for w in why)
+    # The assertions follow the report: a default check passes, strict fails.
+    with jax.enable_x64(True):
+        jgc.assert_grads_close(cost, p)
+        with pytest.raises(jgc.GradCheckError):
+            jgc.assert_grads_close(cost, p, strict=True)
+
+
+def test_a_float64_tail_is_resolved_by_the_complex_step_where_the_cost_allows():
+    with jax.enable_x64(True):
+        rep = jgc.check(lambda q: jnp.sum(_sigmoid_by_input(q) * jnp.arange(1.0, 8.0)), jnp.array(TAIL_POINT))
+    lf = rep.leaves[0]
+    assert lf.counts["ok"] == len(TAIL_POINT) and rep.ok, rep
+    assert not lf.reasons
+    # The complex step's value is the one shown: σ'(40) = 4.248354255291589e-18 (mpmath).
+    assert abs(lf.numeric[0] - 4.248354255291589e-18) < 1e-6 * 4.25e-18
+
+
+@pytest.mark.parametrize("loss", ["l2", "l1"])  # l1: |·| is not complex-safe, no complex step
+def test_dead_relu_units_in_float64_are_not_called_inconclusive(loss):
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        params = {"w1": jnp.asarray(rng.normal(size=(6, 16))), "b1": jnp.asarray(rng.normal(size=16) - 1.0),
+                  "w2": jnp.asarray(rng.normal(size=(16, 1)))}
+        x = jnp.asarray(rng.normal(size=(12, 6)))
+
+        def cost(p, x):
+            h = jax.nn.relu(x @ p["w1"] + p["b1"] - 2.0 * (jnp.arange(16) < 8))  # 8 units shifted down
+            r = h @ p["w2"] - 0.1
+            return jnp.mean(r ** 2 if loss == "l2" else jnp.abs(r))
+
+        rep = jgc.check(cost, params, x)
+    dead = int(np.sum(np.asarray(rep.leaf("['w1']").analytic) == 0))
+    assert dead >= 6, dead  # the fixture has dead units: their derivatives are exactly 0
+    assert rep.ok and rep.counts()["inconclusive"] == 0, rep
+    if loss == "l1":  # the zeros central differences cannot check are named in a note instead
+        assert any("float64 central differences cannot check" in n for n in rep.notes), rep.notes
 
 
 def test_each_flagged_element_says_what_fired_with_native_twin_and_reference_values():

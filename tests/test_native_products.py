@@ -139,13 +139,14 @@ def test_analytic_option_is_validated(which):
 @pytest.mark.parametrize("which", ["jacobian", "vjp"])
 def test_vector_reports_give_element_lines_and_accuracy_at_the_dtypes_given(which):
     # The same per-element lines and accuracy figures as jgc.check: the native value,
-    # the reference, the error in ulps of the native dtype; f(x)'s correct bits and
+    # the float64 twin's, the reference, the error in ulps of the native dtype; f(x)'s correct bits and
     # each block's (median/worst against the bits float32 holds).
     bad = CHECKS[which](_dtype_bug, W)
     text = str(bad)
     assert bad.cost_bits == {"bits": pytest.approx(24, abs=2), "dtype": 24}, bad.cost_bits
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("mismatch ") and "native" in ln)
-    assert "(float32), reference" in line and "ulps of float32" in line, line
+    assert "(float32), float64 twin" in line and "reference" in line and "ulps of float32" in line, line
+    assert "twin agrees with the reference" in line, line  # the bug lives at float32 only
     bits = [lf.accurate_bits() for lf in bad.leaves if lf.status == "mismatch"]
     assert bits and all(b["dtype"] == 24 and b["worst"] < 10 for b in bits), bits  # 1 % off: ~7 bits
     assert "accuracy at the dtypes given: f(x) holds" in text and "bits per block" in text, text
@@ -155,3 +156,25 @@ def test_vector_reports_give_element_lines_and_accuracy_at_the_dtypes_given(whic
                if not np.isnan(lf.accurate_bits()["median"])), [lf.accurate_bits() for lf in good.leaves]
     # The reference precision on both sides has no dtype-given figure.
     assert CHECKS[which](_layer, W, analytic="reference").cost_bits is None
+
+
+def test_a_jvp_mismatch_shows_the_float64_twin_beside_native_and_reference():
+    # The rule's coefficient is wrong for float32 only (1.01): the float64 twin of the
+    # program takes the float64 branch and agrees with the reference; the native JVP is
+    # 1 % off. Each printed element gives all three values.
+    rep = jgc.check_jvp(_dtype_bug, W)
+    bad = [lf for lf in rep.leaves if lf.status == "mismatch"]
+    assert bad and all(lf.twin is not None for lf in bad), rep
+    lf = bad[0]
+    at = lf.codes == 5  # the mismatched entries: their twin values were evaluated
+    assert np.all(np.isfinite(lf.twin[at]))
+    assert np.allclose(lf.twin[at], lf.numeric[at], rtol=1e-6, atol=1e-9)
+    assert not np.allclose(lf.analytic[at], lf.numeric[at], rtol=1e-3)
+    line = next(ln for ln in str(rep).splitlines() if ln.strip().startswith("mismatch ") and "native" in ln)
+    assert "(float32), float64 twin" in line and "reference" in line and "ulps of float32" in line, line
+    assert "twin agrees with the reference" in line, line
+    flagged = lf.to_dict()["flagged"]
+    assert flagged and all(e["twin"] is not None for e in flagged)
+    assert all(abs(e["twin"] - e["reference"]) <= 1e-6 * abs(e["reference"]) + 1e-9 for e in flagged)
+    # A passing check evaluates no twin.
+    assert all(lf.twin is None for lf in jgc.check_jvp(_layer, W).leaves)

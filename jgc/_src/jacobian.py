@@ -21,10 +21,10 @@ from . import compare, policy, validate
 from .judge import Evidence, Limits, Refined, judge, limits, line_central
 from .names import short_name
 from .report import Report
-from .summary import block_report, gref, make_report
+from .summary import block_report, gref, make_report, twin_values
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
-from .vector_native import spreads_of
+from .vector_native import spreads_of, twin_of
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 
@@ -131,6 +131,26 @@ def _jac_rev(vp: VectorProblem, user_vjp=None) -> tuple[list, list | None]:
     return [np.concatenate(r, axis=0) for r in rows], S
 
 
+def _jacobian_twin(vp: VectorProblem, used: str):
+    """The float64 twin's Jacobian entries for the lines of a block that hold a mismatch,
+    in the mode the Jacobian was taken: (lines, (k, positions) -> values), columns of
+    block k from JVPs (``lines=0``) or its rows from VJPs (``lines=1``); see
+    ``summary.twin_values``. None for a user ``jac`` or where the derivatives ran at
+    the reference's precision."""
+    if getattr(vp, "native_view", None) is None or used not in ("fwd", "rev"):
+        return None
+    # Built on a mismatch's first call only: a passing check builds and runs nothing.
+    if used == "fwd":
+        return 0, lambda k, cols: twin_of(vp.jvp_batch(None))(_basis(vp, k, cols))
+
+    def rows(k, at):
+        C = np.zeros((at.size, vp.n_out))
+        C[np.arange(at.size), at] = 1.0
+        return vp.to_coords(k, twin_of(vp.vjp_batch(None))(C)[k])
+
+    return 1, rows
+
+
 def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=None,
                    has_aux: bool = False, mode: str = "auto", precision: str = "auto",
                    rtol: float | None = None, atol: float | None = None, step: float | None = None,
@@ -220,7 +240,7 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
                 (A, S), used = _jac_fwd(vp), "fwd"
                 notes.append(f"{short_name(f)} has no reverse-mode derivative: the Jacobian was taken in forward mode.")
         h = vp.relative_step("central", opts.step)
-        leaves = _judge_jacobian(vp, A, h, opts, S=S)
+        leaves = _judge_jacobian(vp, A, h, opts, S=S, twin=_jacobian_twin(vp, used))
         return make_report(vp, leaves, api=api, mode=f"jacobian ({used})", stencil="central",
                            step=h, strict=opts.strict, notes=notes)
 
@@ -249,9 +269,11 @@ def _column_evidence(vp: VectorProblem, k: int, shape: tuple, h: float, step) ->
     return Evidence(cheap, richardson=richardson, lines=0, central=central, imprecise=False, h_rel=h, u=vp.u)
 
 
-def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options, *, S: list | None = None) -> list:
+def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options, *, S: list | None = None,
+                    twin=None) -> list:
     """Judge every entry of the Jacobian blocks ``A[k]`` (n_out × coordinates of leaf k);
-    ``S[k]``: their measured rounding at the dtypes given (None: none measured)."""
+    ``S[k]``: their measured rounding at the dtypes given (None: none measured); ``twin``:
+    the float64 twin's entries for lines with a mismatch (see :func:`_jacobian_twin`)."""
     step, rtol, atol = opts.step, opts.rtol, opts.atol
     g_all = max((gref(a, 0.0) for a in A), default=0.0) or 1.0
     leaves = []
@@ -265,6 +287,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options
             GR[ol.start:ol.stop] = g
         lim = Limits(RT, AT, FL, analytic=0.0 if S is None else policy.ANALYTIC_SAFETY * S[k])
         judged = judge(a, lim, _column_evidence(vp, k, a.shape, h, step)).judged
+        TW = None if twin is None else twin_values(judged.codes, lambda at, k=k: twin[1](k, at), lines=twin[0])
         perm = vp.block_columns(k)
         for ol in vp.out_leaves:
             def blk(M, rows=slice(ol.start, ol.stop), perm=perm):
@@ -272,7 +295,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options
 
             nd = len(ol.block_shape)
             leaves.append(block_report(
-                blk(a), blk(judged.num), blk(judged.bound), blk(judged.codes),
+                blk(a), blk(judged.num), blk(judged.bound), blk(judged.codes), twin=None if TW is None else blk(TW),
                 path=vp.paths[k], label=f"{ol.path} wrt {vp.paths[k]}", output_path=ol.path,
                 shape=ol.block_shape + vp.in_block_shape(k), dtype=vp.orig_dtypes[k].name,
                 split_index=lambda w, nd=nd: (w[:nd], w[nd:]),

@@ -45,6 +45,9 @@ class Judged:
     tol: np.ndarray  # the tolerance of the analytic side
     finite: np.ndarray  # every J value behind num was finite
     codes: np.ndarray  # status codes (see statuses.py)
+    # Why some elements have their status, where the status alone does not say it
+    # (flat index -> reason): the float64 tail elements nothing resolves.
+    why: dict = dataclasses.field(default_factory=dict)
 
     @property
     def bound(self) -> np.ndarray:
@@ -63,11 +66,18 @@ class Limits:
     # The analytic side's own measured rounding (policy.ANALYTIC_SAFETY included), added
     # to the method's error bar: 0 where the analytic side runs at the reference precision.
     analytic: float | np.ndarray = 0.0
+    # The analytic side runs at the reference's own precision (float64): a nonzero
+    # derivative the reference cannot tell from 0 is ``inconclusive`` there (see
+    # :func:`settle_tail`), since no check at a higher precision could settle it. Off
+    # for narrower dtypes, whose absolute tolerance stands far above what the float64
+    # reference resolves.
+    tail: bool = False
 
     def at(self, idx: np.ndarray) -> Limits:
         """The limits of the elements at flat indices ``idx``."""
         pick = (lambda v: np.ravel(v)[idx] if np.ndim(v) else v)
-        return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny, pick(self.analytic))
+        return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny, pick(self.analytic),
+                      self.tail)
 
 
 def limits(vp, k: int, ol, rtol, atol, g_ref) -> Limits:
@@ -148,7 +158,8 @@ class ComplexStep:
     at: Callable  # (flat element indices, relative step h) -> stencils.Estimate of Im J(θ + ih)/h
     h: float  # the complex step's relative step
     u: float  # the reference's unit round-off
-    # (count, error bars, their elements' positions) -> None: says so when the cost is not complex-safe
+    # (mask of the unresolved elements with analytic 0, error bars) -> None: says so when
+    # the cost is not complex-safe
     unresolved: Callable
 
 
@@ -197,7 +208,9 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
     2. elements that fail it (or the lines holding them) are re-estimated with
        Richardson and the kink test, and the refined figures spliced in (:func:`refine`);
     3. confirmed mismatches take the step ladder (:func:`step_ladder`);
-    4. tiny derivatives central differences cannot resolve take the complex step.
+    4. tiny derivatives central differences cannot resolve take the complex step;
+       at float64 (``Limits.tail``), a nonzero one that nothing resolves is
+       inconclusive, with its reason (:func:`settle_tail`).
 
     Each look runs only where the side supplies its evidence.
     """
@@ -218,8 +231,11 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
                 bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
                 step_ladder(judged, a, bad, functools.partial(ev.central, bad), h_rel=ev.h_rel, u=ev.u,
                             floor=lim.at(bad).floor)
+    resolved, reason = None, NO_COMPLEX_STEP
     if ev.complex_step is not None:
-        _complex_probe(ev.complex_step, a, judged, lim)
+        resolved, reason = _complex_probe(ev.complex_step, a, judged, lim)
+    if lim.tail:
+        settle_tail(judged, a, lim, resolved, reason)
     return Verdict(judged, idx, est, lim)
 
 
@@ -332,7 +348,8 @@ def _leaf_limits(problem, k: int, elems: np.ndarray, a: np.ndarray, plan: Plan, 
         at = np.maximum(at, policy.default_atol_factor(adtype) * problem.cost_cancellation
                         * np.where(finite, np.abs(num), 0.0))
     return Limits(rt, at, policy.inconclusive_floor(plan.g_ref), float(np.finfo(adtype).tiny),
-                  0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems])
+                  0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems],
+                  tail=np.dtype(adtype) == np.float64)
 
 
 def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, opts: Options, *, g_all: float,
@@ -365,7 +382,7 @@ def judge_elements(problem, steps, a_leaves: list, k: int, elems: np.ndarray, op
     plan = Plan(stencil, h_rel, step, opts.rtol, opts.atol, g_ref)
     elems, judged, onesided = judge_leaf(problem, steps, k, coords, a, plan)
     return summarize(a, judged.num, judged.bound, judged.codes, indices=elems, onesided=onesided, error=judged.err,
-                     step=float(np.median(h_rel * problem.scales[k][elems])), **where), h_rel
+                     reasons=judged.why, step=float(np.median(h_rel * problem.scales[k][elems])), **where), h_rel
 
 
 def judge_all(problem, steps, a_leaves: list, elems: list, opts: Options, *, mode: str, notes=()) -> Report:
@@ -381,56 +398,78 @@ def judge_all(problem, steps, a_leaves: list, elems: list, opts: Options, *, mod
                     mode=mode, notes=notes, cost=problem.j0)
 
 
-# Elements per leaf probed with the complex step (1 evaluation each, plus 2 at the
-# validation elements): enough for the saturated tails of a layer, bounded for leaves
-# full of exact zeros (dead ReLU units), which the probe confirms as zeros.
+# Elements per leaf with an analytic value of exactly 0 probed with the complex step (1
+# evaluation each, plus 2 at the validation elements): enough for the saturated tails of
+# a layer, bounded for leaves full of exact zeros (dead ReLU units), which the probe
+# confirms as zeros. Nonzero candidates are all probed (at most the two evaluations per
+# element that the central differences already took): at float64 an unprobed one would
+# stay inconclusive.
 COMPLEX_PROBES = 256
 
+# Why a float64 tail element stays inconclusive (see settle_tail), by what the complex
+# step could do there.
+NO_COMPLEX_STEP = "this check has no complex step to resolve it"
+NOT_COMPLEX_SAFE = "the cost is not complex-safe (or fails with complex inputs), so the complex step could not resolve it"
+UNVALIDATED = ("no element of the leaf is resolved to validate the complex step against, so the complex "
+               "step could not resolve it")
+NOT_PROBED = "it was not among the elements probed with the complex step"
 
-def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
+
+def unresolved(a, judged: Judged, at) -> np.ndarray:
+    """Elements hidden under the absolute tolerance (|a| ≤ atol) whose reference does not
+    resolve them (error bar above ``compare.RESOLVED`` of their value), still ok or inconclusive."""
+    mag = np.maximum(np.abs(a), np.abs(judged.num))
+    return ((judged.err > compare.RESOLVED * mag) & np.isfinite(a) & (np.abs(a) <= at)
+            & ((judged.codes == OK) | (judged.codes == INCONCLUSIVE)))
+
+
+def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.ndarray | None, str]:
     """Resolve tiny derivatives that central differences cannot, with the complex step.
 
     An element hidden under the absolute tolerance (|a| ≤ atol) whose central
-    difference does not resolve it (error bar above ``compare.RESOLVED`` of its value)
-    may still be a derivative that the analytic side rounded away: σ' = σ(1 − σ) is 0
-    at x = 40 in float64, where the truth is 4e-18, far below the ≈1e-13 that central
-    differences resolve. Im J(θ + ih)/h has no subtraction, so it resolves such values
-    when the cost is complex-safe. Whether it is, we test on the same leaf: the complex
-    step at the two largest-|a| elements must agree with their resolved analytic values
-    (an abs, conj or real-only op breaks that). A cost that is not complex-safe, or
-    that fails with complex inputs, is left as it was, without a note. The probe only
-    ever adds ``IMPRECISE``: it never turns a pass into a mismatch.
+    difference does not resolve it (:func:`unresolved`) may still be a derivative that
+    the analytic side rounded away: σ' = σ(1 − σ) is 0 at x = 40 in float64, where the
+    truth is 4e-18, far below the ≈1e-13 that central differences resolve. Im J(θ + ih)/h
+    has no subtraction, so it resolves such values when the cost is complex-safe.
+    Whether it is, we test on the same leaf: the complex step at the two largest-|a|
+    elements must agree with their resolved analytic values (an abs, conj or real-only
+    op breaks that). A cost that is not complex-safe, or that fails with complex
+    inputs, is left as it was. The probe only ever adds ``IMPRECISE``: it never turns a
+    pass into a mismatch.
+
+    Returns (the elements the complex step resolved, a boolean mask or None where it
+    resolved none, and why the others were not resolved), for :func:`settle_tail`.
     """
     num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
     rt, at = lim.rtol, lim.atol
-    mag = np.maximum(np.abs(a), np.abs(num))
-    unresolved = (err > compare.RESOLVED * mag) & np.isfinite(a) & (np.abs(a) <= at)
-    cand = np.flatnonzero(unresolved & ((codes == OK) | (codes == INCONCLUSIVE)))
-    if cand.size == 0 or np.all(np.asarray(at) <= 0):
-        return
-    if cand.size > COMPLEX_PROBES:
-        cand = cand[np.linspace(0, cand.size - 1, COMPLEX_PROBES).astype(np.int64)]
+    hidden = unresolved(a, judged, at)
+    if not hidden.any() or np.all(np.asarray(at) <= 0):
+        return None, NOT_PROBED
+    zero = np.flatnonzero(hidden & (a == 0))
+    if zero.size > COMPLEX_PROBES:
+        zero = zero[np.linspace(0, zero.size - 1, COMPLEX_PROBES).astype(np.int64)]
+    cand = np.union1d(np.flatnonzero(hidden & (a != 0)), zero)
     a_flat = np.abs(np.asarray(a))
     good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol))
     check_at = good[np.argsort(-a_flat[good])[:2]]
     if check_at.size == 0:
-        return  # nothing resolved to validate the complex step against
+        return None, UNVALIDATED  # nothing resolved to validate the complex step against
     h = cs.h
     try:
         with np.errstate(all="ignore"):
             e1 = cs.at(np.concatenate([check_at, cand]), h)
             e3 = cs.at(cand, 3.0 * h)
     except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
-        cs.unresolved(np.count_nonzero(unresolved), err[cand], cand)
-        return
+        cs.unresolved(hidden & (a == 0), err)
+        return None, NOT_COMPLEX_SAFE
     v = np.concatenate([e1.value, e3.value])
     fin = np.concatenate([e1.finite, e3.finite])
     vc, v1, v3 = v[: check_at.size], v[check_at.size: check_at.size + cand.size], v[check_at.size + cand.size:]
     # Complex-safe only if the probe reproduces the resolved elements.
     if not np.all(fin[: check_at.size]) or np.any(
             np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
-        cs.unresolved(np.count_nonzero(unresolved), err[cand], cand)
-        return
+        cs.unresolved(hidden & (a == 0), err)
+        return None, NOT_COMPLEX_SAFE
     # Rounding of the imaginary part is relative to the terms summed for that element,
     # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
     # round-off safety) measures it; 16u|v| covers a chain of complex operations.
@@ -443,27 +482,65 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> None:
     idx = cand[flag]
     num[idx], err[idx] = v1[flag], e_c[flag]
     codes[idx] = IMPRECISE
+    resolved = np.zeros(np.shape(a), bool)
+    # Resolved: the complex step's own bar is within compare.RESOLVED of its value (or
+    # of the analytic value), or it confirms an exact 0 to within the tolerance.
+    resolved[cand] = ok_fin & ((e_c <= compare.RESOLVED * np.maximum(np.abs(v1), np.abs(a[cand])))
+                               | ((a[cand] == 0) & passed))
+    # The report shows the complex step's figures where it resolved an element that passed.
+    keep = resolved[cand] & passed & ~flag
+    num[cand[keep]], err[cand[keep]] = v1[keep], e_c[keep]
+    return resolved, NOT_PROBED
 
 
-def _unresolved_note(problem, k: int, count: int, err: np.ndarray, at: np.ndarray, *, elems: np.ndarray,
+def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str) -> None:
+    """Mark inconclusive, with ``reason``, the float64 tail elements that nothing resolved.
+
+    At float64 (``Limits.tail``) an element whose analytic value is nonzero, hidden
+    under the absolute tolerance, and whose reference error bar exceeds half of it
+    (the reference cannot tell it from 0: σ' at 40 is 4e-18 against a bar of ≈1e-11)
+    passed by the absolute tolerance alone, as a wrong value there would have. Unless
+    the complex step resolved it (``resolved``), it is ``inconclusive``; the reason
+    goes into ``judged.why``. Exact zeros are left ok: a dead unit (ReLU off, the cost
+    flat there) has analytic 0 and finite differences that see no change, which is
+    evidence of 0, not a lack of it; a tail rounded to 0 looks the same, and the note of
+    :func:`_unresolved_note` names such elements where the complex step could not run.
+    """
+    a = np.asarray(a)
+    num, err = judged.num, judged.err
+    wide = err > 0.5 * np.maximum(np.abs(a), np.abs(num))  # as compare.classify's inconclusive test
+    tail = unresolved(a, judged, lim.atol) & (judged.codes == OK) & (a != 0) & wide
+    if resolved is not None:
+        tail &= ~resolved
+    for j in np.flatnonzero(tail):
+        judged.why[int(j)] = (f"smaller than float64 central differences resolve (error bar {float(err.flat[j]):.1e} "
+                              f"against a value of {abs(complex(a.flat[j])):.1e}; σ' at 40 is 4e-18), and "
+                              f"{reason}; it passed by the absolute tolerance alone")
+    judged.codes[tail] = INCONCLUSIVE
+
+
+def _unresolved_note(problem, k: int, hidden: np.ndarray, err: np.ndarray, *, elems: np.ndarray,
                      a: np.ndarray) -> None:
-    """Say plainly, for a float64 leaf, that some of its tiny derivatives are below what
-    central differences resolve and the cost is not complex-safe: they pass by the
-    absolute tolerance only (a tail rounded to 0, σ' at 40 = 4e-18, looks the same).
-    The first few such elements are named, each with its analytic value and error bar
-    (``at``: their positions among ``elems``, whose analytic values are ``a``)."""
+    """Say plainly, for a float64 leaf whose cost is not complex-safe, that some of its
+    elements have an analytic value of exactly 0 that central differences cannot check:
+    they pass by the absolute tolerance only, and a tail rounded to 0 (σ' at 40 is
+    4e-18, σ(1 − σ) gives 0) looks the same as a dead unit there. The first few are
+    named with their error bar (``hidden``: a mask over ``elems``, whose analytic values
+    are ``a`` and error bars ``err``). Nonzero ones are inconclusive (settle_tail)."""
+    at = np.flatnonzero(hidden)
+    count = at.size
     if problem.orig_dtypes[k] != np.float64 or count == 0:
         return
     shape, m = tuple(problem.dyn[k].shape), max(problem.dyn[k].size, 1)
     named = [f"{problem.paths[k]}{[int(i) for i in np.unravel_index(int(elems[j]) % m, shape)]} "
-             f"(analytic {float(np.real(a[j])):.2g}, error bar {float(e):.1e})"
-             for j, e in zip(np.asarray(at)[:UNRESOLVED_NAMED], np.asarray(err)[:UNRESOLVED_NAMED])]
+             f"(analytic {float(np.real(a[j])):.2g}, error bar {float(err[j]):.1e})"
+             for j in at[:UNRESOLVED_NAMED]]
     problem.notes.append(
-        f"{count} element(s) of {problem.paths[k]} are smaller than float64 central differences "
-        f"resolve (error bar ≈ {float(np.median(err)):.1e}; σ' at 40 is 4e-18) and the cost is not "
-        "complex-safe, so the complex step could not resolve them: they pass by the leaf's absolute "
-        "tolerance only, and a derivative rounded to 0 there would pass too: "
-        + "; ".join(named) + ("; ..." if count > len(named) else "") + ".")
+        f"{count} element(s) of {problem.paths[k]} have an analytic derivative of 0 that float64 central "
+        f"differences cannot check (error bar ≈ {float(np.median(err[at])):.1e}; σ' at 40 is 4e-18) and the "
+        "cost is not complex-safe, so the complex step could not resolve them: they pass by the leaf's "
+        "absolute tolerance only, and a derivative rounded to 0 there would pass too (a dead unit looks the "
+        "same): " + "; ".join(named) + ("; ..." if count > len(named) else "") + ".")
 
 
 # Elements named in the note on float64 elements that nothing resolves (the rest counted).

@@ -25,10 +25,10 @@ from .judge import Evidence, Limits, Refined, judge, limits, line_central
 from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
-from .summary import block_report, gref, make_report
+from .summary import block_report, gref, make_report, twin_values
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
-from .vector_native import first_spread, round_cotangents
+from .vector_native import first_spread, round_cotangents, twin_of
 
 VJP_AGAINST = ("auto", "numerical", "jvp")
 # Random directions per input leaf (and cotangents per output leaf). Four directions
@@ -81,6 +81,8 @@ class _Pairing:
     Wc: list  # Jᵀu in real coordinates, per input leaf
     Tc: list  # tangents in real coordinates, per input leaf
     S: list | None = None  # measured rounding of A at the dtypes given (see vector_native), per input leaf
+    # The float64 twin's VJPs: cotangents (rows, n_out) -> Jᵀu per input leaf (None: no twin)
+    twin: Callable | None = None
 
 
 def _tangent_bank(vp: VectorProblem, rng, nd: int):
@@ -225,14 +227,14 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
         fd = _directional_pass(vp, K * nd, h) if need_fd else None
         leaves = []
         if do_jvp:
-            leaves += _judge_directions(vp, JT, fd, plan, h, S_JT=S_JT)
+            leaves += _judge_directions(vp, JT, fd, plan, h, S_JT=S_JT, twin=twin_of(jvps, rows))
         if do_vjp:
             Wc = [vp.to_coords(k, w) for k, w in enumerate(W)]
             Tc = [vp.tangent_coords(k, t) for k, t in enumerate(T)]
             with np.errstate(invalid="ignore", over="ignore"):  # non-finite pairs get their own status
                 A = [w @ t.T for w, t in zip(Wc, Tc)]  # (L·nc, nd) per input leaf: ⟨Jᵀu, t⟩
             S = None if S_W is None else [np.abs(vp.to_coords(k, s)) @ np.abs(t.T) for k, (s, t) in enumerate(zip(S_W, Tc))]
-            pairing = _Pairing(A, U, Wc, Tc, S)
+            pairing = _Pairing(A, U, Wc, Tc, S, twin_of(vjps))
             if against in ("auto", "numerical"):
                 leaves += _judge_pairs_numerical(vp, pairing, fd, plan, h)
             if JT is not None and against in ("auto", "jvp"):
@@ -244,9 +246,10 @@ def run(f: Callable, primals: tuple, plan: Plan) -> tuple[Report, bool, bool]:
         return rep, do_jvp, do_vjp
 
 
-def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
+def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None, twin=None) -> list:
     """Judge J·t from the JVP (rows: tangents, columns: outputs) against finite differences
-    ``fd``; ``S_JT``: its measured rounding at the dtypes given (None: none measured)."""
+    ``fd``; ``S_JT``: its measured rounding at the dtypes given (None: none measured);
+    ``twin``: the JVPs of the float64 twin, for rows with a mismatch (see ``vector_native.twin_of``)."""
     nd = plan.directions
     g_all = gref(JT, 1.0)
     RT, AT, FL = (np.zeros_like(JT) for _ in range(3))
@@ -272,6 +275,7 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
     ev = Evidence(lambda: tuple(x.copy() for x in fd), richardson=richardson, lines=1, central=central,
                   imprecise=False, h_rel=h, u=vp.u)
     judged = judge(JT, lim, ev).judged
+    TW = twin_values(judged.codes, twin, lines=1)
     leaves = []
     for k in range(len(vp.dyn)):
         r = slice(k * nd, (k + 1) * nd)
@@ -282,6 +286,7 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None) -> list:
                 path=vp.paths[k], label=f"{plan.labels[0]}{ol.path} · t[{vp.paths[k]}]", output_path=ol.path,
                 shape=(nd,) + ol.block_shape, dtype=vp.orig_dtypes[k].name,
                 split_index=lambda w: (w[1:], w[:1]), step=h, g_ref=float(GR[k, ol.start]),
+                twin=None if TW is None else TW[r, c],
             ))
     return leaves
 
@@ -345,10 +350,13 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
                                                          cols=c, U=Uc, absU=absU[cu, c]),
                       imprecise=False, h_rel=h, u=vp.u)
         judged = judge(a, lim, ev).judged
+        twin = None if pairing.twin is None else (
+            lambda bad, k=k, cu=cu: vp.to_coords(k, pairing.twin(pairing.U[cu][bad])[k]) @ pairing.Tc[k].T)
         leaves.append(block_report(
             a, judged.num, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
             shape=(nc, nd), dtype=vp.orig_dtypes[k].name, split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
+            twin=twin_values(judged.codes, twin, lines=1),
         ))
     return leaves
 

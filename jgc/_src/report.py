@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from . import policy
 from .plot import plot_report
 from .statuses import IMPRECISE, MISMATCH, STATUS_NAMES, fails
 
@@ -19,7 +20,11 @@ STATUS_HELP = {
         "even a gross error there would pass. Settle it by (a) checking in float64 "
         "(precision='float64'), (b) a larger step, or (c) a point where these "
         "derivatives are not tiny. Where a note says J moves in a staircase, the cost "
-        "computes in low precision inside (bfloat16/float16): compute it in float32 there."
+        "computes in low precision inside (bfloat16/float16): compute it in float32 there. "
+        "A float64 element listed below as smaller than float64 central differences resolve "
+        "is at the reference's own limit: make the cost complex-safe (no abs, real-only or "
+        "integer ops on the path) so the complex step resolves it, or check it at a point "
+        "off the tail."
     ),
     "non-smooth": (
         "one-sided differences disagree far beyond their error bars (a kink: relu, abs, "
@@ -130,6 +135,10 @@ class LeafReport:
     twin: Any = dataclasses.field(default=None, repr=False, compare=False)
     # The error the method may have made in each numerical value (None where not kept).
     error: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Why some checked elements have their status where the status alone does not say
+    # it (position among the checked elements -> text): a float64 element too small for
+    # the reference to resolve is inconclusive, with what was tried. None when none.
+    reasons: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -157,7 +166,7 @@ class LeafReport:
         # Judged elements only: a kink, an undecided or a non-finite one measures no precision.
         judged = np.isin(np.asarray(self.codes), (STATUS_NAMES.index("ok"), IMPRECISE, MISMATCH))
         keep = judged & np.isfinite(a) & np.isfinite(n) & (n > 0)
-        keep &= n >= 1e-3 * float(np.max(n[keep], initial=0.0))
+        keep &= n >= policy.SMALL_DERIVATIVE * float(np.max(n[keep], initial=0.0))
         if not keep.any():
             return {"median": math.nan, "worst": math.nan, "dtype": held}
         with np.errstate(divide="ignore"):
@@ -173,6 +182,25 @@ class LeafReport:
         code = STATUS_NAMES.index(status)
         flat = self.indices[self.codes == code]
         return [tuple(int(i) for i in np.unravel_index(k, self.shape)) for k in flat]
+
+    def flagged(self, limit: int = 100) -> list[dict]:
+        """The mismatched and imprecise elements (the first ``limit``), each with its
+        index, status, analytic (native) value, float64 twin value (None where not
+        evaluated), reference value and error in ulps of the leaf's dtype: the figures
+        of the per-element lines of the text report."""
+        def num(x):
+            if x is None or (np.isscalar(x) and not np.iscomplexobj(x) and math.isnan(float(x))):
+                return None
+            return {"real": float(np.real(x)), "imag": float(np.imag(x))} if np.iscomplexobj(x) else float(x)
+
+        out = []
+        for j in np.flatnonzero(np.isin(self.codes, (MISMATCH, IMPRECISE)))[:limit]:
+            a, n = self.analytic[j], self.numeric[j]
+            out.append({"index": [int(i) for i in np.unravel_index(int(self.indices[j]), self.shape)],
+                        "status": STATUS_NAMES[int(self.codes[j])], "analytic": num(a),
+                        "twin": None if self.twin is None else num(self.twin[j]), "reference": num(n),
+                        "ulps": _f(ulps(a - n, n, self.dtype)) if np.isfinite(a - n) else None})
+        return out
 
     def to_dict(self) -> dict:
         def num(x):
@@ -203,6 +231,11 @@ class LeafReport:
                 "directional_ratio": _f(self.directional_ratio)} if self.directions else {}),
             "mismatched_indices": [list(i) for i in self.elements("mismatch")[:100]],
             "imprecise_indices": [list(i) for i in self.elements("imprecise")[:100]],
+            "inconclusive_indices": [list(i) for i in self.elements("inconclusive")[:100]],
+            **({"flagged": self.flagged()} if np.any(np.isin(self.codes, (MISMATCH, IMPRECISE))) else {}),
+            **({"reasons": [{"index": [int(i) for i in np.unravel_index(int(self.indices[j]), self.shape)],
+                             "status": STATUS_NAMES[int(self.codes[j])], "reason": why}
+                            for j, why in sorted(self.reasons.items())[:100]]} if self.reasons else {}),
             **({"output_path": self.output_path, "output_index": list(self.output_index),
                 "input_index": list(self.input_index), "label": self.name}
                if self.output_path else {}),
@@ -391,6 +424,13 @@ def _why(status: str, bound: float, twin_off: bool = False) -> str:
             f"tolerance of the leaf's dtype (allowed ±{_g(bound, 0)}): precision lost, not a wrong value")
 
 
+def _twin_says(twin, reference, bound: float) -> str:
+    """What a mismatched element's float64 twin tells: where the error lives."""
+    if abs(twin - reference) <= bound:
+        return "; the float64 twin agrees with the reference: the error lives at the dtype given"
+    return "; the float64 twin is off too: the program computes another value at every precision"
+
+
 def _element_lines(leaves, native: bool = False) -> list[str]:
     """One line per imprecise element (the first few), and per mismatched one where the
     analytic side ran at the dtypes given (``native``, or a leaf with twin values): which
@@ -407,24 +447,45 @@ def _element_lines(leaves, native: bool = False) -> list[str]:
                     continue
                 idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
                 a, n = lf.analytic[j], lf.numeric[j]
-                if lf.twin is None and native:
+                tw = None if lf.twin is None or not np.isfinite(lf.twin[j]) else lf.twin[j]
+                if tw is None and native:
                     out[status].append(
                         f"  {status} {lf.name}{idx}: native {_g(a, 0)} ({lf.dtype}), reference {_g(n, 0)}: off by "
                         f"{ulps(a - n, n, lf.dtype):.3g} ulps of {lf.dtype}; {_why(status, float(lf.bound[j]))}.")
                     continue
-                if lf.twin is None:
+                if tw is None:
                     rel = abs(a - n) / abs(n) if n != 0 else math.inf
                     out[status].append(f"  imprecise {lf.name}{idx}: analytic {_g(a, 0)} vs reference "
                                        f"{_g(n, 0)} (relative error {rel:.2g})")
                     continue
                 out[status].append(
                     f"  {status} {lf.name}{idx}: native {_g(a, 0)} ({lf.dtype}), float64 twin "
-                    f"{_g(lf.twin[j], 0)}, reference {_g(n, 0)}: off by {ulps(a - n, n, lf.dtype):.3g} "
-                    f"ulps of {lf.dtype}; {_why(status, float(lf.bound[j]), status == 'mismatch' and abs(a - n) <= lf.bound[j])}.")
-    lines = out["mismatch"] + out["imprecise"]
+                    f"{_g(tw, 0)}, reference {_g(n, 0)}: off by {ulps(a - n, n, lf.dtype):.3g} "
+                    f"ulps of {lf.dtype}; {_why(status, float(lf.bound[j]), status == 'mismatch' and abs(a - n) <= lf.bound[j])}"
+                    + (_twin_says(tw, n, float(lf.bound[j])) if status == "mismatch" and abs(a - n) > lf.bound[j]
+                       else "") + ".")
+    lines = out["mismatch"] + out["imprecise"] + _reason_lines(leaves)
     for status in ("mismatch", "imprecise"):
         if more[status]:
             lines.append(f"  ... and {more[status]} more {status} elements (LeafReport.elements({status!r})).")
+    return lines
+
+
+def _reason_lines(leaves) -> list[str]:
+    """One line per element with a reason of its own (the first few; the rest counted):
+    its status, analytic and reference values, error bar and why."""
+    lines, more = [], 0
+    for lf in leaves:
+        for j, why in sorted((lf.reasons or {}).items()):
+            if len(lines) == IMPRECISE_SHOWN:
+                more += 1
+                continue
+            idx = [int(i) for i in np.unravel_index(int(lf.indices[j]), lf.shape)] if lf.shape else []
+            bar = "" if lf.error is None else f" ± {float(lf.error[j]):.1e}"
+            lines.append(f"  {STATUS_NAMES[int(lf.codes[j])]} {lf.name}{idx}: analytic {_g(lf.analytic[j], 0)}, "
+                         f"reference {_g(lf.numeric[j], 0)}{bar}: {why}.")
+    if more:
+        lines.append(f"  ... and {more} more such elements (LeafReport.reasons).")
     return lines
 
 

@@ -62,14 +62,17 @@ def _scalar(v):
 
 def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size: int,
               indices: np.ndarray, step: float, g_ref: float, onesided=None, split_index=None,
-              output_path: str = "", label: str = "", error=None) -> LeafReport:
+              output_path: str = "", label: str = "", error=None, reasons=None, twin=None) -> LeafReport:
     """A LeafReport for judged elements (flat arrays; ``indices`` their flat index in ``shape``).
 
     The worst element is the mismatch (or, without one, the element) that most exceeds
     its allowed difference. ``split_index`` splits its index into (output, input)
     parts for blocks of vector checks. Non-finite pairs are left out of the normwise
     figure. ``error``: the error each numerical value may carry (kept for the float64
-    twin's comparison, see :func:`with_native_figures`).
+    twin's comparison, see :func:`with_native_figures`). ``reasons``: why some elements
+    have their status (position among the checked elements -> text; see judge.Judged.why).
+    ``twin``: the float64 twin's value per element, NaN where not evaluated (see
+    ``LeafReport.twin``), or None.
     """
     a, num, bound, codes = (np.ravel(x) for x in (a, num, bound, codes))
     d = np.abs(a - num)
@@ -77,7 +80,7 @@ def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size
         ratio = np.where(bound > 0, d / bound, np.where(d > 0, np.inf, 0.0))
         ratio = np.where(np.isnan(ratio), np.inf, ratio)
         mag = np.maximum(np.abs(a), np.abs(num))
-        rel = np.where((mag >= 1e-3 * g_ref) & (mag > 0), d / mag, 0.0)
+        rel = np.where((mag >= policy.SMALL_DERIVATIVE * g_ref) & (mag > 0), d / mag, 0.0)
         det = np.where(np.abs(a) > 0, (bound + np.where(d <= bound, d, 0.0)) / np.abs(a), np.inf)
     w = 0
     if d.size:
@@ -103,7 +106,8 @@ def summarize(a, num, bound, codes, *, path: str, shape: tuple, dtype: str, size
         detectable_rel=typical, detectable_rel_largest=largest, step=step,
         indices=indices, analytic=a, numeric=num, bound=bound, codes=codes, onesided=onesided,
         output_path=output_path, output_index=tuple(out_idx), input_index=tuple(in_idx), label=label,
-        error=None if error is None else np.ravel(error),
+        error=None if error is None else np.ravel(error), reasons=dict(reasons) if reasons else None,
+        twin=None if twin is None else np.ravel(twin),
     )
 
 
@@ -136,12 +140,40 @@ def gref(a: np.ndarray, fallback: float) -> float:
 
 
 def block_report(a, n, bound, codes, *, path, label, output_path, shape, dtype, split_index: Callable,
-                 step: float, g_ref: float) -> LeafReport:
-    """The LeafReport of one block of entries (flat, in the block's C order)."""
+                 step: float, g_ref: float, twin=None) -> LeafReport:
+    """The LeafReport of one block of entries (flat, in the block's C order); ``twin``: the
+    float64 twin's values where evaluated (NaN elsewhere), kept where the block has a
+    mismatch (see :func:`twin_values`)."""
     size = int(np.prod(shape, dtype=np.int64))
+    if twin is not None and not np.any(np.asarray(codes) == MISMATCH):
+        twin = None
     return summarize(a, n, bound, codes, indices=np.arange(np.size(a)), path=path, shape=tuple(shape),
                      dtype=dtype, size=size, step=step, g_ref=g_ref, split_index=split_index,
-                     output_path=output_path, label=label)
+                     output_path=output_path, label=label, twin=twin)
+
+
+def twin_values(codes: np.ndarray, twin: Callable | None, lines: int) -> np.ndarray | None:
+    """The float64 twin's values of a judged 2-D array of products, evaluated only on
+    the lines that hold a mismatch (rows, ``lines=1``: a JVP per row; columns,
+    ``lines=0``), NaN elsewhere: nothing is evaluated for a passing check. ``twin``
+    (see ``vector_native.twin_of``) maps the positions of those lines to their values,
+    a (lines, entries) array. None without a twin or a mismatch, or where the twin
+    cannot run."""
+    if twin is None:
+        return None
+    bad = np.flatnonzero(np.any(np.asarray(codes) == MISMATCH, axis=lines))
+    if bad.size == 0:
+        return None
+    try:
+        got = np.asarray(twin(bad))
+    except Exception:  # noqa: BLE001 - the twin cannot run here: the native and reference values stand
+        return None
+    out = np.full(np.shape(codes), np.nan, dtype=np.result_type(got.dtype, np.float64))
+    if lines == 1:
+        out[bad] = got
+    else:
+        out[:, bad] = got.T
+    return out
 
 
 def primal_blocks(vp, prefixes: dict) -> list:

@@ -244,6 +244,19 @@ def analytic_dtype(vp, k: int, ol) -> np.dtype:
     return max(pair, key=policy.unit_roundoff)
 
 
+def twin_of(run, rows: np.ndarray | None = None) -> Callable | None:
+    """The float64 twin of a batch ``run`` that ran at the dtypes given: a function
+    (selected batch positions) -> the same products by the program at the reference's
+    precision, for the elements a report prints (a mismatch's native value beside its
+    twin's and the reference's). ``rows``: the batch ``run`` was called with, where
+    positions select from it (the bank rows of JVPs); without it the caller passes
+    the batch itself (cotangents of VJPs). None where the analytic side ran at the
+    reference's precision (nothing to compare) or switched there (:class:`TwinDiffers`)."""
+    if not isinstance(run, NativeRun) or run.view is None:
+        return None
+    return (lambda at: run.reference(rows[at])) if rows is not None else run.reference
+
+
 def first_spread(run):
     """The measured rounding of a run called once (see :func:`spreads_of`), or None."""
     got = spreads_of(run)
