@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import noise
+from jgc._src import noise, stencils
 
 U64 = float(np.finfo(np.float64).eps) / 2
 
@@ -102,3 +102,56 @@ def test_equinox_relu_mlp_is_not_a_false_alarm():
 
     caught = jgc.check(loss, mlp, x, lab, grad=wrong)
     assert not caught.ok, caught
+
+
+def _one_sided(fwd, bwd):
+    """One-sided slopes at h, 2h, 4h in the layout of stencils.Estimate.onesided."""
+    return np.array([[fwd[0], bwd[0], fwd[1], bwd[1], fwd[2], bwd[2]]])
+
+
+def test_a_kink_under_float32_noise_is_read_at_the_widest_step():
+    # A switch point at θ: the one-sided slopes are -3.3 and -1.1 at every step (a gap
+    # of 2.2, 36× the noise 0.06 of the slopes at h, under the 40× asked at h, but 146×
+    # the noise of those at 4h). A smooth point with the same gap at h has it doubled at
+    # 2h and 4× at 4h: not a kink. A wrong analytic value beside the kink stays out.
+    noise, table = np.array([0.06]), np.array([[-2.2, -2.2, -2.2]])
+    kinked = _one_sided([-3.3, -3.3, -3.3], [-1.1, -1.1, -1.1])
+    smooth = _one_sided([-3.3, -4.4, -6.6], [-1.1, 0.0, 2.2])
+    tol = np.array([1e-6])
+    assert stencils.kink(kinked, table, noise, np.array([-3.3]), tol)[0]
+    assert not stencils.kink(smooth, table, noise, np.array([-3.3]), tol)[0]
+    assert not stencils.kink(kinked, table, noise, np.array([-6.0]), tol)[0]  # beyond the span + 40·noise
+    # Under 20× its noise at h, the gap is too close to the noise to call (at 4h as well).
+    assert not stencils.kink(_one_sided([-2.6, -2.6, -2.6], [-1.7, -1.7, -1.7]), np.array([[-2.15] * 3]),
+                             noise, np.array([-2.6]), tol)[0]
+
+
+@pytest.mark.slow  # two float32 checks of 6922 elements: ~30 s on 2 busy cores
+def test_equinox_relu_mlp_at_float32_is_not_a_false_alarm():
+    # precision="native": float32 differences with σ ≈ 5e-7 take steps of 0.037·s; a unit
+    # of the second layer switches within ±h of .layers[1].weight[13, 48], whose one-sided
+    # slopes (-0.0033 against -0.0011) stand only 36× above their noise at h.
+    eqx = pytest.importorskip("equinox", reason="the reproducer is an Equinox MLP")
+    x = jax.random.normal(jax.random.key(0), (128, 32))
+    lab = jax.random.randint(jax.random.key(4), (128,), 0, 10)
+    mlp = eqx.nn.MLP(32, 10, 64, 2, key=jax.random.key(3))
+
+    def loss(m, x, lab):
+        return -jnp.mean(jax.nn.log_softmax(jax.vmap(m)(x))[jnp.arange(128), lab])
+
+    rep = jgc.check(loss, mlp, x, lab, precision="native")
+    assert rep.ok and rep.counts()["mismatch"] == 0, rep
+    assert rep.leaf(".layers[1].weight").elements("non-smooth") == [(13, 48)], rep
+    # Float32 differences see 2.3 % at best here (the detect figure of .layers[2].bias's
+    # largest element): an error of 5 % there is caught and located.
+    best = rep.leaf(".layers[2].bias")
+    assert best.detectable_rel_largest < 0.05, best.detectable_rel_largest
+
+    def wrong(m, x, lab):
+        g = eqx.filter_grad(loss)(m, x, lab)
+        return eqx.tree_at(lambda t: t.layers[2].bias, g, g.layers[2].bias.at[8].multiply(1.05))
+
+    caught = jgc.check(loss, mlp, x, lab, grad=wrong, precision="native")
+    assert not caught.ok, caught
+    assert [lf.path for lf in caught.failing()] == [".layers[2].bias"], caught
+    assert caught.leaf(".layers[2].bias").elements("mismatch") == [(8,)], caught

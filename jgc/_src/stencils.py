@@ -124,7 +124,8 @@ def kink(onesided: np.ndarray, table: np.ndarray, noise: np.ndarray, analytic: n
     * at the point itself: forward − backward ≈ h·J'' at a smooth point, so doubling h
       doubles the gap; at a kink the gap is the jump in slope, the same for both steps.
       We require the gap at h to be 40× its noise and to grow by less than 1.5× (smooth:
-      2×).
+      2×), or the gap at 4h to be 40× its own noise (a quarter of that at h) and less
+      than 2× the gap at h (smooth: 4×).
     * within the stencil: at a smooth point the central differences follow
       D(h) − D(2h) ≈ −3ch² and D(2h) − D(4h) ≈ −12ch², a ratio of 4. A kink crossed by
       the stencil breaks that law; we require the larger difference to be 40× its noise
@@ -140,6 +141,16 @@ def kink(onesided: np.ndarray, table: np.ndarray, noise: np.ndarray, analytic: n
     gap1 = onesided[:, 0] - onesided[:, 1]
     gap2 = onesided[:, 2] - onesided[:, 3]
     at_point = (np.abs(gap1) > 40.0 * noise) & (np.abs(gap2) < 1.5 * np.abs(gap1))
+    # The same signature read at 4h, whose one-sided slopes carry a quarter of the noise:
+    # in float32 (precision="native": noise ~1e-4 of a ReLU unit's slopes) the gap at h
+    # may sit under 40× its noise while the gap at 4h stands 40× above its own. A smooth
+    # J makes the gap at 4h 4× the one at h; a kink keeps it. We require the gap at h
+    # above 20× its noise, of the same sign, and the one at 4h less than 2× it: a smooth
+    # point passes that only if the noise moved the gap at h by half of itself, 10× its
+    # noise.
+    gap4 = onesided[:, 4] - onesided[:, 5]
+    at_point |= ((np.abs(gap4) > 10.0 * noise) & (np.abs(gap1) > 20.0 * noise)
+                 & (np.sign(gap4) == np.sign(gap1)) & (np.abs(gap4) < 2.0 * np.abs(gap1)))
     e12 = table[:, 0] - table[:, 1]
     e24 = table[:, 1] - table[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
