@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--checks", nargs="+", metavar="CHECK",
                      help="the checks to run (default all): primal jvp vjp dot-product linearity batching "
                           "'order 2' 'symbolic zeros'")
-    one.add_argument("--explore", action="store_true", help="also check at −x, 10⁻²·x, 10²·x, 0 and ±1")
+    one.add_argument("--explore", action="store_true", help="also check at −x, 10⁻²·x, 10²·x, 0, ±1 and sweeps of the domain")
     one.add_argument("--seed", type=int, help="seed of every random tangent, cotangent and lane")
     one.add_argument("--precision", choices=PRECISIONS)
     one.add_argument("--rtol", type=float)

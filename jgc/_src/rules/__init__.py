@@ -15,7 +15,7 @@ shells and the tests use what this file exports.
 - ``identities``: the checks of one rule that need no finite differences (primal, dot
   product, linearity, batching, symbolic zeros).
 - ``derivatives``: the checks of one rule against finite differences (first order, order 2).
-- ``points``: points made from the given one (signs, tails, 0 and ±1).
+- ``points``: points made from the given one (signs, tails, 0 and ±1) and sweeps of the domain.
 - ``rule``: :func:`check_rule`.
 """
 

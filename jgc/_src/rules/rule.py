@@ -63,9 +63,12 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
       nondiff_argnums: positions of ``args`` that are not differentiated.
       seed: seeds every random tangent, cotangent, lane and generated point.
       checks: the names of the checks to run (default: all).
-      explore: also check at points made from the given one: signs flipped, magnitudes
-        scaled by 10⁻² and 10², and the special points 0 and ±1, each kept where the
-        primal is finite there.
+      explore: also check at points made from the given one (signs flipped, magnitudes
+        scaled by 10⁻² and 10²), at the special points 0 and ±1, and at points that sweep
+        the rule's domain: positive and negative values from 10⁻³ to 30 and values either
+        side of common switch points (0, ±1, ±3, 6, ±20), within the dtype's range. A
+        point where the primal is not finite, at or just around it, is skipped with its
+        reason, never checked.
       precision, rtol, atol, step: as in :func:`jgc.check_jacobian`.
 
     Returns:
