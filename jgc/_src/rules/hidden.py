@@ -3,7 +3,9 @@
 ``jax.make_jaxpr`` of a loss shows each ``custom_jvp`` / ``custom_vjp`` call as one
 equation, except where the loss transforms the call itself: under its own ``jax.jvp``,
 ``jax.linearize``, ``jax.grad`` or ``jax.hessian`` the rule is applied while tracing
-(its JVP's operations appear, not the call), and under ``jax.vmap`` a
+(its JVP's operations appear, not the call; inside a ``jax.jit`` that the loss
+differentiates too, which :func:`through_calls` sees by tracing again with jit
+disabled), and under ``jax.vmap`` a
 ``jax.custom_batching.custom_vmap`` function's batching rule is. :func:`watching` sees
 these calls while the loss is traced; :func:`replay` runs the loss op by op and records
 each such call with concrete operands (a value under ``vmap`` is taken at lane 0, one
@@ -26,6 +28,7 @@ from jax._src import custom_batching as cb  # private: pinned by tests/test_rule
 from jax._src import custom_derivatives as cd  # private: pinned by tests/test_rules.py
 from jax._src.interpreters import ad, batching  # private: tracer types, pinned by tests/test_rules.py
 
+from .sites import CALL_PRIMS, KINDS, REMAT_PRIMS, _subjaxprs, rule_names
 from .sources import _is_wrapper_file
 
 # Tracers of the loss's own differentiation (forward mode, and JAX's linearize, which
@@ -130,4 +133,40 @@ def replay(fn, p, args) -> list:
     calls: list = []
     with watching(calls, concrete=True), jax.disable_jit():
         fn(p, *args)
+    return calls
+
+
+def _user_rule_inside_call(jaxpr, inside: bool = False, depth: int = 0) -> bool:
+    """Whether a rule defined outside JAX sits inside a jit, closed_call or checkpoint of ``jaxpr``."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in KINDS:  # a rule inside a rule is checked through it
+            if inside and not os.path.abspath(rule_names(eqn)[0].file or _JAX_DIR).startswith(_JAX_DIR):
+                return True
+            continue
+        into = inside or name in CALL_PRIMS or name in REMAT_PRIMS
+        if depth < 32 and any(_user_rule_inside_call(j, into, depth + 1) for j in _subjaxprs(eqn)):
+            return True
+    return False
+
+
+def through_calls(trace, jaxpr) -> list:
+    """The calls :func:`watching` sees when ``trace()`` (a trace of the loss, whose program is
+    ``jaxpr``) runs again with jit disabled, where a user's rule sits inside a jit of it.
+
+    A rule inside ``jax.jit`` (or ``jax.checkpoint``) is traced into that function's program
+    first, with the jit's own tracers, and the loss's own ``jax.grad`` then differentiates
+    the program: the call never meets the loss's AD. With jit disabled (as :func:`replay`
+    runs the loss) it does, so a rule differentiated there is found, and checked at order 2.
+    A second trace, only where the program holds a user's rule inside such a call (JAX's
+    own rules inside ``jax.nn``'s jitted functions do not count).
+    """
+    if not _user_rule_inside_call(jaxpr):
+        return []
+    calls: list = []
+    try:
+        with watching(calls), jax.disable_jit():
+            trace()
+    except Exception:  # noqa: BLE001 (a loss that cannot be traced without jit: its rules stay as first found)
+        return []
     return calls
