@@ -112,7 +112,7 @@ def jgc_verdict(case, grad_fn, precision, bug=None):
         located = bug.leaf in paths
         if bug.index is not None and located:
             located = rep.leaf(bug.leaf).elements("mismatch") == [bug.index]
-    return rep.ok, located, rep.evaluations, rep.seconds
+    return rep.ok, located, rep.evaluations, rep.seconds, rep.counts()["inconclusive"]
 
 
 def scenarios(case, dtype):
@@ -147,11 +147,11 @@ def run(quick: bool):
                     if have_torch:
                         r["torch"] = torch_gradcheck(case, grad_fn)
                         r["torch_fast"] = torch_gradcheck(case, grad_fn, fast=True)
-                ok, loc, ev, sec = jgc_verdict(case, grad_fn, "auto", bug)
-                r.update(jgc=ok, jgc_located=loc, jgc_evals=ev, jgc_seconds=sec)
+                ok, loc, ev, sec, inc = jgc_verdict(case, grad_fn, "auto", bug)
+                r.update(jgc=ok, jgc_located=loc, jgc_evals=ev, jgc_seconds=sec, jgc_inconclusive=inc)
                 if dtype == "float32":
-                    ok, loc, _, _ = jgc_verdict(case, grad_fn, "native", bug)
-                    r.update(jgc_native=ok, jgc_native_located=loc)
+                    ok, loc, _, _, inc = jgc_verdict(case, grad_fn, "native", bug)
+                    r.update(jgc_native=ok, jgc_native_located=loc, jgc_native_inconclusive=inc)
                 rows.append(r)
                 print(r, flush=True)
     return rows, have_torch
@@ -191,15 +191,18 @@ def summarise(rows, have_torch, cmd, seconds):
         if r["bug"] and r["jgc"]:
             lines.append(f"- {r['model']} {r['dtype']}: {r['scenario']}")
     lines.append("")
-    lines.append("Every scenario (✓ = the checker passed the gradient, ✗ = it failed it):")
+    lines.append("Every scenario (✓ = the checker passed the gradient, ✗ = it failed it; `jgc inc`: "
+                 "elements jgc (default / native) called inconclusive, which fail only under strict=True):")
     lines.append("")
     keys = [k for k, _ in TOOLS if any(k in r for r in rows)]
-    lines.append("| model | dtype | scenario | " + " | ".join(keys) + " | jgc evals | jgc s |")
-    lines.append("|---|---|---|" + "---|" * len(keys) + "---|---|")
+    lines.append("| model | dtype | scenario | " + " | ".join(keys) + " | jgc inc | jgc evals | jgc s |")
+    lines.append("|---|---|---|" + "---|" * len(keys) + "---|---|---|")
     for r in rows:
         cells = ["✓" if r.get(k) else ("✗" if k in r else "") for k in keys]
+        inc = str(r.get("jgc_inconclusive", "")) + (f" / {r['jgc_native_inconclusive']}"
+                                                    if "jgc_native_inconclusive" in r else "")
         lines.append(f"| {r['model']} | {r['dtype']} | {r['scenario']} | " + " | ".join(cells)
-                     + f" | {r['jgc_evals']} | {r['jgc_seconds']:.2f} |")
+                     + f" | {inc} | {r['jgc_evals']} | {r['jgc_seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
