@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
-import types
 from typing import Any
 
 import jax
@@ -48,7 +46,7 @@ from ..products import check_jvp, check_vjp
 from .paths import Paths
 from .report import RuleReport, SiteReport, Worst, as_approximate, relative_error
 from .sites import CALL_PRIMS, KINDS, REMAT_PRIMS, _site_base, _Site, _subjaxprs, call_site
-from .sources import Where, _pkg_dir
+from .sources import Where, _functions_in, _pkg_dir
 from .surrogates import primitive_approximate
 
 # The registry of batching rules, a dict (JAX wraps what is set in ``primitive_batchers`` into it).
@@ -79,33 +77,6 @@ def _is_own_file(path: str) -> bool:
     return any(path.startswith(d) for d in _OWN_DIRS)
 
 
-def _functions(obj, depth: int = 0, seen: set | None = None):
-    """Python functions reachable from a registered rule: partials (function and arguments), closures."""
-    seen = set() if seen is None else seen
-    if obj is None or id(obj) in seen or depth > 6:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, types.FunctionType):
-        yield obj
-        for cell in obj.__closure__ or ():
-            try:
-                v = cell.cell_contents
-            except ValueError:
-                continue
-            yield from _functions(v, depth + 1, seen)
-    elif isinstance(obj, functools.partial):
-        yield from _functions(obj.func, depth + 1, seen)
-        for a in (*obj.args, *obj.keywords.values()):
-            yield from _functions(a, depth + 1, seen)
-    elif isinstance(obj, types.MethodType):
-        yield from _functions(obj.__func__, depth + 1, seen)
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _functions(x, depth + 1, seen)
-    elif hasattr(obj, "__wrapped__"):
-        yield from _functions(obj.__wrapped__, depth + 1, seen)
-
-
 def _where(fn) -> Where:
     code = fn.__code__
     return Where(getattr(fn, "__qualname__", fn.__name__), code.co_filename, code.co_firstlineno)
@@ -117,7 +88,7 @@ def rule_function(registered) -> tuple[Where, bool] | None:
     Equinox's and JAX's wrappers (``filter_primitive_jvp``, ``ad.defjvp``'s partials)
     are seen through to the function they hold.
     """
-    fns = list(_functions(registered))
+    fns = list(_functions_in(registered))
     for f in fns:
         if not _is_own_file(f.__code__.co_filename):
             return _where(f), True

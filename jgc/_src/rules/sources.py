@@ -107,23 +107,26 @@ def inspect_unwrap(fn):
             return fn
 
 
-def _functions_in(obj, depth=0, seen=None):
-    """Python functions reachable from a WrappedFun through .f, partials and closures."""
+def _functions_in(obj, depth: int = 0, seen: set | None = None):
+    """Python functions reachable from a rule object: the functions themselves, then what they
+    close over, partials (function, then arguments), bound methods, tuples and lists, JAX's
+    WrappedFun (``.f``) and decorated functions (``__wrapped__``), depth first, each once."""
     seen = set() if seen is None else seen
     if obj is None or id(obj) in seen or depth > 8:
         return
     seen.add(id(obj))
     if isinstance(obj, types.FunctionType):
         yield obj
-        names = obj.__code__.co_freevars
-        for nm, cell in zip(names, obj.__closure__ or ()):
+        for cell in obj.__closure__ or ():
             try:
                 v = cell.cell_contents
-            except ValueError:
+            except ValueError:  # a cell not filled yet
                 continue
             yield from _functions_in(v, depth + 1, seen)
     elif isinstance(obj, functools.partial):
         yield from _functions_in(obj.func, depth + 1, seen)
+        for a in (*obj.args, *obj.keywords.values()):
+            yield from _functions_in(a, depth + 1, seen)
     elif isinstance(obj, types.MethodType):
         yield from _functions_in(obj.__func__, depth + 1, seen)
     elif isinstance(obj, (tuple, list)):
@@ -131,6 +134,8 @@ def _functions_in(obj, depth=0, seen=None):
             yield from _functions_in(x, depth + 1, seen)
     elif type(obj).__name__ == "WrappedFun":
         yield from _functions_in(getattr(obj, "f", None), depth + 1, seen)
+    elif hasattr(obj, "__wrapped__"):
+        yield from _functions_in(obj.__wrapped__, depth + 1, seen)
 
 
 def _closure(fn) -> dict:
