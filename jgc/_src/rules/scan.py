@@ -53,10 +53,10 @@ from jax.interpreters import ad
 
 from .. import compat
 from .eager import _closes_over_traced_values
-from .primitives import JVP_KIND, PrimitiveWatch, _functions, check_primitive_rules, rule_function
+from .primitives import JVP_KIND, PrimitiveWatch, check_primitive_rules, rule_function
 from .rule import check_rule
 from .sites import _Collector
-from .sources import Where, _display_path, _is_wrapper_file, _primal_function, _where_fn
+from .sources import Where, _display_path, _functions_in, _is_wrapper_file, _primal_function, _where_fn
 from .surrogates import _library_intended, _user_intended
 
 # Distinct captured calls kept per rule (new shape, dtype or order of magnitude), and per
@@ -256,7 +256,7 @@ def _caller_rule(bwd) -> Where | None:
     """The first function outside the lifting modules that a lifted backward pass calls through."""
     cells = dict(zip(bwd.__code__.co_freevars, bwd.__closure__ or ()))
     with contextlib.suppress(ValueError, KeyError):
-        for f in _functions(cells["backward_fn"].cell_contents):
+        for f in _functions_in(cells["backward_fn"].cell_contents):
             if not any(d in f.__code__.co_filename.replace(os.sep, "/") for d in _LIFTING):
                 return _where_fn(f)
     return None
