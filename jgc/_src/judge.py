@@ -231,11 +231,11 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
                 bad = idx[np.ravel(judged.codes)[idx] == MISMATCH]
                 step_ladder(judged, a, bad, functools.partial(ev.central, bad), h_rel=ev.h_rel, u=ev.u,
                             floor=lim.at(bad).floor)
-    resolved, reason = None, NO_COMPLEX_STEP
+    resolved, reason, bar = None, NO_COMPLEX_STEP, None
     if ev.complex_step is not None:
-        resolved, reason = _complex_probe(ev.complex_step, a, judged, lim)
+        resolved, reason, bar = _complex_probe(ev.complex_step, a, judged, lim)
     if lim.tail:
-        settle_tail(judged, a, lim, resolved, reason)
+        settle_tail(judged, a, lim, resolved, reason, bar=bar)
     return Verdict(judged, idx, est, lim)
 
 
@@ -413,6 +413,7 @@ NOT_COMPLEX_SAFE = "the cost is not complex-safe (or fails with complex inputs),
 UNVALIDATED = ("no element of the leaf is resolved to validate the complex step against, so the complex "
                "step could not resolve it")
 NOT_PROBED = "it was not among the elements probed with the complex step"
+TOO_WIDE = "the complex step's own error bar ({:.1e}, from its steps h and 3h) is too wide to resolve it either"
 
 
 def unresolved(a, judged: Judged, at) -> np.ndarray:
@@ -423,7 +424,7 @@ def unresolved(a, judged: Judged, at) -> np.ndarray:
             & ((judged.codes == OK) | (judged.codes == INCONCLUSIVE)))
 
 
-def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.ndarray | None, str]:
+def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.ndarray | None, str, np.ndarray | None]:
     """Resolve tiny derivatives that central differences cannot, with the complex step.
 
     An element hidden under the absolute tolerance (|a| ≤ atol) whose central
@@ -438,13 +439,14 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     pass into a mismatch.
 
     Returns (the elements the complex step resolved, a boolean mask or None where it
-    resolved none, and why the others were not resolved), for :func:`settle_tail`.
+    resolved none; why the others were not resolved; the complex step's error bar per
+    element, NaN where it did not run, or None), for :func:`settle_tail`.
     """
     num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
     rt, at = lim.rtol, lim.atol
     hidden = unresolved(a, judged, at)
     if not hidden.any() or np.all(np.asarray(at) <= 0):
-        return None, NOT_PROBED
+        return None, NOT_PROBED, None
     zero = np.flatnonzero(hidden & (a == 0))
     if zero.size > COMPLEX_PROBES:
         zero = zero[np.linspace(0, zero.size - 1, COMPLEX_PROBES).astype(np.int64)]
@@ -453,7 +455,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol))
     check_at = good[np.argsort(-a_flat[good])[:2]]
     if check_at.size == 0:
-        return None, UNVALIDATED  # nothing resolved to validate the complex step against
+        return None, UNVALIDATED, None  # nothing resolved to validate the complex step against
     h = cs.h
     try:
         with np.errstate(all="ignore"):
@@ -461,7 +463,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
             e3 = cs.at(cand, 3.0 * h)
     except Exception:  # noqa: BLE001 - not complex-safe: central differences stand
         cs.unresolved(hidden & (a == 0), err)
-        return None, NOT_COMPLEX_SAFE
+        return None, NOT_COMPLEX_SAFE, None
     v = np.concatenate([e1.value, e3.value])
     fin = np.concatenate([e1.finite, e3.finite])
     vc, v1, v3 = v[: check_at.size], v[check_at.size: check_at.size + cand.size], v[check_at.size + cand.size:]
@@ -469,7 +471,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     if not np.all(fin[: check_at.size]) or np.any(
             np.abs(vc - a[check_at]) > tol[check_at] + err[check_at]):
         cs.unresolved(hidden & (a == 0), err)
-        return None, NOT_COMPLEX_SAFE
+        return None, NOT_COMPLEX_SAFE, None
     # Rounding of the imaginary part is relative to the terms summed for that element,
     # not to its value: two steps (h, 3h) round differently, so their spread (×8, as the
     # round-off safety) measures it; 16u|v| covers a chain of complex operations.
@@ -490,10 +492,13 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     # The report shows the complex step's figures where it resolved an element that passed.
     keep = resolved[cand] & passed & ~flag
     num[cand[keep]], err[cand[keep]] = v1[keep], e_c[keep]
-    return resolved, NOT_PROBED
+    bar = np.full(np.shape(a), np.nan)
+    bar[cand] = np.where(ok_fin, e_c, np.inf)
+    return resolved, NOT_PROBED, bar
 
 
-def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str) -> None:
+def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str, *,
+                bar: np.ndarray | None = None) -> None:
     """Mark inconclusive, with ``reason``, the float64 tail elements that nothing resolved.
 
     At float64 (``Limits.tail``) an element whose analytic value is nonzero, hidden
@@ -501,7 +506,10 @@ def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, rea
     (the reference cannot tell it from 0: σ' at 40 is 4e-18 against a bar of ≈1e-11)
     passed by the absolute tolerance alone, as a wrong value there would have. Unless
     the complex step resolved it (``resolved``), it is ``inconclusive``; the reason
-    goes into ``judged.why``. Exact zeros are left ok: a dead unit (ReLU off, the cost
+    goes into ``judged.why`` (``bar``: the complex step's own error bar where it ran
+    without resolving the element, NaN elsewhere). A value at float64's own rounding
+    level (a true 0 computed as 2e-16) is inconclusive too: no evidence tells it from a
+    tail such as σ' at 40. Exact zeros are left ok: a dead unit (ReLU off, the cost
     flat there) has analytic 0 and finite differences that see no change, which is
     evidence of 0, not a lack of it; a tail rounded to 0 looks the same, and the note of
     :func:`_unresolved_note` names such elements where the complex step could not run.
@@ -513,9 +521,11 @@ def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, rea
     if resolved is not None:
         tail &= ~resolved
     for j in np.flatnonzero(tail):
+        b = None if bar is None else float(bar.flat[j])
+        said = TOO_WIDE.format(b) if b is not None and not math.isnan(b) else reason
         judged.why[int(j)] = (f"smaller than float64 central differences resolve (error bar {float(err.flat[j]):.1e} "
                               f"against a value of {abs(complex(a.flat[j])):.1e}; σ' at 40 is 4e-18), and "
-                              f"{reason}; it passed by the absolute tolerance alone")
+                              f"{said}; it passed by the absolute tolerance alone")
     judged.codes[tail] = INCONCLUSIVE
 
 
