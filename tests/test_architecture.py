@@ -204,3 +204,24 @@ def test_the_checked_function_is_vmapped_only_in_the_runtime_layer():
     assert found <= VMAP_ELSEWHERE, sorted(found - VMAP_ELSEWHERE)
     # Every entry still calls vmap: an allowance is not kept for code that is gone.
     assert found == VMAP_ELSEWHERE, sorted(VMAP_ELSEWHERE - found)
+
+
+def _calls(module: str) -> set[str]:
+    """Every call in jgc/_src/<module>.py as its dotted source text (``trees.split_params``)."""
+    tree = ast.parse((arch.SRC / f"{module}.py").read_text())
+    return {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+def test_both_problems_prepare_through_one_record_one_probe_and_one_steps():
+    """Problem and VectorProblem make their prepared state with preparation.prepare (no
+    split, cast or scales of their own), measure noise with noise.probe (not noise.finest
+    directly) and take steps from steps.Steps (not policy.relative_step)."""
+    own = {"trees.split_params", "trees.split_args", "split_params", "split_args", "evaluation_leaves",
+           "step_scales", "precision_scope", "noise.finest", "policy.relative_step"}
+    for module in ("problem", "vector"):
+        calls = _calls(module)
+        assert not calls & own, (module, sorted(calls & own))
+        assert "self._prepared" in calls, module
+    assert "noise.probe" in _calls("vector") and "probe" in _calls("noise")
+    assert "Steps" in _calls("vector")
+    assert "prepare" in _calls("preparation") and "retried" in _calls("preparation")

@@ -184,3 +184,32 @@ def test_progress_attaches_to_the_counter(monkeypatch):
         counter.add(10)
         assert "100%" in bar.stream.getvalue()
     assert counter.progress is None and counter.evaluations == 15
+
+
+def test_every_evaluator_runs_through_the_one_dispatch_loop(rng, monkeypatch):
+    """Coordinate rows, line rows and directions (the line layout included) are dispatched
+    and counted by engine._dispatch, and by nothing else."""
+    seen = []
+    dispatch = engine._dispatch
+
+    def spy(ev, program, calls, lead):
+        seen.append((type(ev).__name__, sum(rows for _, rows in calls)))
+        return dispatch(ev, program, calls, lead)
+
+    monkeypatch.setattr(engine, "_dispatch", spy)
+    x = jnp.asarray(rng.normal(size=6))
+
+    def cost(dyn, argarr):
+        return jnp.sum(jnp.sin(dyn[0]) * argarr[0])
+
+    leaf = engine.LeafEvaluator(lambda v, ops: cost([v], ops), x, [jnp.asarray(2.0)])
+    leaf(np.arange(3), np.full((3, 2), 1e-3))
+    line = engine.LineEvaluator(cost, [x], [jnp.asarray(2.0)], [x[None]], rows=4)
+    line(0, np.array([0.0, 1e-3, 2e-3]))
+    monkeypatch.setattr(engine, "BATCH_ELEMENT_BUDGET", 2 * x.size)  # one row a batch: the line layout
+    direction = engine.DirectionEvaluator(cost, [x], [jnp.asarray(2.0)], [np.ones(6)], grads=[np.ones(6)],
+                                          movable=[True], rows=4)
+    assert direction.lines
+    direction(np.zeros(5, np.int64), np.zeros(5, np.int64), np.full(5, 6), np.linspace(1e-3, 5e-3, 5))
+    assert seen == [("LeafEvaluator", 6), ("LineEvaluator", 3), ("DirectionEvaluator", 5)]
+    assert (leaf.counter.evaluations, line.counter.evaluations, direction.counter.evaluations) == (6, 3, 5)
