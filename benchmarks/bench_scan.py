@@ -83,9 +83,34 @@ NOTES = [
      "call it inside `jit` without a derivative of concrete arguments around it. `logaddexp` was `not checked` "
      "in a first run, when JAX's `check_grads` (which calls `jax._src.api.jvp`/`vjp`) was not seen; the scan "
      "now wraps those too, and the run above checks it (ok)."),
-    ("Parts of suites only (the machine was shared, load 13-25 on 2 cores): the optax modules named, JAX's two "
-     "files with the `-k` shown, Equinox's files shown. Flax (sdist tests/linen/linen_transforms_test.py, "
-     "tests/nnx/transforms_test.py -k 'vjp or jvp or grad') was not run in the time available."),
+    ("Flax 0.12.8 (sdist tests/linen/linen_transforms_test.py, tests/nnx/transforms_test.py -k 'vjp or jvp or "
+     "grad'): a first run flagged `custom_vjp.<locals>.inner.<locals>.f` (flax/core/lift.py:1379) `mismatch`, "
+     "found by the primal check (fwd 0.666 vs primal -0.533). Checked by hand: a false flag of jgc, twice over. "
+     "(1) The point was captured during `Foo().init`, where the lifted function creates the Dense parameters "
+     "from the module's random stream: called twice at the same operands the primal gives [-1.058] then "
+     "[1.136], so every check paired two different draws. Such a point is now `not checked` (the primal is "
+     "called twice first; the reason says so). (2) The rule is not Flax's: lift.custom_vjp only passes on the "
+     "`backward_fn` its caller gives (here the test's sign-gradient `bwd`, nonlinear in the cotangent on "
+     "purpose; at the apply-time point jgc finds it not linear, rightly, for that test's rule). A rule whose "
+     "backward pass is lift.py's wrapper is now attributed to the caller's backward function, outside flax, so "
+     "`--jgc-rules=flax` no longer counts it. nnx's custom_vjp already named the user's function. Re-run "
+     "(row above): the subset runs none of Flax's own rules (6 fp8 rules and the 3 rules on nnx's variable "
+     "primitives `new_variable`/`set_variable`/`get_variable` are listed not exercised); `flax (fp8)` runs "
+     "tests/linen/linen_test.py -k Fp8, which exercises the fp8 rules."),
+    ("`flax (fp8)` (tests/linen/linen_test.py -k Fp8): the six fp8 rules of flax/linen/fp8_ops.py run (in_qdq, "
+     "out_qdq, in_q, out_dq, quantized_dot, dot_general_with_precision) and stay `not checked`: the tests call "
+     "them inside `jit` (`jax.jit(jax.value_and_grad(...))`, no derivative of concrete arguments around them), "
+     "and where a `jax.grad` of concrete arguments is kept (test_fp8_meta_dtype without jit), tracing it again "
+     "fails on Flax's extended dtype (`Cannot interpret 'fp8_meta32' as a data type`, in the notes). Not a "
+     "verdict either way. Had they been checked, note that these rules are not derivatives by design: their "
+     "backward passes return the updated amax history and scale through the gradient slots (fp8 'gradient "
+     "as update'), so they would need to be known library surrogates to avoid a false flag."),
+    ("The whole optax suite (`--optax-modules all`: the package directory, 52 test modules, 2636 tests; "
+     "scikit-learn installed for alias_test.py): its two halves ran side by side (`--half`), each as its own "
+     "pytest process, on a machine loaded by other work (load 14-17 on 2 cores), so the wall times are long "
+     "and only the CPU ratio is a fair measure."),
+    ("Parts of suites only elsewhere (load 13-25 on 2 cores): JAX's two files with the `-k` shown, Equinox's "
+     "files shown."),
 ]
 
 
@@ -130,8 +155,8 @@ def suite_commands(name: str, ns) -> tuple[list, Path, dict, str]:
                 "-p", "no:xdist"], scratch, env, "jax"
     if name == "flax":
         d = Path(ns.flax_src)
-        return [*(str(d / f) for f in FLAX_FILES), "--rootdir", str(d), "-c", "/dev/null", "-p", "no:xdist",
-                "-k", FLAX_K], scratch, env, "flax"
+        return [*(str(d / f) for f in ns.flax_files or FLAX_FILES), "--rootdir", str(d), "-c", "/dev/null",
+                "-p", "no:xdist", "-k", FLAX_K], scratch, env, "flax"
     if name == "equinox":
         d = Path(ns.equinox_src)
         return [*(str(d / f) for f in EQUINOX_FILES), "--rootdir", str(d), "-c", "/dev/null", "-p", "no:xdist"], \
@@ -224,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jax-tests", default="/tmp/jax-tests-0.10.2")
     ap.add_argument("--flax-src", default="/tmp/flax-0.12.8")
     ap.add_argument("--equinox-src", default="/tmp/equinox-src")
+    ap.add_argument("--flax-files", nargs="*", default=None, help=f"test files of the flax sdist (default {FLAX_FILES})")
+    ap.add_argument("--label", default=None, help="the name the run is stored under (default: the suite's)")
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--points", type=int, default=3, help="--jgc-points")
     ap.add_argument("-k", dest="k", nargs="*", default=[], metavar="SUITE=EXPR",
@@ -251,11 +278,14 @@ def main(argv=None) -> int:
             if name in entries and e.get("plain"):
                 entries[name]["plain"] = e["plain"]
                 entries[name]["side_by_side"] = True
+    if ns.merge or ns.plain_from:
+        store.write_text(json.dumps(entries, indent=1))
     if not ns.report_only:
         for name in ns.only or ["optax", "jax", "flax", "equinox"]:
-            entries[name] = run_suite(name, ns)
+            label = ns.label or name
+            entries[label] = dict(run_suite(name, ns), suite=label)
             store.write_text(json.dumps(entries, indent=1))
-            print(entries[name]["scanned"]["summary"], flush=True)
+            print((entries[label]["scanned"] or entries[label]["plain"])["summary"], flush=True)
     (RESULTS / "scan.md").write_text(markdown(entries, machine))
     print("wrote", RESULTS / "scan.md")
     return 0
