@@ -120,3 +120,36 @@ def test_a_scalar_is_swept_over_two_points():
     labels = [label for label, x, _ in generated(_subject(jnp.float32(0.5))) if x is not None]
     assert "point x = 0.001" in labels and "point x = 30" in labels
     assert "point x = -0.001" in labels and "point x = -30" in labels
+
+
+# -- rules inside a jit under the loss's own AD: the second trace, and when it is not taken -------
+def test_a_rule_inside_a_jit_under_the_losss_grad_is_seen_by_a_trace_without_jit():
+    from jgc._src.rules.hidden import UNDER_AD, through_calls
+
+    energy = jax.jit(lambda q: jnp.sum(elu(q)))
+    traced = []
+
+    def tracer_of(loss):
+        def trace():
+            traced.append(loss)
+            return jax.make_jaxpr(loss)(POSITIVES)
+        return trace
+
+    def penalty(p):
+        return jnp.sum(jax.grad(energy)(p) ** 2)
+
+    calls = through_calls(tracer_of(penalty), jax.make_jaxpr(penalty)(POSITIVES).jaxpr)
+    assert [c.why for c in calls] == [UNDER_AD] and calls[0].obj is elu
+
+    # JAX's own rules inside jax.nn's jitted functions take no second trace.
+    def jax_only(p):
+        return jnp.sum(jax.grad(lambda q: jnp.sum(jax.nn.softplus(q)))(p) ** 2)
+
+    assert through_calls(tracer_of(jax_only), jax.make_jaxpr(jax_only)(POSITIVES).jaxpr) == []
+
+    # Nor does a loss whose scan would run 1000 steps in Python with jit disabled.
+    def looped(p):
+        return jax.lax.scan(lambda c, _: (c + penalty(p), None), 0.0, None, length=1000)[0]
+
+    assert through_calls(tracer_of(looped), jax.make_jaxpr(looped)(POSITIVES).jaxpr) == []
+    assert traced == [penalty]

@@ -150,6 +150,24 @@ def _user_rule_inside_call(jaxpr, inside: bool = False, depth: int = 0) -> bool:
     return False
 
 
+# With jit disabled, lax.scan runs its body once per step in Python: above this many
+# steps in all (nested scans multiply) the second trace would cost more than the checks,
+# and a rule inside a jit there keeps the verdicts of its call sites.
+MAX_UNROLLED_STEPS = 256
+
+
+def _unrolled_steps(jaxpr, depth: int = 0) -> int:
+    """The scan steps a run of ``jaxpr`` with jit disabled takes in Python (nested scans multiply)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        inner = max((_unrolled_steps(j, depth + 1) for j in _subjaxprs(eqn)), default=0) if depth < 32 else 0
+        if eqn.primitive.name == "scan":
+            total += int(eqn.params.get("length", 1)) * max(1, inner)
+        else:
+            total += inner
+    return total
+
+
 def through_calls(trace, jaxpr) -> list:
     """The calls :func:`watching` sees when ``trace()`` (a trace of the loss, whose program is
     ``jaxpr``) runs again with jit disabled, where a user's rule sits inside a jit of it.
@@ -161,7 +179,7 @@ def through_calls(trace, jaxpr) -> list:
     A second trace, only where the program holds a user's rule inside such a call (JAX's
     own rules inside ``jax.nn``'s jitted functions do not count).
     """
-    if not _user_rule_inside_call(jaxpr):
+    if not _user_rule_inside_call(jaxpr) or _unrolled_steps(jaxpr) > MAX_UNROLLED_STEPS:
         return []
     calls: list = []
     try:
