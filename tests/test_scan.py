@@ -229,6 +229,18 @@ def test_a_primal_that_reads_state_outside_its_arguments_is_not_checked():
     assert out["status"] == "not checked" and "called twice" in out["reason"], out
 
 
+def test_operands_of_an_extended_dtype_are_described_and_not_checked():
+    fp8_ops = pytest.importorskip("flax.linen.fp8_ops", reason="Flax's fp8_meta32, an extended dtype")
+    meta = jax.lax.convert_element_type(jnp.ones(3), fp8_ops.fp32_max_grad)
+    scale = jax.lax.convert_element_type(jnp.ones(1), fp8_ops.fp32_max_grad)
+    assert scan._describe([jnp.ones(1), meta]) == "float32[1], fp8_meta32[3]"
+    r = scan._Seen("in_qdq", "custom_vjp", scan.Where("in_qdq", fp8_ops.__file__, 1))
+    out = scan._check_point(r, scan._Point(fp8_ops.in_qdq, (jnp.float32, jnp.float8_e4m3fn, jnp.ones(1), scale, meta),
+                                                 "concrete call", ""), {})
+    assert out["status"] == "not checked" and "fp8_meta32" in out["reason"], out
+    assert not scan._is_extended(jax.random.key(0))  # typed PRNG keys are held as before, not refused
+
+
 def test_a_rule_lifted_by_flax_belongs_to_the_module_that_defines_its_backward_pass():
     nn = pytest.importorskip("flax.linen", reason="Flax's lifted custom_vjp")
 

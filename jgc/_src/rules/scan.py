@@ -192,7 +192,7 @@ def _describe(leaves) -> str:
     parts = []
     for x in leaves:
         if hasattr(x, "shape") and hasattr(x, "dtype"):
-            parts.append(f"{np.dtype(x.dtype).name}{list(np.shape(x))}")
+            parts.append(f"{getattr(x.dtype, 'name', x.dtype)}{list(np.shape(x))}")  # extended dtypes too
     return ", ".join(parts)
 
 
@@ -636,6 +636,14 @@ def _combined(a: str | None, b: str) -> str:
     return _worse(a, b)
 
 
+def _is_extended(x) -> bool:
+    """An extended dtype other than a PRNG key's (keys are held like any integer operand)."""
+    ext, key = getattr(jax.dtypes, "extended", None), getattr(jax.dtypes, "prng_key", None)
+    dtype = getattr(x, "dtype", None)
+    return ext is not None and dtype is not None and jnp.issubdtype(dtype, ext) and \
+        not (key is not None and jnp.issubdtype(dtype, key))
+
+
 def _not_reproducible(p: _Point) -> str:
     """Why the primal cannot be checked at this point, when two calls at the same operands differ; else "".
 
@@ -661,6 +669,10 @@ def _not_reproducible(p: _Point) -> str:
 
 def _check_point(r: _Seen, p: _Point, options: dict) -> dict:
     """One captured call through :func:`jgc.check_rule`: status, the checks that ran, the worst element."""
+    extended = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(p.args) if _is_extended(x)})
+    if extended:  # Flax's fp8_meta32 (gradients accumulated by max): no perturbation or tangent of it to make
+        return {"status": "not checked", "checks": {}, "worst": None,
+                "reason": f"operands of JAX extended dtypes ({', '.join(extended)}): not checked"}
     why = _not_reproducible(p)
     if why:
         return {"status": "not checked", "reason": why, "checks": {}, "worst": None}
