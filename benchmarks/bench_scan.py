@@ -101,8 +101,10 @@ NOTES = [
      "out_qdq, in_q, out_dq, quantized_dot, dot_general_with_precision) and stay `not checked`: the tests call "
      "them inside `jit` (`jax.jit(jax.value_and_grad(...))`, no derivative of concrete arguments around them), "
      "and where a `jax.grad` of concrete arguments is kept (test_fp8_meta_dtype without jit), tracing it again "
-     "fails on Flax's extended dtype (`Cannot interpret 'fp8_meta32' as a data type`, in the notes). Not a "
-     "verdict either way. Had they been checked, note that these rules are not derivatives by design: their "
+     "failed on Flax's extended dtype (`Cannot interpret 'fp8_meta32' as a data type`, in the notes). Not a "
+     "verdict either way. Since this run, the capture describes such operands and the point is `not checked` "
+     "with the reason (operands of an extended dtype), seen in-process on test_fp8_meta_dtype's outer grad; the "
+     "bench was not run again. Had they been checked, note that these rules are not derivatives by design: their "
      "backward passes return the updated amax history and scale through the gradient slots (fp8 'gradient "
      "as update'), so they would need to be known library surrogates to avoid a false flag."),
     ("The whole optax suite (`--optax-modules all`: the package directory, 52 test modules, 2636 tests; "
