@@ -444,6 +444,11 @@ class Recorder:
         return hit
 
     def _seen(self, obj, kind: str) -> _Seen | None:
+        # Most calls are of other packages' rules (JAX's relu, logsumexp...): known by the primal's file alone.
+        primal = _where_fn(_primal_function(obj) if kind != "custom_vmap" else obj.fun)
+        if primal is None or not primal.file or not (self._under_package(primal.file) or primal.file.replace(
+                os.sep, "/").endswith(_LIFTED_RULES)):
+            return None
         found = _rule_of(obj, kind)
         if found is None or not self._under_package(found[0].file):
             return None
