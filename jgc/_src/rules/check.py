@@ -32,6 +32,7 @@ float64 and the rule is checked against a float64 reference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -40,22 +41,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from .. import compat, trees
 from .surrogates import (_library_approximate, _library_intended, _user_approximate, _user_intended,
                          with_solver_tolerance)
 from ..jacobian import check_jacobian
 from ..names import function_name
-from ..preparation import as_given_note, precision_scope, refused_widening
+from ..preparation import retried
 from ..products import check_jvp, check_vjp
 from .callbacks import sequential_callbacks
 from .eager import _check_eager, _closes_over_traced_values, _eager_calls
 from .paths import Paths, differentiated_paths
 from .primitives import PRIMITIVES, PrimitiveWatch, check_primitive_rules
-from .sites import VJP_CALL, _Collector, _short, _Site, _site_base
+from .sites import KINDS, VJP_CALL, _Collector, _short, _Site, _site_base, _subjaxprs
 from .report import RuleReport, RulesReport, SiteReport, Worst, as_approximate, relative_error
 from .derivatives import derivatives
-from .hidden import replay, watching
+from .hidden import replay, through_calls, watching
+from .identities import _quick
 from .sitechecks import CHEAP, SiteChecks, check_hidden, check_sites
 from .subject import ORDER2
 
@@ -244,7 +247,7 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
     f = _site_function(eqn, ops, varying, partial, outs, wide=wide[0] if wide else None)
     # Outputs non-finite at the captured calls (a masked branch, an infinite fill value)
     # have no derivative there: those entries are held out of the comparison, per entry.
-    at = [np.asarray(y) for y in f(*explicit)]
+    at = [np.asarray(y) for y in _evaluated(f, explicit)]
     finite_out = [np.isfinite(y) if jnp.issubdtype(y.dtype, jnp.inexact) else np.ones(y.shape, bool) for y in at]
     keep = [i for i, m in enumerate(finite_out) if m.any()]
     partial_out = [i for i in keep if not finite_out[i].all()]
@@ -262,6 +265,15 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
                      len(keep), held_text, masked_outputs=bool(partial_out),
                      precision=wide[1] if wide else "native", varying=tuple(varying), partial=partial,
                      outs=tuple(outs[i] for i in keep))
+
+
+def _evaluated(f, explicit: list):
+    """``f(*explicit)`` from one compiled program (op by op, each operation is compiled on its
+    own); op by op where the program raises, so that an error is the rule's own."""
+    try:
+        return _quick(f, *explicit)(*explicit)
+    except Exception:  # noqa: BLE001 (raised again below, by the rule itself, or not at all)
+        return f(*explicit)
 
 
 def _finite_outputs(f, keep: list, masks: dict):
@@ -318,7 +330,8 @@ def _check_together(preps: list, options: dict) -> dict:
         return tuple(res)
 
     all_sites.__qualname__ = "custom rules"
-    rep = check_jacobian(all_sites, *[x for p in preps for x in p.explicit], precision=preps[0].precision,
+    # Compiled as one program where jgc evaluates it outside its own (f at the dtypes given).
+    rep = check_jacobian(jax.jit(all_sites), *[x for p in preps for x in p.explicit], precision=preps[0].precision,
                          **options)
     found = {}
     for prep, (a, b), (oa, ob) in zip(preps, spans, outs):
@@ -443,24 +456,14 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
     split, dyn = trees.split_params(params, what=f"{api}: params")
     orig_dtypes = [np.dtype(x.dtype) for x in dyn]
     options = {k: v for k, v in {"rtol": rtol, "atol": atol, "step": step}.items() if v is not None}
-    widen, scope = precision_scope(precision, orig_dtypes, notes)
     if order not in (None, 1, 2):
         raise ValueError(f"{api}: order must be None, 1 or 2, got {order!r}.")
     settings = SiteChecks(CHEAP + ((ORDER2,) if order == 2 else ()), bool(explore), dict(options), order)
-    try:
-        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                          all_operands=all_operands, primitives=primitives, precision=precision,
-                          settings=settings)
-    except (TypeError, compat.TypePromotionError) as e:
-        # Code that fixes its own dtypes refuses wider inputs: checked as given, as in jgc.check.
-        refused = refused_widening(e, widened=widen, orig_dtypes=orig_dtypes, asked=precision, fn="fn")
-        if refused is None:
-            raise
-        notes.clear()
-        widen, scope = precision_scope("native", orig_dtypes, notes)
-        notes.append(as_given_note(refused, orig_dtypes))
-        rules = _rules_of(fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key,
-                            all_operands=all_operands, primitives=primitives, settings=settings)
+    # Code that fixes its own dtypes refuses wider inputs: checked as given, by the retry of jgc.check.
+    rules = retried(lambda widen, scope, _: _rules_of(
+        fn, split, dyn, args, widen=widen, scope=scope, options=options, key=key, all_operands=all_operands,
+        primitives=primitives, precision=precision, settings=settings),
+        precision=precision, orig_dtypes=orig_dtypes, notes=notes)
     return RulesReport.build(rules, function=function_name(fn), seconds=time.perf_counter() - t0, notes=notes)
 
 
@@ -542,16 +545,22 @@ def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bo
     # Only array leaves are traced; the rest (an Equinox module's strings and
     # functions, Python numbers) stays static, as in every evaluation of jgc.check.
     hidden: list = []
+    def trace():
+        return jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
+
     with watching(hidden):
-        closed = jax.make_jaxpr(lambda d, a: fn(split.combine(d), *rebuild_args(a)))(dyn, argarr)
-    col = _Collector(PrimitiveWatch(primitives) if primitives != "none" else None)
+        closed = trace()
+    # A rule inside a jit the loss differentiates shows under its AD only with jit disabled.
+    hidden = hidden or through_calls(trace, closed.jaxpr)
+    programs: dict = {}
+    col = _Collecting(PrimitiveWatch(primitives) if primitives != "none" else None, programs)
     col.discover(closed.jaxpr)
     col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
     paths, moved = None, {}
     if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
         n_args = len(closed.jaxpr.invars) - len(dyn)
         paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
-        moved = _moved_entries(col, closed, dyn, list(argarr))
+        moved = _moved_entries(col, closed, dyn, list(argarr), programs)
     return _Captured(closed, col, dyn, paths, moved, lambda: _eager_calls(fn, p, args), hidden,
                      lambda: replay(fn, p, args))
 
@@ -586,6 +595,114 @@ def _wide_twins(col: _Collector, wide: _Collector, precision: str) -> dict:
     return out
 
 
+class _Collecting(_Collector):
+    """The collector of :mod:`sites`, with the equations between rules run as compiled programs.
+
+    Op by op, each operation of the loss, and of each rule's primal bound as one call, is
+    compiled alone the first time it meets its shapes. Here each run of two or more
+    consecutive equations that holds no rule, no watched primitive and no effect is one
+    compiled program, and so is each rule's call with no rule inside, each compiled
+    once for every loop step and for the run at the moved parameters (``programs``, the
+    cache the collectors of one trace share). The rules' operands are recorded as before.
+    """
+
+    def __init__(self, watch=None, programs: dict | None = None):
+        super().__init__(watch)
+        self._programs = {} if programs is None else programs
+
+    def _bind(self, eqn, vals):
+        primal = eqn.params["call_jaxpr"] if eqn.primitive.name in KINDS else None
+        if primal is None or len(primal.jaxpr.eqns) < 2:  # one operation: as cheap op by op
+            return super()._bind(eqn, vals)
+        # Keyed by the primal's program, which JAX shares between the calls of one rule
+        # it traced once.
+        key = ("rule", id(primal))
+        fn = self._programs.get(key)
+        if fn is None:
+            fn = self._programs[key] = (primal, jax.jit(functools.partial(compat.bind, eqn)))
+        fn = fn[1]
+        try:
+            return fn(*vals)
+        except Exception:  # noqa: BLE001 (op by op, where the error, if any, is the rule's own)
+            return super()._bind(eqn, vals)
+
+    def run(self, jaxpr, consts, args, *, under=(), steps=(), parent=None):
+        env = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        def write(outvars, values):
+            for var, val in zip(outvars, values):
+                if not isinstance(var, compat.DropVar):
+                    env[var] = val
+
+        def one(eqn):
+            outs = self._eqn(eqn, [read(v) for v in eqn.invars], under, steps, parent)
+            write(eqn.outvars, outs if eqn.primitive.multiple_results else [outs])
+
+        write(jaxpr.constvars, consts)
+        write(jaxpr.invars, args)
+        for item in self._plan(jaxpr):
+            if not isinstance(item, _Segment):
+                one(item)
+                continue
+            try:
+                write(item.outs, item.fn(*[env[v] for v in item.ins]))
+            except Exception:  # noqa: BLE001 (op by op, where an error is that of its operation)
+                for eqn in item.eqns:
+                    one(eqn)
+        return [read(v) for v in jaxpr.outvars]
+
+    def _plan(self, jaxpr) -> list:
+        """The equations of ``jaxpr``, runs of plain ones grouped into :class:`_Segment` s."""
+        key = ("plan", id(jaxpr))
+        if key not in self._programs:
+            items, run = [], []
+            for eqn in list(jaxpr.eqns) + [None]:
+                plain = eqn is not None and eqn.primitive.name not in KINDS and not self._watched(eqn) \
+                    and not eqn.effects and not any(self.has_rule(s) for s in _subjaxprs(eqn))
+                if plain:
+                    run.append(eqn)
+                    continue
+                items += [_Segment.of(run, jaxpr)] if len(run) > 1 else run
+                run = []
+                if eqn is not None:
+                    items.append(eqn)
+            self._programs[key] = (jaxpr, items)  # the jaxpr held, so that its id stays its own
+        return self._programs[key][1]
+
+
+@dataclasses.dataclass
+class _Segment:
+    """Consecutive equations run as one compiled program: the variables it reads and those read after it."""
+
+    eqns: list
+    ins: list
+    outs: list
+    fn: Callable
+
+    @staticmethod
+    def of(eqns: list, jaxpr) -> _Segment:
+        mine = {id(e) for e in eqns}
+        defined = {v for e in eqns for v in e.outvars if not isinstance(v, compat.DropVar)}
+        ins = list(dict.fromkeys(v for e in eqns for v in e.invars
+                                 if not isinstance(v, jcore.Literal) and v not in defined))
+        later = {v for e in jaxpr.eqns if id(e) not in mine for v in e.invars if not isinstance(v, jcore.Literal)}
+        later |= {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+        outs = [v for e in eqns for v in e.outvars if v in defined and v in later]
+
+        def segment(*vals):
+            env = dict(zip(ins, vals))
+            for e in eqns:
+                got = compat.bind(e, *[v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars])
+                for var, val in zip(e.outvars, got if e.primitive.multiple_results else [got]):
+                    env[var] = val
+            return [env[v] for v in outs]
+
+        return _Segment(eqns, ins, outs, jax.jit(segment))
+
+
 # Relative size of the move of the parameters that tells which operand entries depend
 # on them: large enough that any entry with a derivative above 1e-9 of its size moves
 # by far more than a float64 rounding, small enough that loops take the same number of
@@ -593,7 +710,7 @@ def _wide_twins(col: _Collector, wide: _Collector, precision: str) -> dict:
 MOVE = 1e-4
 
 
-def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
+def _moved_entries(col: _Collector, closed, dyn: list, argarr: list, programs: dict | None = None) -> dict:
     """Per site, per operand position: the entries that change when the parameters move.
 
     The loss is interpreted once more at params moved along a fixed pseudo-random
@@ -603,9 +720,9 @@ def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
     or shape between the two runs get no entry (compared whole).
     """
     rng = np.random.default_rng(0)
-    moved_dyn = [x + MOVE * (jnp.abs(x) + 1) * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
-                 .astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x for x in dyn]
-    other = _Collector()
+    moved_dyn = [jnp.asarray(_moved_by(compat.host(x), rng)) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+                 for x in dyn]
+    other = _Collecting(programs=programs)
     other.discover(closed.jaxpr)
     try:
         other.run(closed.jaxpr, closed.consts, list(moved_dyn) + argarr)
@@ -634,6 +751,11 @@ def _moved_entries(col: _Collector, closed, dyn: list, argarr: list) -> dict:
             if masks is not None:
                 out[(rkey, skey)] = masks
     return out
+
+
+def _moved_by(x: np.ndarray, rng) -> np.ndarray:
+    """x moved by MOVE·(|x| + 1) times a factor in [0.5, 1.5] per entry, at x's dtype (on the host)."""
+    return (x + MOVE * (np.abs(x) + 1) * rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)).astype(x.dtype)
 
 
 def _judge(col: _Collector, options: dict, key, eager: Callable[[], list], paths: Paths | None,

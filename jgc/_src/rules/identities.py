@@ -50,22 +50,30 @@ def _dtype(v):
     return np.dtype(v.dtype)
 
 
-def _allowance(subject: _Subject, probe, base, coeff: float) -> list:
+def _allowance(probe, base, coeff: float) -> list:
     """Rounding of a linear map measured per output leaf: |out(t ⊙ (1 + k·u·z)) − out(t)|.
 
-    ``probe(t)`` evaluates the map; ``base`` its value at t. The nudge moves every
+    ``probe`` is the map's value at the nudged t, ``base`` its value at t. The nudge moves every
     element of t by policy.ANALYTIC_PROBE_ULPS units of round-off (random signs), so the
     true change is that many units of the output, and the rest is the map's own
     rounding, which is what a sum of its values may differ by. Times
     policy.ANALYTIC_SAFETY and |coeff| (the size of the combination compared).
     """
-    return [policy.ANALYTIC_SAFETY * abs(coeff) * _leaf_max(np.abs(compat.host(a) - compat.host(b)))
-            for a, b in zip(probe, base)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return [policy.ANALYTIC_SAFETY * abs(coeff) * _leaf_max(np.abs(compat.host(a) - compat.host(b)))
+                for a, b in zip(probe, base)]
 
 
+def _host(v) -> np.ndarray:
+    return np.asarray(compat.host(v))
+
+
+# Tangents, cotangents and points are made on the host (NumPy), then rounded to their
+# dtype: the arithmetic on them would otherwise compile one small program per shape.
 def _nudge(t: list, rng) -> list:
     out = []
     for v in t:
+        v = _host(v)
         u = policy.unit_roundoff(v.dtype)
         z = rng.choice([-1.0, 1.0], size=v.shape)
         out.append((v * (1 + policy.ANALYTIC_PROBE_ULPS * u * z)).astype(v.dtype))
@@ -73,11 +81,13 @@ def _nudge(t: list, rng) -> list:
 
 
 def _combine(a: float, x: list, b: float, y: list) -> list:
-    return [(a * p + b * q).astype(p.dtype) for p, q in zip(x, y)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return [(a * _host(p) + b * _host(q)).astype(p.dtype) for p, q in zip(x, y)]
 
 
 def _scaled(c: float, x: list) -> list:
-    return [(c * p).astype(p.dtype) for p in x]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return [(c * _host(p)).astype(p.dtype) for p in x]
 
 
 # -- primal agreement -----------------------------------------------------------------------------------
@@ -100,17 +110,21 @@ def primal(subject: _Subject, name: str, at: str, rng, options: dict) -> list:
             rows.append(site(PRIMAL, at, name, "mismatch", reason=f"the rule's forward pass raised {raised(e)} "
                              "where the primal function runs"))
             break
-        n, worst = compare_leaves(list(out), list(ref), subject.out_names, subject.out_dtypes,
-                                  rtol=options.get("rtol"), atol=options.get("atol"))
-        what = "the JVP rule's primal output" if how == "jvp" else "the forward pass (fwd)"
-        if worst is not None:
-            rows.append(site(PRIMAL, at, name, "mismatch", n, method=f"{how} primal vs f",
-                             reason=f"wrong forward value: {what} differs from the primal function; "
-                             + worst.text("rule", "primal")))
-        else:
-            rows.append(site(PRIMAL, at, name, "ok", n, method=f"{how} primal vs f"))
+        rows.append(_primal_row(subject, name, at, options, how, out=out, ref=ref))
         break  # one forward pass is enough: a custom_jvp's and a custom_vjp's are the same code path
     return rows
+
+
+def _primal_row(subject: _Subject, name: str, at: str, options: dict, how: str, *, out, ref):
+    """The primal check's row: ``out``, the rule's forward value (from ``how``), against ``ref``, f's."""
+    n, worst = compare_leaves(list(out), list(ref), subject.out_names, subject.out_dtypes,
+                              rtol=options.get("rtol"), atol=options.get("atol"))
+    what = "the JVP rule's primal output" if how == "jvp" else "the forward pass (fwd)"
+    if worst is not None:
+        return site(PRIMAL, at, name, "mismatch", n, method=f"{how} primal vs f",
+                    reason=f"wrong forward value: {what} differs from the primal function; "
+                    + worst.text("rule", "primal"))
+    return site(PRIMAL, at, name, "ok", n, method=f"{how} primal vs f")
 
 
 # -- dot product ----------------------------------------------------------------------------------------
@@ -164,23 +178,28 @@ def dot_product(subject: _Subject, name: str, at: str, rng, options: dict, prima
 # -- linearity ----------------------------------------------------------------------------------------------
 def linearity(subject: _Subject, name: str, at: str, rng, options: dict) -> list:
     """The rule's output is linear in the tangent (JVP) and in the cotangent (VJP)."""
-    rows, whats = [], []
+    found, whats = [], []
     if subject.fwd is None:
         whats.append("tangent")
-        rows.append(_linear(subject, rng, options, "tangent", lambda t: list(subject.jvp(subject.x, t)[1]),
-                            t1=subject.tangent(rng), t2=subject.tangent(rng), names=subject.out_names,
-                            dtypes=subject.out_dtypes))
+        found.append(_linear(rng, options, "tangent", lambda t: list(subject.jvp(subject.x, t)[1]),
+                             t1=subject.tangent(rng), t2=subject.tangent(rng), names=subject.out_names,
+                             dtypes=subject.out_dtypes))
     if subject.rev is None:
         whats.append("cotangent")
         out = subject.value(subject.x)
-        rows.append(_linear(subject, rng, options, "cotangent", lambda u: list(subject.vjp(subject.x, u)[1]),
-                            t1=subject.cotangent(rng, out), t2=subject.cotangent(rng, out), names=subject.names,
-                            dtypes=[_dtype(v) for v in subject.x]))
-    if not rows:
+        found.append(_linear(rng, options, "cotangent", lambda u: list(subject.vjp(subject.x, u)[1]),
+                             t1=subject.cotangent(rng, out), t2=subject.cotangent(rng, out), names=subject.names,
+                             dtypes=[_dtype(v) for v in subject.x]))
+    return _linearity_rows(found, whats, name, at)
+
+
+def _linearity_rows(found: list, whats: list, name: str, at: str) -> list:
+    """The linearity row from each map's (elements compared, why not linear or "") or the error it raised."""
+    if not found:
         return []
     method = "linearity in the " + " and the ".join(whats)
-    errors = [r for r in rows if isinstance(r, str)]
-    found = [r for r in rows if not isinstance(r, str)]
+    errors = [r for r in found if isinstance(r, str)]
+    found = [r for r in found if not isinstance(r, str)]
     n = sum(k for k, _ in found)
     bad = [reason for _, reason in found if reason]
     if bad:
@@ -190,27 +209,43 @@ def linearity(subject: _Subject, name: str, at: str, rng, options: dict) -> list
     return [site(LINEARITY, at, name, "ok", n, method=method)]
 
 
-def _linear(subject, rng, options, what, rule, *, t1, t2, names, dtypes):
+def _linear_inputs(t1: list, t2: list, rng) -> tuple[list, tuple]:
+    """The (co)tangents the linearity check maps: t₁, t₂, each nudged (for the rounding), α·t₁ + β·t₂,
+    and c·t₁ for c in MULTIPLES; with (α, β)."""
+    n1, n2 = _nudge(t1, rng), _nudge(t2, rng)
+    alpha, beta = rng.choice([-1.0, 1.0], 2) * rng.uniform(0.5, 2.0, 2)
+    ins = [[_host(v) for v in t1], [_host(v) for v in t2], n1, n2, _combine(alpha, t1, beta, t2)]
+    return ins + [_scaled(c, t1) for c in MULTIPLES], (alpha, beta)
+
+
+def _linear(rng, options, what, rule, *, t1, t2, names, dtypes):
     """(elements compared, why the rule is not linear in ``what`` or ""), or the error it raised."""
+    ins, coeffs = _linear_inputs(t1, t2, rng)
     try:
-        r1, r2 = rule(t1), rule(t2)
-        spread = _allowance(subject, rule(_nudge(t1, rng)), r1, 1.0)
-        spread2 = _allowance(subject, rule(_nudge(t2, rng)), r2, 1.0)
-        alpha, beta = rng.choice([-1.0, 1.0], 2) * rng.uniform(0.5, 2.0, 2)
-        cases = [(f"α·{what}₁ + β·{what}₂", rule(_combine(alpha, t1, beta, t2)), _combine(alpha, r1, beta, r2),
-                  [abs(alpha) * a + abs(beta) * b for a, b in zip(spread, spread2)],
-                  [abs(alpha) * _leaf_max(a) + abs(beta) * _leaf_max(b) for a, b in zip(r1, r2)])]
-        for c in MULTIPLES:
-            cases.append((f"{c:g}·{what}", rule(_scaled(c, t1)), _scaled(c, r1), [abs(c) * s for s in spread],
-                          [abs(c) * _leaf_max(a) for a in r1]))
+        got = [rule(t) for t in ins]
     except Exception as e:  # noqa: BLE001
         return f"the rule raised {raised(e)} for a {what}"
+    return _linear_verdict(got, coeffs, options, what, names, dtypes)
+
+
+def _linear_verdict(got: list, coeffs: tuple, options: dict, what: str, names: list, dtypes: list):
+    """Judge the images ``got`` of :func:`_linear_inputs`' (co)tangents."""
+    got = [[_host(v) for v in r] for r in got]
+    r1, r2, p1, p2, mixed, *multiples = got
+    alpha, beta = coeffs
+    spread, spread2 = _allowance(p1, r1, 1.0), _allowance(p2, r2, 1.0)
+    cases = [(f"α·{what}₁ + β·{what}₂", mixed, _combine(alpha, r1, beta, r2),
+              [abs(alpha) * a + abs(beta) * b for a, b in zip(spread, spread2)],
+              [abs(alpha) * _leaf_max(a) + abs(beta) * _leaf_max(b) for a, b in zip(r1, r2)])]
+    for c, image in zip(MULTIPLES, multiples):
+        cases.append((f"{c:g}·{what}", image, _scaled(c, r1), [abs(c) * s for s in spread],
+                      [abs(c) * _leaf_max(a) for a in r1]))
     n, worst, label = 0, None, ""
-    for lab, got, want, extras, scales in cases:
-        finite = all(bool(np.all(np.isfinite(compat.host(w)))) for w in want)
+    for lab, image, want, extras, scales in cases:
+        finite = all(bool(np.all(np.isfinite(w))) for w in want)
         if not finite:  # an overflowing multiple says nothing about linearity
             continue
-        k, w = compare_leaves(got, want, names, dtypes, scales=scales, extras=extras, rtol=options.get("rtol"),
+        k, w = compare_leaves(image, want, names, dtypes, scales=scales, extras=extras, rtol=options.get("rtol"),
                               atol=options.get("atol"))
         n += k
         if w is not None and (worst is None or w.excess > worst.excess):
@@ -227,7 +262,7 @@ def _lanes(subject: _Subject, rng) -> list | None:
     for _ in range(4 * LANES):
         if len(lanes) == LANES:
             break
-        moved = [(v + LANE_SPREAD * t).astype(v.dtype) for v, t in zip(subject.x, subject.tangent(rng))]
+        moved = _moved(subject.x, subject.tangent(rng))
         try:
             out = subject.value(moved)
         except Exception:  # noqa: BLE001 (outside the primal's domain: not a lane)
@@ -237,8 +272,55 @@ def _lanes(subject: _Subject, rng) -> list | None:
     return lanes if len(lanes) > 1 else None
 
 
+def _moved(x: list, t: list) -> list:
+    """x moved by LANE_SPREAD·t, at x's dtypes (another lane)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return [(_host(v) + LANE_SPREAD * _host(d)).astype(v.dtype) for v, d in zip(x, t)]
+
+
 def _stack(rows: list) -> list:
-    return [jnp.stack(col) for col in zip(*rows)]
+    return [np.stack([_host(v) for v in col]) for col in zip(*rows)]
+
+
+def _programs_of(subject: _Subject) -> list:
+    """(name, output names, output dtypes) of the programs the batching check compares: f, its JVP, its VJP."""
+    progs = [("f", subject.out_names, subject.out_dtypes)]
+    if subject.fwd is None:
+        progs.append(("jvp", subject.out_names, subject.out_dtypes))
+    if subject.rev is None:
+        progs.append(("vjp", subject.names, [_dtype(v) for v in subject.x]))
+    return progs
+
+
+def _compare_lanes(progs: list, batched: list, loop: list, label: str, options: dict) -> tuple:
+    """(elements compared, worst disagreement, where) of ``batched`` (per program, leaves stacked over
+    lanes) against ``loop`` (per lane, per program, leaves)."""
+    n, worst, where = 0, None, ""
+    for j, (prog, names, dtypes) in enumerate(progs):
+        for b in range(len(loop)):
+            k, w = compare_leaves([_host(v)[b] for v in batched[j]], [_host(v) for v in loop[b][j]], names,
+                                  dtypes, rtol=options.get("rtol"), atol=options.get("atol"), prefix=f"lane {b}, ")
+            n += k
+            if w is not None and (worst is None or w.excess > worst.excess):
+                worst, where = w, f"{prog} with {label}"
+    return n, worst, where
+
+
+def _batching_row(name: str, at: str, method: str, n: int, worst, where: str):
+    if worst is not None:
+        return site(BATCHING, at, name, "mismatch", n, method=method,
+                    reason=f"{where}: vmap disagrees with one call per lane; " + worst.text("vmap", "one call"))
+    return site(BATCHING, at, name, "ok", n, method=method)
+
+
+def _batching_method(progs: list, lanes: int) -> str:
+    return "vmap of " + ", ".join(p[0] for p in progs) + f" over {lanes} lanes vs one call per lane"
+
+
+def _pattern_label(subject: _Subject, pat: tuple) -> str:
+    n_in = len(subject.x)
+    return ("every argument batched" if len(pat) == n_in and n_in > 1 else
+            f"{subject.names[pat[0]]} batched" if n_in > 1 else "its argument batched")
 
 
 def batching(subject: _Subject, name: str, at: str, rng, options: dict, each: bool = True) -> list:
@@ -253,15 +335,13 @@ def batching(subject: _Subject, name: str, at: str, rng, options: dict, each: bo
     cots = [subject.cotangent(rng, out0) for _ in lanes]
     n_in = len(subject.x)
     patterns = [tuple(range(n_in))] + ([(k,) for k in range(n_in)] if n_in > 1 and each else [])
-    programs = [("f", lambda x, t, u: list(subject.go(*x)), subject.out_names, subject.out_dtypes)]
-    if subject.fwd is None:
-        programs.append(("jvp", lambda x, t, u: list(subject.jvp(x, t)[1]), subject.out_names, subject.out_dtypes))
-    if subject.rev is None:
-        programs.append(("vjp", lambda x, t, u: list(subject.vjp(x, u)[1]), subject.names,
-                         [_dtype(v) for v in subject.x]))
-    method = "vmap of " + ", ".join(p[0] for p in programs) + f" over {B} lanes vs one call per lane"
+    fns = {"f": lambda x, t, u: list(subject.go(*x)), "jvp": lambda x, t, u: list(subject.jvp(x, t)[1]),
+           "vjp": lambda x, t, u: list(subject.vjp(x, u)[1])}
+    progs = _programs_of(subject)
+    programs = [(prog, fns[prog]) for prog, _, _ in progs]
+    method = _batching_method(progs, B)
     # One program computes them all: one compilation for the loop, one per batching pattern.
-    jitted = jax.jit(lambda x, t, u: [fn(x, t, u) for _, fn, _, _ in programs])
+    jitted = jax.jit(lambda x, t, u: [fn(x, t, u) for _, fn in programs])
     n, worst, where = 0, None, ""
     for pat in patterns:
         # Unbatched arguments (and their tangents) stay at lane 0.
@@ -272,16 +352,15 @@ def batching(subject: _Subject, name: str, at: str, rng, options: dict, each: bo
         except Exception as e:  # noqa: BLE001 (the unbatched call itself fails: nothing to compare)
             return [site(BATCHING, at, name, "error", reason=f"one call per lane raises {raised(e)}")]
         axes = ([0 if k in pat else None for k in range(n_in)],) * 2 + (0,)
-        args = ([xs[0][k] if k not in pat else jnp.stack([x[k] for x in xs]) for k in range(n_in)],
-                [ts[0][k] if k not in pat else jnp.stack([t[k] for t in ts]) for k in range(n_in)],
+        args = ([xs[0][k] if k not in pat else np.stack([_host(x[k]) for x in xs]) for k in range(n_in)],
+                [ts[0][k] if k not in pat else np.stack([_host(t[k]) for t in ts]) for k in range(n_in)],
                 _stack(cots))
-        label = ("every argument batched" if len(pat) == n_in and n_in > 1 else
-                 f"{subject.names[pat[0]]} batched" if n_in > 1 else "its argument batched")
+        label = _pattern_label(subject, pat)
         try:
             batched = jax.vmap(jitted, in_axes=axes)(*args)
         except Exception as e:  # noqa: BLE001 (one call per lane works, vmap raises: a batching bug)
             progs = []
-            for prog, fn, _, _ in programs:  # which of them raises, to name it
+            for prog, fn in programs:  # which of them raises, to name it
                 try:
                     jax.vmap(fn, in_axes=axes)(*args)
                 except Exception:  # noqa: BLE001
@@ -289,17 +368,11 @@ def batching(subject: _Subject, name: str, at: str, rng, options: dict, each: bo
             return [site(BATCHING, at, name, "mismatch", n, method=method,
                          reason=f"vmap of {', '.join(progs) or 'f'} with {label} raises {raised(e)} where one "
                          "call per lane runs")]
-        for j, (prog, _, names, dtypes) in enumerate(programs):
-            for b in range(B):
-                k, w = compare_leaves([v[b] for v in batched[j]], loop[b][j], names, dtypes,
-                                      rtol=options.get("rtol"), atol=options.get("atol"), prefix=f"lane {b}, ")
-                n += k
-                if w is not None and (worst is None or w.excess > worst.excess):
-                    worst, where = w, f"{prog} with {label}"
-    if worst is not None:
-        return [site(BATCHING, at, name, "mismatch", n, method=method,
-                     reason=f"{where}: vmap disagrees with one call per lane; " + worst.text("vmap", "one call"))]
-    return [site(BATCHING, at, name, "ok", n, method=method)]
+        k, w, wh = _compare_lanes(progs, batched, loop, label, options)
+        n += k
+        if w is not None and (worst is None or w.excess > worst.excess):
+            worst, where = w, wh
+    return [_batching_row(name, at, method, n, worst, where)]
 
 
 # -- symbolic zeros ------------------------------------------------------------------------------------
@@ -413,3 +486,125 @@ def symbolic_zeros(subject: _Subject, name: str, at: str, rng, options: dict) ->
     return [site(ZEROS, at, name, "mismatch", n, method="partial differentiation vs dense zeros",
                  reason=f"{where}: the result differs from the dense one with zero tangents; "
                  + worst.text("symbolic", "dense"))]
+
+
+# -- primal, linearity and batching from two compiled programs ------------------------------------------
+# Points drawn at once as the batching check's lanes: twice the lanes needed besides the
+# point itself, so that one or two outside the primal's domain still leave LANES lanes.
+CANDIDATES = 2 * (LANES - 1)
+
+
+# The programs of :func:`together` are compiled without XLA's backend optimisations: each
+# runs once or twice on a few small arrays, where compiling is what costs (about half as
+# long at level 0), and each check compares values computed in the same program.
+QUICK = {"xla_backend_optimization_level": 0}
+
+
+def _quick(fn, *args):
+    """``fn`` compiled for ``args`` with QUICK (as JAX compiles it where an XLA lacks the option)."""
+    lowered = jax.jit(fn).lower(*args)
+    try:
+        return lowered.compile(QUICK)
+    except Exception:  # noqa: BLE001 (an XLA without the option: its own default)
+        return lowered.compile()
+
+
+def _together_programs(subject: _Subject) -> tuple:
+    """(f, JVP and VJP with their primal outputs mapped over rows of (point, tangent, cotangent), one
+    call per row, and the same under vmap over lanes; that under vmap alone), compiled once for the
+    subject at every point."""
+    got = subject.programs.get("together")
+    if got is None:
+        jvp_ok, vjp_ok = subject.fwd is None, subject.rev is None
+
+        def one(x, t, u):
+            out = {"f": list(subject.go(*x))}
+            if jvp_ok:
+                p, jt = jax.jvp(subject.go, tuple(x), tuple(t))
+                out["jvp primal"], out["jvp"] = list(p), list(jt)
+            if vjp_ok:
+                p, back = jax.vjp(subject.go, *x)
+                out["vjp primal"], out["vjp"] = list(p), list(back(tuple(u)))
+            return out
+
+        def both(rows, lanes):
+            return jax.lax.map(lambda a: one(*a), rows), jax.vmap(one)(*lanes)
+
+        got = subject.programs["together"] = (both, jax.vmap(one))
+    return got
+
+
+def together(subject: _Subject, name: str, at: str, rng, options: dict, chosen) -> list | None:
+    """The rows of :func:`primal`, :func:`linearity` and :func:`batching` (every argument batched),
+    those in ``chosen``, from one compiled program instead of one or more per check.
+
+    The program maps f, the JVP and the VJP (with their primal outputs) over rows of
+    (point, tangent, cotangent), one call per row (``lax.map``: the rule is traced once):
+    the point and the batching check's candidate lanes with their directions, then the
+    point with each (co)tangent of the linearity check; and it runs the same under
+    ``vmap`` over the point and the first LANES − 1 candidates. Where the primal is not
+    finite at one of those, a second program runs the vmap over the point and the first
+    candidates where it is. Each check judges these values as it judges its own. Returns
+    None where a program raises or fewer than LANES lanes have a finite primal: the
+    caller then runs each check alone, which finds which of them raises, and where.
+    """
+    jvp_ok, vjp_ok = subject.fwd is None, subject.rev is None
+    if not (jvp_ok or vjp_ok):
+        return None
+    shapes = jax.eval_shape(subject.go, *subject.x)
+    x = [_host(v) for v in subject.x]
+    lanes = [x] + [_moved(x, subject.tangent(rng)) for _ in range(CANDIDATES)]
+    tans = [[_host(v) for v in subject.tangent(rng, p)] for p in lanes]
+    cots = [[_host(v) for v in subject.cotangent(rng, shapes)] for _ in lanes]
+    rows = [(p, t, u) for p, t, u in zip(lanes, tans, cots)]
+    lin_t = lin_u = None
+    if LINEARITY in chosen:
+        if jvp_ok:
+            lin_t = _linear_inputs(subject.tangent(rng), subject.tangent(rng), rng)
+        if vjp_ok:
+            lin_u = _linear_inputs(subject.cotangent(rng, shapes), subject.cotangent(rng, shapes), rng)
+        n_lin = len(MULTIPLES) + 5
+        for j in range(n_lin):
+            rows.append((x, lin_t[0][j] if lin_t else tans[0], lin_u[0][j] if lin_u else cots[0]))
+    by_row, by_lane = _together_programs(subject)
+    stacked = [_stack(col) for col in zip(*rows)]
+    # The first LANES rows are vmapped in the same program: they are the lanes where the
+    # primal is finite at the candidates drawn first, as it nearly always is.
+    try:
+        lanes_args = [[v[:LANES] for v in a] for a in stacked]
+        got, batched = jax.tree_util.tree_map(_host, _quick(by_row, stacked, lanes_args)(stacked, lanes_args))
+    except Exception:  # noqa: BLE001 (each check alone says which raises)
+        return None
+    finite = [i for i in range(1, len(lanes)) if all(bool(np.all(np.isfinite(v[i]))) for v in got["f"])]
+    keep = [0] + finite[:LANES - 1]
+    if BATCHING in chosen and len(keep) < LANES:
+        return None
+    if BATCHING in chosen and keep != list(range(LANES)):
+        try:
+            lanes_args = [[v[np.array(keep)] for v in a] for a in stacked]
+            batched = jax.tree_util.tree_map(_host, _quick(by_lane, *lanes_args)(*lanes_args))
+        except Exception:  # noqa: BLE001 (as above: batching alone names the program that raises)
+            return None
+    out = []
+    if PRIMAL in chosen:
+        how = "jvp" if jvp_ok else "vjp"
+        out.append(_primal_row(subject, name, at, options, how, out=[v[0] for v in got[how + " primal"]],
+                               ref=[v[0] for v in got["f"]]))
+    if LINEARITY in chosen:
+        start, found, whats = len(lanes), [], []
+        for what, lin, prog, names, dtypes in (
+                ("tangent", lin_t, "jvp", subject.out_names, subject.out_dtypes),
+                ("cotangent", lin_u, "vjp", subject.names, [_dtype(v) for v in subject.x])):
+            if lin is None:
+                continue
+            images = [[v[start + j] for v in got[prog]] for j in range(len(lin[0]))]
+            whats.append(what)
+            found.append(_linear_verdict(images, lin[1], options, what, names, dtypes))
+        out += _linearity_rows(found, whats, name, at)
+    if BATCHING in chosen:
+        progs = _programs_of(subject)
+        loop = [[[v[i] for v in got[prog]] for prog, _, _ in progs] for i in keep]
+        n, worst, where = _compare_lanes(progs, [batched[prog] for prog, _, _ in progs], loop,
+                                         _pattern_label(subject, tuple(range(len(x)))), options)
+        out.append(_batching_row(name, at, _batching_method(progs, len(keep)), n, worst, where))
+    return out

@@ -24,8 +24,8 @@ import numpy as np
 from .. import compat
 from ..names import function_name
 from .hidden import UNDER_AD
-from .identities import batching, dot_product, linearity, primal, symbolic_zeros
-from .points import points
+from .identities import batching, dot_product, linearity, primal, symbolic_zeros, together
+from .points import generated
 from .report import RuleReport, RulesReport, SiteReport
 from .sites import CALL_PRIMS, KINDS, _magnitude, rule_names
 from .sources import Where, _code_span, _primal_function, _where_fn
@@ -57,18 +57,36 @@ _JAX_DIR = os.path.dirname(os.path.abspath(jax.__file__))
 CHEAP = (PRIMAL, LINEARITY, BATCHING, ZEROS)
 
 
-def capabilities(subject: _Subject, rng) -> None:
-    """Whether jax.jvp and jax.vjp of the rule run at the point (a custom_vjp has no JVP)."""
+def capabilities(subject: _Subject, rng, *, trace_only: bool = False) -> None:
+    """Whether jax.jvp and jax.vjp of the rule run at the point (a custom_vjp has no JVP).
+
+    ``trace_only``: whether they trace, and the JVP lowers (JAX refuses forward mode on a
+    ``custom_vjp`` only when lowering), with nothing compiled; a rule that then raises
+    when run is found by the checks, which run it.
+    """
     t = subject.tangent(rng)
+    value, jvp, vjp = subject.value, subject.jvp, subject.vjp
+    if trace_only:
+        def value(x):
+            return jax.eval_shape(lambda x: subject.go(*x), list(x))
+
+        def jvp(x, t):
+            fn = jax.jit(lambda x, t: jax.jvp(subject.go, tuple(x), tuple(t)))
+            fn.lower(list(x), list(t))
+            return jax.eval_shape(fn, list(x), list(t))
+
+        def vjp(x, u):
+            return jax.eval_shape(lambda x, u: jax.vjp(subject.go, *x)[1](tuple(u)), list(x), list(u))
+    subject.fwd = subject.rev = None
     try:
-        out = subject.jvp(subject.x, t)[0]
+        out = jvp(subject.x, t)[0]
     except Exception as e:  # noqa: BLE001 (recorded: the checks that need a JVP say why they did not run)
         subject.fwd = raised(e)
         out = None
     try:
         if out is None:
-            out = subject.value(subject.x)
-        subject.vjp(subject.x, subject.cotangent(rng, out))
+            out = value(subject.x)
+        vjp(subject.x, subject.cotangent(rng, out))
     except Exception as e:  # noqa: BLE001 (as above)
         subject.rev = raised(e)
     if out is not None:
@@ -114,8 +132,13 @@ def checks_at(subject: _Subject, name: str, at: str, rng, *, chosen, options: di
 
 
 def explored(subject: _Subject, rng) -> list:
-    """(label, subject) at the point given and at every generated point (:mod:`points`)."""
-    return [(label, subject.at(x)) for label, x in points(subject, rng)]
+    """(label, subject, why) at every generated point (:mod:`points`); subject None where skipped, and why."""
+    return [(label, None if x is None else subject.at(x), why) for label, x, why in generated(subject)]
+
+
+def skipped(label: str, name: str, why: str) -> SiteReport:
+    """The row of a generated point no check runs at (outside the primal's domain): not a verdict."""
+    return site(PRIMAL, label, name, "not executed", reason=f"{why}: no check runs at this point")
 
 
 # -- one captured call of a rule equation, as a subject ---------------------------------------------
@@ -140,7 +163,7 @@ def call_subject(eqn, operands: list, varying: list, masks: dict, outs: list, *,
 
     subject = make_subject(rule_call, tuple(operands[pos] for pos in varying), set(), "jgc.check_rules")
     subject.names = list(names)
-    capabilities(subject, rng)
+    capabilities(subject, rng, trace_only=True)
     return subject
 
 
@@ -152,18 +175,31 @@ def site_rows(subject: _Subject, name: str, at: str, *, chosen, explore: bool, o
     its check, and where it ran when not at the captured operands.
     """
     rng = np.random.default_rng(0)
-    todo = [("", subject)] + (explored(subject, rng) if explore else [])
+    todo = [("", subject, "")] + (explored(subject, rng) if explore else [])
     rows = []
     cheap = tuple(c for c in chosen if c in CHEAP)
-    for label, subj in todo:
+    for label, subj, why in todo:
         try:
-            # The identities run op by op: each is a few calls of a small rule at one call's
-            # operands, where compiling a program per check would cost more than running it.
-            got = checks_at(subj, name, label or at, rng, chosen=cheap, options=options, fd_options={},
-                            key=key, each=False)
-            if ORDER2 in chosen:
-                got += checks_at(subj, name, label or at, rng, chosen=(ORDER2,), options=options,
-                                 fd_options=dict(options, precision="native"), key=key, derivatives=derivatives)
+            if subj is None:
+                got = [skipped(label, name, why)]
+            else:
+                # Primal, linearity and batching from one compiled program (identities.together);
+                # where it raises, each check alone, once jax.jvp and jax.vjp have run (to know
+                # which of them runs).
+                got = together(subj, name, label or at, rng, options, cheap)
+                if got is None:
+                    capabilities(subj, np.random.default_rng(0))
+                    got = checks_at(subj, name, label or at, rng, chosen=cheap, options=options, fd_options={},
+                                    key=key, each=False)
+                elif ZEROS in cheap:
+                    got += symbolic_zeros(subj, name, label or at, rng, options)
+                # The first derivative at the captured operands is the call site's own check;
+                # at a generated point nothing else checks it.
+                fd = ((JVP,) if label else ()) + ((ORDER2,) if ORDER2 in chosen else ())
+                if fd:
+                    got += checks_at(subj, name, label or at, rng, chosen=fd, options=options,
+                                     fd_options=dict(options, precision="native"), key=key,
+                                     derivatives=derivatives)
         except Exception as e:  # noqa: BLE001 (a check raised at this point: an error of this rule only)
             got = [SiteReport(at=label or at, function=name, under="", calls=1, checked=0, status="error",
                               reason=raised(e), check="checks")]
@@ -353,8 +389,11 @@ def check_one(f, args, *, nondiff_argnums, seed, chosen, explore, precision, opt
         notes.append(f"jax.vjp of f does not run ({subject.rev}): checked in forward mode")
     primal_jvp = _primal_jvp(f, subject)
     rows = []
-    todo = [(label, subject)] + (explored(subject, rng) if explore else [])
-    for at, subj in todo:
+    todo = [(label, subject, "")] + (explored(subject, rng) if explore else [])
+    for at, subj, why in todo:
+        if subj is None:
+            rows.append(skipped(at, name, why))
+            continue
         rows += checks_at(subj, name, at, rng, chosen=chosen, options=options, fd_options=fd_options, key=key,
                           intended=intended, primal_jvp=primal_jvp, derivatives=derivatives)
     rr = RuleReport.from_sites(base, tuple(rows), len(todo))
