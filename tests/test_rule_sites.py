@@ -171,6 +171,47 @@ def test_check_rule_catches_the_symbolic_zero_path_with_that_check_only():
     assert not rep.ok and rep.failed_checks() == ("symbolic zeros",)
 
 
+# -- a wrong forward value, and a rule wrong only under vmap, at a call site -------------------------------
+@jax.custom_jvp
+def fwd_off_sin(x):
+    return jnp.sin(x)
+
+
+fwd_off_sin.defjvp(lambda p, t: (jnp.sin(p[0]) * 1.01, jnp.cos(p[0]) * t[0]))  # the plant: primal 1% off
+
+
+def test_a_jvp_rule_with_a_wrong_primal_output_fails_the_primal_check():
+    rep = jgc.check_rules(lambda p: jnp.sum(fwd_off_sin(p)), X)
+    r, line = named(rep, "fwd_off_sin")
+    assert line == source_line("def fwd_off_sin(") - 1
+    assert "primal" in failed(r) and "linearity" not in failed(r) and "batching" not in failed(r)
+
+
+@custom_vmap
+def lane_cos(x):
+    return jnp.cos(x)
+
+
+@lane_cos.def_vmap
+def lane_cos_rule(axis_size, in_batched, x):
+    return jnp.cos(x) * 1.01, in_batched[0]  # the plant: 1% off, only when batched
+
+
+@jax.custom_vjp
+def vmap_bwd_sin(x):
+    return jnp.sin(x)
+
+
+vmap_bwd_sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (lane_cos(x) * g,))
+
+
+def test_a_backward_pass_wrong_only_under_vmap_fails_batching_at_its_call_site():
+    rep = jgc.check_rules(lambda p: jnp.sum(vmap_bwd_sin(p)), X)
+    r, line = named(rep, "vmap_bwd_sin")
+    assert line == source_line("def vmap_bwd_sin(") - 1
+    assert failed(r) == {"batching"}
+
+
 # -- controls: correct rules of every kind pass ---------------------------------------------------------
 @eqx.filter_custom_jvp
 def eqx_softsign(x):
