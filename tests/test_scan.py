@@ -229,6 +229,25 @@ def test_a_primal_that_reads_state_outside_its_arguments_is_not_checked():
     assert out["status"] == "not checked" and "called twice" in out["reason"], out
 
 
+def test_rules_defined_in_the_test_modules_are_set_aside_as_test_doubles():
+    @jax.custom_jvp
+    def double(x):  # a test double: its rule raises, as optax's test_fun_derivative_not_used's does
+        return x
+
+    double.defjvp(lambda p, t: (_ for _ in ()).throw(AssertionError("never called")))
+    rec = scan.Recorder("tests", dirs=[str(ROOT / "tests") + os.sep])
+    rec.install()
+    try:
+        double(jnp.ones(2))
+    finally:
+        rec.restore()
+    rec.test_files = {__file__}
+    checked = scan.check_recorded(rec, budget=60, points=1)
+    assert [d for d in checked if not d["kind"].startswith("primitive")] == []  # (fixture primitives: not run)
+    assert [r.name for r in rec.test_doubles] == [
+        "test_rules_defined_in_the_test_modules_are_set_aside_as_test_doubles.<locals>.double"]
+
+
 def test_operands_of_an_extended_dtype_are_described_and_not_checked():
     fp8_ops = pytest.importorskip("flax.linen.fp8_ops", reason="Flax's fp8_meta32, an extended dtype")
     meta = jax.lax.convert_element_type(jnp.ones(3), fp8_ops.fp32_max_grad)

@@ -61,6 +61,12 @@ def pytest_unconfigure(config):
         state["recorder"].restore()  # already done at the end of the session; never twice harmful
 
 
+def pytest_collection_finish(session):
+    state = _state(session.config)
+    if state is not None:
+        state["recorder"].test_files = {str(getattr(item, "path", None) or item.fspath) for item in session.items}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     state = _state(item.config)
@@ -93,6 +99,10 @@ def _check(config, state) -> tuple[list, float, list]:
         results = check_recorded(rec, budget=config.getoption("--jgc-budget"),
                                  points=config.getoption("--jgc-points"), options=options)
     notes = [f"recording: {e}" for e in dict.fromkeys(rec.errors)][:5]
+    if rec.test_doubles:
+        shown = ", ".join(f"{r.name} ({r.where})" for r in rec.test_doubles[:5])
+        notes.append(f"{len(rec.test_doubles)} rule(s) defined in the test modules themselves, test doubles "
+                     f"rather than rules of the package, were not checked: {shown}")
     return results, time.perf_counter() - t0, notes
 
 
