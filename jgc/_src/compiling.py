@@ -60,6 +60,18 @@ def jit_fast(fn: Callable) -> Callable:
     return jax.jit(fn, compiler_options=options) if options and _JIT_TAKES_OPTIONS else jax.jit(fn)
 
 
+def compile_fast(lowered):
+    """A lowered program compiled with the :func:`fast` options where they apply and this XLA
+    takes them, else as JAX compiles it (errors of the program itself are raised)."""
+    options = fast()
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except Exception:  # noqa: BLE001 - an XLA without the option: compiled as usual below
+            pass
+    return lowered.compile()
+
+
 # At most one compilation per core at a time: the main thread mostly waits for these
 # programs, and more threads than cores only interleave compilations without finishing
 # any sooner.

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from .. import compat, trees
+from .. import compat, compiling, trees
 from .surrogates import (_library_approximate, _library_intended, _user_approximate, _user_intended,
                          with_solver_tolerance)
 from ..jacobian import check_jacobian
@@ -58,7 +58,6 @@ from .sites import KINDS, VJP_CALL, _Collector, _short, _Site, _site_base, _subj
 from .report import RuleReport, RulesReport, SiteReport, Worst, as_approximate, relative_error
 from .derivatives import derivatives
 from .hidden import replay, through_calls, watching
-from .identities import _quick
 from .sitechecks import CHEAP, SiteChecks, check_hidden, check_sites
 from .subject import ORDER2
 
@@ -271,7 +270,7 @@ def _evaluated(f, explicit: list):
     """``f(*explicit)`` from one compiled program (op by op, each operation is compiled on its
     own); op by op where the program raises, so that an error is the rule's own."""
     try:
-        return _quick(f, *explicit)(*explicit)
+        return compiling.compile_fast(jax.jit(f).lower(*explicit))(*explicit)
     except Exception:  # noqa: BLE001 (raised again below, by the rule itself, or not at all)
         return f(*explicit)
 
@@ -489,6 +488,8 @@ def _rules_of(fn, split, dyn: list, args: tuple, *, widen: bool, scope, options:
                 return _judge(cap.col, options, key, cap.eager, cap.paths, cap.moved, settings=settings) \
                     + _primitive_rules(cap.col, options, key, cap.paths) + _hidden_rules(cap, settings)
     cap = _capture(fn, split, dyn, args, widen=False, all_operands=True, primitives=primitives)
+    if not _found(cap.col, cap.hidden):
+        return []
     with scope:
         wide = _capture(fn, split, dyn, args, widen=True, all_operands=all_operands)
     twins = _wide_twins(cap.col, wide.col, precision)
@@ -555,14 +556,25 @@ def _capture(fn, split, dyn: list, args: tuple, *, widen: bool, all_operands: bo
     programs: dict = {}
     col = _Collecting(PrimitiveWatch(primitives) if primitives != "none" else None, programs)
     col.discover(closed.jaxpr)
-    col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
     paths, moved = None, {}
+    if not _found(col, hidden):  # nothing to capture: the op-by-op runs would only compile each primitive
+        return _Captured(closed, col, dyn, paths, moved, lambda: [], hidden)
+    col.run(closed.jaxpr, closed.consts, list(dyn) + list(argarr))
     if not all_operands:  # the loss's inputs: the params are differentiated, the data are not
         n_args = len(closed.jaxpr.invars) - len(dyn)
         paths = differentiated_paths(closed.jaxpr, [True] * len(dyn) + [False] * n_args)
         moved = _moved_entries(col, closed, dyn, list(argarr), programs)
     return _Captured(closed, col, dyn, paths, moved, lambda: _eager_calls(fn, p, args), hidden,
                      lambda: replay(fn, p, args))
+
+
+def _found(col: _Collector, hidden: list) -> bool:
+    """Whether the trace shows any rule: a custom rule's call, a watched primitive, or a hidden rule.
+
+    :meth:`_Collector.discover` walks every sub-program the op-by-op run would step
+    through, so a trace without any shows none at run time either.
+    """
+    return bool(col.rules) or bool(hidden) or (col.watch is not None and bool(col.watch.rules))
 
 
 def _wide_twins(col: _Collector, wide: _Collector, precision: str) -> dict:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import compat, policy
+from .. import compat, compiling, policy
 from .subject import (BATCHING, DOT, LINEARITY, PRIMAL, ZEROS, _leaf_max, _Subject, compare_leaves, raised,
                       site, _judge)
 
@@ -494,19 +494,13 @@ def symbolic_zeros(subject: _Subject, name: str, at: str, rng, options: dict) ->
 CANDIDATES = 2 * (LANES - 1)
 
 
-# The programs of :func:`together` are compiled without XLA's backend optimisations: each
-# runs once or twice on a few small arrays, where compiling is what costs (about half as
-# long at level 0), and each check compares values computed in the same program.
-QUICK = {"xla_backend_optimization_level": 0}
-
-
+# The programs of :func:`together` are compiled without XLA's backend optimisations
+# (compiling.fast): each runs once or twice on a few small arrays, where compiling is what
+# costs (about half as long at level 0), and each check compares values computed in the
+# same program.
 def _quick(fn, *args):
-    """``fn`` compiled for ``args`` with QUICK (as JAX compiles it where an XLA lacks the option)."""
-    lowered = jax.jit(fn).lower(*args)
-    try:
-        return lowered.compile(QUICK)
-    except Exception:  # noqa: BLE001 (an XLA without the option: its own default)
-        return lowered.compile()
+    """``fn`` compiled for ``args`` as a program that runs only a few times."""
+    return compiling.compile_fast(jax.jit(fn).lower(*args))
 
 
 def _together_programs(subject: _Subject) -> tuple:
