@@ -212,6 +212,54 @@ def test_a_backward_pass_wrong_only_under_vmap_fails_batching_at_its_call_site()
     assert failed(r) == {"batching"}
 
 
+# vmap and one call per lane round differently (vectorised and scalar kernels); where the
+# rule's formula cancels, one rounding is all of the result: 1 − tanh² at |x| = 10 in
+# float32 is 1.2e-7 or 0, depending on the last bit of tanh. That is rounding, measured
+# against the same calls at float64, not a batching bug.
+@jax.custom_jvp
+def tanh_c(x):
+    return jnp.tanh(x)
+
+
+@tanh_c.defjvp
+def tanh_c_jvp(p, t):
+    y = jnp.tanh(p[0])
+    return y, (1 - y**2) * t[0]
+
+
+def test_a_cancelling_float32_rule_is_not_a_batching_mismatch():
+    rep = jgc.check_rules(lambda p: jnp.sum(tanh_c(p)), jnp.array([-10.0, -3.0, 10.0], jnp.float32))
+    assert rep.ok, str(rep)
+    assert "batching" not in failed(rep.rule("tanh_c"))
+
+
+@custom_vmap
+def lane_cos_small(x):
+    return jnp.cos(x)
+
+
+@lane_cos_small.def_vmap
+def lane_cos_small_rule(axis_size, in_batched, x):
+    return jnp.cos(x) * 1.001, in_batched[0]  # the plant: 0.1% off, only when batched
+
+
+@jax.custom_vjp
+def vmap_bwd_tanh(x):
+    return jnp.tanh(x)
+
+
+vmap_bwd_tanh.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: ((1 - jnp.tanh(x) ** 2) * lane_cos_small(0 * x) * g,))
+
+
+def test_a_small_batching_error_is_still_caught_beside_cancelling_rounding():
+    # The same cancelling formula at |x| = 10 (rounding all of the value there), and 0.1%
+    # off under vmap: the measured rounding allowance does not cover it at |x| = 3.
+    rep = jgc.check_rules(lambda p: jnp.sum(vmap_bwd_tanh(p)), jnp.array([-10.0, -3.0, 10.0], jnp.float32))
+    r, line = named(rep, "vmap_bwd_tanh")
+    assert line == source_line("def vmap_bwd_tanh(") - 1
+    assert "batching" in failed(r)
+
+
 # -- controls: correct rules of every kind pass ---------------------------------------------------------
 @eqx.filter_custom_jvp
 def eqx_softsign(x):

@@ -97,6 +97,9 @@ class _Prepared:
     varying: tuple = ()
     partial: dict = dataclasses.field(default_factory=dict)
     outs: tuple = ()
+    # The site's equation traced at the reference's precision (float64), where it was: the
+    # call-site checks' rounding reference for operands captured at narrower dtypes.
+    twin_eqn: Any = None
 
 
 def _site_function(eqn, ops: list, varying: list, partial: dict, outs: list, wide=None):
@@ -263,6 +266,7 @@ def _prepare(key, site: _Site, kind: str, paths: Paths | None, moved: dict | Non
     return _Prepared(key, site, kind, caps, explicit, [names[pos - nc] for pos in varying], f, coords,
                      len(keep), held_text, masked_outputs=bool(partial_out),
                      precision=wide[1] if wide else "native", varying=tuple(varying), partial=partial,
+                     twin_eqn=wide[0] if wide else None,
                      outs=tuple(outs[i] for i in keep))
 
 

@@ -22,6 +22,7 @@ and ``vmap`` of the rule, and judges them by rounding alone (``subject._judge``)
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -292,18 +293,76 @@ def _programs_of(subject: _Subject) -> list:
     return progs
 
 
-def _compare_lanes(progs: list, batched: list, loop: list, label: str, options: dict) -> tuple:
+def _compare_lanes(progs: list, batched: list, loop: list, label: str, options: dict,
+                   rounding: Callable[[], list | None] | None = None) -> tuple:
     """(elements compared, worst disagreement, where) of ``batched`` (per program, leaves stacked over
-    lanes) against ``loop`` (per lane, per program, leaves)."""
-    n, worst, where = 0, None, ""
-    for j, (prog, names, dtypes) in enumerate(progs):
-        for b in range(len(loop)):
-            k, w = compare_leaves([_host(v)[b] for v in batched[j]], [_host(v) for v in loop[b][j]], names,
-                                  dtypes, rtol=options.get("rtol"), atol=options.get("atol"), prefix=f"lane {b}, ")
-            n += k
-            if w is not None and (worst is None or w.excess > worst.excess):
-                worst, where = w, f"{prog} with {label}"
-    return n, worst, where
+    lanes) against ``loop`` (per lane, per program, leaves).
+
+    vmap and one call per lane run the same formula through different kernels (XLA's
+    vectorised and scalar transcendentals round differently), and a formula that cancels
+    (1 − tanh² at |x| = 10 in float32: 1 ulp of tanh is all of the result) turns one
+    rounding into a large relative difference. So where lanes disagree at a dtype narrower
+    than float64, ``rounding()`` gives the same calls per lane at float64, and each leaf
+    may also differ by ROUNDOFF_SAFETY times the largest error the unbatched calls make
+    against it: the rounding of this formula at this dtype, measured. A batching bug moves
+    a lane by far more than its own dtype's rounding does.
+    """
+    def compare(extras) -> tuple:
+        n, worst, where = 0, None, ""
+        for j, (prog, names, dtypes) in enumerate(progs):
+            for b in range(len(loop)):
+                k, w = compare_leaves([_host(v)[b] for v in batched[j]], [_host(v) for v in loop[b][j]], names,
+                                      dtypes, rtol=options.get("rtol"), atol=options.get("atol"),
+                                      extras=None if extras is None else extras[j], prefix=f"lane {b}, ")
+                n += k
+                if w is not None and (worst is None or w.excess > worst.excess):
+                    worst, where = w, f"{prog} with {label}"
+        return n, worst, where
+
+    n, worst, where = compare(None)
+    narrow = any(np.finfo(d).bits < 64 * (2 if np.issubdtype(d, np.complexfloating) else 1)
+                 for _, _, dtypes in progs for d in dtypes)
+    if worst is None or rounding is None or not narrow:
+        return n, worst, where
+    twin = rounding()
+    if twin is None:
+        return n, worst, where
+    extras = []
+    for j, (_, names, _) in enumerate(progs):
+        per_leaf = []
+        for k in range(len(names)):
+            with np.errstate(invalid="ignore"):
+                d = [np.abs(_wide(loop[b][j][k]) - _wide(twin[b][j][k])) for b in range(len(loop))]
+            d = np.concatenate([np.ravel(v) for v in d])
+            d = d[np.isfinite(d)]
+            per_leaf.append(policy.ROUNDOFF_SAFETY * float(d.max()) if d.size else 0.0)
+        extras.append(per_leaf)
+    return compare(extras)
+
+
+def _float64_calls(subject: _Subject, progs: list, rows: list) -> Callable[[], list | None]:
+    """The programs ``progs`` called once per (point, tangent, cotangent) of ``rows`` at float64,
+    as :func:`_compare_lanes`' rounding reference; None where the function does not run at
+    float64 or keeps its narrower dtypes there (then it is no reference)."""
+    subject = subject.twin or subject
+    fns = {"f": lambda x, t, u: list(subject.go(*x)), "jvp": lambda x, t, u: list(subject.jvp(x, t)[1]),
+           "vjp": lambda x, t, u: list(subject.vjp(x, u)[1])}
+
+    def widen(vs):
+        return [_wide(v) if np.issubdtype(np.asarray(v).dtype, np.inexact) else _host(v) for v in vs]
+
+    def run():
+        try:
+            with compat.enable_x64(True):
+                call = jax.jit(lambda x, t, u: [fns[p](x, t, u) for p, _, _ in progs])
+                got = [jax.tree_util.tree_map(_host, call(widen(x), widen(t), widen(u))) for x, t, u in rows]
+        except Exception:  # noqa: BLE001 (no float64 run: the comparison stands as it is)
+            return None
+        wide = all(np.asarray(v).dtype.itemsize >= 8 for lane in got for prog in lane for v in prog
+                   if np.issubdtype(np.asarray(v).dtype, np.inexact))
+        return got if wide else None
+
+    return run
 
 
 def _batching_row(name: str, at: str, method: str, n: int, worst, where: str):
@@ -368,7 +427,8 @@ def batching(subject: _Subject, name: str, at: str, rng, options: dict, each: bo
             return [site(BATCHING, at, name, "mismatch", n, method=method,
                          reason=f"vmap of {', '.join(progs) or 'f'} with {label} raises {raised(e)} where one "
                          "call per lane runs")]
-        k, w, wh = _compare_lanes(progs, batched, loop, label, options)
+        k, w, wh = _compare_lanes(progs, batched, loop, label, options,
+                                  _float64_calls(subject, progs, list(zip(xs, ts, cots))))
         n += k
         if w is not None and (worst is None or w.excess > worst.excess):
             worst, where = w, wh
@@ -599,6 +659,7 @@ def together(subject: _Subject, name: str, at: str, rng, options: dict, chosen) 
         progs = _programs_of(subject)
         loop = [[[v[i] for v in got[prog]] for prog, _, _ in progs] for i in keep]
         n, worst, where = _compare_lanes(progs, [batched[prog] for prog, _, _ in progs], loop,
-                                         _pattern_label(subject, tuple(range(len(x)))), options)
+                                         _pattern_label(subject, tuple(range(len(x)))), options,
+                                         _float64_calls(subject, progs, [rows[i] for i in keep]))
         out.append(_batching_row(name, at, _batching_method(progs, len(keep)), n, worst, where))
     return out

@@ -142,7 +142,8 @@ def skipped(label: str, name: str, why: str) -> SiteReport:
 
 
 # -- one captured call of a rule equation, as a subject ---------------------------------------------
-def call_subject(eqn, operands: list, varying: list, masks: dict, outs: list, *, names: list, rng) -> _Subject:
+def call_subject(eqn, operands: list, varying: list, masks: dict, outs: list, *, names: list, rng,
+                 twin_eqn=None) -> _Subject:
     """One captured call of a rule's equation as a function of its varying operands.
 
     ``operands`` are every operand of the call as captured; those at positions
@@ -153,17 +154,24 @@ def call_subject(eqn, operands: list, varying: list, masks: dict, outs: list, *,
     """
     masks = {pos: jnp.asarray(m) for pos, m in masks.items()}
 
-    def rule_call(*var):
-        full = list(operands)
-        for j, pos in enumerate(varying):
-            full[pos] = jnp.where(masks[pos], var[j], operands[pos]) if pos in masks else var[j]
-        out = compat.bind(eqn, *full)
-        out = tuple(out) if eqn.primitive.multiple_results else (out,)
-        return tuple(out[i] for i in outs)
+    def calling(eqn, operands):
+        def rule_call(*var):
+            full = list(operands)
+            for j, pos in enumerate(varying):
+                full[pos] = jnp.where(masks[pos], var[j], operands[pos]) if pos in masks else var[j]
+            out = compat.bind(eqn, *full)
+            out = tuple(out) if eqn.primitive.multiple_results else (out,)
+            return tuple(out[i] for i in outs)
+        return rule_call
 
-    subject = make_subject(rule_call, tuple(operands[pos] for pos in varying), set(), "jgc.check_rules")
+    subject = make_subject(calling(eqn, operands), tuple(operands[pos] for pos in varying), set(),
+                           "jgc.check_rules")
     subject.names = list(names)
     capabilities(subject, rng, trace_only=True)
+    if twin_eqn is not None:  # the operands as the twin's equation takes them (called under x64 only)
+        wide = [np.asarray(o).astype(v.aval.dtype) if np.issubdtype(np.asarray(o).dtype, np.inexact) else o
+                for o, v in zip(operands, twin_eqn.invars)]
+        subject.twin = dataclasses.replace(subject, f=calling(twin_eqn, wide), programs={})
     return subject
 
 
@@ -285,7 +293,7 @@ def check_sites(prepared: dict, verdicts: dict, settings: SiteChecks | None, key
         name = verdicts[k].function
         try:
             subject = call_subject(prep.site.eqn, operands, list(prep.varying), masks, list(prep.outs),
-                                   names=list(prep.names), rng=np.random.default_rng(0))
+                                   names=list(prep.names), rng=np.random.default_rng(0), twin_eqn=prep.twin_eqn)
             # Only a rule declared with symbolic_zeros=True sees symbolic zeros; JAX gives any
             # other rule dense zeros, the same computation the check compares against. An
             # installed library's rule may read a symbolic zero as "not perturbed" on purpose

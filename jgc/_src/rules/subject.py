@@ -78,6 +78,10 @@ class _Subject:
     int_names: list = dataclasses.field(default_factory=list)
     # Positions in ``leaves`` that were Python numbers (``scale=0.5``), not arrays.
     python: list = dataclasses.field(default_factory=list)
+    # The same function where it computes at float64 (a call site's equation traced there),
+    # called with widened arguments under x64, where ``f`` itself keeps its narrower dtypes:
+    # the rounding reference of checks that compare two computations of one value.
+    twin: Any = None
 
     # -- the function of the differentiated leaves ---------------------------------------------
     def go(self, *x):
