@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from .. import compat, compiling, trees
+from .. import compat, compiling, trees, validate
 from .surrogates import (_library_approximate, _library_intended, _user_approximate, _user_intended,
                          with_solver_tolerance)
 from ..jacobian import check_jacobian
@@ -445,15 +445,11 @@ def check_rules(fn: Callable, params: Any, *args, precision: str = "auto", rtol:
       (False, 'cube', 'mismatch')
     """
     api = "jgc.check_rules"
-    if not callable(fn):
-        raise TypeError(f"{api}: fn must be callable as fn(params, *args), got {type(fn).__name__}.")
-    if precision not in ("auto", "float64", "native"):
-        raise ValueError(f"{api}: precision must be 'auto', 'float64' or 'native', got {precision!r}.")
+    validate.function(api, "fn", fn, "callable as fn(params, *args)")
+    validate.precision(api, precision)
     if primitives not in PRIMITIVES:
         raise ValueError(f"{api}: primitives must be one of {PRIMITIVES}, got {primitives!r}.")
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, args))):
-        raise TypeError(f"{api} got traced values (it was called inside jit, vmap or grad). Checking "
-                        "rules needs concrete numbers: call it outside transformations.")
+    validate.concrete(api, (params, args), "Checking rules needs concrete numbers: call it outside transformations.")
     t0 = time.perf_counter()
     notes: list[str] = []
     split, dyn = trees.split_params(params, what=f"{api}: params")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 
+from .. import validate
 from .derivatives import derivatives
 from .report import RulesReport
 from .sitechecks import check_one
@@ -98,17 +99,13 @@ def check_rule(f: Callable, *args, nondiff_argnums=(), seed: int = 0, checks=Non
     """
     api = "jgc.check_rule"
     t0 = time.perf_counter()
-    if not callable(f):
-        raise TypeError(f"{api}: f must be callable as f(*args), got {type(f).__name__}.")
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
-        raise TypeError(f"{api} got traced values (it was called inside jit, vmap or grad). Checking a rule "
-                        "needs concrete numbers: call it outside transformations.")
+    validate.function(api, "f", f, "callable as f(*args)")
+    validate.concrete(api, args, "Checking a rule needs concrete numbers: call it outside transformations.")
     chosen = tuple(CHECKS) if checks is None else tuple([checks] if isinstance(checks, str) else checks)
     unknown = [c for c in chosen if c not in CHECKS]
     if unknown:
         raise ValueError(f"{api}: unknown check(s) {unknown}; the checks are {list(CHECKS)}.")
-    if precision not in ("auto", "float64", "native"):
-        raise ValueError(f"{api}: precision must be 'auto', 'float64' or 'native', got {precision!r}.")
+    validate.precision(api, precision)
     # jgc's own host/device traffic (seeds, random tangents, values read back to judge) is
     # implicit here: allowed inside the check, and the caller's guard is restored after it.
     with jax.transfer_guard("allow"):
