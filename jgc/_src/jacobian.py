@@ -139,14 +139,31 @@ def _jacobian_twin(vp: VectorProblem, used: str):
     the reference's precision."""
     if getattr(vp, "native_view", None) is None or used not in ("fwd", "rev"):
         return None
-    # Built on a mismatch's first call only: a passing check builds and runs nothing.
+    # Built on a mismatch's first call only, then kept: a passing check builds and runs
+    # nothing, and the blocks of a failing one share one program (and, in reverse mode,
+    # the rows already taken: one VJP gives a row of every block).
+    made: dict = {}
+
+    def program(mode: str):
+        if mode not in made:
+            made[mode] = twin_of(vp.jvp_batch(None) if mode == "fwd" else vp.vjp_batch(None))
+        if made[mode] is None:
+            raise ValueError("no float64 twin")  # twin_values: the native and reference values stand
+        return made[mode]
+
     if used == "fwd":
-        return 0, lambda k, cols: twin_of(vp.jvp_batch(None))(_basis(vp, k, cols))
+        return 0, lambda k, cols: program("fwd")(_basis(vp, k, cols))
+    taken: dict = {}
 
     def rows(k, at):
-        C = np.zeros((at.size, vp.n_out))
-        C[np.arange(at.size), at] = 1.0
-        return vp.to_coords(k, twin_of(vp.vjp_batch(None))(C)[k])
+        need = [int(i) for i in at if int(i) not in taken]
+        if need:
+            C = np.zeros((len(need), vp.n_out))
+            C[np.arange(len(need)), need] = 1.0
+            W = program("rev")(C)
+            for j, i in enumerate(need):
+                taken[i] = [w[j] for w in W]
+        return vp.to_coords(k, np.stack([taken[int(i)][k] for i in at]))
 
     return 1, rows
 
