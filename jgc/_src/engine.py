@@ -340,7 +340,8 @@ def _dispatch(ev, program, calls: list, lead: int) -> np.ndarray:
             outs.append((program(ev.x0, *args, ev.operands), rows))
         for o, rows in outs:
             v = ev.shard.gather(o) if ev.shard else compat.host(o)
-            values.append(v.reshape((-1,) + v.shape[lead:])[:rows])
+            # The leading axes merged by their sizes (not -1: an output of size 0 has no -1).
+            values.append(v.reshape((int(np.prod(v.shape[:lead], dtype=np.int64)),) + v.shape[lead:])[:rows])
             ev.counter.add(rows)
     return np.concatenate(values)
 
