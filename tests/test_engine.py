@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jgc._src import engine, progress, sparse
+from jgc._src.vector import VectorProblem
 
 
 def _quartic(x, ops):
@@ -213,3 +214,20 @@ def test_every_evaluator_runs_through_the_one_dispatch_loop(rng, monkeypatch):
     direction(np.zeros(5, np.int64), np.zeros(5, np.int64), np.full(5, 6), np.linspace(1e-3, 5e-3, 5))
     assert seen == [("LeafEvaluator", 6), ("LineEvaluator", 3), ("DirectionEvaluator", 5)]
     assert (leaf.counter.evaluations, line.counter.evaluations, direction.counter.evaluations) == (6, 3, 5)
+
+
+def test_vector_steps_need_no_call_order():
+    """A vector problem's step may be asked before its noise is measured: the same step,
+    the same σ, either way."""
+    def f(x):
+        return jnp.tanh(x) * jnp.array([1.0, 2.0, 3.0])
+
+    x = (jnp.array([0.3, -0.7, 1.2], jnp.float32),)
+    with VectorProblem(f, x, api="test") as early:
+        h_early = early.relative_step("central", None)
+        sigma_early = np.array(early.sigma)
+    with VectorProblem(f, x, api="test") as late:
+        late.measure_noise()
+        h_late = late.relative_step("central", None)
+    assert h_early == h_late
+    np.testing.assert_array_equal(sigma_early, late.sigma)

@@ -396,7 +396,10 @@ class VectorProblem(Prepared):
 
     def relative_noise(self, grad_scale: float = 0.0) -> float:
         """f's noise relative to its outputs: ``u_eff`` from :meth:`measure_noise` (the 90th
-        percentile of σ_j/|y_j|, never below u); the gradient scale does not enter."""
+        percentile of σ_j/|y_j|, never below u), measured here if not yet; the gradient
+        scale does not enter."""
+        if self.sigma is None:
+            self.measure_noise()
         return self.u_eff
 
     def relative_step(self, stencil: str, step: float | None) -> float:
@@ -444,6 +447,8 @@ class VectorProblem(Prepared):
         return stencils.estimate(stencil, np.tile(self.y0, n), jv, hv)
 
     def sigma_rows(self, n: int) -> np.ndarray:
+        if self.sigma is None:
+            self.measure_noise()
         return np.tile(self.sigma, n)
 
     # -- analytic side: "native" (native_view) runs it at the dtypes given, x64 as the caller had it
