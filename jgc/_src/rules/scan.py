@@ -482,10 +482,7 @@ class Recorder:
             with jax.transfer_guard("allow"):  # reading lane 0 under vmap copies to the host
                 concrete = jax.tree_util.tree_map(_concrete_leaf, args)
         except _NotConcrete:
-            r.traced += 1
-            missed = getattr(self._local, "missed", None)
-            if missed is not None:
-                missed.add(r.key)
+            self._not_concrete(r)
             return
         with jax.transfer_guard("allow"):
             leaves = jax.tree_util.tree_leaves(concrete)
@@ -502,6 +499,14 @@ class Recorder:
             (f" in {self.test}" if self.test else "")
         r.points.append(_Point(obj, concrete, how, _describe(leaves)))
 
+    def _not_concrete(self, r) -> None:
+        """A call of ``r`` whose operands are traced values: counted, and marked for the test's
+        outer derivative call to capture (where one is kept)."""
+        r.traced += 1
+        missed = getattr(self._local, "missed", None)
+        if missed is not None:
+            missed.add(r.key)
+
     def _record_primitive(self, prim, bind, args: tuple, params: dict) -> None:
         r = self.primitives[prim]
         r.calls += 1
@@ -513,10 +518,7 @@ class Recorder:
             with jax.transfer_guard("allow"):
                 concrete = tuple(_concrete_leaf(x) for x in args)
         except _NotConcrete:
-            r.traced += 1
-            missed = getattr(self._local, "missed", None)
-            if missed is not None:
-                missed.add(r.key)
+            self._not_concrete(r)
             return
         with jax.transfer_guard("allow"):
             bucket = (_signature(concrete), _decade(concrete))
