@@ -82,7 +82,8 @@ def test_per_output_noise_ignores_a_kink_on_the_line():
     assert 3e-10 < sigma[1] < 3e-9, sigma
 
 
-def test_equinox_relu_mlp_is_not_a_false_alarm():
+def _relu_mlp():
+    """The reproducer: an Equinox ReLU MLP's cross-entropy, with its params and data."""
     eqx = pytest.importorskip("equinox", reason="the reproducer is an Equinox MLP")
     x = jax.random.normal(jax.random.key(0), (128, 32))
     lab = jax.random.randint(jax.random.key(4), (128,), 0, 10)
@@ -90,6 +91,13 @@ def test_equinox_relu_mlp_is_not_a_false_alarm():
 
     def loss(m, x, lab):
         return -jnp.mean(jax.nn.log_softmax(jax.vmap(m)(x))[jnp.arange(128), lab])
+
+    return loss, mlp, x, lab
+
+
+def test_equinox_relu_mlp_is_not_a_false_alarm():
+    loss, mlp, x, lab = _relu_mlp()
+    eqx = pytest.importorskip("equinox")
 
     rep = jgc.check(loss, mlp, x, lab)
     assert rep.ok, rep
@@ -131,13 +139,8 @@ def test_equinox_relu_mlp_at_float32_is_not_a_false_alarm():
     # precision="native": float32 differences with σ ≈ 5e-7 take steps of 0.037·s; a unit
     # of the second layer switches within ±h of .layers[1].weight[13, 48], whose one-sided
     # slopes (-0.0033 against -0.0011) stand only 36× above their noise at h.
-    eqx = pytest.importorskip("equinox", reason="the reproducer is an Equinox MLP")
-    x = jax.random.normal(jax.random.key(0), (128, 32))
-    lab = jax.random.randint(jax.random.key(4), (128,), 0, 10)
-    mlp = eqx.nn.MLP(32, 10, 64, 2, key=jax.random.key(3))
-
-    def loss(m, x, lab):
-        return -jnp.mean(jax.nn.log_softmax(jax.vmap(m)(x))[jnp.arange(128), lab])
+    loss, mlp, x, lab = _relu_mlp()
+    eqx = pytest.importorskip("equinox")
 
     rep = jgc.check(loss, mlp, x, lab, precision="native")
     assert rep.ok and rep.counts()["mismatch"] == 0, rep
