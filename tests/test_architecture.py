@@ -212,6 +212,13 @@ def _calls(module: str) -> set[str]:
     return {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
 
 
+def _methods(module: str) -> dict[str, set[str]]:
+    """Class name -> the names of the methods it defines, in jgc/_src/<module>.py."""
+    tree = ast.parse((arch.SRC / f"{module}.py").read_text())
+    return {c.name: {f.name for f in c.body if isinstance(f, ast.FunctionDef)}
+            for c in ast.walk(tree) if isinstance(c, ast.ClassDef)}
+
+
 def test_both_problems_prepare_through_one_record_one_probe_and_one_steps():
     """Problem and VectorProblem make their prepared state with preparation.prepare (no
     split, cast or scales of their own), measure noise with noise.probe (not noise.finest
@@ -224,4 +231,22 @@ def test_both_problems_prepare_through_one_record_one_probe_and_one_steps():
         assert "self._prepared" in calls, module
     assert "noise.probe" in _calls("vector") and "probe" in _calls("noise")
     assert "Steps" in _calls("vector")
-    assert "prepare" in _calls("preparation") and "retried" in _calls("preparation")
+    assert "prepare" in _calls("vector") and "retried" in _calls("vector")
+
+
+def test_one_problem_class_prepares_estimates_and_checks_determinism_for_both_layouts():
+    """vector.Prepared alone prepares (the record, the retry), keeps the evaluator table,
+    builds a leaf's evaluator, estimates on coordinates, evaluates f afresh at the point
+    and bounds two compilations' difference; the scalar and vector problems lay the
+    output out (what is evaluated, its value at the point, its noise) and nothing more."""
+    shared = {"_prepared", "__enter__", "evaluator", "leaf_function", "estimate", "_fresh_value",
+              "primal_bound", "_differs", "coordinates", "relative_step"}
+    assert shared <= _methods("vector")["Prepared"]
+    assert not (_methods("problem")["Problem"] & (shared - {"evaluator"}))
+    assert not (_methods("vector")["VectorProblem"] & shared)
+    for module in ("problem", "vector"):
+        assigned = {ast.unparse(t) for node in ast.walk(ast.parse((arch.SRC / f"{module}.py").read_text()))
+                    if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])}
+        assert module == "vector" or "self._evaluators" not in assigned, module
+    assert "Prepared" not in _methods("preparation") and "Prepared" not in _methods("problem")

@@ -1,38 +1,34 @@
 """Preparation shared by every check: one frozen record of the inputs at evaluation precision.
 
-:func:`prepare` makes the :class:`Preparation` of every check, scalar
-(:class:`jgc._src.problem.Problem`) or vector (:class:`jgc._src.vector.VectorProblem`):
-the split of the checked tree into perturbed leaves and the rest, those leaves as given
-and at their evaluation precision (float64 where available, never below float32), the
-data widened with them, the unit round-off u, the scale s_i that sizes the step of
-every element, and notes saying what changed. :class:`Prepared`, the base of both
-problems, holds that record (``prep``) with what a running check adds: the check of the
-options they share, the scoped x64 context, the counter, clock and notes.
-:func:`retried` is the one place where a check falls back to the dtypes given when fn
-refuses wider inputs: both problems and ``check_rules`` go through it.
+:func:`prepare` makes the :class:`Preparation` of every check, scalar or vector, and of
+``check_rules``' capture where it widens: the split of the checked tree into perturbed
+leaves and the rest, those leaves as given and at their evaluation precision (float64
+where available, never below float32), the data widened with them, the unit round-off
+u, the scale s_i that sizes the step of every element, and notes saying what changed.
+The one problem class that holds that record through a check,
+:class:`jgc._src.vector.Prepared`, builds on it. :func:`retried` is the one place where a
+check falls back to the dtypes given when fn refuses wider inputs: every problem and
+``check_rules`` go through it.
 
 It also reads the form of fn's result: a cost alone, or a pair (output, aux) with
 ``has_aux``. Both kinds of check trace fn and take from its result the part that is
 differentiated; a result of the wrong form for its ``has_aux`` setting raises
 :class:`OutputFormError` with a message saying which form was expected.
 """
-
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import compat, compiling, policy, trees
+from . import compat, policy, trees
 from . import validate as valid
 from .names import short_name
-from .progress import Counter
 
 PRECISIONS = valid.PRECISIONS
 
@@ -254,7 +250,7 @@ def retried(attempt: Callable, *, precision: str, orig_dtypes, notes: list, fn: 
     scope of :func:`precision_scope` for "native"), with steps and tolerances for that
     precision, and a note in ``notes`` says so; the notes the first attempt added are
     dropped. An error at the dtypes given is fn's own and is raised. Every prepared
-    check (:class:`Prepared`) and ``check_rules`` run through it.
+    check (``vector.Prepared``) and ``check_rules`` run through it.
     """
     widen, scope = precision_scope(precision, orig_dtypes, notes)
     kept = len(notes)
@@ -331,71 +327,3 @@ def prepare(checked, args, *, widen: bool, as_given: bool = False, what: str, na
     return Preparation(split=split, given=given, dyn=dyn, eval_dtypes=eval_dtypes, rebuild_args=rebuild_args,
                        argarr=argarr, widen=widen, as_given=as_given, u=unit_roundoff(eval_dtypes),
                        global_scale=global_scale, scales=tuple(scales), notes=tuple(notes))
-
-
-class Prepared(Scoped):
-    """A prepared check: its notes, evaluation counter and clock, the dtypes of the checked
-    leaves, and (once entered) its :class:`Preparation` ``prep``, whose fields it reads
-    through (``dyn``, ``scales``, ...). Subclasses keep only what differs: a scalar cost
-    (``problem.Problem``) or an output layout (``vector.VectorProblem``).
-    """
-
-    FN = "fn"  # how notes name the checked function
-    # Largest relative step for which fn is resolved (the scalar noise probe sets it when
-    # J oscillates on a scale shorter than its default spacing; see steps.Steps.cap).
-    wave_cap = math.inf
-    # Whether the noise probe found kinks near the point (the scalar probe sets it).
-    kinks = False
-
-    def _begin(self, checked, precision: str) -> None:
-        """Start the counter and clock; note the dtypes of ``checked``'s leaves."""
-        self.counter = Counter()
-        self.t0 = time.perf_counter()
-        self.compile_clock = compiling.Clock()  # programs built while the check runs
-        self.notes: list[str] = []
-        # Errors of JAX's own derivative rules that a check took as NaN values (see
-        # vector_analytic); the Report keeps them, and check_grads' failure names the first.
-        self.rule_errors: list[Exception] = []
-        self.precision_asked = precision
-        self.as_given = False
-        orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
-        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
-
-    def __enter__(self):
-        """Prepare at evaluation precision; if fn refuses its inputs there, at the dtypes
-        given (see :func:`retried`). x64 is enabled inside when the check needs it."""
-
-        def attempt(widen, scope, as_given):
-            self.widen, self.as_given = widen, as_given
-            self._scope = self._scoped(scope)
-            self.counter = Counter()
-            return super(Prepared, self).__enter__()
-
-        return retried(attempt, precision=self.precision_asked, orig_dtypes=self.orig_dtypes,
-                       notes=self.notes, fn=self.FN)
-
-    def _scoped(self, scope):
-        """The context a check runs in, given its precision scope (subclasses add to it)."""
-        return scope
-
-    def _prepared(self, checked, args, **how) -> Preparation:
-        """Make ``self.prep`` (see :func:`prepare`) at this attempt's precision; keep its notes."""
-        self.prep = prepare(checked, args, widen=self.widen, as_given=self.as_given, **how)
-        self.notes.extend(self.prep.notes)
-        return self.prep
-
-    # The prepared record's fields, read through.
-    split = property(lambda self: self.prep.split)
-    dyn = property(lambda self: self.prep.dyn)
-    eval_dtypes = property(lambda self: list(self.prep.eval_dtypes))
-    rebuild_args = property(lambda self: self.prep.rebuild_args)
-    argarr = property(lambda self: self.prep.argarr)
-    global_scale = property(lambda self: self.prep.global_scale)
-    scales = property(lambda self: self.prep.scales)
-
-    @property
-    def precision(self) -> str:
-        return self.prep.precision
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0

@@ -1,20 +1,23 @@
-"""A scalar cost's problem: the prepared inputs, J at the point and its noise, evaluators per leaf.
+"""A scalar cost's problem: the one problem class with one output, J.
 
 :class:`Problem` is built once per scalar check: ``jgc.check`` in every mode,
-``numerical_grad`` and ``check_taylor``. What it shares with the vector checks
-(validated options, the scoped x64 context, the form of fn's result, and the frozen
-record ``preparation.prepare`` makes: the split, the leaves at evaluation precision,
-the data, u and the scales) comes from :class:`jgc._src.preparation.Prepared`. On top
-it holds the scalar cost: J at the point, its rounding noise measured along random
-lines (``noise.probe`` in the scalar design, ``noise.SCALAR``),
-the compiled evaluators per leaf (``engine``) and the finite-difference estimate of any
-real coordinates of a leaf (``stencils``). Every evaluation of J off the point goes
-through the engine: coordinate rows (``engine.LeafEvaluator``), and the noise probe's
-lines as line rows, of the whole evaluator of a small model or of an
-``engine.LineEvaluator``. The evaluators are built on first use and kept in a table
-that preparation starts. The steps come from ``steps.Steps`` (J's noise relative to its
-scale, :meth:`Problem.relative_noise`); the Jacobian, JVP, VJP and HVP checks use
-:class:`jgc._src.vector.VectorProblem` instead.
+``numerical_grad`` and ``check_taylor``. It is the problem class every check uses,
+:class:`jgc._src.vector.Prepared` (the frozen record of ``preparation.prepare``, the
+retry at the dtypes given, the evaluator table, the estimate on coordinates, the
+determinism bound, the steps), with the output laid out as one scalar: what is
+evaluated is the cost J (``full_cost``), its value at the point is [J(θ)] (``n_out`` =
+1), and its noise is measured along random lines (``noise.probe`` in the scalar design,
+``noise.SCALAR``: 7 lines of 10 points, whose median survives kinks; a vector function
+needs σ per output element, hence its own design). What only a scalar cost has is
+here: J's form checked at the point (a real floating scalar) and its determinism
+shortcut (two traces of one program are the same function), its relative noise
+(:meth:`Problem.relative_noise`: σ relative to max(|J|, gradient scale)), and
+evaluators that several small leaves share (one raveled evaluator, whose program also
+walks the noise probe's lines in a small model); ``jax.grad`` compiled ahead. Every
+evaluation of J off the point goes through the engine: coordinate rows
+(``engine.LeafEvaluator``), and the noise probe's lines as line rows, of the whole
+evaluator of a small model or of an ``engine.LineEvaluator``. The Jacobian, JVP, VJP
+and HVP checks lay the output out as a vector: :class:`jgc._src.vector.VectorProblem`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, compiling, engine, noise, progress, stencils
+from . import compat, compiling, engine, noise, progress
 from .names import short_name
-from .preparation import OutputFormError, Prepared, cost_of, validate
+from .preparation import OutputFormError, cost_of, validate
+from .vector import Prepared
 
 # Models up to this many elements use one raveled evaluator (see _merged_evaluator).
 MERGE_LIMIT = 4096
@@ -39,13 +43,6 @@ MERGE_LIMIT = 4096
 # CPU: the transformer block of bench_arch.py at n ≈ 1e4 compiled 17 programs, 15 of
 # them for leaves, 13 of which are of at most 1024 elements).
 SMALL_LEAF = 1024
-
-
-def _as_complex(x):
-    """A real floating array as complex (on the host, moved explicitly); others as they are."""
-    if not np.issubdtype(np.dtype(x.dtype), np.floating):  # ints, keys, bfloat16: as they are
-        return x
-    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
 
 
 def _require_finite(api, value):
@@ -75,7 +72,7 @@ def _same_program(a, b) -> bool:
 
 
 class Problem(Prepared):
-    """Inputs of a check, validated and converted to the evaluation precision.
+    """A scalar cost's problem: the one problem class (``vector.Prepared``) with one output J.
 
     Use as a context manager: inside it, x64 is enabled when the check evaluates in
     float64 (scoped; nothing is left behind when it exits).
@@ -101,10 +98,7 @@ class Problem(Prepared):
     def _prepare(self):
         prep = self._prepared(self.params, self.args, what=f"{self.api}: params", names=("parameters", "args"))
         self.u = prep.u
-        self.paths = self.split.dynamic_paths
-        # The compiled evaluators, built on first use (a check of few leaves uses few):
-        # "merged" (see _merged_evaluator) and (leaf, complex_step).
-        self._evaluators: dict = {}
+        # The leaves that share one raveled evaluator ("merged" in the evaluator table).
         self.merged_group = self._merged_group()
 
         def full_cost(dyn, argarr):
@@ -153,9 +147,14 @@ class Problem(Prepared):
         grad = self._grad if self._grad is not None else self._jitted_grad()
         return grad(self.dyn, self.argarr)
 
-    def _traced(self):
-        """J traced and lowered afresh (a new function, so never a cached trace)."""
-        return jax.jit(lambda dyn, argarr: self.full_cost(dyn, argarr)).lower(self.dyn, self.argarr)
+    @property
+    def evaluated(self):
+        """The function evaluated off the point: the cost J of the perturbed leaves and data."""
+        return self.full_cost
+
+    def output_at_point(self) -> np.ndarray:
+        """[J(θ)]: the one output at the point, as the compiled noise probe computed it."""
+        return np.array([self.j0])
 
     def _jaxpr(self):
         """(J's jaxpr, its output shapes), traced afresh (a new function, never a cached
@@ -201,20 +200,20 @@ class Problem(Prepared):
         # so no program is compiled here.
         if _same_program(jaxpr, self._jaxpr()[0]):
             return math.nan
-        lowered, second = self._traced(), self._traced()
-        with compat.float_checks_off():  # a non-finite J(θ) gets _require_finite's error
-            value = float(compat.host(lowered.compile()(self.dyn, self.argarr)))
-            _require_finite(self.api, value)
-            again = float(compat.host(second.compile()(self.dyn, self.argarr)))
+        # Two fresh traces and compilations compared as a vector check compares its
+        # primal outputs (Prepared.primal_bound: 1e3·u·|J| before the noise is known).
+        value = self._fresh_value()  # a non-finite J(θ) gets _require_finite's error
+        _require_finite(self.api, float(value[0]))
+        again = self._fresh_value()
         self.counter.add(2)
-        if again != value and abs(again - value) > 1e3 * self.u * max(abs(value), 1e-30):
+        if np.any(self._differs(again, value)):
             raise ValueError(
                 f"{self.api}: fn is not deterministic: two evaluations at the same params gave "
-                f"{value!r} and {again!r}. A gradient check needs J to be a function of params. "
+                f"{float(value[0])!r} and {float(again[0])!r}. A gradient check needs J to be a function of params. "
                 "If it uses randomness (dropout, noise), pass a fixed PRNG key in args, e.g. "
                 "jgc.check(loss, params, batch, jax.random.key(0))."
             )
-        return value
+        return float(value[0])
 
     def _measure_noise(self) -> float:
         """σ of J's rounding noise, the median over a few random lines (see noise.py)."""
@@ -353,17 +352,6 @@ class Problem(Prepared):
         scale = max(abs(self.j0), grad_scale)
         return self.u if scale == 0 else max(self.u, self.sigma / scale)
 
-    def leaf_cost(self, k: int):
-        shape = self.dyn[k].shape
-
-        def cost(x, ops):
-            dyn, argarr = ops
-            dyn = list(dyn)
-            dyn[k] = x.reshape(shape)
-            return self.full_cost(dyn, argarr)
-
-        return cost
-
     def _merged_evaluator(self):
         """One evaluator over several leaves raveled together, or None.
 
@@ -416,72 +404,17 @@ class Problem(Prepared):
         sizes = [self.dyn[k].size for k in group]
         return group, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
-        cache = self._evaluators
+    def evaluator(self, k: int, complex_step: bool = False):
+        """Leaf k's evaluator: the shared raveled one for a leaf of the merged group (its
+        coordinates shifted by the leaf's offset), else the leaf's own (``Prepared.evaluator``)."""
         merged = None if complex_step else self._merged_evaluator()
         if merged is not None and k in merged[1]:
             ev, offset = merged[0], merged[1][k]
             return lambda idx, deltas: ev(np.asarray(idx) + offset, deltas)
-        if (k, complex_step) not in cache:
-            operands = (self.dyn, self.argarr)
-            if complex_step and compat.strict_promotion():
-                # Strict promotion has no complex × real path, so the leaves not stepped
-                # and floating data become complex too (imaginary part 0, so that
-                # Im J(θ + ih·e_i) is unchanged).
-                operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
-            whole = not complex_step and len(self.dyn) == 1 and self._has_lines()
-            cache[k, complex_step] = engine.LeafEvaluator(
-                self.leaf_cost(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
-                chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
-                lines=jax.device_put(self._probe_bank()) if whole else None,
-            )
-        return cache[k, complex_step]
+        return super().evaluator(k, complex_step)
 
-    def coordinates(self, k: int) -> int:
-        """Real coordinates of leaf k (2 per element for complex leaves)."""
-        x = self.dyn[k]
-        return x.size * (2 if jnp.iscomplexobj(x) else 1)
-
-    def estimate(self, k: int, coords: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
-        """Finite-difference estimate for real coordinates ``coords`` of leaf k."""
-        x = self.dyn[k]
-        m = x.size
-        x0 = compat.host(x).ravel()
-        elem = coords % m
-        unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
-        h = h_rel * self.scales[k][elem]
-        if stencil == "complex":
-            if np.iscomplexobj(x0):
-                raise ValueError(
-                    f"{self.api}: stencil='complex' needs real parameters, but leaf "
-                    f"{self.paths[k]} is complex. Use stencil='central'."
-                )
-            deltas = (1j * h)[:, None].astype(np.result_type(x0.dtype, np.complex64))
-            try:
-                jv = self.evaluator(k, complex_step=True)(elem, deltas)
-            except Exception as e:
-                raise ValueError(
-                    f"{self.api}: stencil='complex' evaluates fn at complex parameters, and "
-                    f"{short_name(self.fn)} failed there ({type(e).__name__}: {e}). The cost is not "
-                    "complex-safe (comparisons, abs, real-only ops); use stencil='central'."
-                ) from e
-            if not np.iscomplexobj(jv):
-                raise ValueError(
-                    f"{self.api}: stencil='complex' needs a complex-safe cost, but "
-                    f"{short_name(self.fn)} returned a real value for complex parameters at leaf "
-                    f"{self.paths[k]} (abs, jnp.real, astype or a comparison dropped the "
-                    "imaginary part), so Im J(θ+ih)/h would be 0. Use stencil='central'."
-                )
-            return stencils.complex_step(jv, h, self.u)
-        offs = stencils.offsets(stencil)
-        deltas = (offs[None, :] * h[:, None] * unit[:, None]).astype(x0.dtype)
-        jv = self.evaluator(k)(elem, deltas)
-        # |taken| is the real step, or the imaginary one for an i·h perturbation.
-        taken = np.abs(engine.actual_steps(x0, elem, deltas))
-        return stencils.estimate(stencil, self.j0, np.real(jv), taken)
-
-    @property
-    def skipped(self) -> tuple:
-        """(path, description) of every leaf of params that is not perturbed."""
-        return self.split.skipped
-
+    def _probe_bank_of(self, k: int, complex_step: bool):
+        """The noise probe's lines, walked by the evaluator of the only leaf of a small model
+        (see :meth:`_whole_evaluator`)."""
+        whole = not complex_step and len(self.dyn) == 1 and self._has_lines()
+        return jax.device_put(self._probe_bank()) if whole else None

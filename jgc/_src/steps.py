@@ -1,13 +1,15 @@
 """Step sizes of every check: per stencil from f's measured precision, and per leaf from pilots.
 
 A :class:`Steps` is a pure function of what it is built from: the problem's measured
-noise (its ``relative_noise``, the one number the scalar and vector problems each give
-in their own terms) and scales, and the gradient scale passed in (how much J moves per
-relative unit change of a coordinate, known once the analytic gradient is). Nothing is
-written back into the problem, so every step of a check comes from one stated set of
-inputs. Scalar checks take every step from it (with the pilots of :meth:`Steps.leaf`);
-the vector checks (Jacobian, JVP, VJP, HVP) take theirs from :meth:`Steps.relative`,
-through ``VectorProblem.relative_step``: the same defaults, wave cap and kink cap.
+noise (its ``relative_noise``, the one number each output layout, a scalar cost's or a
+vector function's, gives in its own terms), its scales, wave cap and kinks (every
+problem has them: ``vector.Prepared``), and the gradient scale passed in (how much J
+moves per relative unit change of a coordinate, known once the analytic gradient is).
+Nothing is written back into the problem, so every step of a check comes from one
+stated set of inputs. Scalar checks take every step from it (with the pilots of
+:meth:`Steps.leaf`); the vector checks (Jacobian, JVP, VJP, HVP) take theirs from
+:meth:`Steps.relative`, through ``Prepared.relative_step``: the same defaults, wave cap
+and kink cap.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Steps:
         differences at h, 2h, 4h), whose thresholds are multiples of the same noise.
         """
         p = self.problem
-        if getattr(p, "kinks", False):
+        if p.kinks:
             return min(p.wave_cap, policy.relative_step("central", self.u_eff))
         return p.wave_cap
 

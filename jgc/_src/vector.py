@@ -1,34 +1,48 @@
-"""Preparation of a vector-valued check: f(*primals) -> any pytree of outputs.
+"""The one problem class of every check, and the output laid out as a vector.
 
-:class:`VectorProblem` plays the role that :class:`jgc._src.problem.Problem` plays for
-scalar costs: it validates the inputs, scopes x64, splits the checked primals into
-perturbed leaves, lays every floating output leaf out in one real vector
+:class:`Prepared` is the problem of every check, scalar or vector: it holds the frozen
+record that ``preparation.prepare`` makes (the split, the leaves at evaluation
+precision, the data, u, the scales), retries at the dtypes given
+(``preparation.retried``), keeps the one table of compiled evaluators of the leaves'
+coordinates, estimates derivatives on real coordinates from them
+(:meth:`Prepared.estimate`, the Jacobian's columns and a scalar cost's elements alike),
+evaluates f afresh at the point and bounds how far two compilations may differ (the
+determinism checks), and gives steps through ``steps.Steps``. A subclass lays the
+output out: ``problem.Problem`` a scalar cost, one output J, and
+:class:`VectorProblem` here any pytree of outputs as one real vector
 
     y = vec(f(*primals))   (complex leaves contribute (Re, Im) pairs, interleaved)
 
-and measures the rounding noise of every element of y. The Jacobian, JVP, VJP and HVP
-checks (``jacobian``, ``products``, ``hvp``) all work on this real view, which is also how
-JAX's convention for complex derivatives is honoured: a complex number is a point of
-R², tangents are R-linear, and ``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i)
-is c_r − i·c_i.
+with the rounding noise of every element of y. (The class lives here, not in
+``preparation``, because it evaluates through the engine: the import chain from
+``python -m jgc`` through the Jacobian check has no room for a module between this one
+and ``engine``.) The two layouts are two classes because what they measure differs,
+and a verdict depends on it: the scalar probe takes the median over 7 lines of one
+value, the vector probe σ_j per output element along one line (``noise.SCALAR``,
+``noise.VECTOR``, with the reason); u counts the output's dtypes for a vector (its
+layout rounds there) and the leaves' only for J; and the relative noise steps are
+sized for is σ/max(|J|, gradient scale) against the 90th percentile of σ_j/|y_j|.
 
-What it shares with Problem (options, precision, the form of f's result, and the frozen
-record of ``preparation.prepare``: split, leaves at evaluation precision, data, scales)
-is in ``preparation``; what it keeps of its own is the output: the layout of y in
-``vector_layout`` (whose dtypes enter u); the analytic side (JVPs, VJPs) in
-``vector_analytic``, and as the program runs it, at the dtypes given, in ``vector_native``.
-f is evaluated off the point only by the engine: the direction bank (the noise probe's
-line and the tangents) as line rows of ``engine.LineEvaluator``, whole Jacobian columns
-as coordinate rows of ``engine.LeafEvaluator``. The bank may be set before or after the
-noise is measured. Its noise comes from the probe every check uses (``noise.probe``) in
-the vector design (``noise.VECTOR``: one line, σ_j per output element), its steps from
-``steps.Steps`` (:meth:`VectorProblem.relative_step`), as a scalar check's do.
+The Jacobian, JVP, VJP and HVP checks (``jacobian``, ``products``, ``hvp``) all work on
+the real view of :class:`VectorProblem`, which is also how JAX's convention for complex
+derivatives is honoured: a complex number is a point of R², tangents are R-linear, and
+``jax.vjp``'s cotangent of a (Re, Im) pair (c_r, c_i) is c_r − i·c_i. The layout of y
+is in ``vector_layout`` (whose dtypes enter u); the analytic side (JVPs, VJPs) in
+``vector_analytic``, and as the program runs it, at the dtypes given, in
+``vector_native``. f is evaluated off the point only by the engine: the direction bank
+(the noise probe's line and the tangents) as line rows of ``engine.LineEvaluator``,
+whole Jacobian columns as coordinate rows of ``engine.LeafEvaluator``
+(:meth:`Prepared.evaluator`). The bank may be set before or after the noise is
+measured. Its noise comes from the probe every check uses (``noise.probe``) in the
+vector design (``noise.VECTOR``: one line, σ_j per output element), its steps from
+``steps.Steps`` (:meth:`Prepared.relative_step`), as a scalar check's do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -38,10 +52,22 @@ import numpy as np
 from . import compat, compiling, engine, noise, stencils, trees, vector_analytic, vector_native
 from . import validate as validate_options
 from .names import short_name
-from .preparation import (ChangedByWidening, OutputFormError, Prepared, drop_aux, unit_roundoff, validate,
-                          validate_chunk_size)
+from .preparation import (
+    ChangedByWidening,
+    OutputFormError,
+    Preparation,
+    Scoped,
+    drop_aux,
+    prepare,
+    retried,
+    unit_roundoff,
+    validate,
+    validate_chunk_size,
+)
+from .progress import Counter
 from .steps import Steps
 from .vector_layout import Layout
+
 
 @contextlib.contextmanager
 def _quiet_nonfinite(scope):
@@ -63,8 +89,239 @@ def to_device(x, dtype=None):
     return jax.device_put(np.asarray(x, dtype))
 
 
+def _as_complex(x):
+    """A real floating array as complex (on the host, moved explicitly); others as they are."""
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):  # ints, keys, bfloat16: as they are
+        return x
+    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
+
+
+class Prepared(Scoped):
+    """The one problem class of every check: the prepared inputs of f, and f off the point.
+
+    It holds the frozen :class:`jgc._src.preparation.Preparation` (``prep``, whose fields
+    it reads through: ``dyn``, ``scales``, ...) with what a running check adds: the
+    scoped x64 context, the evaluation counter, clock and notes, and the one retry at
+    the dtypes given (:func:`jgc._src.preparation.retried`). On that record it does,
+    for every check alike: the evaluators of the leaves' coordinates (one table, built
+    on first use and started afresh with each attempt), the finite-difference estimate
+    on real coordinates (:meth:`estimate`), f at the point from a fresh trace and the
+    bound two compilations of it may differ by (the determinism checks), and the steps
+    (:meth:`relative_step`, through ``steps.Steps``).
+
+    A subclass lays the output out: ``problem.Problem`` a scalar cost, one output J
+    (``n_out`` = 1, y0 = [J(θ)]), and :class:`VectorProblem` any pytree of outputs as the
+    real vector y. Each says what ``evaluated`` is (J, or vec(f)), measures its noise
+    (``noise.probe`` in its design) and gives ``relative_noise``; nothing else differs.
+    """
+
+    FN = "fn"  # how notes name the checked function
+    n_out = 1  # outputs of the evaluated function (the vector layout sets its own)
+    # Largest relative step for which fn is resolved (the scalar noise probe sets it when
+    # J oscillates on a scale shorter than its default spacing; see steps.Steps.cap).
+    wave_cap = math.inf
+    # Whether the noise probe found kinks near the point (the scalar probe sets it).
+    kinks = False
+
+    def _begin(self, checked, precision: str) -> None:
+        """Start the counter and clock; note the dtypes of ``checked``'s leaves."""
+        self.counter = Counter()
+        self.t0 = time.perf_counter()
+        self.compile_clock = compiling.Clock()  # programs built while the check runs
+        self.notes: list[str] = []
+        # Errors of JAX's own derivative rules that a check took as NaN values (see
+        # vector_analytic); the Report keeps them, and check_grads' failure names the first.
+        self.rule_errors: list[Exception] = []
+        self.precision_asked = precision
+        self.as_given = False
+        orig = [x for x in jax.tree_util.tree_leaves(checked) if trees.is_inexact_array(x)]
+        self.orig_dtypes = [np.dtype(x.dtype) for x in orig]
+
+    def __enter__(self):
+        """Prepare at evaluation precision; if fn refuses its inputs there, at the dtypes
+        given (see :func:`jgc._src.preparation.retried`). x64 is enabled inside when the
+        check needs it."""
+
+        def attempt(widen, scope, as_given):
+            self.widen, self.as_given = widen, as_given
+            self._scope = self._scoped(scope)
+            self.counter = Counter()
+            return super(Prepared, self).__enter__()
+
+        return retried(attempt, precision=self.precision_asked, orig_dtypes=self.orig_dtypes,
+                       notes=self.notes, fn=self.FN)
+
+    def _scoped(self, scope):
+        """The context a check runs in, given its precision scope (subclasses add to it)."""
+        return scope
+
+    def _prepared(self, checked, args, **how) -> Preparation:
+        """Make ``self.prep`` (see :func:`jgc._src.preparation.prepare`) at this attempt's
+        precision; keep its notes; start the evaluator table and the noise afresh."""
+        self.prep = prepare(checked, args, widen=self.widen, as_given=self.as_given, **how)
+        self.notes.extend(self.prep.notes)
+        self.paths = [self._label(p) for p in self.prep.split.dynamic_paths]
+        # The compiled evaluator of each leaf's coordinates, by (leaf, complex step),
+        # built on first use (a check of few leaves, or in directions, uses few or none).
+        self._evaluators: dict = {}
+        self.sigma = None  # the measured noise (the layout's measure sets it)
+        return self.prep
+
+    def _label(self, path: str) -> str:
+        """A leaf's path as reports name it (the vector layout names the primal first)."""
+        return path
+
+    # The prepared record's fields, read through.
+    split = property(lambda self: self.prep.split)
+    dyn = property(lambda self: self.prep.dyn)
+    eval_dtypes = property(lambda self: list(self.prep.eval_dtypes))
+    rebuild_args = property(lambda self: self.prep.rebuild_args)
+    argarr = property(lambda self: self.prep.argarr)
+    global_scale = property(lambda self: self.prep.global_scale)
+    scales = property(lambda self: self.prep.scales)
+
+    @property
+    def skipped(self) -> tuple:
+        """(path, description) of every leaf of the checked tree that is not perturbed."""
+        return tuple((self._label(p), d) for p, d in self.split.skipped)
+
+    @property
+    def precision(self) -> str:
+        return self.prep.precision
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # -- coordinates -------------------------------------------------------------
+    def is_complex(self, k: int) -> bool:
+        return bool(jnp.iscomplexobj(self.dyn[k]))
+
+    def coordinates(self, k: int) -> int:
+        """Real coordinates of leaf k: Re parts first, then Im parts for complex leaves."""
+        return self.dyn[k].size * (2 if self.is_complex(k) else 1)
+
+    # -- f at the point, and how far two compilations of it may differ ---------------
+    def _fresh_value(self) -> np.ndarray:
+        """The evaluated function at the point from a new trace and compilation (its own
+        jit, never a cached trace), as a float64 vector of ``n_out`` values."""
+        fresh = jax.jit(lambda d, a: self.evaluated(d, a))
+        with compat.float_checks_off():  # a non-finite value is the caller's to judge
+            return compat.host(fresh(self.dyn, self.argarr)).astype(np.float64).reshape(-1)
+
+    def primal_bound(self, y=None):
+        """How far f(x) from two compilations may differ, per output: 1e3·u·max|y|, and
+        at least 8σ_j once the noise is measured. Two compilations may fuse and round
+        differently by a few u (an ill-conditioned f amplifies that), or by a few σ_j
+        where f rounds in a coarser dtype inside (bfloat16 matmuls of float32 params);
+        Python-level randomness differs by O(|y|). ``y``: f at the point (``y0``)."""
+        y = self.y0 if y is None else y
+        fin = np.abs(y[np.isfinite(y)])
+        bound = 1e3 * self.u * max(float(np.max(fin, initial=0.0)), 1e-30)
+        if self.sigma is None:
+            return bound
+        return np.maximum(bound, 8.0 * np.where(np.isfinite(self.sigma), self.sigma, 0.0))
+
+    def _differs(self, again, y=None) -> np.ndarray:
+        """Where ``again`` (f at the point from another trace) differs from ``y`` (``y0``)
+        beyond :meth:`primal_bound`; NaN against NaN is the same."""
+        y = self.y0 if y is None else y
+        with np.errstate(invalid="ignore"):
+            same = (again == y) | (np.isnan(again) & np.isnan(y)) | (np.abs(again - y) <= self.primal_bound(y))
+        return ~same
+
+    # -- evaluation off the point, and the estimate on coordinates -------------------
+    def leaf_function(self, k: int):
+        """The evaluated function of leaf k raveled, the other leaves and the data operands."""
+        shape = self.dyn[k].shape
+
+        def leaf(x, ops):
+            dyn, argarr = ops
+            dyn = list(dyn)
+            dyn[k] = x.reshape(shape)
+            return self.evaluated(dyn, argarr)
+
+        return leaf
+
+    def _probe_bank_of(self, k: int, complex_step: bool):
+        """Lines an evaluator of leaf k also walks (``engine.LeafEvaluator``'s ``lines``), or None."""
+
+    def evaluator(self, k: int, complex_step: bool = False) -> engine.LeafEvaluator:
+        """The compiled evaluator of leaf k's coordinate rows (``engine.LeafEvaluator``):
+        f at θ + δ·e_i, built on first use and kept in the table preparation starts."""
+        cache = self._evaluators
+        if (k, complex_step) not in cache:
+            operands = (self.dyn, self.argarr)
+            if complex_step and compat.strict_promotion():
+                # Strict promotion has no complex × real path, so the leaves not stepped
+                # and floating data become complex too (imaginary part 0, so that
+                # Im f(θ + ih·e_i) is unchanged).
+                operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
+            cache[k, complex_step] = engine.LeafEvaluator(
+                self.leaf_function(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
+                chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,
+                lines=self._probe_bank_of(k, complex_step),
+            )
+        return cache[k, complex_step]
+
+    def estimate(self, k: int, coords: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
+        """Finite-difference estimate for real coordinates ``coords`` of leaf k: one row per
+        coordinate and output (coordinate-major, ``len(coords)·n_out`` rows)."""
+        x = self.dyn[k]
+        m = x.size
+        x0 = compat.host(x).ravel()
+        elem = coords % m
+        unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
+        h = h_rel * self.scales[k][elem]
+        if stencil == "complex":
+            return self._complex_step(k, elem, h, x0)
+        offs = stencils.offsets(stencil)
+        deltas = (offs[None, :] * h[:, None] * unit[:, None]).astype(x0.dtype)
+        jv = self._rows(self.evaluator(k)(elem, deltas), offs.size)
+        # |taken| is the real step, or the imaginary one for an i·h perturbation.
+        taken = np.abs(engine.actual_steps(x0, elem, deltas))
+        return stencils.estimate(stencil, np.tile(self.output_at_point(), elem.size), jv,
+                                 np.repeat(taken, self.n_out, axis=0))
+
+    def _rows(self, values, p: int) -> np.ndarray:
+        """Evaluator values (coordinates, offsets[, outputs]) as rows (coordinate·output, offsets)."""
+        return np.real(np.asarray(values)).reshape(-1, p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
+
+    def _complex_step(self, k: int, elem: np.ndarray, h: np.ndarray, x0: np.ndarray) -> stencils.Estimate:
+        """Im f(θ + ih·e_i)/h for real leaf k (see stencils.complex_step)."""
+        if np.iscomplexobj(x0):
+            raise ValueError(
+                f"{self.api}: stencil='complex' needs real parameters, but leaf "
+                f"{self.paths[k]} is complex. Use stencil='central'."
+            )
+        deltas = (1j * h)[:, None].astype(np.result_type(x0.dtype, np.complex64))
+        try:
+            jv = self.evaluator(k, complex_step=True)(elem, deltas)
+        except Exception as e:
+            raise ValueError(
+                f"{self.api}: stencil='complex' evaluates fn at complex parameters, and "
+                f"{short_name(self.fn)} failed there ({type(e).__name__}: {e}). The cost is not "
+                "complex-safe (comparisons, abs, real-only ops); use stencil='central'."
+            ) from e
+        if not np.iscomplexobj(jv):
+            raise ValueError(
+                f"{self.api}: stencil='complex' needs a complex-safe cost, but "
+                f"{short_name(self.fn)} returned a real value for complex parameters at leaf "
+                f"{self.paths[k]} (abs, jnp.real, astype or a comparison dropped the "
+                "imaginary part), so Im J(θ+ih)/h would be 0. Use stencil='central'."
+            )
+        rows = np.asarray(jv).reshape(-1, 1, self.n_out).transpose(0, 2, 1).reshape(-1)
+        return stencils.complex_step(rows, np.repeat(h, self.n_out), self.u)
+
+    # -- steps -------------------------------------------------------------------
+    def relative_step(self, stencil: str, step: float | None) -> float:
+        """h/s for a stencil: given, or from :class:`steps.Steps` (the layout's
+        ``relative_noise``, this problem's wave and kink caps)."""
+        return Steps(self).relative(stencil, step)
+
+
 class VectorProblem(Prepared):
-    """Inputs of a vector-valued check, validated, at evaluation precision. A context manager."""
+    """A vector-valued check's problem: the one problem class with the output laid out as
+    the real vector y (see the module doc). A context manager."""
 
     FN = "f"
 
@@ -97,7 +354,7 @@ class VectorProblem(Prepared):
         return _quiet_nonfinite(scope)
 
     # -- preparation -------------------------------------------------------------
-    def _relabel(self, p: str) -> str:
+    def _label(self, p: str) -> str:
         # split_params paths start with the index into the tuple of checked primals.
         j, rest = p[1:].split("]", 1)
         return self.in_label(self.argnums[int(j)]) + rest
@@ -113,8 +370,6 @@ class VectorProblem(Prepared):
                               names=("primals", "the primals not checked"), finite=not self.allow_nonfinite,
                               absolute=self.absolute_step)
         dyn = prep.given
-        self.paths = [self._relabel(p) for p in self.split.dynamic_paths]
-        self.skipped = tuple((self._relabel(p), d) for p, d in self.split.skipped)
         # Shapes only (a trace, no compile): the first value comes from the compiled noise
         # probe at t = 0, so checking a function costs no op-by-op eager run.
         out = self._first_output()
@@ -126,11 +381,7 @@ class VectorProblem(Prepared):
         # The output layout's dtypes round too: u is that of the coarsest of them and the leaves'.
         self.u = unit_roundoff(list(prep.eval_dtypes) + [ol.dtype for ol in self.out_leaves])
         self.F = lambda d, a: self.vec(self.call(d, a))
-        self.sigma = None  # set by measure_noise
         self.bank = self._lines = None  # set by set_bank (measure_noise sets one without tangents)
-        # The compiled evaluator of each leaf's coordinates, built on first use (a check
-        # in directions uses none).
-        self._evaluators: dict = {}
         # f(x) from a derivative rule's own trace, by rule, where it is not f's (see check_primal).
         self.primal_mismatches: dict = {}
         self.native_view = vector_native.native_view(self, dyn, others, self.analytic_asked)
@@ -148,6 +399,11 @@ class VectorProblem(Prepared):
         shapes = [jax.tree_util.tree_map(lambda o: tuple(o.shape), t) for t in (out, given)]
         if shapes[0] != shapes[1]:
             raise ChangedByWidening(f"output shapes {shapes[0]}, against {shapes[1]} at the dtypes given")
+
+    @property
+    def evaluated(self):
+        """The function evaluated off the point: y = vec(f) of the perturbed leaves and data."""
+        return self.F
 
     def call(self, dyn, argarr):
         """f at the given perturbed leaves, aux dropped."""
@@ -191,24 +447,6 @@ class VectorProblem(Prepared):
                 "by zero or overflow there."
             )
 
-    def primal_bound(self):
-        """How far f(x) from two compilations may differ, per output: 1e3·u·max|y|, and
-        at least 8σ_j once the noise is measured. Two compilations may fuse and round
-        differently by a few u (an ill-conditioned f amplifies that), or by a few σ_j
-        where f rounds in a coarser dtype inside (bfloat16 matmuls of float32 params);
-        Python-level randomness differs by O(|y|)."""
-        fin = np.abs(self.y0[np.isfinite(self.y0)])
-        bound = 1e3 * self.u * max(float(np.max(fin, initial=0.0)), 1e-30)
-        if self.sigma is None:
-            return bound
-        return np.maximum(bound, 8.0 * np.where(np.isfinite(self.sigma), self.sigma, 0.0))
-
-    def _differs(self, again) -> np.ndarray:
-        y = self.y0
-        with np.errstate(invalid="ignore"):
-            same = (again == y) | (np.isnan(again) & np.isnan(y)) | (np.abs(again - y) <= self.primal_bound())
-        return ~same
-
     def check_primal(self, again, user: str | None = None, label: str = "JVP"):
         """Compare f(x) from another trace (the JVP's or VJP's primal output) with y0.
 
@@ -247,19 +485,7 @@ class VectorProblem(Prepared):
                 "if it uses randomness, pass a fixed PRNG key as an argument."
             )
 
-    def _fresh_value(self) -> np.ndarray:
-        """f at the point from a new trace and compilation (its own jit), as y."""
-        fresh = jax.jit(lambda d, a: self.F(d, a))
-        return compat.host(fresh(self.dyn, self.argarr)).astype(np.float64)
-
     # -- coordinates -------------------------------------------------------------
-    def is_complex(self, k: int) -> bool:
-        return bool(jnp.iscomplexobj(self.dyn[k]))
-
-    def coordinates(self, k: int) -> int:
-        """Real coordinates of leaf k: Re parts first, then Im parts for complex leaves."""
-        return self.dyn[k].size * (2 if self.is_complex(k) else 1)
-
     def block_columns(self, k: int) -> np.ndarray:
         """Permutation taking the (Re…, Im…) coordinate order to the (elem, Re/Im) layout."""
         m, n = self.dyn[k].size, self.coordinates(k)
@@ -402,10 +628,6 @@ class VectorProblem(Prepared):
             self.measure_noise()
         return self.u_eff
 
-    def relative_step(self, stencil: str, step: float | None) -> float:
-        """h/s for a stencil: given, or from :class:`steps.Steps` (as every scalar step is)."""
-        return Steps(self).relative(stencil, step)
-
     # -- finite differences --------------------------------------------------------
     def directional(self, dirs: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
         """Central-type estimate of J·bank[d] for every d in dirs; rows (len(dirs)·n_out)."""
@@ -415,36 +637,18 @@ class VectorProblem(Prepared):
         b = np.repeat(dirs, p)
         jv = self.eval_rows(s, b).reshape(nd, p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
         hv = np.broadcast_to(np.abs(offs * h_rel), jv.shape)
-        return stencils.estimate(stencil, np.tile(self.y0, nd), jv, hv)
+        return stencils.estimate(stencil, np.tile(self.output_at_point(), nd), jv, hv)
 
     def coordinate(self, k: int, coords: np.ndarray, stencil: str, h_rel: float) -> stencils.Estimate:
-        """Estimate of Jacobian columns for real coordinates of leaf k; rows (len(coords)·n_out)."""
-        cache = self._evaluators
-        x = self.dyn[k]
-        if k not in cache:
-            shape = x.shape
+        """Estimate of Jacobian columns for real coordinates of leaf k; rows (len(coords)·n_out):
+        :meth:`Prepared.estimate`, by the name the Jacobian check calls it."""
+        return self.estimate(k, coords, stencil, h_rel)
 
-            def cost(xf, ops):
-                dyn, argarr = ops
-                dyn = list(dyn)
-                dyn[k] = xf.reshape(shape)
-                return self.F(dyn, argarr)
-
-            cache[k] = engine.LeafEvaluator(cost, x.ravel(), (self.dyn, self.argarr),
-                                            chunk_size=self.chunk_size, counter=self.counter)
-        m = x.size
-        x0 = compat.host(x).ravel()
-        elem = coords % m
-        unit = np.where(coords >= m, 1j, 1.0) if np.iscomplexobj(x0) else np.ones(coords.size)
-        h = h_rel * self.scales[k][elem]
-        offs = stencils.offsets(stencil)
-        deltas = (offs[None, :] * h[:, None] * unit[:, None]).astype(x0.dtype)
-        jv = np.asarray(cache[k](elem, deltas), np.float64)  # (n, p, n_out)
-        taken = np.abs(engine.actual_steps(x0, elem, deltas))  # (n, p)
-        n, p = deltas.shape
-        jv = jv.transpose(0, 2, 1).reshape(-1, p)
-        hv = np.repeat(taken, self.n_out, axis=0)
-        return stencils.estimate(stencil, np.tile(self.y0, n), jv, hv)
+    def output_at_point(self) -> np.ndarray:
+        """y = vec(f(x)) as the compiled probe computes it (measured here if not yet)."""
+        if self.sigma is None:
+            self.measure_noise()
+        return self.y0
 
     def sigma_rows(self, n: int) -> np.ndarray:
         if self.sigma is None:
