@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import compat, compiling, policy, trees
-from .preparation import cost_of, step_scales
+from .preparation import cost_of, prepare
 from .problem import Problem
 
 
@@ -90,10 +90,13 @@ def native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, a
 
 
 def _native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, api: str):
-    split, dyn = trees.split_params(params, what=f"{api}: params")
+    # The record every check prepares, at the dtypes given (nothing widened or raised):
+    # the split, the leaves and data as passed, and each coordinate's scale.
+    prep = prepare(params, args, widen=False, as_given=True, what=f"{api}: params", names=("parameters", "args"))
+    split, dyn = prep.split, prep.given
     if grad is not None and _is_gradient_tree(grad, split):
         return None  # a given gradient tree (that happens to be callable): as given
-    rebuild_args, argarr = trees.split_args(args)
+    rebuild_args, argarr = prep.rebuild_args, prep.argarr
 
     def cost(d, a):
         return cost_of(fn(split.combine(d), *rebuild_args(a)), has_aux, api=api, fn=fn)
@@ -140,7 +143,7 @@ def _native_gradient(fn: Callable, params, args: tuple, grad, *, has_aux: bool, 
             malformed = True
         if malformed:
             return NativeSide(tree, float(np.real(compat.host(value))), u)
-    spread = _spread(gradient_at, dyn, g0)
+    spread = _spread(gradient_at, dyn, g0, prep.scales)
     return NativeSide(tree, float(np.real(compat.host(value))), u, spread, g0)
 
 
@@ -152,18 +155,17 @@ def _same_structure(tree, split) -> bool:
     return True
 
 
-def _spread(gradient_at: Callable, dyn: list, g0: list) -> list | None:
+def _spread(gradient_at: Callable, dyn: list, g0: list, scales) -> list | None:
     """Per checked leaf, the largest deviation of the gradient over a few nudged points
     (see policy.ANALYTIC_PROBES): a sample of its own rounding at the dtypes given.
 
     A nudge moves each coordinate by ANALYTIC_PROBE_ULPS round-offs of its scale
-    (max(|θ_i|, rms of the leaf)) in the leaf's own dtype. A deviation beyond
+    ``scales`` (max(|θ_i|, rms of the leaf), the record's) in the leaf's own dtype. A deviation beyond
     ANALYTIC_JUMP·u times the largest |g| crossed a kink, not a rounding: 0 there.
     None for complex leaves (no nudge is defined here) or a gradient that raised.
     """
     if any(np.iscomplexobj(g) for g in g0):
         return None
-    _, scales = step_scales(dyn)
     rng = np.random.default_rng(0)
     hosts = [compat.host(x) for x in dyn]
     us = [policy.unit_roundoff(x.dtype) for x in hosts]

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import trees, validate
+from . import validate
 from .names import function_name, short_name
+from .preparation import prepare
 from .products import DEFAULT_DIRECTIONS, Plan, run
 from .report import Report
 from .sampling import rng_from_key
@@ -69,7 +70,9 @@ def check_hvp(f: Callable, params: Any, *args, hvp: Callable | None = None, orde
     validate.function(api, "hvp", hvp, "a callable hvp(params, v, *args)", optional=True)
     opts = validate.options(api, precision=precision, rtol=rtol, atol=atol, step=step, strict=strict,
                             chunk_size=chunk_size, analytic=analytic)
-    split0, dyn0 = trees.split_params(params, what=f"{api}: params")
+    # The split of params from the record every check prepares (at the dtypes given).
+    prep = prepare(params, args, widen=False, as_given=True, what=f"{api}: params", names=("parameters", "args"))
+    split0, dyn0 = prep.split, prep.given
     rng = rng_from_key(key, api)
     seed = int(rng.integers(2**31))
     # Fixed vectors for the derivatives of order > 2 (drawn inside the trace from
