@@ -232,6 +232,10 @@ def test_both_problems_prepare_through_one_record_one_probe_and_one_steps():
     assert "noise.probe" in _calls("vector") and "probe" in _calls("noise")
     assert "Steps" in _calls("vector")
     assert "prepare" in _calls("vector") and "retried" in _calls("vector")
+    # The analytic side at the dtypes given and check_hvp split params through the record too.
+    for module in ("analytic", "hvp"):
+        calls = _calls(module)
+        assert "prepare" in calls and not calls & own, (module, sorted(calls & own))
 
 
 def test_one_problem_class_prepares_estimates_and_checks_determinism_for_both_layouts():

@@ -1,0 +1,44 @@
+"""The one problem class (jgc._src.vector.Prepared): a scalar cost is a vector function with one output.
+
+The scalar problem (``problem.Problem``) and the vector problem (``vector.VectorProblem``)
+differ only in how the output is laid out and measured; the estimate on coordinates,
+the evaluator of a leaf and the determinism bound are the same code. So a scalar cost
+checked as a vector function of one output must give the same finite differences at
+the same step, and ``jax.grad`` within their error.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jgc._src.problem import Problem
+from jgc._src.vector import VectorProblem
+
+
+def cost(w, x):
+    return jnp.sum(jnp.tanh(w * x) ** 2) + jnp.sum(w**3) / 3
+
+
+W = np.array([0.3, -1.2, 0.8, 2.0])
+X = np.array([1.5, 0.4, -0.7, 0.2])
+
+
+def grad(w, x):
+    """dJ/dw by hand, in float64: 2·tanh(wx)·(1 − tanh²(wx))·x + w²."""
+    t = np.tanh(w * x)
+    return 2 * t * (1 - t**2) * x + w**2
+
+
+def test_a_scalar_cost_estimates_as_a_vector_function_of_one_output():
+    stencil = "richardson"  # six offsets a coordinate: every row of the estimate's layout
+    coords = np.arange(W.size)
+    with Problem(cost, W, (X,)) as scalar:
+        a = scalar.estimate(0, coords, stencil, scalar.relative_step(stencil, 1e-4))
+    with VectorProblem(cost, (W, X), argnums=0, api="test") as vector:
+        assert vector.n_out == 1
+        b = vector.estimate(0, coords, stencil, vector.relative_step(stencil, 1e-4))
+    assert a.value.shape == b.value.shape == (W.size,)
+    # The same rows at the same steps, from two compiled programs of the same cost.
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
+    np.testing.assert_allclose(a.value, grad(W, X), rtol=1e-6)
