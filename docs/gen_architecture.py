@@ -31,7 +31,7 @@ LAYERS = {
              "validate", "compare", "jaxprs"],
     "runtime": ["memory", "compiling", "sharding", "sparse_values", "sparse_products", "sparse", "engine"],
     "problems": ["preparation", "problem", "vector_layout", "vector_analytic", "vector_native",
-                 "vector", "steps", "staircase", "analytic"],
+                 "vector", "vector_complex", "steps", "staircase", "analytic"],
     "judging": ["report", "plot", "summary", "judge", "messages"],
     "front doors": ["sampling", "screening", "strategies", "check", "jacobian", "products", "hvp",
                     "check_grads", "taylor"],

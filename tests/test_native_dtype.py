@@ -272,6 +272,107 @@ def test_a_float64_tail_is_resolved_by_the_complex_step_where_the_cost_allows():
     assert abs(lf.numeric[0] - 4.248354255291589e-18) < 1e-6 * 4.25e-18
 
 
+@jax.custom_jvp
+def _sigmoid_tail_doubled(x):
+    return jax.nn.sigmoid(x)
+
+
+@_sigmoid_tail_doubled.defjvp
+def _sigmoid_tail_doubled_jvp(primals, tangents):
+    # Wrong only in the tail (|x| > 30): twice σ', 8.5e-18 at 40, far under atol.
+    (x,), (t,) = primals, tangents
+    e = jnp.exp(-jnp.abs(x))
+    return _sigmoid_tail_doubled(x), jnp.where(jnp.abs(x) > 30, 2.0, 1.0) * e / (1 + e) ** 2 * t
+
+
+VECTOR_TAIL_POINT = [40.0, 1.0, -2.0, 38.0]
+SIGMOID_40 = 4.248354255291589e-18  # σ'(40), mpmath
+
+
+def _tail_entries(lf):
+    """The entries of a vector check's block whose analytic value is a float64 tail (< 1e-12, not 0)."""
+    a = np.asarray(lf.analytic).reshape(lf.shape)
+    return sorted(tuple(int(i) for i in w) for w in zip(*np.nonzero((np.abs(a) < 1e-12) & (a != 0))))
+
+
+@pytest.mark.parametrize("check", ["jacobian", "jvp"])
+def test_a_vector_float64_tail_is_resolved_by_the_complex_step(check):
+    run = {"jacobian": jgc.check_jacobian, "jvp": jgc.check_jvp}[check]
+    with jax.enable_x64(True):
+        p = jnp.array(VECTOR_TAIL_POINT)
+        rep = run(_sigmoid_by_input, p)
+        wrong, strict = run(_sigmoid_tail_doubled, p), run(_sigmoid_tail_doubled, p, strict=True)
+    lf = rep.leaves[0]
+    tails = _tail_entries(lf)
+    assert tails, lf.analytic  # the fixture has float64 tails (central differences see 0 there)
+    assert rep.ok and lf.counts["ok"] == lf.checked and not lf.reasons, rep
+    # The complex step's value is the one shown, to its own precision, not 0 ± 1e-11.
+    num, a = (np.asarray(v).reshape(lf.shape) for v in (lf.numeric, lf.analytic))
+    for w in tails:
+        assert abs(num[w] - a[w]) <= 1e-6 * abs(a[w]), (w, num[w], a[w])
+    if check == "jacobian":
+        assert abs(num[0, 0] - SIGMOID_40) < 1e-6 * SIGMOID_40
+    # A rule wrong only there (twice σ') is flagged: it passes by atol alone, so it is
+    # imprecise (fails under strict), never silently ok.
+    flagged = wrong.leaves[0].elements("imprecise")
+    assert sorted(flagged) == _tail_entries(wrong.leaves[0]) and flagged, wrong
+    assert not strict.ok
+
+
+@pytest.mark.parametrize("check", ["jacobian", "jvp"])
+def test_a_vector_float64_tail_nothing_resolves_is_inconclusive_with_its_reason(check):
+    run = {"jacobian": jgc.check_jacobian, "jvp": jgc.check_jvp}[check]
+    with jax.enable_x64(True):
+        rep = run(lambda q: _sigmoid_by_input(jnp.abs(q)), jnp.array(VECTOR_TAIL_POINT))  # abs: not complex-safe
+    lf = rep.leaves[0]
+    assert lf.elements("inconclusive") == _tail_entries(lf) and lf.elements("inconclusive"), rep
+    assert rep.ok and lf.counts["mismatch"] == 0  # inconclusive fails only under strict
+    why = rep.to_dict()["leaves"][0]["reasons"]
+    assert sorted(tuple(w["index"]) for w in why) == _tail_entries(lf)
+    assert all("smaller than float64 central differences resolve" in w["reason"]
+               and "not complex-safe" in w["reason"] for w in why), why
+
+
+def _layernorm(x):
+    m = jnp.mean(x)
+    return (x - m) / jnp.sqrt(jnp.mean((x - m) ** 2) + 1e-5)
+
+
+def test_a_float64_rounding_residue_of_a_true_zero_is_ok_not_inconclusive():
+    # Σ w·LayerNorm(x), with w chosen so that the gradient's element 7 is 0 in exact
+    # arithmetic: float64 computes it from terms ≈ 1 as ≈ 1e-16, a residue, not a tail.
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=50), rng.normal(size=50)
+    with jax.enable_x64(True):
+        xh = np.asarray(_layernorm(jnp.asarray(x)))
+        n, rest = x.size, np.arange(50) != 7
+        w[7] = (w[rest].sum() / n + xh[7] * (w[rest] * xh[rest]).sum() / n) / (1 - 1 / n - xh[7] ** 2 / n)
+        rep = jgc.check(lambda q: jnp.sum(jnp.asarray(w) * _layernorm(q)), jnp.asarray(x))
+    g7 = rep.leaves[0].analytic[7]
+    assert g7 != 0 and abs(g7) < 1e-15, g7  # the fixture: a nonzero residue
+    assert rep.ok and rep.counts()["inconclusive"] == 0 and not rep.leaves[0].reasons, rep
+
+
+def test_float64_rounding_residues_in_a_jacobian_are_ok_without_the_complex_step():
+    # J = A·B with entry (0, 1) = 0 in exact arithmetic, computed from terms ≈ 1 (≈ 1e-16);
+    # jnp.real makes f not complex-safe, so only the residue floor (16u times the smaller
+    # of the entry's row and column scales) keeps it from being called a tail.
+    rng = np.random.default_rng(3)
+    A, B = rng.normal(size=(5, 6)), rng.normal(size=(6, 4))
+    B[5, 1] = -(A[0, :5] @ B[:5, 1]) / A[0, 5]
+    with jax.enable_x64(True):
+        f = lambda x: jnp.asarray(A) @ (jnp.asarray(B) @ jnp.real(x))  # noqa: E731
+        rep = jgc.check_jacobian(f, jnp.asarray(rng.normal(size=4)))
+        # A real tail beside it is still no residue: its row and column are tails too.
+        both = jgc.check_jacobian(lambda x: (f(x), _sigmoid_by_input(jnp.abs(x))), jnp.array(VECTOR_TAIL_POINT))
+    lf = rep.leaves[0]
+    j01 = np.asarray(lf.analytic).reshape(lf.shape)[0, 1]
+    assert j01 != 0 and abs(j01) < 1e-14, j01  # the fixture: a nonzero residue
+    assert rep.ok and rep.counts()["inconclusive"] == 0, rep
+    assert both.leaves[0].counts["inconclusive"] == 0, both
+    assert both.leaves[1].elements("inconclusive") == [(0, 0), (3, 3)], both
+
+
 @pytest.mark.parametrize("loss", ["l2", "l1"])  # l1: |·| is not complex-safe, no complex step
 def test_dead_relu_units_in_float64_are_not_called_inconclusive(loss):
     rng = np.random.default_rng(3)

@@ -18,12 +18,13 @@ import jax
 import numpy as np
 
 from . import compare, policy, validate
-from .judge import Evidence, Limits, Refined, judge, limits, line_central
+from .judge import ComplexStep, Evidence, Limits, Refined, judge, limits, line_central, line_complex
 from .names import short_name
 from .report import Report
-from .summary import block_report, gref, make_report, twin_values
+from .summary import block_reasons, block_report, gref, make_report, twin_values
 from .vector import VectorProblem, to_device
 from .vector_analytic import NoForwardRule, NoReverseRule
+from .vector_complex import ComplexSteps
 from .vector_native import spreads_of, twin_of
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
@@ -262,9 +263,12 @@ def check_jacobian(f: Callable, *primals, jac: Callable | None = None, argnums=N
                            step=h, strict=opts.strict, notes=notes)
 
 
-def _column_evidence(vp: VectorProblem, k: int, shape: tuple, h: float, step) -> Evidence:
+def _column_evidence(vp: VectorProblem, k: int, shape: tuple, h: float, step, *,
+                     cx: ComplexSteps | None = None) -> Evidence:
     """The Jacobian adapter of the judge: block k's columns (n_out × coordinates of leaf k),
-    by central differences at ``h``, suspect columns re-estimated whole by Richardson."""
+    by central differences at ``h``, suspect columns re-estimated whole by Richardson, and
+    with ``cx`` (a real leaf with float64 blocks) the complex step of the columns holding
+    an element nothing else resolved."""
     nc = vp.coordinates(k)
 
     def cheap():
@@ -283,7 +287,11 @@ def _column_evidence(vp: VectorProblem, k: int, shape: tuple, h: float, step) ->
         return Refined(flat(r.value), flat(e2), flat(r.finite), side(r.onesided), side(r.table), flat(noise))
 
     central = line_central(lambda cols, h_rel: vp.coordinate(k, cols, "central", h_rel), shape, 0, vp.sigma)
-    return Evidence(cheap, richardson=richardson, lines=0, central=central, imprecise=False, h_rel=h, u=vp.u)
+    complex_step = None if cx is None else ComplexStep(
+        line_complex(lambda cols, h_rel: cx.columns(k, cols, h_rel), shape, 0), vp.relative_step("complex", None),
+        vp.u, where=np.broadcast_to(cx.real_out[:, None], shape))
+    return Evidence(cheap, richardson=richardson, lines=0, central=central, complex_step=complex_step,
+                    imprecise=False, h_rel=h, u=vp.u)
 
 
 def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options, *, S: list | None = None,
@@ -293,17 +301,22 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options
     the float64 twin's entries for lines with a mismatch (see :func:`_jacobian_twin`)."""
     step, rtol, atol = opts.step, opts.rtol, opts.atol
     g_all = max((gref(a, 0.0) for a in A), default=0.0) or 1.0
+    cx = ComplexSteps(vp)
     leaves = []
     for k, a in enumerate(A):
         nc = vp.coordinates(k)
-        RT, AT, FL, GR = (np.zeros_like(a) for _ in range(4))
+        RT, AT, FL, GR, RS = (np.zeros_like(a) for _ in range(5))
+        TL = np.zeros(a.shape, bool)
         for ol in vp.out_leaves:
             g = gref(a[ol.start:ol.stop], g_all)
-            lim = limits(vp, k, ol, rtol, atol, g)
+            lim = limits(vp, k, ol, rtol, atol, g, block=a[ol.start:ol.stop])
             RT[ol.start:ol.stop], AT[ol.start:ol.stop], FL[ol.start:ol.stop] = lim.rtol, lim.atol, lim.floor
-            GR[ol.start:ol.stop] = g
-        lim = Limits(RT, AT, FL, analytic=0.0 if S is None else policy.ANALYTIC_SAFETY * S[k])
-        judged = judge(a, lim, _column_evidence(vp, k, a.shape, h, step)).judged
+            GR[ol.start:ol.stop], TL[ol.start:ol.stop], RS[ol.start:ol.stop] = g, lim.tail, lim.residue
+        lim = Limits(RT, AT, FL, analytic=0.0 if S is None else policy.ANALYTIC_SAFETY * S[k], tail=TL, residue=RS)
+        # The complex step where some block is float64 (its tails are settled) and the
+        # input leaf is real (a complex coordinate has no complex step of its own).
+        ev = _column_evidence(vp, k, a.shape, h, step, cx=cx if TL.any() and not vp.is_complex(k) else None)
+        judged = judge(a, lim, ev).judged
         TW = None if twin is None else twin_values(judged.codes, lambda at, k=k: twin[1](k, at), lines=twin[0])
         perm = vp.block_columns(k)
         for ol in vp.out_leaves:
@@ -316,6 +329,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options
                 path=vp.paths[k], label=f"{ol.path} wrt {vp.paths[k]}", output_path=ol.path,
                 shape=ol.block_shape + vp.in_block_shape(k), dtype=vp.orig_dtypes[k].name,
                 split_index=lambda w, nd=nd: (w[:nd], w[nd:]),
+                reasons=block_reasons(judged.why, a.shape, slice(ol.start, ol.stop), perm),
                 step=float(np.median(h * vp.scales[k])),
                 g_ref=float(GR[ol.start, 0]) if ol.stop > ol.start and nc else 1.0,
             ))

@@ -70,26 +70,68 @@ class Limits:
     # derivative the reference cannot tell from 0 is ``inconclusive`` there (see
     # :func:`settle_tail`), since no check at a higher precision could settle it. Off
     # for narrower dtypes, whose absolute tolerance stands far above what the float64
-    # reference resolves.
-    tail: bool = False
+    # reference resolves. A mask like the elements where only some blocks are float64.
+    tail: bool | np.ndarray = False
+    # Analytic values at most this size are float64 rounding residues of a true 0, not
+    # tails (see :func:`residue_floor`): they stay ok. 0: no such floor.
+    residue: float | np.ndarray = 0.0
 
     def at(self, idx: np.ndarray) -> Limits:
         """The limits of the elements at flat indices ``idx``."""
         pick = (lambda v: np.ravel(v)[idx] if np.ndim(v) else v)
         return Limits(pick(self.rtol), pick(self.atol), pick(self.floor), self.tiny, pick(self.analytic),
-                      self.tail)
+                      pick(self.tail), pick(self.residue))
 
 
-def limits(vp, k: int, ol, rtol, atol, g_ref) -> Limits:
+# Multiples of the unit round-off, times the size of the terms an element is summed
+# from, that rounding leaves at a true 0: a sum of n terms of size T rounds by up to
+# about n·u·T, and the few terms of a normalisation or a softmax row leave ≈ 0.3-2·u·T
+# (LayerNorm at n = 50: 7e-17 from terms of ≈ 1). 16, as the complex step's allowance
+# for a chain of operations (stencils.complex_step).
+RESIDUE_ULPS = 16.0
+
+
+def residue_floor(block: np.ndarray, u: float) -> np.ndarray:
+    """Per entry of a 2-D block of analytic derivatives (a Jacobian block, J·t rows
+    against outputs, pairings), the size under which a value is a rounding residue of 0.
+
+    What tells a residue from a tail is the size of the terms that produce this very
+    entry, not of the block: σ'(40) = 4e-18 is a tail whose terms are all ≈ 4e-18 (an
+    elementwise op: its row and column hold nothing larger), while the 1e-17 entries
+    of a LayerNorm Jacobian are what is left of terms ≈ 1 that cancel, and those terms
+    show in the entries beside it, in its row (the same output) and in its column (the
+    same input). So the floor is ``RESIDUE_ULPS``·u times the smaller of the entry's row
+    and column scales: an entry is a residue only if both its output and its input
+    carry derivatives 1/(16u) times larger. An isolated tail (its row or its column
+    tiny) keeps its own size as scale and is never taken for a residue; a scalar
+    cost's gradient has no such structure (its 'column' is the element itself), so a
+    scalar check relies on the complex step's own rounding bar (:func:`_complex_probe`)
+    instead. Used where the complex step cannot run: it is the weaker evidence.
+    """
+    m = np.where(np.isfinite(block), np.abs(block), 0.0)
+    if m.size == 0:
+        return np.zeros(np.shape(block))
+    rows = np.max(m, axis=1, keepdims=True)
+    cols = np.max(m, axis=0, keepdims=True)
+    return RESIDUE_ULPS * u * np.minimum(rows, cols)
+
+
+def limits(vp, k: int, ol, rtol, atol, g_ref, *, block=None) -> Limits:
     """The limits of a vector check's block (output leaf ol, input leaf k), its largest |g| g_ref.
 
     The tolerance is in the coarser of the two dtypes (a function that computes in
     float32 inside a float64 check rounds there), at the dtypes given with
-    ``analytic="native"``, and scaled by the block's largest derivative.
+    ``analytic="native"``, and scaled by the block's largest derivative. ``block``: the
+    block's analytic values, compared with finite differences: where they are float64,
+    its tails nothing resolves are inconclusive (``Limits.tail``), and values under
+    :func:`residue_floor` are rounding residues. None for a comparison exact on both
+    sides (the transpose identity), which has no tail.
     """
     d = vector_native.analytic_dtype(vp, k, ol)
     rt, at = policy.default_tolerances(d, g_ref, rtol, atol)
-    return Limits(rt, at, policy.inconclusive_floor(g_ref))
+    tail = block is not None and np.dtype(d) == np.float64
+    residue = residue_floor(np.asarray(block), policy.unit_roundoff(d)) if tail else 0.0
+    return Limits(rt, at, policy.inconclusive_floor(g_ref), tail=tail, residue=residue)
 
 
 @dataclasses.dataclass
@@ -151,16 +193,28 @@ def refine(judged: Judged, a, idx: np.ndarray, est: Refined, lim: Limits, *, imp
 
 
 # -- the driver --------------------------------------------------------------------------
+def _no_note(hidden, err) -> None:
+    """The default of ``ComplexStep.unresolved``: nothing to say."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ComplexStep:
-    """The complex-step evidence of a side that has it (a scalar cost's real leaf)."""
+    """The complex-step evidence of a side that has it: a scalar cost's real leaf, a
+    Jacobian's columns of a real input leaf (:func:`line_complex`), J·t rows along real
+    tangents and the pairings built from them (real outputs)."""
 
     at: Callable  # (flat element indices, relative step h) -> stencils.Estimate of Im J(θ + ih)/h
     h: float  # the complex step's relative step
     u: float  # the reference's unit round-off
     # (mask of the unresolved elements with analytic 0, error bars) -> None: says so when
     # the cost is not complex-safe
-    unresolved: Callable
+    unresolved: Callable = _no_note
+    # The elements it can evaluate (None: all): a complex output or input has no
+    # complex step of its own (Im of its (Re, Im) view is not a derivative).
+    where: np.ndarray | None = None
+    # Exact zeros probed (sampled): a scalar leaf confirms its dead units; a Jacobian,
+    # full of structural zeros, probes only nonzero values (every zero costs a column).
+    zeros: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +286,31 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
                 step_ladder(judged, a, bad, functools.partial(ev.central, bad), h_rel=ev.h_rel, u=ev.u,
                             floor=lim.at(bad).floor)
     resolved, reason, bar = None, NO_COMPLEX_STEP, None
-    if ev.complex_step is not None:
-        resolved, reason, bar = _complex_probe(ev.complex_step, a, judged, lim)
-    if lim.tail:
+    cs = ev.complex_step
+    if cs is not None:
+        resolved, reason, bar = _complex_probe(cs, a, judged, lim)
+        if cs.where is not None:
+            said = reason
+            reason = (lambda j: said if cs.where.flat[j] else NO_COMPLEX_STEP)  # noqa: E731
+    if np.any(lim.tail):
         settle_tail(judged, a, lim, resolved, reason, bar=bar)
     return Verdict(judged, idx, est, lim)
+
+
+def line_complex(estimate: Callable, shape: tuple, out_axis: int) -> Callable:
+    """The complex step's look at elements of a block judged by lines (see ``ComplexStep.at``):
+    ``estimate(lines, h)`` gives Im f(x + i·h·v)/h of whole lines (a Jacobian column, a
+    tangent's J·t), (lines · outputs) flat, the outputs along ``out_axis``. Each line is
+    evaluated once, however many of its elements are asked."""
+    def at(idx, h):
+        where = np.unravel_index(np.asarray(idx, np.int64), shape)
+        out, line = where[out_axis], where[1 - out_axis]
+        lines, inv = np.unique(line, return_inverse=True)
+        est = estimate(lines, h)
+        pick = inv * shape[out_axis] + out
+        return stencils.Estimate(est.value[pick], est.err_round[pick], est.err_trunc[pick], est.finite[pick])
+
+    return at
 
 
 def line_central(estimate: Callable, shape: tuple, out_axis: int, sigma: np.ndarray) -> Callable:
@@ -314,7 +388,7 @@ def judge_leaf(problem, steps, k: int, coords: np.ndarray, a: np.ndarray, plan: 
         central=None if is_c else central, h_rel=plan.h_rel, u=problem.u,
         complex_step=None if is_c or plan.stencil == "complex" else ComplexStep(
             lambda idx, h: problem.estimate(k, elems[idx] % m, "complex", h), steps.relative("complex", None),
-            problem.u, functools.partial(_unresolved_note, problem, k, elems=elems, a=a)))
+            problem.u, functools.partial(_unresolved_note, problem, k, elems=elems, a=a), zeros=COMPLEX_PROBES))
     verdict = judge(a, lambda num, finite: _leaf_limits(problem, k, elems, a, plan, num=num, finite=finite), ev)
     if not is_c and plan.step is None and staircase.noisy(steps):
         # A cost quantised inside (bfloat16 compute): inconclusive elements get steps that span the staircase.
@@ -436,27 +510,36 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     elements must agree with their resolved analytic values (an abs, conj or real-only
     op breaks that). A cost that is not complex-safe, or that fails with complex
     inputs, is left as it was. The probe only ever adds ``IMPRECISE``: it never turns a
-    pass into a mismatch.
+    pass into a mismatch. ``cs.where`` limits it to the elements it can evaluate, and
+    ``cs.zeros`` to that many exact zeros (sampled).
 
     Returns (the elements the complex step resolved, a boolean mask or None where it
     resolved none; why the others were not resolved; the complex step's error bar per
     element, NaN where it did not run, or None), for :func:`settle_tail`.
     """
-    num, err, tol, codes = judged.num, judged.err, judged.tol, judged.codes
     rt, at = lim.rtol, lim.atol
-    hidden = unresolved(a, judged, at)
+    shape = np.shape(a)
+    can = np.ones(shape, bool) if cs.where is None else np.asarray(cs.where, bool).reshape(shape)
+    hidden = (unresolved(a, judged, at) & can).ravel()
     if not hidden.any() or np.all(np.asarray(at) <= 0):
         return None, NOT_PROBED, None
+    # Flat copies to read; results are written back through ``.flat`` (a block judged by
+    # columns may hold transposed, non-contiguous arrays).
+    a = np.ravel(a)
+    num, err, tol = (np.ravel(v) for v in (judged.num, judged.err, judged.tol))
     zero = np.flatnonzero(hidden & (a == 0))
-    if zero.size > COMPLEX_PROBES:
-        zero = zero[np.linspace(0, zero.size - 1, COMPLEX_PROBES).astype(np.int64)]
+    if zero.size > cs.zeros:
+        zero = zero[np.linspace(0, zero.size - 1, cs.zeros).astype(np.int64)] if cs.zeros else zero[:0]
     cand = np.union1d(np.flatnonzero(hidden & (a != 0)), zero)
-    a_flat = np.abs(np.asarray(a))
-    good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol))
-    check_at = good[np.argsort(-a_flat[good])[:2]]
-    if check_at.size == 0:
-        return None, UNVALIDATED, None  # nothing resolved to validate the complex step against
+    if cand.size == 0:
+        return None, NOT_PROBED, None
+    good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol) & can.ravel())
+    check_at = good[np.argsort(-np.abs(a[good]))[:2]]
     h = cs.h
+    if check_at.size == 0:
+        # Nothing resolved to validate the complex step against: its values cannot be
+        # trusted, but its rounding can (see _rounding_residues).
+        return _rounding_residues(cs, judged, a, cand), UNVALIDATED, None
     try:
         with np.errstate(all="ignore"):
             e1 = cs.at(np.concatenate([check_at, cand]), h)
@@ -477,24 +560,68 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     # round-off safety) measures it; 16u|v| covers a chain of complex operations.
     e_c = policy.ROUNDOFF_SAFETY * np.abs(v1 - v3) + 16.0 * cs.u * np.abs(v1)
     ok_fin = fin[check_at.size: check_at.size + cand.size] & fin[check_at.size + cand.size:]
-    rel = rt * np.maximum(np.abs(a[cand]), np.abs(v1))
     at_c = np.ravel(at)[cand] if np.ndim(at) else at
-    passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt, at_c) + e_c
+    rt_c = np.ravel(rt)[cand] if np.ndim(rt) else rt
+    rel = rt_c * np.maximum(np.abs(a[cand]), np.abs(v1))
+    passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt_c, at_c) + e_c
     flag = compare.imprecise(a[cand], v1, e_c, rel, passed & ok_fin, lim.tiny)
     idx = cand[flag]
-    num[idx], err[idx] = v1[flag], e_c[flag]
-    codes[idx] = IMPRECISE
-    resolved = np.zeros(np.shape(a), bool)
+    judged.num.flat[idx], judged.err.flat[idx] = v1[flag], e_c[flag]
+    judged.codes.flat[idx] = IMPRECISE
+    resolved = np.zeros(a.size, bool)
     # Resolved: the complex step's own bar is within compare.RESOLVED of its value (or
-    # of the analytic value), or it confirms an exact 0 to within the tolerance.
-    resolved[cand] = ok_fin & ((e_c <= compare.RESOLVED * np.maximum(np.abs(v1), np.abs(a[cand])))
-                               | ((a[cand] == 0) & passed))
+    # of the analytic value), or it confirms an exact 0 to within the tolerance. Or
+    # explained: both the analytic value and the complex step's lie within that bar,
+    # which measures the rounding of the very terms this element is summed from (their
+    # spread between steps h and 3h; a smooth derivative does not depend on h at
+    # h ≈ 1e-20·s): the element is a rounding residue of a true 0 (a LayerNorm input's
+    # 1e-16 where the exact gradient is 0, from terms ≈ 1), which float64 itself cannot
+    # hold, not a tail (σ'(40) = 4e-18 comes from terms of 4e-18, with a bar of ≈ 1e-31).
+    mag = np.maximum(np.abs(v1), np.abs(a[cand]))
+    residue = ok_fin & (mag <= e_c) & passed
+    resolved[cand] = ok_fin & ((e_c <= compare.RESOLVED * mag) | ((a[cand] == 0) & passed) | residue)
+    _residues_ok(judged, cand[residue])
     # The report shows the complex step's figures where it resolved an element that passed.
     keep = resolved[cand] & passed & ~flag
-    num[cand[keep]], err[cand[keep]] = v1[keep], e_c[keep]
-    bar = np.full(np.shape(a), np.nan)
+    judged.num.flat[cand[keep]], judged.err.flat[cand[keep]] = v1[keep], e_c[keep]
+    bar = np.full(a.size, np.nan)
     bar[cand] = np.where(ok_fin, e_c, np.inf)
-    return resolved, NOT_PROBED, bar
+    return resolved.reshape(shape), NOT_PROBED, bar.reshape(shape)
+
+
+def _residues_ok(judged: Judged, idx: np.ndarray) -> None:
+    """Rounding residues of a true 0 (flat ``idx``) are ok, whatever the cheap pass said:
+    an error bar wider than such a value (inconclusive there) says nothing about a value
+    float64 itself cannot hold. Never a mismatch: only elements that passed come here."""
+    idx = idx[judged.codes.flat[idx] == INCONCLUSIVE]
+    judged.codes.flat[idx] = OK
+
+
+def _rounding_residues(cs: ComplexStep, judged: Judged, a: np.ndarray, cand: np.ndarray) -> np.ndarray | None:
+    """Elements ``cand`` (flat) that are float64 rounding residues by an unvalidated complex step.
+
+    With nothing resolved to compare it with (every element of a J·t row of
+    sum(LayerNorm(x)), identically 0, is 1e-16 of rounding), the complex step's values
+    prove nothing, but the spread between its steps h and 3h still measures rounding:
+    Im f(x + i·h·v)/h of a smooth f does not depend on h at h ≈ 1e-20·s, and an op that
+    is not complex-safe (abs, a real part) gives values smooth in h (or 0), not a spread.
+    Where that spread covers both the analytic value and the step's own, the element is
+    a residue, as when the step is validated (those that passed the cheap pass: ok).
+    Returns the mask of residues, or None where the complex step cannot run.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            e1, e3 = cs.at(cand, cs.h), cs.at(cand, 3.0 * cs.h)
+    except Exception:  # noqa: BLE001 - not complex-safe: nothing to say
+        return None
+    spread = policy.ROUNDOFF_SAFETY * np.abs(e1.value - e3.value)
+    mag = np.maximum(np.abs(e1.value), np.abs(a[cand]))
+    passed = np.abs(a[cand] - judged.num.flat[cand]) <= judged.bound.flat[cand]
+    residue = e1.finite & e3.finite & (spread > 0) & (mag <= spread) & passed
+    _residues_ok(judged, cand[residue])
+    resolved = np.zeros(a.size, bool)
+    resolved[cand] = residue
+    return resolved.reshape(np.shape(judged.codes))
 
 
 def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str, *,
@@ -518,11 +645,15 @@ def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, rea
     num, err = judged.num, judged.err
     wide = err > 0.5 * np.maximum(np.abs(a), np.abs(num))  # as compare.classify's inconclusive test
     tail = unresolved(a, judged, lim.atol) & (judged.codes == OK) & (a != 0) & wide
+    # Where the analytic side is float64 (a mask where only some blocks are), and above
+    # what float64 rounding leaves at a true 0 (see residue_floor): a residue stays ok.
+    tail &= np.broadcast_to(np.asarray(lim.tail, bool), tail.shape) & (np.abs(a) > lim.residue)
     if resolved is not None:
         tail &= ~resolved
     for j in np.flatnonzero(tail):
         b = None if bar is None else float(bar.flat[j])
-        said = TOO_WIDE.format(b) if b is not None and not math.isnan(b) else reason
+        said = (TOO_WIDE.format(b) if b is not None and not math.isnan(b)
+                else reason(int(j)) if callable(reason) else reason)
         judged.why[int(j)] = (f"smaller than float64 central differences resolve (error bar {float(err.flat[j]):.1e} "
                               f"against a value of {abs(complex(a.flat[j])):.1e}; σ' at 40 is 4e-18), and "
                               f"{said}; it passed by the absolute tolerance alone")

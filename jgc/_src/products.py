@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, policy, validate
-from .judge import Evidence, Limits, Refined, judge, limits, line_central
+from . import compare, policy, stencils, validate
+from .judge import ComplexStep, Evidence, Limits, Refined, judge, limits, line_central, line_complex
 from .names import short_name
 from .report import Report
 from .sampling import rng_from_key
-from .summary import block_report, gref, make_report, twin_values
+from .summary import block_reasons, block_report, gref, make_report, twin_values
 from .vector import VectorProblem
 from .vector_analytic import NoForwardRule, NoReverseRule
+from .vector_complex import ComplexSteps
 from .vector_native import first_spread, round_cotangents, twin_of
 
 VJP_AGAINST = ("auto", "numerical", "jvp")
@@ -252,17 +253,18 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None, twin=None)
     ``twin``: the JVPs of the float64 twin, for rows with a mismatch (see ``vector_native.twin_of``)."""
     nd = plan.directions
     g_all = gref(JT, 1.0)
-    RT, AT, FL = (np.zeros_like(JT) for _ in range(3))
+    RT, AT, FL, RS = (np.zeros_like(JT) for _ in range(4))
+    TL = np.zeros(JT.shape, bool)
     GR = {}  # (input leaf, output leaf start) -> g_ref (a dict: empty leaves have no column)
     for k in range(len(vp.dyn)):
         r = slice(k * nd, (k + 1) * nd)
         for ol in vp.out_leaves:
             c = slice(ol.start, ol.stop)
             g = gref(JT[r, c], g_all)
-            lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g)
-            RT[r, c], AT[r, c], FL[r, c] = lim.rtol, lim.atol, lim.floor
+            lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g, block=JT[r, c])
+            RT[r, c], AT[r, c], FL[r, c], TL[r, c], RS[r, c] = lim.rtol, lim.atol, lim.floor, lim.tail, lim.residue
             GR[k, ol.start] = g
-    lim = Limits(RT, AT, FL, analytic=0.0 if S_JT is None else policy.ANALYTIC_SAFETY * S_JT)
+    lim = Limits(RT, AT, FL, analytic=0.0 if S_JT is None else policy.ANALYTIC_SAFETY * S_JT, tail=TL, residue=RS)
 
     def richardson(rows):
         r2 = _richardson_rows(vp, rows, plan.opts.step)
@@ -271,9 +273,10 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None, twin=None)
                        r2.noise.ravel())
 
     central = line_central(lambda rows, h_rel: vp.directional(rows + 1, "central", h_rel), JT.shape, 1, vp.sigma)
-    # The JVP adapter of the judge: rows are tangents, a suspect row re-estimated whole.
+    # The JVP adapter of the judge: rows are tangents, a suspect row re-estimated whole;
+    # where some block is float64, the complex step along the tangents of real leaves.
     ev = Evidence(lambda: tuple(x.copy() for x in fd), richardson=richardson, lines=1, central=central,
-                  imprecise=False, h_rel=h, u=vp.u)
+                  complex_step=_directions_complex(vp, JT.shape, nd, TL), imprecise=False, h_rel=h, u=vp.u)
     judged = judge(JT, lim, ev).judged
     TW = twin_values(judged.codes, twin, lines=1)
     leaves = []
@@ -287,8 +290,36 @@ def _judge_directions(vp, JT, fd, plan: Plan, h: float, *, S_JT=None, twin=None)
                 shape=(nd,) + ol.block_shape, dtype=vp.orig_dtypes[k].name,
                 split_index=lambda w: (w[1:], w[:1]), step=h, g_ref=float(GR[k, ol.start]),
                 twin=None if TW is None else TW[r, c],
+                reasons=block_reasons(judged.why, JT.shape, r, np.arange(ol.start, ol.stop)),
             ))
     return leaves
+
+
+def _real_rows(vp, nd: int) -> np.ndarray:
+    """Per bank row 1…K·nd (a tangent of leaf k), whether the leaf is real: only a real
+    leaf moved by i·h·t has a complex step."""
+    return np.repeat([not vp.is_complex(k) for k in range(len(vp.dyn))], nd)
+
+
+def _directions_complex(vp, shape: tuple, nd: int, tail: np.ndarray) -> ComplexStep | None:
+    """The complex step of J·t rows (bank rows 1…), where some entry is float64 (else None)."""
+    if not tail.any():
+        return None
+    cx = ComplexSteps(vp)
+    return ComplexStep(line_complex(lambda rows, h_rel: cx.directions(rows + 1, h_rel), shape, 1),
+                       vp.relative_step("complex", None), vp.u,
+                       where=_real_rows(vp, nd)[:, None] & cx.real_out[None, :])
+
+
+def _paired_complex(idx, h_rel, *, cx, first, shape, cols, U):
+    """The complex step of the pairing ⟨u, J t⟩ (as :func:`_paired_central`): values of the
+    pairs at flat indices ``idx`` of a (cotangents, directions) block."""
+    us, ds = np.unravel_index(np.asarray(idx, np.int64), shape)
+    uds, where = np.unique(ds, return_inverse=True)
+    est = cx.directions(first + uds + 1, h_rel)
+    v, f = (x.reshape(uds.size, -1)[:, cols] for x in (est.value, est.finite))
+    value = (U @ v.T)[us, where]
+    return stencils.Estimate(value, np.zeros_like(value), np.zeros_like(value), np.all(f, axis=1)[where])
 
 
 def _pair_blocks(vp, nd, nc):
@@ -330,6 +361,7 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
     nd, nc = plan.directions, plan.cotangents
     N, E, Fin = fd
     absU = np.abs(pairing.U)
+    cx = ComplexSteps(vp)  # programs built on first use only
     leaves = []
     for k, ol, r, cu, c in _pair_blocks(vp, nd, nc):
         # one (input leaf, output leaf) block of the pairing ⟨u, J t⟩
@@ -340,15 +372,19 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
         fin = np.broadcast_to(np.all(Fin[r, c], axis=1)[None, :], a.shape).copy()
         # Magnitude of the terms of the pairing: its rounding scale for atol.
         g = gref(absU[cu, c] @ np.abs(N[r, c]).T, 1.0)
-        lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g)
+        lim = limits(vp, k, ol, plan.opts.rtol, plan.opts.atol, g, block=a)
         if pairing.S is not None:
             lim = dataclasses.replace(lim, analytic=policy.ANALYTIC_SAFETY * pairing.S[k][cu])
+        # The complex step along the block's tangents (a real input leaf, real outputs).
+        cs = None if not lim.tail or vp.is_complex(k) or ol.is_complex else ComplexStep(
+            functools.partial(_paired_complex, cx=cx, first=k * nd, shape=a.shape, cols=c, U=Uc),
+            vp.relative_step("complex", None), vp.u)
         ev = Evidence(lambda n=n, err=err, fin=fin: (n, err, fin),
                       richardson=functools.partial(_paired_richardson, vp, k * nd, Uc, absU[cu, c], c,
                                                    step=plan.opts.step),
                       lines=0, central=functools.partial(_paired_central, vp=vp, first=k * nd, shape=a.shape,
                                                          cols=c, U=Uc, absU=absU[cu, c]),
-                      imprecise=False, h_rel=h, u=vp.u)
+                      complex_step=cs, imprecise=False, h_rel=h, u=vp.u)
         judged = judge(a, lim, ev).judged
         twin = None if pairing.twin is None else (
             lambda bad, k=k, cu=cu: vp.to_coords(k, pairing.twin(pairing.U[cu][bad])[k]) @ pairing.Tc[k].T)
@@ -356,7 +392,7 @@ def _judge_pairs_numerical(vp, pairing: _Pairing, fd, plan: Plan, h: float) -> l
             a, judged.num, judged.bound, judged.codes,
             path=vp.paths[k], label=f"{plan.labels[1]}⟨u[{ol.path}], J t[{vp.paths[k]}]⟩", output_path=ol.path,
             shape=(nc, nd), dtype=vp.orig_dtypes[k].name, split_index=lambda w: (w[:1], w[1:]), step=h, g_ref=g,
-            twin=twin_values(judged.codes, twin, lines=1),
+            twin=twin_values(judged.codes, twin, lines=1), reasons=judged.why,
         ))
     return leaves
 

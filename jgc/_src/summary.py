@@ -140,16 +140,34 @@ def gref(a: np.ndarray, fallback: float) -> float:
 
 
 def block_report(a, n, bound, codes, *, path, label, output_path, shape, dtype, split_index: Callable,
-                 step: float, g_ref: float, twin=None) -> LeafReport:
+                 step: float, g_ref: float, twin=None, reasons=None) -> LeafReport:
     """The LeafReport of one block of entries (flat, in the block's C order); ``twin``: the
     float64 twin's values where evaluated (NaN elsewhere), kept where the block has a
-    mismatch (see :func:`twin_values`)."""
+    mismatch (see :func:`twin_values`); ``reasons``: why some entries have their status
+    (flat index in the block -> text, see :func:`block_reasons`)."""
     size = int(np.prod(shape, dtype=np.int64))
     if twin is not None and not np.any(np.asarray(codes) == MISMATCH):
         twin = None
     return summarize(a, n, bound, codes, indices=np.arange(np.size(a)), path=path, shape=tuple(shape),
                      dtype=dtype, size=size, step=step, g_ref=g_ref, split_index=split_index,
-                     output_path=output_path, label=label, twin=twin)
+                     output_path=output_path, label=label, twin=twin, reasons=reasons)
+
+
+def block_reasons(why: dict, shape: tuple, rows: slice, cols: np.ndarray) -> dict:
+    """The reasons (``judge.Judged.why``: flat index of a 2-D array of ``shape`` -> text)
+    of the block ``rows`` × ``cols`` (the full array's column of each block column, in
+    order), re-indexed flat in the block's C order."""
+    if not why:
+        return {}
+    cols = np.asarray(cols)
+    at = np.full(shape[1], -1, np.int64)
+    at[cols] = np.arange(cols.size)
+    out = {}
+    for j, text in why.items():
+        i, c = divmod(int(j), shape[1])
+        if rows.start <= i < rows.stop and at[c] >= 0:
+            out[(i - rows.start) * cols.size + int(at[c])] = text
+    return out
 
 
 def twin_values(codes: np.ndarray, twin: Callable | None, lines: int) -> np.ndarray | None:
