@@ -55,6 +55,33 @@ try:  # private: the Python-level tracing and compilation caches, nothing else
 except ImportError:  # pragma: no cover - a JAX without it: clear every cache instead
     _clear_staging_caches = jax.clear_caches
 
+# The two tracing caches that JAX 0.10.2 keys without the x64 state (see enable_x64), where
+# this JAX has them. Clearing only those keeps the caches that do key it: JAX's
+# primitive callables and their compiled programs. Clearing every cache at each x64 flip
+# recompiled every primitive met afterwards, op by op: a check_rules call of a float32
+# loss flips x64 about ten times, and in tests/test_rules.py 30% of the compilations
+# were programs compiled before in the same process. Checked from JAX 0.10 on
+# (tests/test_jax_state.py, x64 off and on); any other JAX clears every cache, as before.
+try:  # private, as above
+    from jax._src import pjit as _pjit
+    from jax._src.interpreters import partial_eval as _pe
+
+    _X64_BLIND = tuple(c for c in (getattr(_pjit, "_infer_params_cached", None), getattr(_pe, "trace_to_jaxpr", None))
+                       if hasattr(c, "cache_clear"))
+except ImportError:  # pragma: no cover - another layout: every cache is cleared
+    _X64_BLIND = ()
+if len(_X64_BLIND) != 2 or tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 10):
+    _X64_BLIND = ()
+
+
+def _clear_x64_blind() -> None:
+    """Clear JAX's tracing caches keyed without the x64 state (every staging cache where unknown)."""
+    if not _X64_BLIND:
+        _clear_staging_caches()
+        return
+    for cache in _X64_BLIND:
+        cache.cache_clear()
+
 
 @contextlib.contextmanager
 def enable_x64(flag: bool = True):
@@ -68,19 +95,21 @@ def enable_x64(flag: bool = True):
     ``RuntimeProgramInputMismatch`` (f32 expected, f64 buffer given); entries made before
     the scope are reused inside it the same way. So when the flag changes, those caches
     are cleared on the way in and on the way out: nothing traced on one side is seen
-    on the other. The C++ caches of compiled executables (keyed with the x64 state)
-    are kept, so the user's jitted functions are not compiled again. A scope that
-    changes nothing (x64 already as asked) clears nothing.
+    on the other. The caches keyed with the x64 state (the C++ caches of compiled
+    executables, JAX's primitive callables and their lowered and compiled programs)
+    are kept, so neither the user's jitted functions nor the primitives run op by op
+    are compiled again. A scope that changes nothing (x64 already as asked) clears
+    nothing.
     """
     if bool(flag) == x64_enabled():
         yield
         return
-    _clear_staging_caches()
+    _clear_x64_blind()
     try:
         with _enable_x64(flag):
             yield
     finally:
-        _clear_staging_caches()
+        _clear_x64_blind()
 
 
 def x64_enabled() -> bool:
