@@ -228,3 +228,53 @@ def test_small_leaves_of_a_larger_model_share_one_evaluator(rng):
     assert [lf.path for lf in rep.failing()] == ["['V']"]
     assert rep.leaf("['V']").elements("mismatch") == [(5, 1)]
     assert all(lf.status == "ok" for lf in rep.leaves if lf.path != "['V']"), rep
+
+
+def test_compiled_for_reuses_the_same_computation_only():
+    def run(c, n=3, weak=False):
+        x = jnp.ones(n, jnp.float32) if not weak else 1.0
+        return np.asarray(compiling.Reused(lambda v: v * c)(x))  # a new function every call
+
+    before = dict(compiling.stats)
+    np.testing.assert_array_equal(run(np.float32(2.5)), np.full(3, 2.5))
+    np.testing.assert_array_equal(run(np.float32(2.5)), np.full(3, 2.5))  # same program
+    np.testing.assert_array_equal(run(np.float32(3.5)), np.full(3, 3.5))  # another constant
+    np.testing.assert_array_equal(run(np.float32(2.5), n=4), np.full(4, 2.5))  # another shape
+    np.testing.assert_array_equal(run(np.float32(2.5), weak=True), 2.5)  # a weakly typed scalar
+    assert compiling.stats["compiled_now"] - before["compiled_now"] == 4
+    assert compiling.stats["reused_now"] - before["reused_now"] == 1
+
+
+def test_a_program_with_a_host_callback_is_never_shared():
+    seen = []
+
+    def run(tag):
+        def f(v):
+            jax.debug.callback(lambda x: seen.append(tag), v)
+            return v + 1
+
+        return compiling.Reused(f)(jnp.ones(2, jnp.float32))
+
+    before = dict(compiling.stats)
+    run("first")
+    run("second")
+    jax.effects_barrier()
+    assert seen == ["first", "second"]
+    assert compiling.stats["reused_now"] == before["reused_now"]
+
+
+def test_a_second_check_rules_of_the_same_loss_reuses_the_capture_programs():
+    @jax.custom_jvp
+    def cube(x):
+        return x ** 3
+
+    cube.defjvp(lambda p, t: (cube(p[0]), 3 * p[0] ** 2 * t[0]))
+
+    def loss(x):
+        return jnp.sum(jnp.tanh(cube(jnp.sin(x) * 2.0)) ** 2)
+
+    x = jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)
+    assert jgc.check_rules(loss, x).ok
+    before = dict(compiling.stats)
+    assert jgc.check_rules(loss, x).ok
+    assert compiling.stats["reused_now"] > before["reused_now"]

@@ -72,6 +72,12 @@ def compile_fast(lowered):
     return lowered.compile()
 
 
+def compiled_fast(fn: Callable, *args: Any):
+    """``fn`` compiled for ``args`` with the :func:`fast` options (a program that runs only a
+    few times), or the same program compiled before in this process (:func:`compiled_for`)."""
+    return compiled_for(jax.jit(fn), *args, options=fast())
+
+
 # At most one compilation per core at a time: the main thread mostly waits for these
 # programs, and more threads than cores only interleave compilations without finishing
 # any sooner.
@@ -174,11 +180,12 @@ def _compile(lowered, options):
 # several tests (or one test checking it twice) recompiled everything each time. An
 # executable is a pure function of that key, so reuse changes no value. Bounded: the
 # least recently used program goes first.
-CACHE_SIZE = 64
+CACHE_SIZE = 256
 _cache: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
 _cache_lock = threading.Lock()
-# Counts of programs served from the cache and compiled (for tests and benchmarks).
-stats = {"reused": 0, "compiled": 0}
+# Counts of programs served from the cache and compiled (for tests and benchmarks):
+# through Ahead, and through compiled_for (the "_now" counts).
+stats = {"reused": 0, "compiled": 0, "reused_now": 0, "compiled_now": 0}
 
 
 def _cache_key(lowered, signature, options) -> tuple | None:
@@ -186,7 +193,12 @@ def _cache_key(lowered, signature, options) -> tuple | None:
     # in its text but bound to the compiled object: such programs are never shared.
     if getattr(jax.config, "jax_use_simplified_jaxpr_constants", True):
         return None
-    text = hashlib.sha256(lowered.as_text().encode()).digest()
+    text = lowered.as_text()
+    # A host callback is named in the text by a number that JAX may give to another
+    # Python function once the first is released: such programs are never shared.
+    if "callback" in text:
+        return None
+    text = hashlib.sha256(text.encode()).digest()
     return (text, signature, lowered.in_tree, lowered.out_tree, tuple(sorted((options or {}).items())),
             jax.default_backend(), str(jax.config.jax_default_device))
 
@@ -245,3 +257,68 @@ class Ahead:
             return compiled(*args)
         self.fallbacks += 1
         return self.jitted(*args)
+
+
+def _exact_signature(args) -> tuple:
+    """:func:`_signature` with each leaf's weak type: a compiled program takes only the exact types."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)),
+                        bool(getattr(x, "weak_type", False))) for x in leaves)
+
+
+def compiled_for(jitted: Callable, *args: Any, options: dict | None = None):
+    """``jitted`` lowered for ``args`` and compiled on this thread, or the same program this
+    process compiled before (see ``_cache``): a check builds its functions afresh, so two
+    checks of one model (or one check capturing a loss twice) lower the same text.
+
+    ``options``: compiler options, or None; where this XLA refuses them the program is
+    compiled as JAX compiles it. Errors of the program itself are raised.
+    """
+    lowered = jitted.lower(*args)
+    key = _cache_key(lowered, _exact_signature(args), options)
+    if key is not None:
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None and hit.done() and hit.result() is not None:
+                _cache.move_to_end(key)
+                stats["reused_now"] += 1
+                return hit.result()
+    compiled = None
+    if options:
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except Exception:  # noqa: BLE001 - an XLA without the option: compiled as usual below
+            compiled = None
+    if compiled is None:
+        compiled = lowered.compile()
+    stats["compiled_now"] += 1
+    if key is not None:
+        done: Future = Future()
+        done.set_result(compiled)
+        with _cache_lock:
+            _cache[key] = done
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    return compiled
+
+
+class Reused:
+    """``jax.jit(fn)`` whose programs come from :func:`compiled_for`: compiled once per
+    argument signature, or taken from an earlier check that compiled the same program.
+
+    Called with the arguments of a signature met before, it runs that program (the
+    jitted function's own cache would do the same, but it is keyed by the function,
+    which each check builds afresh).
+    """
+
+    def __init__(self, fn: Callable, options: dict | None = None):
+        self.jitted = jax.jit(fn)
+        self.options = options
+        self._programs: dict = {}
+
+    def __call__(self, *args):
+        sig = _exact_signature(args)
+        program = self._programs.get(sig)
+        if program is None:
+            program = self._programs[sig] = compiled_for(self.jitted, *args, options=self.options)
+        return program(*args)

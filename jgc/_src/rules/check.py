@@ -274,7 +274,7 @@ def _evaluated(f, explicit: list):
     """``f(*explicit)`` from one compiled program (op by op, each operation is compiled on its
     own); op by op where the program raises, so that an error is the rule's own."""
     try:
-        return compiling.compile_fast(jax.jit(f).lower(*explicit))(*explicit)
+        return compiling.compiled_fast(f, *explicit)(*explicit)
     except Exception:  # noqa: BLE001 (raised again below, by the rule itself, or not at all)
         return f(*explicit)
 
@@ -631,7 +631,7 @@ class _Collecting(_Collector):
         key = ("rule", id(primal))
         fn = self._programs.get(key)
         if fn is None:
-            fn = self._programs[key] = (primal, jax.jit(functools.partial(compat.bind, eqn)))
+            fn = self._programs[key] = (primal, compiling.Reused(functools.partial(compat.bind, eqn)))
         fn = fn[1]
         try:
             return fn(*vals)
@@ -712,7 +712,7 @@ class _Segment:
                     env[var] = val
             return [env[v] for v in outs]
 
-        return _Segment(eqns, ins, outs, jax.jit(segment))
+        return _Segment(eqns, ins, outs, compiling.Reused(segment))
 
 
 # Relative size of the move of the parameters that tells which operand entries depend

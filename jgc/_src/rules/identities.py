@@ -560,7 +560,7 @@ CANDIDATES = 2 * (LANES - 1)
 # same program.
 def _quick(fn, *args):
     """``fn`` compiled for ``args`` as a program that runs only a few times."""
-    return compiling.compile_fast(jax.jit(fn).lower(*args))
+    return compiling.compiled_fast(fn, *args)
 
 
 def _together_programs(subject: _Subject) -> tuple:
