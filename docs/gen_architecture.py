@@ -50,9 +50,11 @@ ROLES = {
                "`sparse_values`, its rules for matrix products and convolutions in `sparse_products`)",
     "problems": "a check's inputs prepared once: one frozen record for scalar and vector problems "
                 "(`preparation.prepare`: the split, leaves at evaluation precision with the x64 scope and "
-                "widening, u, scales; one retry at the dtypes given), the form of the function's output "
-                "(`has_aux`), a vector function's output layout and its JVP/VJP side, measured noise, "
-                "steps, the analytic gradient",
+                "widening, u, scales; one retry at the dtypes given), one problem class over it "
+                "(`vector.Prepared`: the evaluator table, the estimate on coordinates, the determinism "
+                "bound, steps) whose output is laid out as one scalar J (`problem`) or a vector, the form "
+                "of the function's output (`has_aux`), a vector function's output layout and its JVP/VJP "
+                "side, measured noise, steps, the analytic gradient",
     "judging": "from analytic and numerical values to a status per element (one judge), a `LeafReport` per "
                "leaf or block (one summary), the `Report`, its picture and the failure message",
     "front doors": "the checks and the strategies they use: scalar costs, Jacobians, JVP/VJP/HVP, Taylor, "
