@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+import jgc
 from jgc._src.problem import Problem
 from jgc._src.vector import VectorProblem
 
@@ -42,3 +43,14 @@ def test_a_scalar_cost_estimates_as_a_vector_function_of_one_output():
     # The same rows at the same steps, from two compiled programs of the same cost.
     np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
     np.testing.assert_allclose(a.value, grad(W, X), rtol=1e-6)
+
+
+def test_an_output_of_size_zero_estimates_no_rows():
+    # The rows of an estimate are counted from the coordinates asked for; with no output
+    # element there are none (a reshape that inferred the coordinates had nothing to infer from).
+    with VectorProblem(lambda w: w[:0] * 2.0, (W,), argnums=0, api="test") as vector:
+        assert vector.n_out == 0
+        est = vector.estimate(0, np.arange(W.size), "central", vector.relative_step("central", 1e-4))
+    assert est.value.shape == (0,)
+    rep = jgc.check_jacobian(lambda w: w[:0] * 2.0, jnp.asarray(W), mode="fwd")
+    assert rep.ok and [leaf.checked for leaf in rep.leaves] == [0]

@@ -283,8 +283,10 @@ class Prepared(Scoped):
                                  np.repeat(taken, self.n_out, axis=0))
 
     def _rows(self, values, p: int) -> np.ndarray:
-        """Evaluator values (coordinates, offsets[, outputs]) as rows (coordinate·output, offsets)."""
-        return np.real(np.asarray(values)).reshape(-1, p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
+        """Evaluator values (coordinates, offsets[, outputs]) as rows (coordinate·output, offsets).
+        The coordinates are counted, not inferred: an output of size 0 has no rows."""
+        values = np.real(np.asarray(values))
+        return values.reshape(values.shape[0], p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
 
     def _complex_step(self, k: int, elem: np.ndarray, h: np.ndarray, x0: np.ndarray) -> stencils.Estimate:
         """Im f(θ + ih·e_i)/h for real leaf k (see stencils.complex_step)."""
@@ -309,7 +311,7 @@ class Prepared(Scoped):
                 f"{self.paths[k]} (abs, jnp.real, astype or a comparison dropped the "
                 "imaginary part), so Im J(θ+ih)/h would be 0. Use stencil='central'."
             )
-        rows = np.asarray(jv).reshape(-1, 1, self.n_out).transpose(0, 2, 1).reshape(-1)
+        rows = np.asarray(jv).reshape(-1)  # coordinate-major, as the rows of _rows
         return stencils.complex_step(rows, np.repeat(h, self.n_out), self.u)
 
     # -- steps -------------------------------------------------------------------
