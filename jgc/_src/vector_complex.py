@@ -6,26 +6,26 @@ subtraction, where f is complex-safe. The judge asks it only for the few element
 nothing else resolved (``judge.ComplexStep``, the same probe as a scalar cost's, which
 also tests complex-safety on elements already resolved). f is evaluated through the
 engine, as every other point off x: a Jacobian column moves one real coordinate by
-i·h (``engine.LeafEvaluator`` with ``complex_step``), a tangent moves every leaf by
-i·h·t (``engine.LineEvaluator`` on the leaves made complex, with the bank times i).
-
-Only real output leaves have a complex step here: Im of a complex output's (Re, Im)
-view is no derivative. Their entries are NaN, so the judge never counts them resolved.
+i·h (the problem's one estimate on coordinates, ``stencil="complex"``, as a scalar
+cost's), a tangent moves every leaf by i·h·t (``engine.LineEvaluator`` on the leaves
+made complex, with the bank times i). The output vector keeps the imaginary part of
+real output leaves (``vector_layout.Layout.vec``); complex output leaves have no
+complex step of their own (NaN there), so the judge never counts them resolved.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import compat, compiling, engine, stencils
 
 
 def _complex(x):
-    """A leaf or bank array on the device, complex (real ones get imaginary part 0)."""
-    x = compat.host(x)
-    return jax.device_put(x.astype(np.result_type(x.dtype, np.complex64)))
+    """A floating leaf or bank array on the device, complex (real ones get imaginary part 0)."""
+    if not np.issubdtype(np.dtype(x.dtype), np.inexact):  # ints, keys, bfloat16: as they are
+        return x
+    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
 
 
 class ComplexSteps:
@@ -40,50 +40,11 @@ class ComplexSteps:
         self.real_out = np.zeros(vp.n_out, bool)  # the outputs that have a complex step
         for ol in vp.out_leaves:
             self.real_out[ol.start:ol.stop] = not ol.is_complex
-        self._columns: dict = {}
         self._lines = None
-
-    def cost(self, dyn, argarr):
-        """f's output vector, complex where its real output leaves are (NaN on complex ones)."""
-        vp = self.vp
-        leaves = jax.tree_util.tree_leaves(vp.call(dyn, argarr))
-        parts = []
-        for ol in vp.out_leaves:
-            y = jnp.asarray(leaves[ol.pos])
-            if ol.is_complex:
-                parts.append(jnp.full(2 * y.size, jnp.nan, jnp.complex128 if jax.config.jax_enable_x64
-                                      else jnp.complex64))
-            else:
-                parts.append(y.ravel().astype(jnp.result_type(y.dtype, jnp.complex64)))
-        return jnp.concatenate(parts)
-
-    def _estimate(self, jv, h: np.ndarray) -> stencils.Estimate:
-        """An estimate from complex values jv (lines, n_out) at steps h (lines,)."""
-        jv = np.asarray(jv).reshape(-1, self.vp.n_out)
-        if not np.iscomplexobj(jv):
-            raise ValueError("f returned a real value for complex inputs: not complex-safe")
-        return stencils.complex_step(jv.ravel(), np.repeat(h, self.vp.n_out), self.vp.u)
 
     def columns(self, k: int, cols: np.ndarray, h_rel: float) -> stencils.Estimate:
         """Jacobian columns ``cols`` of real leaf k (coordinates = elements)."""
-        vp = self.vp
-        x = vp.dyn[k]
-        if k not in self._columns:
-            shape = x.shape
-
-            def cost(xf, ops):
-                dyn, argarr = ops
-                dyn = list(dyn)
-                dyn[k] = xf.reshape(shape)
-                return self.cost(dyn, argarr)
-
-            self._columns[k] = engine.LeafEvaluator(cost, jax.device_put(compat.host(x).ravel()),
-                                                    (vp.dyn, vp.argarr), chunk_size=vp.chunk_size,
-                                                    counter=vp.counter, complex_step=True)
-        cols = np.asarray(cols, np.int64)
-        h = h_rel * vp.scales[k].ravel()[cols]
-        deltas = (1j * h)[:, None].astype(np.result_type(x.dtype, np.complex64))
-        return self._estimate(self._columns[k](cols, deltas), h)
+        return self.vp.estimate(k, np.asarray(cols, np.int64), "complex", h_rel)
 
     def directions(self, rows: np.ndarray, h_rel: float) -> stencils.Estimate:
         """J·t for bank rows ``rows`` (see ``vp.set_bank``), at relative step h_rel."""
@@ -91,10 +52,15 @@ class ComplexSteps:
         if self._lines is None:
             probe, tang = vp.bank
             bank = ([_complex(p) for p in probe], [jax.device_put(1j * compat.host(_complex(t))) for t in tang])
-            self._lines = engine.LineEvaluator(self.cost, [_complex(x) for x in vp.dyn], vp.argarr, bank,
+            # Under strict promotion (no complex × real path) the data become complex too,
+            # with imaginary part 0, as for a coordinate's complex step.
+            data = [_complex(a) for a in vp.argarr] if compat.strict_promotion() else vp.argarr
+            self._lines = engine.LineEvaluator(vp.evaluated, [_complex(x) for x in vp.dyn], data, bank,
                                                rows=vp.rows, t_dtype=np.float64 if jax.config.jax_enable_x64
                                                else np.float32, direction=vp.tangent_of, counter=vp.counter,
                                                options=compiling.fast())
         rows = np.asarray(rows, np.int64)
-        s = np.full(rows.size, h_rel)
-        return self._estimate(self._lines(rows, s), s)
+        jv = np.asarray(self._lines(rows, np.full(rows.size, h_rel)))
+        if not np.iscomplexobj(jv):
+            raise ValueError("f returned a real value for complex inputs: it is not complex-safe")
+        return stencils.complex_step(jv.reshape(-1), np.full(jv.size, h_rel), vp.u)

@@ -91,14 +91,26 @@ class Layout:
         return cls(leaves, skipped, start, np.result_type(*reals))
 
     def vec(self, out):
-        """The real output vector y of an output pytree (linear in the output)."""
+        """The real output vector y of an output pytree (linear in the output).
+
+        Evaluated at complex inputs (the complex step, Im f(x + i·h·v)/h), a real output
+        leaf keeps its imaginary part, and y is complex (a complex output leaf's (Re, Im)
+        view has no complex step: its entries are NaN there).
+        """
         leaves = jax.tree_util.tree_leaves(out)
         parts = []
         for ol in self.leaves:
             x = jnp.asarray(leaves[ol.pos])
             if ol.is_complex:
                 x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+            elif jnp.iscomplexobj(x):
+                parts.append(x.ravel())
+                continue
             parts.append(x.ravel().astype(self.dtype))
+        stepped = [p.dtype for p in parts if jnp.iscomplexobj(p)]
+        if stepped:  # explicit casts: no implicit complex × real promotion (strict mode)
+            parts = [jnp.full(p.shape, jnp.nan, stepped[0]) if ol.is_complex else p.astype(stepped[0])
+                     for p, ol in zip(parts, self.leaves)]
         return jnp.concatenate(parts)
 
     def unvec_cotangent(self, c, out):
