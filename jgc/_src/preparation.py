@@ -1,14 +1,17 @@
 """Preparation shared by every check: one frozen record of the inputs at evaluation precision.
 
-:func:`prepare` makes the :class:`Preparation` of every check, scalar or vector, and of
-``check_rules``' capture where it widens: the split of the checked tree into perturbed
-leaves and the rest, those leaves as given and at their evaluation precision (float64
-where available, never below float32), the data widened with them, the unit round-off
-u, the scale s_i that sizes the step of every element, and notes saying what changed.
-The one problem class that holds that record through a check,
-:class:`jgc._src.vector.Prepared`, builds on it. :func:`retried` is the one place where a
-check falls back to the dtypes given when fn refuses wider inputs: every problem and
-``check_rules`` go through it.
+:func:`prepare` makes the :class:`Preparation` of every check, scalar or vector: the
+split of the checked tree into perturbed leaves and the rest, those leaves as given and
+at their evaluation precision (float64 where available, never below float32), the data
+widened with them, the unit round-off u, the scale s_i that sizes the step of every
+element, and notes saying what changed. At the dtypes given (``widen=False,
+as_given=True``) it is also the record of the analytic side as the program runs it
+(``analytic.native_gradient``: the split, the data, the scales its rounding is sampled
+at) and ``check_hvp``'s split of params. The one problem class that holds that record
+through a check, :class:`jgc._src.vector.Prepared`, builds on it. :func:`retried` is
+the one place where a check falls back to the dtypes given when fn refuses wider
+inputs: every problem and ``check_rules`` (whose capture splits its inputs itself) go
+through it.
 
 It also reads the form of fn's result: a cost alone, or a pair (output, aux) with
 ``has_aux``. Both kinds of check trace fn and take from its result the part that is

@@ -111,8 +111,12 @@ class Prepared(Scoped):
 
     A subclass lays the output out: ``problem.Problem`` a scalar cost, one output J
     (``n_out`` = 1, y0 = [J(θ)]), and :class:`VectorProblem` any pytree of outputs as the
-    real vector y. Each says what ``evaluated`` is (J, or vec(f)), measures its noise
-    (``noise.probe`` in its design) and gives ``relative_noise``; nothing else differs.
+    real vector y. Each says what ``evaluated`` is (J, or vec(f)) and its value at the
+    point (``output_at_point``), measures its noise (``noise.probe`` in its design) and
+    gives ``relative_noise``. What else a subclass has is its own, not another version
+    of what is here: J's form check and the evaluators small leaves share (``Problem``,
+    which hands every other leaf to :meth:`evaluator`); the direction bank, the JVP/VJP
+    side and ``check_primal`` (``VectorProblem``).
     """
 
     FN = "fn"  # how notes name the checked function
