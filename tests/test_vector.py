@@ -54,3 +54,16 @@ def test_an_output_of_size_zero_estimates_no_rows():
     assert est.value.shape == (0,)
     rep = jgc.check_jacobian(lambda w: w[:0] * 2.0, jnp.asarray(W), mode="fwd")
     assert rep.ok and [leaf.checked for leaf in rep.leaves] == [0]
+
+
+def test_the_determinism_bound_takes_nan_against_a_finite_value_as_a_difference():
+    # Both layouts compare f from two compilations alike: NaN against NaN is the same value,
+    # NaN against a finite J is a different one (the scalar check then says "not deterministic";
+    # a J that is NaN at the point is refused before, as not finite).
+    with Problem(cost, W, (X,)) as scalar:
+        j = np.array([scalar.j0])
+        assert not scalar._differs(j.copy(), j).any()
+        assert scalar._differs(np.array([np.nan]), j).all()
+        assert not scalar._differs(np.array([np.nan]), np.array([np.nan])).any()
+        assert scalar._differs(j * (1 + 1e-9), j).all()  # beyond max(1e3·u·|J|, 8σ)
+        assert not scalar._differs(j * (1 + 1e-14), j).any()
