@@ -641,7 +641,7 @@ class VectorProblem(Prepared):
         p, nd = offs.size, dirs.size
         s = np.tile(offs * h_rel, nd)
         b = np.repeat(dirs, p)
-        jv = self.eval_rows(s, b).reshape(nd, p, self.n_out).transpose(0, 2, 1).reshape(-1, p)
+        jv = self._rows(self.eval_rows(s, b).reshape(nd, p, self.n_out), p)  # rows (direction·output, offsets)
         hv = np.broadcast_to(np.abs(offs * h_rel), jv.shape)
         return stencils.estimate(stencil, np.tile(self.output_at_point(), nd), jv, hv)
 
