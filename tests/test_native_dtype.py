@@ -353,6 +353,18 @@ def test_a_float64_rounding_residue_of_a_true_zero_is_ok_not_inconclusive():
     assert rep.ok and rep.counts()["inconclusive"] == 0 and not rep.leaves[0].reasons, rep
 
 
+def test_a_block_of_nothing_but_float64_rounding_residues_is_ok():
+    # Σ LayerNorm(x) is identically 0: every J·t is a residue of ≈ 1e-16 from terms ≈ 1,
+    # and the block's largest value, which sets its floor, is one too. The complex step's
+    # own rounding (steps h, 3h, 5h) covers them: ok, not inconclusive.
+    x = np.random.default_rng(0).normal(size=12)
+    with jax.enable_x64(True):
+        rep = jgc.check_jvp(lambda q: jnp.sum(_layernorm(q)), jnp.asarray(x))
+    a = np.asarray(rep.leaves[0].analytic)
+    assert np.all(np.abs(a) < 1e-14) and np.any(a != 0), a  # the fixture: residues
+    assert rep.ok and rep.counts()["inconclusive"] == 0, rep
+
+
 def test_float64_rounding_residues_in_a_jacobian_are_ok_without_the_complex_step():
     # J = A·B with entry (0, 1) = 0 in exact arithmetic, computed from terms ≈ 1 (≈ 1e-16);
     # jnp.real makes f not complex-safe, so only the residue floor (16u times the smaller

@@ -521,7 +521,13 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     shape = np.shape(a)
     can = np.ones(shape, bool) if cs.where is None else np.asarray(cs.where, bool).reshape(shape)
     hidden = (unresolved(a, judged, at) & can).ravel()
-    if not hidden.any() or np.all(np.asarray(at) <= 0):
+    # Float64 elements already inconclusive (the error bar wider than the derivative) in
+    # a block of nothing but rounding residues (J·t of sum(LayerNorm(x)), identically 0:
+    # its largest value, which sets the floor, is a residue too) are probed for the
+    # residue test alone (see _residues_ok); their verdict is otherwise unchanged.
+    wide = ((judged.codes == INCONCLUSIVE) & np.broadcast_to(np.asarray(lim.tail, bool), shape) & can
+            & (np.asarray(a) != 0) & np.isfinite(a)).ravel() & ~hidden
+    if not (hidden.any() or wide.any()) or np.all(np.asarray(at) <= 0):
         return None, NOT_PROBED, None
     # Flat copies to read; results are written back through ``.flat`` (a block judged by
     # columns may hold transposed, non-contiguous arrays).
@@ -530,7 +536,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     zero = np.flatnonzero(hidden & (a == 0))
     if zero.size > cs.zeros:
         zero = zero[np.linspace(0, zero.size - 1, cs.zeros).astype(np.int64)] if cs.zeros else zero[:0]
-    cand = np.union1d(np.flatnonzero(hidden & (a != 0)), zero)
+    cand = np.union1d(np.flatnonzero((hidden | wide) & (a != 0)), zero)
     if cand.size == 0:
         return None, NOT_PROBED, None
     good = np.flatnonzero((err <= compare.RESOLVED * np.abs(num)) & (np.abs(a - num) <= tol) & can.ravel())
@@ -564,7 +570,7 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     rt_c = np.ravel(rt)[cand] if np.ndim(rt) else rt
     rel = rt_c * np.maximum(np.abs(a[cand]), np.abs(v1))
     passed = np.abs(a[cand] - v1) <= compare.tolerance(a[cand], v1, rt_c, at_c) + e_c
-    flag = compare.imprecise(a[cand], v1, e_c, rel, passed & ok_fin, lim.tiny)
+    flag = compare.imprecise(a[cand], v1, e_c, rel, passed & ok_fin, lim.tiny) & hidden[cand]
     idx = cand[flag]
     judged.num.flat[idx], judged.err.flat[idx] = v1[flag], e_c[flag]
     judged.codes.flat[idx] = IMPRECISE
@@ -578,8 +584,10 @@ def _complex_probe(cs: ComplexStep, a, judged: Judged, lim: Limits) -> tuple[np.
     # 1e-16 where the exact gradient is 0, from terms ≈ 1), which float64 itself cannot
     # hold, not a tail (σ'(40) = 4e-18 comes from terms of 4e-18, with a bar of ≈ 1e-31).
     mag = np.maximum(np.abs(v1), np.abs(a[cand]))
-    residue = ok_fin & (mag <= e_c) & passed
-    resolved[cand] = ok_fin & ((e_c <= compare.RESOLVED * mag) | ((a[cand] == 0) & passed) | residue)
+    settled = ((e_c <= compare.RESOLVED * mag) | ((a[cand] == 0) & passed)) & hidden[cand]
+    bar_r = np.maximum(e_c, _third_step(cs, cand, v1, v3, ok_fin & passed & ~settled))
+    residue = ok_fin & passed & _within_rounding(a[cand], v1, bar_r)
+    resolved[cand] = ok_fin & (settled | residue)
     _residues_ok(judged, cand[residue])
     # The report shows the complex step's figures where it resolved an element that passed.
     keep = resolved[cand] & passed & ~flag
@@ -595,6 +603,34 @@ def _residues_ok(judged: Judged, idx: np.ndarray) -> None:
     float64 itself cannot hold. Never a mismatch: only elements that passed come here."""
     idx = idx[judged.codes.flat[idx] == INCONCLUSIVE]
     judged.codes.flat[idx] = OK
+
+
+def _within_rounding(a: np.ndarray, v: np.ndarray, bar: np.ndarray) -> np.ndarray:
+    """A rounding residue of a true 0: the complex step's value ``v`` within its own
+    rounding bar, and the analytic value ``a`` within ``policy.ANALYTIC_SAFETY`` times it
+    (the analytic side rounds its own chain of the same terms, not bit for bit the
+    complex one: the factor the judge allows its measured rounding everywhere)."""
+    return (np.abs(v) <= bar) & (np.abs(a) <= policy.ANALYTIC_SAFETY * bar)
+
+
+def _third_step(cs: ComplexStep, cand: np.ndarray, v1: np.ndarray, v3: np.ndarray, ask: np.ndarray) -> np.ndarray:
+    """The complex step's rounding spread, ``ROUNDOFF_SAFETY`` times the largest difference
+    of its values at steps h, 3h and (for the elements ``ask``, whose h/3h spread does
+    not cover them) 5h: two steps may round alike by chance (a spread of 0 at a residue
+    of 1e-16), a third rarely. One evaluation per line asked, none where none is."""
+    d = np.abs(v1 - v3)
+    need = np.flatnonzero(ask & (policy.ROUNDOFF_SAFETY * d < np.abs(v1)))
+    if need.size:
+        try:
+            with np.errstate(all="ignore"):
+                e5 = cs.at(cand[need], 5.0 * cs.h)
+        except Exception:  # noqa: BLE001 - it ran at h and 3h; a failure here leaves their spread
+            e5 = None
+        if e5 is not None:
+            more = np.maximum(np.abs(e5.value - v1[need]), np.abs(e5.value - v3[need]))
+            d = d.copy()
+            d[need] = np.where(e5.finite, np.maximum(d[need], more), d[need])
+    return policy.ROUNDOFF_SAFETY * d
 
 
 def _rounding_residues(cs: ComplexStep, judged: Judged, a: np.ndarray, cand: np.ndarray) -> np.ndarray | None:
@@ -614,10 +650,10 @@ def _rounding_residues(cs: ComplexStep, judged: Judged, a: np.ndarray, cand: np.
             e1, e3 = cs.at(cand, cs.h), cs.at(cand, 3.0 * cs.h)
     except Exception:  # noqa: BLE001 - not complex-safe: nothing to say
         return None
-    spread = policy.ROUNDOFF_SAFETY * np.abs(e1.value - e3.value)
-    mag = np.maximum(np.abs(e1.value), np.abs(a[cand]))
+    fin = e1.finite & e3.finite
     passed = np.abs(a[cand] - judged.num.flat[cand]) <= judged.bound.flat[cand]
-    residue = e1.finite & e3.finite & (spread > 0) & (mag <= spread) & passed
+    spread = _third_step(cs, cand, e1.value, e3.value, fin & passed)
+    residue = fin & (spread > 0) & _within_rounding(a[cand], e1.value, spread) & passed
     _residues_ok(judged, cand[residue])
     resolved = np.zeros(a.size, bool)
     resolved[cand] = residue
