@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 from collections.abc import Callable
@@ -290,10 +291,10 @@ def _finite_outputs(f, keep: list, masks: dict):
     return finite_part
 
 
-def _verdict(prep: _Prepared, rep, leaves, offset: int = 0) -> SiteReport:
-    """The SiteReport from the blocks of ``rep`` that belong to this site."""
+def _verdict(prep: _Prepared, rep, leaves, locate=None) -> SiteReport:
+    """The SiteReport from the blocks of ``rep`` that belong to this site (``locate``: see :func:`_worst`)."""
     failing = [lf for lf in rep.failing() if lf in leaves]
-    worst = _worst(failing[0], prep, offset) if failing else None
+    worst = _worst(failing[0], prep, locate) if failing else None
     return SiteReport(**_site_base(prep.site), checked=len(prep.caps), status="mismatch" if failing else "ok",
                       report=rep, worst=worst, method=rep.mode, held=prep.held, error=relative_error(leaves))
 
@@ -318,30 +319,66 @@ def _check_together(preps: list, options: dict) -> dict:
     The sites are independent functions of disjoint operands, so the Jacobian of all
     of them together is block diagonal: the off-diagonal blocks are zero on both sides
     and each site is judged on its own diagonal blocks. They share one precision.
+
+    The j-th operands of the sites (of one dtype) are passed raveled into one vector:
+    the finite differences build an evaluator program per vector, each of which holds
+    every site, so a few programs instead of one per operand. Each block of the report
+    (a vector against a site's output) then holds that site's j-th operand and zeros
+    (the other sites' operands), so its largest derivative, rounding floors and
+    tolerances are those of the site's own operand block; steps are sized per element,
+    by its value and the RMS of all of them, either way.
     """
+    xs, keys = [], []
+    for p in preps:
+        xs += list(p.explicit)
+        keys += [(j, np.dtype(x.dtype)) for j, x in enumerate(p.explicit)]
+    groups = list(dict.fromkeys(keys))
+    where = []  # per operand: (its vector, start in it, shape)
+    fill = [0] * len(groups)
+    for x, key in zip(xs, keys):
+        g = groups.index(key)
+        where.append((g, fill[g], tuple(x.shape)))
+        fill[g] += int(x.size)
+    # Joined on the host: eagerly on the device each shape would compile a program.
+    flats = [jax.device_put(np.concatenate([compat.host(x).ravel() for x, key in zip(xs, keys) if key == gk]))
+             for gk in groups]
     spans, outs, lo, o = [], [], 0, 0
     for prep in preps:
-        n_out = prep.n_out
         spans.append((lo, lo + len(prep.explicit)))
-        outs.append((o, o + n_out))
-        lo, o = lo + len(prep.explicit), o + n_out
+        outs.append((o, o + prep.n_out))
+        lo, o = lo + len(prep.explicit), o + prep.n_out
 
     def all_sites(*flat):
+        ops = [flat[g][a:a + math.prod(shape)].reshape(shape) for g, a, shape in where]
         res = []
         for prep, (a, b) in zip(preps, spans):
-            res.extend(prep.f(*flat[a:b]))
+            res.extend(prep.f(*ops[a:b]))
         return tuple(res)
 
     all_sites.__qualname__ = "custom rules"
     # Compiled as one program where jgc evaluates it outside its own (f at the dtypes given).
-    rep = check_jacobian(jax.jit(all_sites), *[x for p in preps for x in p.explicit], precision=preps[0].precision,
-                         **options)
+    rep = check_jacobian(jax.jit(all_sites), *flats, precision=preps[0].precision, **options)
     found = {}
     for prep, (a, b), (oa, ob) in zip(preps, spans, outs):
+        mine_groups = {where[i][0] for i in range(a, b)}
         mine = [lf for lf in rep.leaves
-                if a <= _index(lf.path) < b and oa <= _index(lf.output_path) < ob]
-        found[prep.key] = _verdict(prep, rep, mine, offset=a)
+                if _index(lf.path) in mine_groups and oa <= _index(lf.output_path) < ob]
+        found[prep.key] = _verdict(prep, rep, mine, locate=lambda lf, a=a, b=b: _in_flat(lf, where, a, b))
     return found
+
+
+def _in_flat(lf, where: list, a: int, b: int) -> tuple[int, tuple] | None:
+    """(operand of the site, index in it) of a block's worst entry in the raveled operands of
+    :func:`_check_together` (the site's operands are ``where[a:b]``), or None."""
+    g, idx = _index(lf.path), tuple(lf.input_index)
+    if len(idx) != 1:
+        return None
+    for k in range(b - a):
+        gk, start, shape = where[a + k]
+        size = math.prod(shape)
+        if gk == g and start <= idx[0] < start + size:
+            return k, tuple(int(i) for i in np.unravel_index(idx[0] - start, shape))
+    return None
 
 
 def _index(path: str) -> int:
@@ -349,11 +386,14 @@ def _index(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _worst(lf, prep: _Prepared, offset: int = 0) -> Worst:
-    k = _index(lf.path) - offset
+def _worst(lf, prep: _Prepared, locate=None) -> Worst:
+    """The worst entry of block ``lf``; ``locate(lf)``: (operand of the site, index in it) where
+    the check ran on other arguments than the site's operands (None: not found), else the
+    block's input leaf is the operand."""
+    found = locate(lf) if locate is not None else None
+    k, idx = found if found is not None else (_index(lf.path), tuple(lf.input_index))
     names = prep.names
-    x = np.asarray(prep.explicit[k])
-    idx = tuple(lf.input_index)
+    x = np.asarray(prep.explicit[k]) if 0 <= k < len(prep.explicit) else np.zeros(())
     if len(idx) != x.ndim:  # random directions: an elementwise rule's output sits where its input does
         out_idx = tuple(lf.output_index)
         idx = out_idx if len(out_idx) == x.ndim and all(i < n for i, n in zip(out_idx, x.shape)) else ()

@@ -169,9 +169,18 @@ def _magnitude(ops) -> float:
     m = 0.0
     for x in ops:
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and np.size(x):
-            a = float(jnp.max(jnp.abs(x)))
+            a = _abs_max(x)
             m = max(m, a if math.isfinite(a) else math.inf)
     return m
+
+
+def _abs_max(x) -> float:
+    """max |x|: on the host where x lives on a CPU (eagerly on the device, abs and max would
+    each compile a program per shape and dtype captured), else on its device."""
+    devices = getattr(x, "devices", None)
+    if devices is None or all(d.platform == "cpu" for d in devices()):
+        return float(np.max(np.abs(compat.host(x))))
+    return float(jnp.max(jnp.abs(x)))
 
 
 class _Collector:
