@@ -373,7 +373,7 @@ def test_float64_rounding_residues_in_a_jacobian_are_ok_without_the_complex_step
     A, B = rng.normal(size=(5, 6)), rng.normal(size=(6, 4))
     B[5, 1] = -(A[0, :5] @ B[:5, 1]) / A[0, 5]
     with jax.enable_x64(True):
-        f = lambda x: jnp.asarray(A) @ (jnp.asarray(B) @ jnp.real(x))  # noqa: E731
+        f = lambda x: jnp.asarray(A) @ (jnp.asarray(B) @ jnp.real(x))
         rep = jgc.check_jacobian(f, jnp.asarray(rng.normal(size=4)))
         # A real tail beside it is still no residue: its row and column are tails too.
         both = jgc.check_jacobian(lambda x: (f(x), _sigmoid_by_input(jnp.abs(x))), jnp.array(VECTOR_TAIL_POINT))

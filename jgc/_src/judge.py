@@ -9,13 +9,16 @@ vector functions alike:
    whose one-sided differences feed the kink test, and re-classified; the refined
    figures are spliced back in place of the cheap ones (:func:`refine`);
 3. confirmed mismatches take a step ladder (is the numerical value stable in h?);
-4. derivatives too small for central differences to resolve take a complex-step probe.
+4. derivatives too small for central differences to resolve take a complex-step probe;
+   at float64, those nothing resolves are inconclusive with their reason, and rounding
+   residues of a true 0 stay ok (:func:`settle_tail`).
 
 Each side supplies its evidence through :class:`Evidence` (the cheap pass, Richardson,
 central differences at a step, the complex step; each look but the first optional),
 so the sides are adapters: a scalar cost's leaf (:func:`judge_leaf`: every look), a
-Jacobian's columns (``jacobian``), JVP rows and VJP pairings (``products``; the
-transpose identity takes the cheap pass only) and the directional screen
+Jacobian's columns (``jacobian``) and JVP rows and VJP pairings (``products``), the
+complex step of both from ``vector_complex`` (the transpose identity takes the cheap
+pass only), and the directional screen
 (``screening``: its one estimate). The vector checks judge entries in blocks, one
 output leaf against one input leaf, each with its own :func:`limits`.
 """
@@ -29,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import compare, policy, staircase, stencils, vector_native
+from . import compare, compat, policy, staircase, stencils, vector_native
 from .report import LeafReport, Report
 from .statuses import IMPRECISE, INCONCLUSIVE, MISMATCH, OK
 from .summary import assemble, summarize
@@ -291,7 +294,7 @@ def judge(a, lim: Limits | Callable, ev: Evidence) -> Verdict:
         resolved, reason, bar = _complex_probe(cs, a, judged, lim)
         if cs.where is not None:
             said = reason
-            reason = (lambda j: said if cs.where.flat[j] else NO_COMPLEX_STEP)  # noqa: E731
+            reason = (lambda j: said if cs.where.flat[j] else NO_COMPLEX_STEP)
     if np.any(lim.tail):
         settle_tail(judged, a, lim, resolved, reason, bar=bar)
     return Verdict(judged, idx, est, lim)
@@ -421,7 +424,7 @@ def _leaf_limits(problem, k: int, elems: np.ndarray, a: np.ndarray, plan: Plan, 
         # 32·u of its own reference value.
         at = np.maximum(at, policy.default_atol_factor(adtype) * problem.cost_cancellation
                         * np.where(finite, np.abs(num), 0.0))
-    return Limits(rt, at, policy.inconclusive_floor(plan.g_ref), float(np.finfo(adtype).tiny),
+    return Limits(rt, at, policy.inconclusive_floor(plan.g_ref), float(compat.finfo(adtype).tiny),
                   0.0 if spread is None or is_c else policy.ANALYTIC_SAFETY * spread[k].ravel()[elems],
                   tail=np.dtype(adtype) == np.float64)
 
@@ -660,7 +663,7 @@ def _rounding_residues(cs: ComplexStep, judged: Judged, a: np.ndarray, cand: np.
     return resolved.reshape(np.shape(judged.codes))
 
 
-def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str, *,
+def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, reason: str | Callable, *,
                 bar: np.ndarray | None = None) -> None:
     """Mark inconclusive, with ``reason``, the float64 tail elements that nothing resolved.
 
@@ -670,9 +673,13 @@ def settle_tail(judged: Judged, a, lim: Limits, resolved: np.ndarray | None, rea
     passed by the absolute tolerance alone, as a wrong value there would have. Unless
     the complex step resolved it (``resolved``), it is ``inconclusive``; the reason
     goes into ``judged.why`` (``bar``: the complex step's own error bar where it ran
-    without resolving the element, NaN elsewhere). A value at float64's own rounding
-    level (a true 0 computed as 2e-16) is inconclusive too: no evidence tells it from a
-    tail such as σ' at 40. Exact zeros are left ok: a dead unit (ReLU off, the cost
+    without resolving the element, NaN elsewhere). A rounding residue of a true 0 (2e-16
+    left of terms ≈ 1 that cancel) is no tail and stays ok: the complex step's own
+    rounding covers it (``resolved`` holds it, see :func:`_within_rounding`), or, where
+    the complex step cannot run, it lies under ``Limits.residue`` (:func:`residue_floor`:
+    a vector block's entry far below both its row and its column; a scalar cost's
+    gradient has no such structure, so there it stays inconclusive). Exact zeros are
+    left ok: a dead unit (ReLU off, the cost
     flat there) has analytic 0 and finite differences that see no change, which is
     evidence of 0, not a lack of it; a tail rounded to 0 looks the same, and the note of
     :func:`_unresolved_note` names such elements where the complex step could not run.
