@@ -235,7 +235,7 @@ def analytic_scale(native: NativeSide | None, problem: Problem) -> float:
     """
     if native is None or native.leaves is None:
         return 0.0
-    return max((float(np.max(np.where(np.isfinite(a), np.abs(a), 0.0).ravel() * s, initial=0.0))
+    return max((float(np.max(np.where(np.isfinite(a), np.abs(a).astype(np.float64), 0.0).ravel() * s, initial=0.0))
                 for a, s in zip(native.leaves, problem.scales)), default=0.0)
 
 

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax._src import source_info_util  # private: pinned by tests/test_rules.py
 
@@ -116,6 +117,16 @@ def enable_x64(flag: bool = True):
 def x64_enabled() -> bool:
     """True when 64-bit types are on here (inside a scope, or globally)."""
     return bool(jax.config.jax_enable_x64)
+
+
+def finfo(dtype):
+    """The machine limits of a floating or complex dtype (a complex one's real part).
+
+    ``np.finfo`` knows bfloat16 and the float8 types only from NumPy 2 on (NumPy 1.26,
+    which the oldest supported JAX runs with, raises); ``ml_dtypes.finfo`` knows them and
+    NumPy's own floats on every version.
+    """
+    return ml_dtypes.finfo(np.dtype(dtype))
 
 
 def strict_promotion() -> bool:

@@ -76,9 +76,9 @@ class StepCurve:
         widest precision computed. (Where successive steps agree best is no guide:
         at tiny steps the differences are quantised and repeat exactly.)
         """
-        name = max(self.numeric, key=lambda k: np.finfo(k).precision)
+        name = max(self.numeric, key=lambda k: compat.finfo(k).precision)
         d, h = self.numeric[name], self.steps
-        best = (11.25 * np.finfo(name).eps / 2) ** 0.2 * self.scale
+        best = (11.25 * compat.finfo(name).eps / 2) ** 0.2 * self.scale
         order = np.argsort(np.abs(np.log(h / best)))
         for i in order:
             j = np.flatnonzero(np.isclose(h, 2 * h[i]))
@@ -169,7 +169,7 @@ def step_curve(fn: Callable, params: Any, *args, path: str, index, steps=None,
         steps = scale * 2.0 ** np.arange(-44, 1, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.float64)
     if precisions is None:
-        native = np.finfo(np.dtype(x.dtype)).dtype
+        native = compat.finfo(x.dtype).dtype
         precisions = ("float64",) + (() if native == np.float64 else (native.name,))
     numeric = {}
     with compat.enable_x64(True):

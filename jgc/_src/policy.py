@@ -9,8 +9,9 @@ finite-difference step, ``s`` the scale of a parameter (see :func:`coordinate_sc
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
+
+from . import compat
 
 # Stencils the engine knows. "central" is the lecture's two-sided difference.
 STENCILS = ("central", "forward", "central4", "richardson", "complex")
@@ -18,11 +19,9 @@ STENCILS = ("central", "forward", "central4", "richardson", "complex")
 
 def unit_roundoff(dtype) -> float:
     """Return u = eps/2 for a floating or complex dtype (the real part's precision)."""
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.complexfloating):
-        dtype = np.finfo(dtype).dtype  # complex64 -> float32, complex128 -> float64
-    # ml_dtypes.finfo knows bfloat16 and the float8 types as well as NumPy's floats.
-    return float(ml_dtypes.finfo(dtype).eps) / 2.0
+    # compat.finfo knows bfloat16 and the float8 types as well as NumPy's floats, and
+    # takes a complex dtype's real part (complex64 -> float32, complex128 -> float64).
+    return float(compat.finfo(dtype).eps) / 2.0
 
 
 # The largest effective unit round-off steps are sized for. Noise above it (a cost

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import policy
+from . import compat, policy
 from .plot import plot_report
 from .statuses import IMPRECISE, MISMATCH, STATUS_NAMES, fails
 
@@ -158,7 +158,7 @@ class LeafReport:
         figure is its own. NaN when no element qualifies.
         """
         try:
-            held = int(np.finfo(np.dtype(self.dtype)).nmant) + 1
+            held = int(compat.finfo(self.dtype).nmant) + 1
         except (TypeError, ValueError):
             held = 53
         a = np.abs(np.asarray(self.analytic, np.complex128) - np.asarray(self.numeric, np.complex128))
@@ -398,7 +398,7 @@ def ulps(error, reference, dtype) -> float:
     """|error| in units in the last place of ``dtype`` at ``reference`` (an ulp at |r| is
     2^(⌊log2 |r|⌋ − mantissa bits), at least that of the dtype's smallest normal)."""
     try:
-        fi = np.finfo(np.dtype(dtype))
+        fi = compat.finfo(dtype)
     except (TypeError, ValueError):
         return math.nan
     mag = max(abs(complex(reference)), float(fi.smallest_normal))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import trees
+from . import compat, trees
 from .names import short_name
 
 
@@ -87,7 +87,7 @@ class Layout:
                 f"{[d for _, d in skipped] or 'none'}), so there is no derivative to "
                 "check. Return float or complex arrays."
             )
-        reals = [np.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype for ol in leaves]
+        reals = [compat.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype for ol in leaves]
         return cls(leaves, skipped, start, np.result_type(*reals))
 
     def vec(self, out):

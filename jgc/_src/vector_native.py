@@ -228,7 +228,7 @@ def round_cotangents(vp, U: np.ndarray) -> np.ndarray:
         return U
     U = np.array(U, np.float64)
     for ol in view.layout.leaves:
-        real = np.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype
+        real = compat.finfo(ol.dtype).dtype if ol.is_complex else ol.dtype
         U[:, ol.start:ol.stop] = U[:, ol.start:ol.stop].astype(real).astype(np.float64)
     return U
 
