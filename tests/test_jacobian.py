@@ -208,3 +208,48 @@ def test_docstring_examples_run():
     for mod in (jacobian_mod, products_mod, hvp_mod, check_grads_mod):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0 and res.attempted > 0
+
+
+@pytest.mark.smoke
+def test_bfloat16_parameters_are_checked_on_every_supported_numpy():
+    # NumPy 1.26 (with the oldest supported JAX) has no finfo for bfloat16 and no common
+    # dtype of bfloat16 and a Python float; the checks take both from ml_dtypes.
+    w = jnp.array([0.3, -0.7, 1.2], jnp.bfloat16)
+
+    def f(w):
+        return jnp.sum(jnp.tanh(w) ** 2)
+
+    rep = jgc.check(f, w)
+    assert rep.ok and [leaf.checked for leaf in rep.leaves] == [3]
+    assert jgc.check_jacobian(f, w).ok
+    jgc.check_grads(f, (w,), order=2)
+    # A gradient off by half is still told apart at bfloat16's precision.
+    bad = jgc.check(f, w, grad=lambda w: 1.5 * jax.grad(f)(w))
+    assert not bad.ok
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+def test_an_empty_output_has_nothing_to_check_in_every_mode(mode):
+    x = jnp.array([0.3, -0.7, 1.2])
+    rep = jgc.check_jacobian(lambda w: w[:0] * 2.0, x, mode=mode)
+    assert rep.ok and [leaf.checked for leaf in rep.leaves] == [0]
+    assert jgc.check_jvp(lambda w: w[:0] * 2.0, x).ok
+    assert jgc.check_vjp(lambda w: w[:0] * 2.0, x).ok
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+def test_an_empty_input_leaf_has_nothing_to_check_as_in_check(mode):
+    params = {"a": jnp.zeros((0,)), "b": jnp.array([0.3, -0.7, 1.2])}
+    scalar = jgc.check(lambda p: jnp.sum(p["a"]) + jnp.sum(jnp.sin(p["b"])), params)
+    assert scalar.ok and [leaf.checked for leaf in scalar.leaves] == [0, 3]
+
+    def f(p):
+        return jnp.concatenate([p["a"], jnp.sin(p["b"])])
+
+    rep = jgc.check_jacobian(f, params, mode=mode)
+    assert rep.ok and [leaf.checked for leaf in rep.leaves] == [0, 9]
+    # The non-empty leaf is still judged: a wrong derivative of it is a mismatch.
+    wrong = jax.custom_jvp(f)
+    wrong.defjvp(lambda p, t: (f(p[0]), jnp.concatenate([t[0]["a"], 2.0 * jnp.cos(p[0]["b"]) * t[0]["b"]])))
+    bad = jgc.check_jacobian(wrong, params, mode=mode)
+    assert not bad.ok and [leaf.checked for leaf in bad.leaves] == [0, 9]

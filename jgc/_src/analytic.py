@@ -235,8 +235,9 @@ def analytic_scale(native: NativeSide | None, problem: Problem) -> float:
     """
     if native is None or native.leaves is None:
         return 0.0
-    return max((float(np.max(np.where(np.isfinite(a), np.abs(a).astype(np.float64), 0.0).ravel() * s, initial=0.0))
-                for a, s in zip(native.leaves, problem.scales)), default=0.0)
+    # |g| in float64 first: NumPy 1.26 has no common dtype of bfloat16 and a Python float.
+    mags = (np.where(np.isfinite(a), np.abs(a).astype(np.float64), 0.0) for a in native.leaves)
+    return max((float(np.max(m.ravel() * s, initial=0.0)) for m, s in zip(mags, problem.scales)), default=0.0)
 
 
 def cost_cancellation(native: NativeSide | None, problem: Problem) -> float:

@@ -108,6 +108,10 @@ def _jac_fwd(vp: VectorProblem) -> tuple[list, list | None]:
     A, S = [], []
     for k in range(len(vp.dyn)):
         n = vp.coordinates(k)
+        if n == 0:  # an empty leaf: a block with no column, nothing to check (as jgc.check)
+            A.append(np.zeros((vp.n_out, 0)))
+            S = None if S is None else S + [np.zeros((vp.n_out, 0))]
+            continue
         cols = [run(_basis(vp, k, ch)).T for ch in np.array_split(np.arange(n), max(1, math.ceil(n / c)))]
         A.append(np.concatenate(cols, axis=1))
         spread = spreads_of(run)
@@ -117,6 +121,8 @@ def _jac_fwd(vp: VectorProblem) -> tuple[list, list | None]:
 
 def _jac_rev(vp: VectorProblem, user_vjp=None) -> tuple[list, list | None]:
     """The Jacobian blocks from VJPs, and their measured rounding (None: not measured)."""
+    if vp.n_out == 0:  # an empty output: blocks with no row, nothing to check (as in forward mode)
+        return [np.zeros((0, vp.coordinates(k))) for k in range(len(vp.dyn))], None
     run = vp.vjp_batch(user_vjp)
     c = 256  # cotangent rows per vmapped VJP batch: each holds one gradient-sized result
     rows = [[] for _ in vp.dyn]
@@ -330,7 +336,7 @@ def _judge_jacobian(vp: VectorProblem, A: list, h: float, opts: validate.Options
                 shape=ol.block_shape + vp.in_block_shape(k), dtype=vp.orig_dtypes[k].name,
                 split_index=lambda w, nd=nd: (w[:nd], w[nd:]),
                 reasons=block_reasons(judged.why, a.shape, slice(ol.start, ol.stop), perm),
-                step=float(np.median(h * vp.scales[k])),
+                step=float(np.median(h * vp.scales[k])) if vp.scales[k].size else math.nan,  # empty: none
                 g_ref=float(GR[ol.start, 0]) if ol.stop > ol.start and nc else 1.0,
             ))
     return leaves
