@@ -43,9 +43,9 @@ BENCHES = {
 # this script does not take (JAX's own test files at the installed tag, --jax-tests
 # DIR; research-size models, an hour and most of the machine's memory; libraries that
 # are not dependencies of jgc, for bench_real_rules.py; other libraries' test suites with
-# the rules plugin, for bench_scan.py). Their own header names the
-# command that made them.
-COLLECTED_ONLY = ("jax_tests", "big", "real_rules", "scan")
+# the rules plugin, for bench_scan.py; an earlier commit's tree, for bench_rules_time.py
+# --base COMMIT). Their own header names the command that made them.
+COLLECTED_ONLY = ("jax_tests", "big", "real_rules", "scan", "rules_time")
 
 
 def cpu_name() -> str:
