@@ -184,6 +184,14 @@ def host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def as_complex(x):
+    """A real floating array as complex, on the device (moved explicitly, through the host);
+    anything else (complex, ints, keys, bfloat16) as it is. The complex step's operands."""
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):
+        return x
+    return jax.device_put(host(x).astype(result_type(x.dtype, np.complex64)))
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, Tracer)
 

@@ -89,13 +89,6 @@ def to_device(x, dtype=None):
     return jax.device_put(np.asarray(x, dtype))
 
 
-def _as_complex(x):
-    """A real floating array as complex (on the host, moved explicitly); others as they are."""
-    if not np.issubdtype(np.dtype(x.dtype), np.floating):  # ints, keys, bfloat16: as they are
-        return x
-    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
-
-
 class Prepared(Scoped):
     """The one problem class of every check: the prepared inputs of f, and f off the point.
 
@@ -259,7 +252,7 @@ class Prepared(Scoped):
                 # Strict promotion has no complex × real path, so the leaves not stepped
                 # and floating data become complex too (imaginary part 0, so that
                 # Im f(θ + ih·e_i) is unchanged).
-                operands = tuple([_as_complex(x) for x in arrays] for arrays in operands)
+                operands = tuple([compat.as_complex(x) for x in arrays] for arrays in operands)
             cache[k, complex_step] = engine.LeafEvaluator(
                 self.leaf_function(k), jax.device_put(compat.host(self.dyn[k]).ravel()), operands,
                 chunk_size=self.chunk_size, counter=self.counter, complex_step=complex_step,

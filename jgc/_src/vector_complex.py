@@ -21,13 +21,6 @@ import numpy as np
 from . import compat, compiling, engine, stencils
 
 
-def _complex(x):
-    """A floating leaf or bank array on the device, complex (real ones get imaginary part 0)."""
-    if not np.issubdtype(np.dtype(x.dtype), np.inexact):  # ints, keys, bfloat16: as they are
-        return x
-    return jax.device_put(compat.host(x).astype(compat.result_type(x.dtype, np.complex64)))
-
-
 class ComplexSteps:
     """Im f(x + i·h·v)/h of a :class:`jgc._src.vector.VectorProblem` ``vp``, (lines · n_out) flat.
 
@@ -51,11 +44,11 @@ class ComplexSteps:
         vp = self.vp
         if self._lines is None:
             probe, tang = vp.bank
-            bank = ([_complex(p) for p in probe], [jax.device_put(1j * compat.host(_complex(t))) for t in tang])
+            bank = ([compat.as_complex(p) for p in probe], [jax.device_put(1j * compat.host(compat.as_complex(t))) for t in tang])
             # Under strict promotion (no complex × real path) the data become complex too,
             # with imaginary part 0, as for a coordinate's complex step.
-            data = [_complex(a) for a in vp.argarr] if compat.strict_promotion() else vp.argarr
-            self._lines = engine.LineEvaluator(vp.evaluated, [_complex(x) for x in vp.dyn], data, bank,
+            data = [compat.as_complex(a) for a in vp.argarr] if compat.strict_promotion() else vp.argarr
+            self._lines = engine.LineEvaluator(vp.evaluated, [compat.as_complex(x) for x in vp.dyn], data, bank,
                                                rows=vp.rows, t_dtype=np.float64 if jax.config.jax_enable_x64
                                                else np.float32, direction=vp.tangent_of, counter=vp.counter,
                                                options=compiling.fast())
