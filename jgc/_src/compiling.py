@@ -60,16 +60,21 @@ def jit_fast(fn: Callable) -> Callable:
     return jax.jit(fn, compiler_options=options) if options and _JIT_TAKES_OPTIONS else jax.jit(fn)
 
 
-def compile_fast(lowered):
-    """A lowered program compiled with the :func:`fast` options where they apply and this XLA
-    takes them, else as JAX compiles it (errors of the program itself are raised)."""
-    options = fast()
+def _compile_with(lowered, options: dict | None):
+    """``lowered`` compiled with ``options`` where this XLA takes them, else as JAX compiles
+    it (errors of the program itself are raised)."""
     if options:
         try:
             return lowered.compile(compiler_options=options)
-        except Exception:  # noqa: BLE001 - an XLA without the option: compiled as usual below
+        except Exception:  # noqa: BLE001, S110 - an XLA without the option: compiled as usual below
             pass
     return lowered.compile()
+
+
+def compile_fast(lowered):
+    """A lowered program compiled with the :func:`fast` options where they apply and this XLA
+    takes them, else as JAX compiles it (errors of the program itself are raised)."""
+    return _compile_with(lowered, fast())
 
 
 def compiled_fast(fn: Callable, *args: Any):
@@ -106,10 +111,12 @@ def _submit(fn: Callable, *args) -> Future:
     return future
 
 
-def _signature(args) -> tuple:
+def _signature(args, *, weak: bool = False) -> tuple:
+    """The structure, shapes and dtypes of ``args``; with ``weak``, each leaf's weak type too
+    (a compiled program takes only the exact types)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     return tree, tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)))
-                       for x in leaves)
+                       + ((bool(getattr(x, "weak_type", False)),) if weak else ()) for x in leaves)
 
 
 # -- what a check spent building programs -------------------------------------------------
@@ -203,6 +210,13 @@ def _cache_key(lowered, signature, options) -> tuple | None:
             jax.default_backend(), str(jax.config.jax_default_device))
 
 
+def _keep(key: tuple, future: Future) -> None:
+    """Remember a program (the caller holds ``_cache_lock``); the least recently used goes first."""
+    _cache[key] = future
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+
+
 def clear_cache() -> None:
     """Forget every compiled program (as in a fresh process)."""
     with _cache_lock:
@@ -235,9 +249,7 @@ class Ahead:
             stats["compiled"] += 1
             future = _submit(_compile, lowered, options) if background else Future()
             if key is not None:
-                _cache[key] = future
-                while len(_cache) > CACHE_SIZE:
-                    _cache.popitem(last=False)
+                _keep(key, future)
         self._compiled = future
         if not background:
             # Compiled on this thread, outside the lock. A failure (None) is not reused.
@@ -259,13 +271,6 @@ class Ahead:
         return self.jitted(*args)
 
 
-def _exact_signature(args) -> tuple:
-    """:func:`_signature` with each leaf's weak type: a compiled program takes only the exact types."""
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    return tree, tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)),
-                        bool(getattr(x, "weak_type", False))) for x in leaves)
-
-
 def compiled_for(jitted: Callable, *args: Any, options: dict | None = None):
     """``jitted`` lowered for ``args`` and compiled on this thread, or the same program this
     process compiled before (see ``_cache``): a check builds its functions afresh, so two
@@ -275,7 +280,7 @@ def compiled_for(jitted: Callable, *args: Any, options: dict | None = None):
     compiled as JAX compiles it. Errors of the program itself are raised.
     """
     lowered = jitted.lower(*args)
-    key = _cache_key(lowered, _exact_signature(args), options)
+    key = _cache_key(lowered, _signature(args, weak=True), options)
     if key is not None:
         with _cache_lock:
             hit = _cache.get(key)
@@ -283,22 +288,13 @@ def compiled_for(jitted: Callable, *args: Any, options: dict | None = None):
                 _cache.move_to_end(key)
                 stats["reused_now"] += 1
                 return hit.result()
-    compiled = None
-    if options:
-        try:
-            compiled = lowered.compile(compiler_options=options)
-        except Exception:  # noqa: BLE001 - an XLA without the option: compiled as usual below
-            compiled = None
-    if compiled is None:
-        compiled = lowered.compile()
+    compiled = _compile_with(lowered, options)
     stats["compiled_now"] += 1
     if key is not None:
         done: Future = Future()
         done.set_result(compiled)
         with _cache_lock:
-            _cache[key] = done
-            while len(_cache) > CACHE_SIZE:
-                _cache.popitem(last=False)
+            _keep(key, done)
     return compiled
 
 
@@ -317,7 +313,7 @@ class Reused:
         self._programs: dict = {}
 
     def __call__(self, *args):
-        sig = _exact_signature(args)
+        sig = _signature(args, weak=True)
         program = self._programs.get(sig)
         if program is None:
             program = self._programs[sig] = compiled_for(self.jitted, *args, options=self.options)
